@@ -1,0 +1,100 @@
+#include "class_stats.h"
+
+namespace hotpool::reporter {
+
+namespace {
+uint64_t load(const Counter& counter) { return counter.load(std::memory_order_relaxed); }
+
+void raise_atomic(std::atomic<uint64_t>& peak, uint64_t value) {
+  uint64_t seen = peak.load(std::memory_order_relaxed);
+  while (value > seen && !peak.compare_exchange_weak(seen, value, std::memory_order_relaxed)) {
+  }
+}
+}  // namespace
+
+void ThreadClassStats::publish(GlobalClassStats& global, unsigned c) {
+  const int64_t live = global.live[c].fetch_add(live_delta[c], std::memory_order_relaxed) + live_delta[c];
+  if (live > 0) raise_atomic(global.peak[c], static_cast<uint64_t>(live));
+  live_delta[c] = 0;
+  const int64_t total = global.total_live.fetch_add(total_live_delta, std::memory_order_relaxed) + total_live_delta;
+  if (total > 0) raise_atomic(global.total_peak, static_cast<uint64_t>(total));
+  total_live_delta = 0;
+}
+
+void ThreadClassStats::publish_all(GlobalClassStats& global) {
+  for (unsigned c = 0; c < kMaxClasses; ++c) {
+    if (live_delta[c] == 0) continue;
+    global.live[c].fetch_add(live_delta[c], std::memory_order_relaxed);
+    live_delta[c] = 0;
+  }
+  global.total_live.fetch_add(total_live_delta, std::memory_order_relaxed);
+  total_live_delta = 0;
+  for (unsigned c = 0; c < kMaxClasses; ++c) raise_atomic(global.peak[c], load(peak_seen[c]));
+  raise_atomic(global.total_peak, load(total_peak_seen));
+}
+
+void ThreadClassStats::reset() {
+  for (unsigned c = 0; c < kMaxClasses; ++c) {
+    for (Counter* counter : {&allocs[c], &frees[c], &requested_bytes[c], &usable_bytes[c], &freed_bytes[c], &peak_seen[c]})
+      counter->store(0, std::memory_order_relaxed);
+    live_delta[c] = 0;
+  }
+  total_peak_seen.store(0, std::memory_order_relaxed);
+  total_live_delta = 0;
+}
+
+void StatsSnapshot::clear(unsigned count, const uint64_t* sizes) {
+  class_count = count;
+  for (unsigned c = 0; c < kMaxClasses; ++c) {
+    class_size[c] = c < count ? sizes[c] : 0;
+    classes[c] = ClassTotals{};
+  }
+  total_peak_live_bytes = 0;
+  threads_seen = 0;
+  threads_at_once = 0;
+}
+
+void StatsSnapshot::add(const ThreadClassStats& stats, bool is_thread) {
+  bool allocated = false;
+  for (unsigned c = 0; c < class_count; ++c) {
+    ClassTotals& row = classes[c];
+    const uint64_t allocs = load(stats.allocs[c]);
+    row.allocs += allocs;
+    row.frees += load(stats.frees[c]);
+    row.requested_bytes += load(stats.requested_bytes[c]);
+    row.usable_bytes += load(stats.usable_bytes[c]);
+    row.freed_bytes += load(stats.freed_bytes[c]);
+    if (load(stats.peak_seen[c]) > row.peak_live_bytes) row.peak_live_bytes = load(stats.peak_seen[c]);
+    if (allocs && is_thread) row.threads += 1, allocated = true;
+  }
+  if (load(stats.total_peak_seen) > total_peak_live_bytes) total_peak_live_bytes = load(stats.total_peak_seen);
+  if (allocated) threads_seen += 1;
+}
+
+void StatsSnapshot::add(const StatsSnapshot& other) {
+  for (unsigned c = 0; c < class_count; ++c) {
+    ClassTotals& row = classes[c];
+    const ClassTotals& more = other.classes[c];
+    row.allocs += more.allocs;
+    row.frees += more.frees;
+    row.requested_bytes += more.requested_bytes;
+    row.usable_bytes += more.usable_bytes;
+    row.freed_bytes += more.freed_bytes;
+    if (more.peak_live_bytes > row.peak_live_bytes) row.peak_live_bytes = more.peak_live_bytes;
+    row.threads += more.threads;
+  }
+  if (other.total_peak_live_bytes > total_peak_live_bytes) total_peak_live_bytes = other.total_peak_live_bytes;
+  threads_seen += other.threads_seen;
+  if (other.threads_at_once > threads_at_once) threads_at_once = other.threads_at_once;
+}
+
+void StatsSnapshot::finish(const GlobalClassStats& global) {
+  for (unsigned c = 0; c < class_count; ++c) {
+    const uint64_t published = global.peak[c].load(std::memory_order_relaxed);
+    if (published > classes[c].peak_live_bytes) classes[c].peak_live_bytes = published;
+  }
+  const uint64_t total = global.total_peak.load(std::memory_order_relaxed);
+  if (total > total_peak_live_bytes) total_peak_live_bytes = total;
+}
+
+}  // namespace hotpool::reporter

@@ -1,0 +1,112 @@
+// Exact per-size-class statistics.
+//
+// Layering: reporter/ knows nothing of the shim or the recycler; the shim
+// tells it the class index of each block.
+//
+// Each thread counts into its own ThreadClassStats (no atomic read-modify-
+// write, no shared cache line on the malloc path). The counters are relaxed
+// atomics written only by their owner, so a report may read them while the
+// thread runs: on x86-64 a relaxed load + store is a plain add.
+//
+// Live bytes and their peak need a global view. Each thread keeps an
+// unflushed delta per class and publishes it to GlobalClassStats when it
+// exceeds kFlushBytes. At every allocation the thread computes its view of
+// the current live bytes (published global + own delta) and keeps the
+// maximum it has seen. For a single thread that view is exact; with T
+// threads the peak is off by at most the others' unflushed deltas,
+// (T-1) * kFlushBytes per class, a bound the report states.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+
+namespace hotpool::reporter {
+
+inline constexpr unsigned kMaxClasses = 128;
+inline constexpr int64_t kFlushBytes = 256 * 1024;
+
+using Counter = std::atomic<uint64_t>;
+
+inline void bump(Counter& counter, uint64_t by) {
+  counter.store(counter.load(std::memory_order_relaxed) + by, std::memory_order_relaxed);
+}
+// Frees of blocks allocated before hotpool counted (or by the C library on
+// its own behalf) can make a view negative: such a view is no peak.
+inline void raise_to(Counter& counter, int64_t value) {
+  if (value > 0 && static_cast<uint64_t>(value) > counter.load(std::memory_order_relaxed))
+    counter.store(static_cast<uint64_t>(value), std::memory_order_relaxed);
+}
+
+// Published live bytes, shared by all threads. Written on flushes only.
+struct GlobalClassStats {
+  std::atomic<int64_t> live[kMaxClasses];
+  std::atomic<int64_t> total_live;
+  std::atomic<uint64_t> peak[kMaxClasses];
+  std::atomic<uint64_t> total_peak;
+};
+
+struct ThreadClassStats {
+  Counter allocs[kMaxClasses];
+  Counter frees[kMaxClasses];
+  Counter requested_bytes[kMaxClasses];  // what the program asked for
+  Counter usable_bytes[kMaxClasses];     // what it got (malloc_usable_size)
+  Counter freed_bytes[kMaxClasses];      // usable bytes given back
+  Counter peak_seen[kMaxClasses];        // this thread's view of the class's peak
+  Counter total_peak_seen;
+  int64_t live_delta[kMaxClasses];       // unpublished change of live bytes
+  int64_t total_live_delta;
+
+  // FAST PATH: ~12 plain loads/stores, one predictable branch to publish.
+  void record_alloc(GlobalClassStats& global, unsigned c, size_t requested, size_t usable) {
+    bump(allocs[c], 1);
+    bump(requested_bytes[c], requested);
+    bump(usable_bytes[c], usable);
+    const int64_t delta = live_delta[c] += static_cast<int64_t>(usable);
+    const int64_t total_delta = total_live_delta += static_cast<int64_t>(usable);
+    raise_to(peak_seen[c], global.live[c].load(std::memory_order_relaxed) + delta);
+    raise_to(total_peak_seen, global.total_live.load(std::memory_order_relaxed) + total_delta);
+    if (__builtin_expect(delta > kFlushBytes || total_delta > kFlushBytes, 0)) publish(global, c);
+  }
+
+  // FAST PATH: five plain updates, one predictable branch to publish.
+  void record_free(GlobalClassStats& global, unsigned c, size_t usable) {
+    bump(frees[c], 1);
+    bump(freed_bytes[c], usable);
+    const int64_t delta = live_delta[c] -= static_cast<int64_t>(usable);
+    const int64_t total_delta = total_live_delta -= static_cast<int64_t>(usable);
+    if (__builtin_expect(delta < -kFlushBytes || total_delta < -kFlushBytes, 0)) publish(global, c);
+  }
+
+  // Publishes class c's delta and the total delta (slow path).
+  void publish(GlobalClassStats& global, unsigned c);
+  // Publishes every delta: at thread exit and before a report.
+  void publish_all(GlobalClassStats& global);
+  // Back to zero, for reuse by another thread.
+  void reset();
+};
+
+// One row of a report: the sum over all threads, live and exited.
+struct ClassTotals {
+  uint64_t allocs, frees, requested_bytes, usable_bytes, freed_bytes, peak_live_bytes, threads;
+};
+
+struct StatsSnapshot {
+  unsigned class_count;
+  uint64_t class_size[kMaxClasses];  // 0 for the large class (the last one)
+  ClassTotals classes[kMaxClasses];
+  uint64_t total_peak_live_bytes;
+  uint64_t threads_seen;     // threads that made at least one allocation
+  uint64_t threads_at_once;  // most threads registered at the same time
+
+  void clear(unsigned count, const uint64_t* sizes);
+  // Adds one thread's counters; is_thread counts it in threads_seen and in
+  // the per-class thread counts (false for the shared late-allocation block).
+  void add(const ThreadClassStats& stats, bool is_thread = true);
+  // Adds another snapshot (the retired threads' sums).
+  void add(const StatsSnapshot& other);
+  // Takes the published peaks into account; call after all add()s.
+  void finish(const GlobalClassStats& global);
+};
+
+}  // namespace hotpool::reporter

@@ -1,0 +1,33 @@
+// The exit report: a text table for people and JSON for tools, both from
+// one StatsSnapshot. The JSON schema is documented in docs/report-schema.md;
+// bump kJsonSchemaVersion on any incompatible change.
+#pragma once
+
+#include <cstdint>
+
+#include "class_stats.h"
+#include "output.h"
+
+namespace hotpool::reporter {
+
+inline constexpr int kJsonSchemaVersion = 1;
+
+struct ReportContext {
+  int pid;
+  int parent_pid;          // getppid()
+  int forked_from;         // pid of the process this one was forked from, 0 if none
+  const char* program;     // argv[0] as the program saw it
+  const char* mode;        // effective HOTPOOL_MODE
+  const char* reason;      // "exit" or "on-demand"
+  const char* note;        // a sentence for the reader, or nullptr
+  uint64_t duration_ns;    // since hotpool started in this process
+  uint64_t peak_error_bytes;  // bound on how low a class's peak may be
+  unsigned option_count;
+  const char* const* option_names;
+  const char* const* option_values;
+};
+
+void write_text_report(const StatsSnapshot& stats, const ReportContext& context, Output& out);
+void write_json_report(const StatsSnapshot& stats, const ReportContext& context, Output& out);
+
+}  // namespace hotpool::reporter

@@ -1,0 +1,195 @@
+// The extern "C" entry points: the whole malloc API, each a few lines into
+// the core (runtime.h). Nothing else in libhotpool.so is exported.
+//
+// C++ operator new/delete need no entry point of their own: libstdc++'s
+// operators (all variants: sized, aligned, nothrow, array) call malloc,
+// aligned_alloc and free through the PLT, so they arrive here; a test
+// checks every variant is counted.
+#include <errno.h>
+#include <malloc.h>
+#include <unistd.h>
+
+#include <cstring>
+
+#include "hotpool/hotpool.h"
+#include "runtime.h"
+
+#define HOTPOOL_EXPORT extern "C" __attribute__((visibility("default")))
+
+using namespace hotpool::shim;
+
+namespace {
+
+// Start-up, out of line: the first call of the process lands here, and so
+// do dlsym's own allocations while the real allocator is being resolved.
+HOTPOOL_NOINLINE void* allocate_booting(size_t size, size_t alignment, bool zero) {
+  boot();
+  if (g_phase.load(std::memory_order_acquire) != Phase::Booting) {
+    if (alignment > 16) return memalign(alignment, size);
+    return zero ? calloc(1, size) : malloc(size);
+  }
+  return allocate_while_booting(size, alignment, zero);
+}
+
+bool is_power_of_two(size_t value) { return value && !(value & (value - 1)); }
+
+// realloc of a block from the bootstrap buffer: it never goes back to the
+// real allocator, so move it out by copy.
+void* realloc_from_bootstrap(void* block, size_t size) {
+  void* moved = malloc(size);
+  if (moved) {
+    const size_t old_size = bootstrap::usable_size(block);
+    std::memcpy(moved, block, old_size < size ? old_size : size);
+  }
+  return moved;
+}
+
+}  // namespace
+
+// FAST PATH of every allocating entry point: one relaxed load of the phase,
+// the real allocator's call, then (Recording) record_alloc.
+HOTPOOL_EXPORT void* malloc(size_t size) {
+  const Phase phase = g_phase.load(std::memory_order_relaxed);
+  if (HOTPOOL_UNLIKELY(phase == Phase::Booting)) return allocate_booting(size, 16, false);
+  void* block = g_real.malloc(size);
+  if (HOTPOOL_LIKELY(block != nullptr) && recording(phase)) record_alloc(block, size);
+  return block;
+}
+
+HOTPOOL_EXPORT void free(void* block) {
+  if (HOTPOOL_UNLIKELY(bootstrap::owns(block))) return;  // static memory, never reused
+  const Phase phase = g_phase.load(std::memory_order_relaxed);
+  if (HOTPOOL_LIKELY(block != nullptr) && recording(phase)) {
+    if (HOTPOOL_UNLIKELY(misaligned(block))) warn_invalid_pointer("free", block);
+    else record_free(g_real.malloc_usable_size(block));
+  } else if (HOTPOOL_UNLIKELY(phase == Phase::Booting)) {
+    boot();
+    if (!g_real.free) return;  // nothing to give it back to yet
+  }
+  g_real.free(block);
+}
+
+HOTPOOL_EXPORT void* calloc(size_t count, size_t size) {
+  const Phase phase = g_phase.load(std::memory_order_relaxed);
+  if (HOTPOOL_UNLIKELY(phase == Phase::Booting)) {
+    size_t bytes;
+    if (__builtin_mul_overflow(count, size, &bytes)) return errno = ENOMEM, nullptr;
+    return allocate_booting(bytes, 16, true);
+  }
+  void* block = g_real.calloc(count, size);
+  if (HOTPOOL_LIKELY(block != nullptr) && recording(phase)) record_alloc(block, count * size);
+  return block;
+}
+
+HOTPOOL_EXPORT void* realloc(void* block, size_t size) {
+  if (HOTPOOL_UNLIKELY(bootstrap::owns(block))) return realloc_from_bootstrap(block, size);
+  const Phase phase = g_phase.load(std::memory_order_relaxed);
+  if (HOTPOOL_UNLIKELY(phase == Phase::Booting)) {
+    boot();
+    if (!block) return allocate_booting(size, 16, false);
+    if (!g_real.realloc) return errno = ENOMEM, nullptr;
+  }
+  if (!recording(phase)) return g_real.realloc(block, size);
+  if (HOTPOOL_UNLIKELY(block && misaligned(block))) {
+    warn_invalid_pointer("realloc", block);
+    return g_real.realloc(block, size);
+  }
+  // realloc is a free of the old block and an allocation of the new one.
+  const size_t old_usable = block ? g_real.malloc_usable_size(block) : 0;
+  void* moved = g_real.realloc(block, size);
+  if (moved) {
+    if (block) record_free(old_usable);
+    record_alloc(moved, size);
+  } else if (block && size == 0) {
+    record_free(old_usable);  // glibc's realloc(p, 0) frees p and returns NULL
+  }
+  return moved;
+}
+
+HOTPOOL_EXPORT void* reallocarray(void* block, size_t count, size_t size) {
+  size_t bytes;
+  if (__builtin_mul_overflow(count, size, &bytes)) return errno = ENOMEM, nullptr;
+  return realloc(block, bytes);
+}
+
+HOTPOOL_EXPORT int posix_memalign(void** result, size_t alignment, size_t size) {
+  const Phase phase = g_phase.load(std::memory_order_relaxed);
+  if (HOTPOOL_UNLIKELY(phase == Phase::Booting)) {
+    if (!is_power_of_two(alignment) || alignment % sizeof(void*)) return EINVAL;
+    void* block = allocate_booting(size, alignment, false);
+    if (!block) return ENOMEM;
+    *result = block;
+    return 0;
+  }
+  const int status = g_real.posix_memalign(result, alignment, size);
+  if (status == 0 && *result && recording(phase)) record_alloc(*result, size);
+  return status;
+}
+
+HOTPOOL_EXPORT void* aligned_alloc(size_t alignment, size_t size) {
+  const Phase phase = g_phase.load(std::memory_order_relaxed);
+  if (HOTPOOL_UNLIKELY(phase == Phase::Booting)) {
+    if (!is_power_of_two(alignment)) return errno = EINVAL, nullptr;
+    return allocate_booting(size, alignment, false);
+  }
+  void* block = g_real.aligned_alloc(alignment, size);
+  if (HOTPOOL_LIKELY(block != nullptr) && recording(phase)) record_alloc(block, size);
+  return block;
+}
+
+HOTPOOL_EXPORT void* memalign(size_t alignment, size_t size) {
+  const Phase phase = g_phase.load(std::memory_order_relaxed);
+  if (HOTPOOL_UNLIKELY(phase == Phase::Booting)) {
+    if (!is_power_of_two(alignment)) return errno = EINVAL, nullptr;
+    return allocate_booting(size, alignment, false);
+  }
+  void* block = g_real.memalign(alignment, size);
+  if (HOTPOOL_LIKELY(block != nullptr) && recording(phase)) record_alloc(block, size);
+  return block;
+}
+
+HOTPOOL_EXPORT void* valloc(size_t size) {
+  const Phase phase = g_phase.load(std::memory_order_relaxed);
+  if (HOTPOOL_UNLIKELY(phase == Phase::Booting))
+    return allocate_booting(size, static_cast<size_t>(sysconf(_SC_PAGESIZE)), false);
+  void* block = g_real.valloc(size);
+  if (HOTPOOL_LIKELY(block != nullptr) && recording(phase)) record_alloc(block, size);
+  return block;
+}
+
+HOTPOOL_EXPORT void* pvalloc(size_t size) {
+  const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  const Phase phase = g_phase.load(std::memory_order_relaxed);
+  if (HOTPOOL_UNLIKELY(phase == Phase::Booting) || !g_real.pvalloc) {
+    // pvalloc is valloc of the size rounded up to whole pages.
+    size_t rounded;
+    if (__builtin_add_overflow(size ? size : 1, page - 1, &rounded)) return errno = ENOMEM, nullptr;
+    rounded &= ~(page - 1);
+    if (phase == Phase::Booting) return allocate_booting(rounded, page, false);
+    return memalign(page, rounded);
+  }
+  void* block = g_real.pvalloc(size);
+  if (HOTPOOL_LIKELY(block != nullptr) && recording(phase)) record_alloc(block, size);
+  return block;
+}
+
+HOTPOOL_EXPORT size_t malloc_usable_size(void* block) {
+  if (HOTPOOL_UNLIKELY(bootstrap::owns(block))) return bootstrap::usable_size(block);
+  if (HOTPOOL_UNLIKELY(g_phase.load(std::memory_order_relaxed) == Phase::Booting)) {
+    boot();
+    if (!g_real.malloc_usable_size) return 0;
+  }
+  return g_real.malloc_usable_size(block);
+}
+
+HOTPOOL_EXPORT int malloc_trim(size_t pad) {
+  if (HOTPOOL_UNLIKELY(g_phase.load(std::memory_order_relaxed) == Phase::Booting)) boot();
+  return g_real.malloc_trim ? g_real.malloc_trim(pad) : 0;
+}
+
+HOTPOOL_EXPORT void hotpool_report(void) { write_report("on-demand"); }
+
+HOTPOOL_EXPORT const char* hotpool_mode(void) {
+  if (g_phase.load(std::memory_order_acquire) == Phase::Booting) boot();
+  return mode_name(current_mode());
+}

@@ -1,0 +1,56 @@
+#include "real_allocator.h"
+
+#include <dlfcn.h>
+
+#include <atomic>
+
+namespace hotpool::shim {
+
+namespace bootstrap {
+
+alignas(64) char g_buffer[kCapacity];
+static std::atomic<size_t> g_used{0};
+
+// Each block is preceded by a 16-byte header holding its size.
+void* allocate(size_t size, size_t alignment) {
+  if (alignment < 16) alignment = 16;
+  if (size > kCapacity || alignment > kCapacity / 4) return nullptr;
+  size_t used = g_used.load(std::memory_order_relaxed);
+  for (;;) {
+    const size_t start = (used + 16 + alignment - 1) & ~(alignment - 1);
+    const size_t end = start + ((size + 15) & ~size_t{15});
+    if (end > kCapacity) return nullptr;
+    if (g_used.compare_exchange_weak(used, end, std::memory_order_relaxed)) {
+      *reinterpret_cast<size_t*>(g_buffer + start - 16) = size;
+      return g_buffer + start;
+    }
+  }
+}
+
+size_t usable_size(const void* p) {
+  return *reinterpret_cast<const size_t*>(static_cast<const char*>(p) - 16);
+}
+
+}  // namespace bootstrap
+
+bool RealAllocator::resolve() {
+  bool complete = true;
+  auto find = [&complete](auto& entry, const char* name, bool required) {
+    entry = reinterpret_cast<std::remove_reference_t<decltype(entry)>>(dlsym(RTLD_NEXT, name));
+    if (!entry && required) complete = false;
+  };
+  find(malloc, "malloc", true);
+  find(free, "free", true);
+  find(calloc, "calloc", true);
+  find(realloc, "realloc", true);
+  find(posix_memalign, "posix_memalign", true);
+  find(aligned_alloc, "aligned_alloc", true);
+  find(memalign, "memalign", true);
+  find(valloc, "valloc", true);
+  find(pvalloc, "pvalloc", false);             // not every allocator has it
+  find(malloc_usable_size, "malloc_usable_size", true);
+  find(malloc_trim, "malloc_trim", false);     // glibc only
+  return complete;
+}
+
+}  // namespace hotpool::shim

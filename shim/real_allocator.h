@@ -1,0 +1,47 @@
+// The real allocator: a typed table of the functions hotpool interposes,
+// resolved with dlsym(RTLD_NEXT, ...) so hotpool stacks on whatever comes
+// next (glibc, or jemalloc/tcmalloc preloaded after us).
+//
+// dlsym itself may allocate before the table is filled; those requests are
+// served from a small static buffer that free, realloc and
+// malloc_usable_size recognise by address and never hand back to the real
+// allocator.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace hotpool::shim {
+
+struct RealAllocator {
+  void* (*malloc)(size_t);
+  void (*free)(void*);
+  void* (*calloc)(size_t, size_t);
+  void* (*realloc)(void*, size_t);
+  int (*posix_memalign)(void**, size_t, size_t);
+  void* (*aligned_alloc)(size_t, size_t);
+  void* (*memalign)(size_t, size_t);
+  void* (*valloc)(size_t);
+  void* (*pvalloc)(size_t);
+  size_t (*malloc_usable_size)(void*);
+  int (*malloc_trim)(size_t);
+
+  // Fills every entry; false (with the entries it could not find left null)
+  // when the next object in the lookup order lacks a required function.
+  bool resolve();
+};
+
+// The bootstrap buffer. Allocation is a lock-free bump; memory is never
+// reused, so it is zero when handed out.
+namespace bootstrap {
+inline constexpr size_t kCapacity = 256 * 1024;
+extern char g_buffer[kCapacity];
+
+inline bool owns(const void* p) {
+  return static_cast<uintptr_t>(static_cast<const char*>(p) - g_buffer) < kCapacity;
+}
+void* allocate(size_t size, size_t alignment);  // nullptr when exhausted
+size_t usable_size(const void* p);
+}  // namespace bootstrap
+
+}  // namespace hotpool::shim

@@ -1,0 +1,301 @@
+#include "runtime.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <sys/auxv.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <cstring>
+
+#include "reporter/output.h"
+#include "reporter/report.h"
+
+extern char** environ;
+extern char* program_invocation_name;
+
+namespace hotpool::shim {
+
+constinit std::atomic<Phase> g_phase{Phase::Booting};
+constinit RealAllocator g_real{};
+constinit recycler::SizeClassTable g_classes{};
+constinit reporter::GlobalClassStats g_global{};
+constinit ThreadRegistry g_registry{};
+
+namespace {
+
+constinit std::atomic<bool> g_boot_started{false};
+constinit Options g_options{};
+constinit bool g_secure = false;         // AT_SECURE: setuid and friends
+constinit pthread_key_t g_thread_key{};
+constinit uint64_t g_start_ns = 0;
+constinit int g_forked_from = 0;
+constinit int g_pid_before_fork = 0;
+constinit SpinLock g_report_lock{};
+constinit reporter::StatsSnapshot g_snapshot{};  // only under g_report_lock
+
+uint64_t monotonic_ns() {
+  timespec now;
+  clock_gettime(CLOCK_MONOTONIC, &now);  // vDSO: no syscall
+  return static_cast<uint64_t>(now.tv_sec) * 1000000000u + static_cast<uint64_t>(now.tv_nsec);
+}
+
+void write_stderr_line(const char* line, void* = nullptr) {
+  reporter::Output out(STDERR_FILENO);
+  out.str(line).ch('\n');
+}
+
+void on_thread_exit(void* arg) {
+  auto* state = static_cast<ThreadState*>(arg);
+  ReentryGuard guard;
+  // Other keys' destructors may still allocate after ours: stay attached
+  // until glibc's last destructor round, as scudo's TSD does.
+  if (++state->destructor_rounds < PTHREAD_DESTRUCTOR_ITERATIONS) {
+    pthread_setspecific(g_thread_key, state);
+    return;
+  }
+  tls.state = nullptr;
+  tls.status = ThreadStatus::TornDown;
+  g_registry.retire(state, g_global, guard);
+}
+
+void before_fork() {
+  g_pid_before_fork = static_cast<int>(getpid());
+  g_report_lock.lock();
+  g_registry.lock_for_fork();
+}
+
+void after_fork_parent() {
+  g_registry.unlock_after_fork_parent();
+  g_report_lock.unlock();
+}
+
+void after_fork_child() {
+  g_forked_from = g_pid_before_fork;
+  g_registry.reset_after_fork_child(tls.state, g_global);
+  g_report_lock.reset_after_fork();
+}
+
+void print_help() {
+  reporter::Output out(STDERR_FILENO);
+  out.str("hotpool: options (environment variables):\n");
+  for (unsigned i = 0; i < option_count(); ++i) {
+    const OptionInfo& info = option_info(i);
+    out.str("  ").str(info.name).str(" (").str(info.type).str(", default '").str(info.default_text)
+        .str("')\n      ").str(info.description).ch('\n');
+  }
+}
+
+void print_options() {
+  reporter::Output out(STDERR_FILENO);
+  char value[kMaxPath + 64];
+  for (unsigned i = 0; i < option_count(); ++i) {
+    format_option_value(g_options, i, value, sizeof(value));
+    out.str("hotpool: ").str(option_info(i).name).ch('=').str(value).ch('\n');
+  }
+  out.str("hotpool: size classes:");
+  for (unsigned c = 0; c + 1 < g_classes.count(); ++c) out.ch(' ').u64(g_classes.class_size(c));
+  out.str(" (then 'large')\n");
+}
+
+void build_class_table() {
+  if (g_options.classes.count == 0 ||
+      !g_classes.build_from_list(g_options.classes.values, g_options.classes.count)) {
+    g_classes.build_default(g_options.max_class);
+  }
+}
+
+void exit_report() __attribute__((destructor));
+void exit_report() {
+  if (g_phase.load(std::memory_order_acquire) != Phase::Recording || !g_options.report) return;
+  write_report("exit");
+}
+
+// Expands %p (pid) and %% in the output name. False if it does not fit.
+bool expand_output_name(const char* pattern, char* out, size_t size) {
+  size_t used = 0;
+  auto put = [&](char c) { if (used + 1 < size) out[used++] = c; else used = size; };
+  for (const char* p = pattern; *p && used < size; ++p) {
+    if (p[0] == '%' && p[1] == 'p') {
+      char digits[16];
+      int n = 0;
+      for (unsigned pid = static_cast<unsigned>(getpid()); pid; pid /= 10) digits[n++] = static_cast<char>('0' + pid % 10);
+      while (n) put(digits[--n]);
+      ++p;
+    } else if (p[0] == '%' && p[1] == '%') {
+      put('%');
+      ++p;
+    } else {
+      put(*p);
+    }
+  }
+  if (used >= size) return false;
+  out[used] = '\0';
+  return true;
+}
+
+bool ends_with(const char* text, const char* suffix) {
+  const size_t n = std::strlen(text), m = std::strlen(suffix);
+  return n >= m && std::strcmp(text + n - m, suffix) == 0;
+}
+
+}  // namespace
+
+void boot() {
+  if (g_boot_started.exchange(true, std::memory_order_acq_rel)) return;
+  ReentryGuard guard;
+  const int saved_errno = errno;
+  RealAllocator real{};
+  const bool complete = real.resolve();
+  if (!complete) {
+    // Nothing to forward to: stay a pass-through to whatever was found, and
+    // say so. Without malloc/free there is no program to run anyway.
+    write_stderr_line("hotpool: the next allocator lacks part of the malloc API; hotpool is disabled");
+  }
+  g_real = real;
+
+  g_secure = getauxval(AT_SECURE) != 0;
+  parse_options(environ, &g_options, write_stderr_line, nullptr);
+  build_class_table();
+  uint64_t sizes[reporter::kMaxClasses];
+  for (unsigned c = 0; c < g_classes.count(); ++c) sizes[c] = g_classes.class_size(c);
+  g_registry.init(g_classes.count(), sizes, guard);
+  g_start_ns = monotonic_ns();
+  if (g_options.help) print_help();
+  if (g_options.verbose) print_options();
+
+  Phase phase = Phase::Off;
+  if (complete && g_options.mode != Mode::Off &&
+      pthread_key_create(&g_thread_key, on_thread_exit) == 0 &&
+      pthread_atfork(before_fork, after_fork_parent, after_fork_child) == 0) {
+    phase = Phase::Recording;
+  }
+  errno = saved_errno;
+  g_phase.store(phase, std::memory_order_release);
+}
+
+void* allocate_while_booting(size_t size, size_t alignment, bool zero) {
+  if (g_real.malloc) {
+    void* block = alignment <= 16 ? g_real.malloc(size) : g_real.memalign(alignment, size);
+    if (block && zero) std::memset(block, 0, size);
+    return block;
+  }
+  void* block = bootstrap::allocate(size, alignment);  // zero: never reused
+  if (!block) errno = ENOMEM;
+  return block;
+}
+
+void record_alloc_slow(unsigned size_class, size_t requested, size_t usable) {
+  ThreadLocal& local = tls;
+  if (local.status == ThreadStatus::NotAttached) {
+    ReentryGuard guard;
+    if (ThreadState* state = g_registry.acquire(guard)) {
+      local.state = state;
+      local.status = ThreadStatus::Attached;
+      pthread_setspecific(g_thread_key, state);
+      return state->stats.record_alloc(g_global, size_class, requested, usable);
+    }
+    local.status = ThreadStatus::TornDown;  // no memory for a state: share the fallback
+  }
+  SpinLockGuard lock(g_registry.fallback_lock());
+  g_registry.fallback().record_alloc(g_global, size_class, requested, usable);
+}
+
+void record_free_slow(unsigned size_class, size_t usable) {
+  // A thread that frees before it ever allocates attaches like one that
+  // allocates: it is a thread of the program all the same.
+  ThreadLocal& local = tls;
+  if (local.status == ThreadStatus::NotAttached) {
+    ReentryGuard guard;
+    if (ThreadState* state = g_registry.acquire(guard)) {
+      local.state = state;
+      local.status = ThreadStatus::Attached;
+      pthread_setspecific(g_thread_key, state);
+      return state->stats.record_free(g_global, size_class, usable);
+    }
+    local.status = ThreadStatus::TornDown;
+  }
+  SpinLockGuard lock(g_registry.fallback_lock());
+  g_registry.fallback().record_free(g_global, size_class, usable);
+}
+
+void warn_invalid_pointer(const char* function, const void* block) {
+  reporter::Output out(STDERR_FILENO);
+  out.str("hotpool: ").str(function).str("() of a pointer that no malloc returned (0x");
+  char hex[16];
+  uintptr_t value = reinterpret_cast<uintptr_t>(block);
+  for (int i = 15; i >= 0; --i, value >>= 4) hex[i] = "0123456789abcdef"[value & 15];
+  out.str(hex, 16).str(", not 16-byte aligned)\n");
+}
+
+Mode current_mode() {
+  return g_phase.load(std::memory_order_acquire) == Phase::Recording ? g_options.mode : Mode::Off;
+}
+
+void write_report(const char* reason) {
+  if (g_phase.load(std::memory_order_acquire) != Phase::Recording) return;
+  ReentryGuard guard;
+  const int saved_errno = errno;
+  SpinLockGuard lock(g_report_lock);
+  g_registry.snapshot(&g_snapshot, g_global, guard);
+
+  const char* note = nullptr;
+  if (g_options.mode == Mode::Fixed || g_options.mode == Mode::Auto)
+    note = "this build has no recycler yet: mode fixed/auto profiled only, nothing was pooled";
+
+  int fd = STDERR_FILENO;
+  bool json = false;
+  char path[kMaxPath + 32];
+  if (g_options.output[0]) {
+    if (g_secure) {
+      write_stderr_line("hotpool: secure-execution process: report goes to stderr, not to HOTPOOL_OUTPUT");
+    } else if (!expand_output_name(g_options.output, path, sizeof(path))) {
+      write_stderr_line("hotpool: HOTPOOL_OUTPUT is too long once expanded; report goes to stderr");
+    } else {
+      // O_NOFOLLOW: never write through a symlink someone planted there.
+      const int file = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0644);
+      if (file >= 0) {
+        fd = file;
+        json = ends_with(path, ".json");
+      } else {
+        reporter::Output out(STDERR_FILENO);
+        out.str("hotpool: cannot open report file ").str(path).str(" (").str(strerror(errno))
+            .str("); report goes to stderr\n");
+      }
+    }
+  }
+
+  static char values[16][kMaxPath + 64];
+  static const char* names[16];
+  static const char* value_ptrs[16];
+  const unsigned count = option_count() < 16 ? option_count() : 16;
+  for (unsigned i = 0; i < count; ++i) {
+    names[i] = option_info(i).name;
+    format_option_value(g_options, i, values[i], sizeof(values[i]));
+    value_ptrs[i] = values[i];
+  }
+  reporter::ReportContext context{};
+  context.pid = static_cast<int>(getpid());
+  context.parent_pid = static_cast<int>(getppid());
+  context.forked_from = g_forked_from;
+  context.program = program_invocation_name ? program_invocation_name : "?";
+  context.mode = mode_name(current_mode());
+  context.reason = reason;
+  context.note = note;
+  context.duration_ns = monotonic_ns() - g_start_ns;
+  context.peak_error_bytes = static_cast<uint64_t>(reporter::kFlushBytes) *
+                             (g_snapshot.threads_at_once > 1 ? g_snapshot.threads_at_once - 1 : 0);
+  context.option_count = count;
+  context.option_names = names;
+  context.option_values = value_ptrs;
+  {
+    reporter::Output out(fd);
+    if (json) reporter::write_json_report(g_snapshot, context, out);
+    else reporter::write_text_report(g_snapshot, context, out);
+  }
+  if (fd != STDERR_FILENO) close(fd);
+  errno = saved_errno;
+}
+
+}  // namespace hotpool::shim

@@ -1,0 +1,82 @@
+// The core behind the entry points: start-up, the recording fast paths,
+// thread attach/teardown, fork and the report. entry_points.cpp holds only
+// the extern "C" functions, each a few lines into this.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+
+#include "options.h"
+#include "real_allocator.h"
+#include "recycler/size_classes.h"
+#include "reporter/class_stats.h"
+#include "thread_state.h"
+
+#define HOTPOOL_LIKELY(x) __builtin_expect(!!(x), 1)
+#define HOTPOOL_UNLIKELY(x) __builtin_expect(!!(x), 0)
+#define HOTPOOL_NOINLINE __attribute__((noinline))
+#define HOTPOOL_ALWAYS_INLINE inline __attribute__((always_inline))
+
+namespace hotpool::shim {
+
+// What every entry point looks at first.
+enum class Phase : uint8_t {
+  Booting = 0,  // real functions not resolved yet (zero-initialised state)
+  Off,          // HOTPOOL_MODE=off: forward, record nothing
+  Recording,    // profile / fixed / auto
+};
+
+extern std::atomic<Phase> g_phase;
+extern RealAllocator g_real;
+extern recycler::SizeClassTable g_classes;
+extern reporter::GlobalClassStats g_global;
+extern ThreadRegistry g_registry;
+
+// Start-up: resolve the real allocator, parse options, build the class
+// table. Idempotent; the first caller does the work, others return at once.
+HOTPOOL_NOINLINE void boot();
+// Allocation while Booting: dlsym's own requests, or another thread's while
+// boot() runs. The real allocator once resolved, else the static buffer.
+HOTPOOL_NOINLINE void* allocate_while_booting(size_t size, size_t alignment, bool zero);
+
+HOTPOOL_NOINLINE void record_alloc_slow(unsigned size_class, size_t requested, size_t usable);
+HOTPOOL_NOINLINE void record_free_slow(unsigned size_class, size_t usable);
+
+// FAST PATH (Recording): one usable-size query, one table lookup, a dozen
+// plain loads and stores into this thread's counters; the unlikely branch
+// goes to the slow path that attaches the thread (first allocation) or
+// counts for a torn-down thread.
+HOTPOOL_ALWAYS_INLINE void record_alloc(void* block, size_t requested) {
+  const size_t usable = g_real.malloc_usable_size(block);
+  const unsigned size_class = g_classes.class_of(usable);
+  ThreadState* state = tls.state;
+  if (HOTPOOL_UNLIKELY(!state)) return record_alloc_slow(size_class, requested, usable);
+  state->stats.record_alloc(g_global, size_class, requested, usable);
+}
+
+// The caller measures the block (malloc_usable_size) before it is released.
+HOTPOOL_ALWAYS_INLINE void record_free(size_t usable) {
+  const unsigned size_class = g_classes.class_of(usable);
+  ThreadState* state = tls.state;
+  if (HOTPOOL_UNLIKELY(!state)) return record_free_slow(size_class, usable);
+  state->stats.record_free(g_global, size_class, usable);
+}
+
+// True when a call made in `phase` should be recorded: hotpool is recording
+// and the call does not come from inside hotpool.
+HOTPOOL_ALWAYS_INLINE bool recording(Phase phase) {
+  return phase == Phase::Recording && !tls.in_hotpool;
+}
+
+// A pointer that no malloc returned (not 16-byte aligned) passed to free or
+// realloc: one line, then the real allocator's own verdict (glibc aborts).
+HOTPOOL_NOINLINE void warn_invalid_pointer(const char* function, const void* block);
+inline bool misaligned(const void* block) { return reinterpret_cast<uintptr_t>(block) & 15; }
+
+// The effective mode (off when start-up could not enable recording).
+Mode current_mode();
+
+// Writes the report now ("exit" or "on-demand"). Never from a signal handler.
+void write_report(const char* reason);
+
+}  // namespace hotpool::shim

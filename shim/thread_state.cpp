@@ -1,0 +1,94 @@
+#include "thread_state.h"
+
+#include <sys/mman.h>
+
+#include <new>
+
+namespace hotpool::shim {
+
+__thread ThreadLocal tls __attribute__((tls_model("initial-exec")));
+
+namespace {
+constexpr size_t kStateSize = (sizeof(ThreadState) + 63) & ~size_t{63};
+constexpr size_t kChunkStates = 16;
+}  // namespace
+
+void ThreadRegistry::init(unsigned class_count, const uint64_t* class_sizes, const ReentryGuard&) {
+  SpinLockGuard lock(lock_);
+  retired_.clear(class_count, class_sizes);
+  fallback_ = carve_locked();  // no thread's own: never in the active list
+}
+
+ThreadState* ThreadRegistry::carve_locked() {
+  if (ThreadState* state = free_) {
+    free_ = state->next;
+    return state;
+  }
+  if (carve_next_ == carve_end_) {
+    // Slow path, once per 16 new threads: our own memory, never malloc.
+    void* chunk = mmap(nullptr, kStateSize * kChunkStates, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (chunk == MAP_FAILED) return nullptr;
+    carve_next_ = static_cast<char*>(chunk);
+    carve_end_ = carve_next_ + kStateSize * kChunkStates;
+  }
+  ThreadState* state = new (carve_next_) ThreadState{};  // mmap'd memory is zero already
+  carve_next_ += kStateSize;
+  return state;
+}
+
+ThreadState* ThreadRegistry::acquire(const ReentryGuard&) {
+  SpinLockGuard lock(lock_);
+  ThreadState* state = carve_locked();
+  if (!state) return nullptr;
+  state->prev = nullptr;
+  state->next = active_;
+  state->destructor_rounds = 0;
+  if (active_) active_->prev = state;
+  active_ = state;
+  if (++active_count_ > retired_.threads_at_once) retired_.threads_at_once = active_count_;
+  return state;
+}
+
+void ThreadRegistry::retire_locked(ThreadState* state, reporter::GlobalClassStats& global) {
+  state->stats.publish_all(global);
+  retired_.add(state->stats);
+  state->stats.reset();
+  if (state->prev) state->prev->next = state->next; else active_ = state->next;
+  if (state->next) state->next->prev = state->prev;
+  state->next = free_;
+  free_ = state;
+  --active_count_;
+}
+
+void ThreadRegistry::retire(ThreadState* state, reporter::GlobalClassStats& global, const ReentryGuard&) {
+  SpinLockGuard lock(lock_);
+  retire_locked(state, global);
+}
+
+void ThreadRegistry::snapshot(reporter::StatsSnapshot* out, reporter::GlobalClassStats& global,
+                              const ReentryGuard&) {
+  SpinLockGuard lock(lock_);
+  out->clear(retired_.class_count, retired_.class_size);
+  for (ThreadState* state = active_; state; state = state->next) out->add(state->stats);
+  out->add(retired_);
+  if (fallback_) {
+    // Late allocations of exited threads: their counts, but no extra thread.
+    SpinLockGuard fallback_guard(fallback_lock_);
+    out->add(fallback_->stats, /*is_thread=*/false);
+  }
+  out->finish(global);
+}
+
+void ThreadRegistry::reset_after_fork_child(ThreadState* survivor, reporter::GlobalClassStats& global) {
+  // Called with both locks held (taken before fork).
+  for (ThreadState* state = active_; state;) {
+    ThreadState* next = state->next;
+    if (state != survivor) retire_locked(state, global);
+    state = next;
+  }
+  fallback_lock_.reset_after_fork();
+  lock_.reset_after_fork();
+}
+
+}  // namespace hotpool::shim

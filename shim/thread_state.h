@@ -1,0 +1,120 @@
+// Per-thread state: the recursion guard, the thread's statistics and their
+// lifecycle (not attached -> attached -> torn down).
+//
+// The only TLS is one small initial-exec struct: no TLS wrapper calls, no
+// __tls_get_addr, no allocation. Everything bigger (the per-class counters)
+// lives in ThreadState blocks carved from hotpool's own mmap'd memory and
+// reused after a thread exits, so thread churn stays bounded.
+#pragma once
+
+#include <pthread.h>
+#include <sched.h>
+
+#include <atomic>
+#include <cstdint>
+
+#include "reporter/class_stats.h"
+
+namespace hotpool::shim {
+
+class SpinLock {
+ public:
+  void lock() {
+    while (locked_.exchange(true, std::memory_order_acquire)) {
+      for (unsigned spins = 0; locked_.load(std::memory_order_relaxed); ++spins) {
+        if (spins < 64) __builtin_ia32_pause(); else sched_yield();
+      }
+    }
+  }
+  void unlock() { locked_.store(false, std::memory_order_release); }
+  // In a fork child only one thread exists: whoever held the lock is gone.
+  void reset_after_fork() { locked_.store(false, std::memory_order_relaxed); }
+
+ private:
+  std::atomic<bool> locked_{false};
+};
+
+class SpinLockGuard {
+ public:
+  explicit SpinLockGuard(SpinLock& lock) : lock_(lock) { lock_.lock(); }
+  ~SpinLockGuard() { lock_.unlock(); }
+  SpinLockGuard(const SpinLockGuard&) = delete;
+  SpinLockGuard& operator=(const SpinLockGuard&) = delete;
+
+ private:
+  SpinLock& lock_;
+};
+
+struct ThreadState {
+  reporter::ThreadClassStats stats;
+  ThreadState* prev;  // active list, or free list (next only)
+  ThreadState* next;
+  unsigned destructor_rounds;
+};
+
+enum class ThreadStatus : uint8_t { NotAttached = 0, Attached, TornDown };
+
+struct ThreadLocal {
+  ThreadState* state;   // non-null exactly while Attached
+  ThreadStatus status;
+  bool in_hotpool;      // the recursion guard
+};
+
+extern __thread ThreadLocal tls __attribute__((tls_model("initial-exec")));
+
+// While a ReentryGuard lives, every allocation this thread makes goes
+// straight to the real allocator, unrecorded: dlsym, pthread_setspecific,
+// pthread_atfork, snprintf... can then call malloc safely. Functions that must
+// only run under the guard take it as a parameter.
+class ReentryGuard {
+ public:
+  ReentryGuard() : was_set_(tls.in_hotpool) { tls.in_hotpool = true; }
+  ~ReentryGuard() { tls.in_hotpool = was_set_; }
+  ReentryGuard(const ReentryGuard&) = delete;
+  ReentryGuard& operator=(const ReentryGuard&) = delete;
+
+ private:
+  bool was_set_;
+};
+
+// All ThreadStates: the active ones (for reports), the free ones (for reuse)
+// and the sums of the threads that have exited.
+class ThreadRegistry {
+ public:
+  void init(unsigned class_count, const uint64_t* class_sizes, const ReentryGuard&);
+
+  // A fresh state, linked into the active list; nullptr if no memory.
+  ThreadState* acquire(const ReentryGuard&);
+  // Folds an exiting thread's counts into the retired sums, recycles the state.
+  void retire(ThreadState* state, reporter::GlobalClassStats& global, const ReentryGuard&);
+
+  // Threads that lost their state (exited, still allocating in late
+  // destructors) count into one shared block under a lock.
+  SpinLock& fallback_lock() { return fallback_lock_; }
+  reporter::ThreadClassStats& fallback() { return fallback_->stats; }
+
+  // Sums everything into *out.
+  void snapshot(reporter::StatsSnapshot* out, reporter::GlobalClassStats& global, const ReentryGuard&);
+
+  // fork: hold the locks across fork(); in the child, every state but the
+  // forking thread's belongs to a thread that does not exist there.
+  void lock_for_fork() { lock_.lock(); fallback_lock_.lock(); }
+  void unlock_after_fork_parent() { fallback_lock_.unlock(); lock_.unlock(); }
+  void reset_after_fork_child(ThreadState* survivor, reporter::GlobalClassStats& global);
+
+ private:
+  ThreadState* carve_locked();
+  void retire_locked(ThreadState* state, reporter::GlobalClassStats& global);
+
+  SpinLock lock_;
+  SpinLock fallback_lock_;
+  ThreadState* active_ = nullptr;
+  ThreadState* free_ = nullptr;
+  ThreadState* fallback_ = nullptr;
+  char* carve_next_ = nullptr;   // unused part of the last mmap'd chunk
+  char* carve_end_ = nullptr;
+  uint64_t active_count_ = 0;
+  reporter::StatsSnapshot retired_{};
+};
+
+}  // namespace hotpool::shim
