@@ -15,7 +15,8 @@ int main(int argc, char** argv) {
   for (unsigned i = 0; i < option_count(); ++i) {
     const OptionInfo& info = option_info(i);
     if (markdown) {
-      std::printf("| `%s` | %s | `%s` | ", info.name, info.type, info.default_text);
+      if (info.default_text[0]) std::printf("| `%s` | %s | `%s` | ", info.name, info.type, info.default_text);
+      else std::printf("| `%s` | %s | (empty) | ", info.name, info.type);
       for (const char* p = info.description; *p; ++p) {
         if (*p == '|') std::fputs("\\|", stdout); else std::putchar(*p);
       }

@@ -1,0 +1,29 @@
+# Shared by scripts/demo, scripts/test and scripts/bench: install missing
+# Debian packages, configure with CMake, build. Source it; don't run it.
+
+HOTPOOL_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+HOTPOOL_BUILD=${HOTPOOL_BUILD:-$HOTPOOL_ROOT/build}
+
+# Packages the build and the tests need (the real-binary tests run python3,
+# sort, gzip, git, perl and sqlite3 from Debian).
+HOTPOOL_PACKAGES=(cmake make g++ libgtest-dev googletest nlohmann-json3-dev
+                  python3 sqlite3 gzip git perl coreutils)
+
+hotpool_install_packages() {
+  local missing=() package
+  for package in "$@"; do
+    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'install ok installed' || missing+=("$package")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  echo "hotpool: installing ${missing[*]}"
+  local sudo=""
+  [ "$(id -u)" = 0 ] || sudo=sudo
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+hotpool_build() {
+  hotpool_install_packages "${HOTPOOL_PACKAGES[@]}"
+  cmake -S "$HOTPOOL_ROOT" -B "$HOTPOOL_BUILD" -DCMAKE_BUILD_TYPE="${HOTPOOL_BUILD_TYPE:-RelWithDebInfo}" >/dev/null
+  cmake --build "$HOTPOOL_BUILD" -j"$(nproc)" "$@"
+}
