@@ -106,6 +106,11 @@ void build_class_table() {
   }
 }
 
+// Start-up at load time too, so that options are checked and a report is
+// written even for a program that never calls malloc.
+void boot_at_load() __attribute__((constructor));
+void boot_at_load() { boot(); }
+
 void exit_report() __attribute__((destructor));
 void exit_report() {
   if (g_phase.load(std::memory_order_acquire) != Phase::Recording || !g_options.report) return;
@@ -198,6 +203,7 @@ void record_alloc_slow(unsigned size_class, size_t requested, size_t usable) {
     }
     local.status = ThreadStatus::TornDown;  // no memory for a state: share the fallback
   }
+  if (!g_registry.has_fallback()) return;  // start-up found no memory at all: count nothing
   SpinLockGuard lock(g_registry.fallback_lock());
   g_registry.fallback().record_alloc(g_global, size_class, requested, usable);
 }
@@ -216,6 +222,7 @@ void record_free_slow(unsigned size_class, size_t usable) {
     }
     local.status = ThreadStatus::TornDown;
   }
+  if (!g_registry.has_fallback()) return;
   SpinLockGuard lock(g_registry.fallback_lock());
   g_registry.fallback().record_free(g_global, size_class, usable);
 }
@@ -234,6 +241,7 @@ Mode current_mode() {
 }
 
 void write_report(const char* reason) {
+  boot();
   if (g_phase.load(std::memory_order_acquire) != Phase::Recording) return;
   ReentryGuard guard;
   const int saved_errno = errno;

@@ -91,6 +91,7 @@ class ThreadRegistry {
   // Threads that lost their state (exited, still allocating in late
   // destructors) count into one shared block under a lock.
   SpinLock& fallback_lock() { return fallback_lock_; }
+  bool has_fallback() const { return fallback_ != nullptr; }
   reporter::ThreadClassStats& fallback() { return fallback_->stats; }
 
   // Sums everything into *out.

@@ -1,0 +1,73 @@
+// A program with a known allocation pattern, run under LD_PRELOAD by
+// report_test.cpp. Its modes:
+//   known        777 blocks of 5000 bytes, all live at once, then 333 freed;
+//                returns from main
+//   exit-thread  four threads allocate without end; one of them calls
+//                exit(3) while the others are still allocating
+//   on-demand    like known, then hotpool_report(), then more allocations
+//   echo ARGS    prints its arguments (for output comparisons)
+#include <dlfcn.h>
+#include <pthread.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+void known_pattern() {
+  std::vector<void*> blocks(777);
+  for (void*& block : blocks) {
+    block = std::malloc(5000);
+    std::memset(block, 1, 5000);
+  }
+  for (int i = 0; i < 333; ++i) std::free(blocks[static_cast<size_t>(i)]);
+  std::printf("known pattern done\n");
+}
+
+std::atomic<unsigned long> g_rounds{0};
+
+void* allocate_forever(void* arg) {
+  const bool exits = arg != nullptr;
+  for (unsigned long i = 0;; ++i) {
+    void* block = std::malloc(16 + i % 2000);
+    std::memset(block, 0, 16);
+    std::free(block);
+    if (exits && g_rounds.fetch_add(1) > 200000) {
+      std::fflush(stdout);
+      std::exit(3);
+    }
+  }
+  return nullptr;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const char* mode = argc > 1 ? argv[1] : "known";
+  if (std::strcmp(mode, "known") == 0) {
+    known_pattern();
+    return 0;
+  }
+  if (std::strcmp(mode, "on-demand") == 0) {
+    known_pattern();
+    auto report = reinterpret_cast<void (*)()>(dlsym(RTLD_DEFAULT, "hotpool_report"));
+    if (!report) return 2;
+    report();
+    for (int i = 0; i < 100; ++i) std::free(std::malloc(5000));
+    return 0;
+  }
+  if (std::strcmp(mode, "exit-thread") == 0) {
+    pthread_t threads[4];
+    for (int i = 0; i < 4; ++i) pthread_create(&threads[i], nullptr, allocate_forever, i == 3 ? &threads : nullptr);
+    for (;;) pause();
+  }
+  if (std::strcmp(mode, "echo") == 0) {
+    for (int i = 2; i < argc; ++i) std::printf("%s\n", argv[i]);
+    return 0;
+  }
+  return 2;
+}

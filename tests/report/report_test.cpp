@@ -1,0 +1,253 @@
+// The exit report, seen from outside: programs run under LD_PRELOAD with
+// chosen HOTPOOL_* variables; the test reads what they wrote.
+#include <fcntl.h>
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+extern char** environ;
+
+namespace {
+
+namespace fs = std::filesystem;
+
+struct RunResult {
+  int status = -1;  // exit status, or 128 + signal
+  std::string out, err;
+};
+
+std::string slurp(const fs::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::stringstream text;
+  text << in.rdbuf();
+  return text.str();
+}
+
+// Runs argv with extra environment entries; stdout and stderr go to files.
+// A run that takes longer than 60 s is killed and fails the test.
+RunResult run(const std::vector<std::string>& argv, const std::vector<std::string>& extra_env, const fs::path& dir) {
+  std::vector<std::string> env_storage;
+  for (char** entry = environ; *entry; ++entry) {
+    if (std::strncmp(*entry, "HOTPOOL_", 8) != 0 && std::strncmp(*entry, "LD_PRELOAD=", 11) != 0)
+      env_storage.push_back(*entry);
+  }
+  for (const std::string& entry : extra_env) env_storage.push_back(entry);
+  std::vector<char*> envp, args;
+  for (std::string& entry : env_storage) envp.push_back(entry.data());
+  envp.push_back(nullptr);
+  std::vector<std::string> argv_storage = argv;
+  for (std::string& arg : argv_storage) args.push_back(arg.data());
+  args.push_back(nullptr);
+
+  const fs::path out_path = dir / "stdout", err_path = dir / "stderr";
+  posix_spawn_file_actions_t actions;
+  posix_spawn_file_actions_init(&actions);
+  posix_spawn_file_actions_addopen(&actions, 1, out_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  posix_spawn_file_actions_addopen(&actions, 2, err_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  pid_t pid;
+  RunResult result;
+  if (posix_spawn(&pid, args[0], &actions, nullptr, args.data(), envp.data()) != 0) return result;
+  posix_spawn_file_actions_destroy(&actions);
+  int status = 0;
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  while (waitpid(pid, &status, WNOHANG) == 0) {
+    if (std::chrono::steady_clock::now() > deadline) {
+      kill(pid, SIGKILL);
+      waitpid(pid, &status, 0);
+      ADD_FAILURE() << argv[0] << " did not finish in 60 s (deadlock?)";
+      break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  result.status = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  result.out = slurp(out_path);
+  result.err = slurp(err_path);
+  return result;
+}
+
+class ReportTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = fs::temp_directory_path() /
+           ("hotpool-report-test-" + std::to_string(getpid()) + "-" +
+            ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    fs::remove_all(dir_);
+    fs::create_directories(dir_);
+  }
+  void TearDown() override {
+    if (!HasFailure()) fs::remove_all(dir_);
+  }
+  RunResult run_program(std::vector<std::string> args, std::vector<std::string> env) {
+    args.insert(args.begin(), HOTPOOL_REPORT_PROGRAM);
+    env.push_back("LD_PRELOAD=" HOTPOOL_LIBRARY);
+    return run(args, env, dir_);
+  }
+  // The report files the run left, by name.
+  std::vector<fs::path> reports() const {
+    std::vector<fs::path> found;
+    for (const auto& entry : fs::directory_iterator(dir_))
+      if (entry.path().filename().string().rfind("r.", 0) == 0) found.push_back(entry.path());
+    return found;
+  }
+  nlohmann::json only_json_report() const {
+    const std::vector<fs::path> found = reports();
+    EXPECT_EQ(found.size(), 1u);
+    if (found.empty()) return {};
+    return nlohmann::json::parse(slurp(found[0]));
+  }
+  static const nlohmann::json* class_row(const nlohmann::json& report, uint64_t size) {
+    for (const auto& row : report["classes"])
+      if (!row["size"].is_null() && row["size"] == size) return &row;
+    return nullptr;
+  }
+
+  fs::path dir_;
+};
+
+// HOTPOOL_CLASSES isolates the test's 5000-byte blocks (usable size 5000 in
+// glibc) in a class of their own, 5008, so its counts are exactly theirs.
+const std::string kIsolatingClasses = "HOTPOOL_CLASSES=16,32,64,128,256,512,1K,2K,4K,4992,5008,8K,64K";
+
+TEST_F(ReportTest, KnownPatternIsCountedExactly) {
+  const RunResult result = run_program({"known"}, {"HOTPOOL_MODE=profile", "HOTPOOL_OUTPUT=" + (dir_ / "r.%p.json").string(),
+                                             kIsolatingClasses});
+  ASSERT_EQ(result.status, 0) << result.err;
+  EXPECT_EQ(result.out, "known pattern done\n");
+  EXPECT_EQ(result.err, "");
+  const nlohmann::json report = only_json_report();
+  EXPECT_EQ(report["schema"], "hotpool-report");
+  EXPECT_EQ(report["reason"], "exit");
+  EXPECT_EQ(report["mode"], "profile");
+  const nlohmann::json* row = class_row(report, 5008);
+  ASSERT_NE(row, nullptr) << report.dump(1);
+  EXPECT_EQ((*row)["allocations"], 777);
+  EXPECT_EQ((*row)["frees"], 333);
+  EXPECT_EQ((*row)["requested_bytes"], 777 * 5000);
+  EXPECT_EQ((*row)["live_bytes"], 444 * 5000);
+  EXPECT_EQ((*row)["peak_live_bytes"], 777 * 5000);  // one thread: exact
+  EXPECT_EQ((*row)["threads"], 1);
+  EXPECT_GE(report["totals"]["allocations"].get<uint64_t>(), 777u);
+  EXPECT_GE(report["totals"]["peak_live_bytes"].get<uint64_t>(), 777u * 5000);
+  EXPECT_EQ(report["options"]["HOTPOOL_MODE"], "profile");
+}
+
+TEST_F(ReportTest, ExitFromAThreadWhileOthersAllocateWritesTheReport) {
+  const RunResult result = run_program({"exit-thread"}, {"HOTPOOL_MODE=profile", "HOTPOOL_OUTPUT=" + (dir_ / "r.%p.json").string()});
+  EXPECT_EQ(result.status, 3) << result.err;
+  const nlohmann::json report = only_json_report();
+  EXPECT_EQ(report["reason"], "exit");
+  EXPECT_GE(report["totals"]["allocations"].get<uint64_t>(), 200000u);
+  EXPECT_GE(report["totals"]["threads_seen"].get<uint64_t>(), 4u);
+}
+
+TEST_F(ReportTest, OnDemandReportThenExitReport) {
+  const RunResult result = run_program({"on-demand"}, {"HOTPOOL_MODE=auto", "HOTPOOL_OUTPUT=" + (dir_ / "r.%p.txt").string(),
+                                                 kIsolatingClasses});
+  ASSERT_EQ(result.status, 0) << result.err;
+  const std::vector<fs::path> found = reports();
+  ASSERT_EQ(found.size(), 1u);
+  // The file holds the latest report: the exit one, with the 100 extra blocks.
+  const std::string text = slurp(found[0]);
+  EXPECT_EQ(text.rfind("hotpool: pid ", 0), 0u) << text;
+  EXPECT_NE(text.find("      5008 B        877        433"), std::string::npos) << text;
+  EXPECT_NE(text.find("mode auto"), std::string::npos);
+  EXPECT_NE(text.find("nothing was pooled"), std::string::npos) << "fixed/auto must say they only profiled";
+}
+
+TEST_F(ReportTest, ReportGoesToStderrByDefaultAndStdoutIsUntouched) {
+  const RunResult plain = run({HOTPOOL_REPORT_PROGRAM, "echo", "a", "b"}, {}, dir_);
+  const RunResult preloaded = run_program({"echo", "a", "b"}, {"HOTPOOL_MODE=profile"});
+  EXPECT_EQ(plain.status, 0);
+  EXPECT_EQ(preloaded.status, 0);
+  EXPECT_EQ(plain.out, preloaded.out);
+  EXPECT_EQ(plain.err, "");
+  EXPECT_EQ(preloaded.err.rfind("hotpool: pid ", 0), 0u) << preloaded.err;
+  EXPECT_NE(preloaded.err.find("       total "), std::string::npos);
+}
+
+TEST_F(ReportTest, ModeOffAndReportOffWriteNothing) {
+  for (const char* setting : {"HOTPOOL_MODE=off", "HOTPOOL_REPORT=off"}) {
+    const RunResult result = run_program({"known"}, {setting, "HOTPOOL_OUTPUT=" + (dir_ / "r.%p.json").string()});
+    EXPECT_EQ(result.status, 0);
+    EXPECT_EQ(result.err, "") << setting;
+    EXPECT_TRUE(reports().empty()) << setting;
+  }
+}
+
+TEST_F(ReportTest, MalformedOptionsWarnOnceEachAndChangeNothingElse) {
+  const RunResult plain = run({HOTPOOL_REPORT_PROGRAM, "echo", "x"}, {}, dir_);
+  const RunResult result = run_program({"echo", "x"}, {"HOTPOOL_MODE=turbo", "HOTPOOL_BOGUS=1", "HOTPOOL_MAX_CLASS=12Q",
+                                                 "HOTPOOL_OUTPUT=" + (dir_ / "r.%p.json").string()});
+  EXPECT_EQ(result.status, plain.status);
+  EXPECT_EQ(result.out, plain.out);
+  EXPECT_EQ(result.err,
+            "hotpool: HOTPOOL_MODE='turbo' is not one of off, profile, fixed, auto; using the default 'auto'\n"
+            "hotpool: unknown option HOTPOOL_BOGUS ignored (HOTPOOL_HELP=1 lists the options)\n"
+            "hotpool: HOTPOOL_MAX_CLASS='12Q' is not a size (a number with an optional K, M or G suffix); using the default '1M'\n");
+  EXPECT_EQ(only_json_report()["mode"], "auto");
+}
+
+TEST_F(ReportTest, HelpAndVerboseListEveryOption) {
+  const RunResult result = run_program({"echo"}, {"HOTPOOL_HELP=1", "HOTPOOL_VERBOSE=1", "HOTPOOL_REPORT=0"});
+  EXPECT_EQ(result.status, 0);
+  for (const char* name : {"HOTPOOL_MODE", "HOTPOOL_OUTPUT", "HOTPOOL_REPORT", "HOTPOOL_VERBOSE", "HOTPOOL_HELP",
+                           "HOTPOOL_CLASSES", "HOTPOOL_MAX_CLASS"}) {
+    EXPECT_NE(result.err.find(std::string("  ") + name + " ("), std::string::npos) << name;  // help
+    EXPECT_NE(result.err.find(std::string("hotpool: ") + name + "="), std::string::npos) << name;  // verbose
+  }
+  EXPECT_NE(result.err.find("hotpool: size classes: 16 32 48"), std::string::npos);
+}
+
+TEST_F(ReportTest, OutputNameExpandsPidAndPercent) {
+  const RunResult result = run_program({"known"}, {"HOTPOOL_MODE=profile", "HOTPOOL_OUTPUT=" + (dir_ / "r.%%.%p.json").string()});
+  ASSERT_EQ(result.status, 0);
+  const std::vector<fs::path> found = reports();
+  ASSERT_EQ(found.size(), 1u);
+  const nlohmann::json report = nlohmann::json::parse(slurp(found[0]));
+  EXPECT_EQ(found[0].filename().string(), "r.%." + std::to_string(report["pid"].get<int>()) + ".json");
+}
+
+TEST_F(ReportTest, SymlinkedOutputIsNotFollowed) {
+  const fs::path target = dir_ / "precious";
+  std::ofstream(target) << "keep me\n";
+  fs::create_symlink(target, dir_ / "r.link.json");
+  const RunResult result = run_program({"known"}, {"HOTPOOL_MODE=profile", "HOTPOOL_OUTPUT=" + (dir_ / "r.link.json").string()});
+  EXPECT_EQ(result.status, 0);
+  EXPECT_EQ(slurp(target), "keep me\n");
+  EXPECT_NE(result.err.find("hotpool: cannot open report file"), std::string::npos) << result.err;
+  EXPECT_NE(result.err.find("hotpool: pid "), std::string::npos) << "the report falls back to stderr";
+}
+
+TEST_F(ReportTest, UnwritableOutputFallsBackToStderr) {
+  const RunResult result = run_program({"known"}, {"HOTPOOL_MODE=profile", "HOTPOOL_OUTPUT=/nonexistent-dir/r.json"});
+  EXPECT_EQ(result.status, 0);
+  EXPECT_EQ(result.out, "known pattern done\n");
+  EXPECT_NE(result.err.find("hotpool: cannot open report file /nonexistent-dir/r.json"), std::string::npos);
+  EXPECT_NE(result.err.find("       total "), std::string::npos);
+}
+
+TEST_F(ReportTest, LauncherSetsTheEnvironmentAndPassesTheExitStatusThrough) {
+  const RunResult result = run({HOTPOOL_LAUNCHER, "--library", HOTPOOL_LIBRARY, "--mode", "profile", "--output",
+                          (dir_ / "r.%p.json").string(), "--", HOTPOOL_REPORT_PROGRAM, "exit-thread"},
+                         {}, dir_);
+  EXPECT_EQ(result.status, 3) << result.err;
+  EXPECT_EQ(only_json_report()["mode"], "profile");
+  const RunResult missing = run({HOTPOOL_LAUNCHER, "--library", HOTPOOL_LIBRARY, "--", "no-such-program-here"}, {}, dir_);
+  EXPECT_EQ(missing.status, 127);
+  const RunResult usage = run({HOTPOOL_LAUNCHER}, {}, dir_);
+  EXPECT_EQ(usage.status, 2);
+}
+
+}  // namespace
