@@ -13,9 +13,10 @@ void raise_atomic(std::atomic<uint64_t>& peak, uint64_t value) {
 }  // namespace
 
 void ThreadClassStats::publish(GlobalClassStats& global, unsigned c) {
-  const int64_t live = global.live[c].fetch_add(live_delta[c], std::memory_order_relaxed) + live_delta[c];
+  int64_t& delta = classes[c].live_delta;
+  const int64_t live = global.live[c].fetch_add(delta, std::memory_order_relaxed) + delta;
   if (live > 0) raise_atomic(global.peak[c], static_cast<uint64_t>(live));
-  live_delta[c] = 0;
+  delta = 0;
   const int64_t total = global.total_live.fetch_add(total_live_delta, std::memory_order_relaxed) + total_live_delta;
   if (total > 0) raise_atomic(global.total_peak, static_cast<uint64_t>(total));
   total_live_delta = 0;
@@ -23,21 +24,21 @@ void ThreadClassStats::publish(GlobalClassStats& global, unsigned c) {
 
 void ThreadClassStats::publish_all(GlobalClassStats& global) {
   for (unsigned c = 0; c < kMaxClasses; ++c) {
-    if (live_delta[c] == 0) continue;
-    global.live[c].fetch_add(live_delta[c], std::memory_order_relaxed);
-    live_delta[c] = 0;
+    ClassCounters& row = classes[c];
+    if (row.live_delta != 0) global.live[c].fetch_add(row.live_delta, std::memory_order_relaxed);
+    row.live_delta = 0;
+    raise_atomic(global.peak[c], load(row.peak_seen));
   }
   global.total_live.fetch_add(total_live_delta, std::memory_order_relaxed);
   total_live_delta = 0;
-  for (unsigned c = 0; c < kMaxClasses; ++c) raise_atomic(global.peak[c], load(peak_seen[c]));
   raise_atomic(global.total_peak, load(total_peak_seen));
 }
 
 void ThreadClassStats::reset() {
-  for (unsigned c = 0; c < kMaxClasses; ++c) {
-    for (Counter* counter : {&allocs[c], &frees[c], &requested_bytes[c], &usable_bytes[c], &freed_bytes[c], &peak_seen[c]})
+  for (ClassCounters& row : classes) {
+    for (Counter* counter : {&row.allocs, &row.frees, &row.requested_bytes, &row.usable_bytes, &row.freed_bytes, &row.peak_seen})
       counter->store(0, std::memory_order_relaxed);
-    live_delta[c] = 0;
+    row.live_delta = 0;
   }
   total_peak_seen.store(0, std::memory_order_relaxed);
   total_live_delta = 0;
@@ -58,13 +59,15 @@ void StatsSnapshot::add(const ThreadClassStats& stats, bool is_thread) {
   bool allocated = false;
   for (unsigned c = 0; c < class_count; ++c) {
     ClassTotals& row = classes[c];
-    const uint64_t allocs = load(stats.allocs[c]);
+    const ClassCounters& counters = stats.classes[c];
+    const uint64_t allocs = load(counters.allocs);
     row.allocs += allocs;
-    row.frees += load(stats.frees[c]);
-    row.requested_bytes += load(stats.requested_bytes[c]);
-    row.usable_bytes += load(stats.usable_bytes[c]);
-    row.freed_bytes += load(stats.freed_bytes[c]);
-    if (load(stats.peak_seen[c]) > row.peak_live_bytes) row.peak_live_bytes = load(stats.peak_seen[c]);
+    row.frees += load(counters.frees);
+    row.requested_bytes += load(counters.requested_bytes);
+    row.usable_bytes += load(counters.usable_bytes);
+    row.freed_bytes += load(counters.freed_bytes);
+    const uint64_t peak = load(counters.peak_seen);
+    if (peak > row.peak_live_bytes) row.peak_live_bytes = peak;
     if (allocs && is_thread) row.threads += 1, allocated = true;
   }
   if (load(stats.total_peak_seen) > total_peak_live_bytes) total_peak_live_bytes = load(stats.total_peak_seen);

@@ -44,41 +44,58 @@ void* realloc_from_bootstrap(void* block, size_t size) {
   return moved;
 }
 
+// The recording halves of the hottest entry points live in functions of
+// their own, entered by a tail jump: the entry point itself then needs no
+// stack frame, and in mode off it is a load, two compares and a jump to the
+// real allocator.
+HOTPOOL_NOINLINE void* recorded_malloc(size_t size) {
+  void* block = g_real.malloc(size);
+  if (HOTPOOL_LIKELY(block != nullptr) && !tls.in_hotpool) record_alloc(block, size);
+  return block;
+}
+
+HOTPOOL_NOINLINE void recorded_free(void* block) {
+  if (HOTPOOL_LIKELY(block != nullptr) && !tls.in_hotpool) {
+    if (HOTPOOL_UNLIKELY(misaligned(block))) warn_invalid_pointer("free", block);
+    else record_free(g_real.usable_size(block));
+  }
+  g_real.free(block);
+}
+
+HOTPOOL_NOINLINE void* recorded_calloc(size_t count, size_t size) {
+  void* block = g_real.calloc(count, size);
+  if (HOTPOOL_LIKELY(block != nullptr) && !tls.in_hotpool) record_alloc(block, count * size);
+  return block;
+}
+
 }  // namespace
 
-// FAST PATH of every allocating entry point: one relaxed load of the phase,
-// the real allocator's call, then (Recording) record_alloc.
+// FAST PATH of every entry point: one relaxed load of the phase, then
+// Recording: the real call and record_alloc / record_free; Off: the real
+// call alone; Booting (first call of the process): start-up.
 HOTPOOL_EXPORT void* malloc(size_t size) {
   const Phase phase = g_phase.load(std::memory_order_relaxed);
-  if (HOTPOOL_UNLIKELY(phase == Phase::Booting)) return allocate_booting(size, 16, false);
-  void* block = g_real.malloc(size);
-  if (HOTPOOL_LIKELY(block != nullptr) && recording(phase)) record_alloc(block, size);
-  return block;
+  if (HOTPOOL_LIKELY(phase == Phase::Recording)) return recorded_malloc(size);
+  if (phase == Phase::Off) return g_real.malloc(size);
+  return allocate_booting(size, 16, false);
 }
 
 HOTPOOL_EXPORT void free(void* block) {
   if (HOTPOOL_UNLIKELY(bootstrap::owns(block))) return;  // static memory, never reused
   const Phase phase = g_phase.load(std::memory_order_relaxed);
-  if (HOTPOOL_LIKELY(block != nullptr) && recording(phase)) {
-    if (HOTPOOL_UNLIKELY(misaligned(block))) warn_invalid_pointer("free", block);
-    else record_free(g_real.malloc_usable_size(block));
-  } else if (HOTPOOL_UNLIKELY(phase == Phase::Booting)) {
-    boot();
-    if (!g_real.free) return;  // nothing to give it back to yet
-  }
-  g_real.free(block);
+  if (HOTPOOL_LIKELY(phase == Phase::Recording)) return recorded_free(block);
+  if (phase == Phase::Off) return g_real.free(block);
+  boot();
+  if (g_real.free) g_real.free(block);  // else nothing to give it back to yet
 }
 
 HOTPOOL_EXPORT void* calloc(size_t count, size_t size) {
   const Phase phase = g_phase.load(std::memory_order_relaxed);
-  if (HOTPOOL_UNLIKELY(phase == Phase::Booting)) {
-    size_t bytes;
-    if (__builtin_mul_overflow(count, size, &bytes)) return errno = ENOMEM, nullptr;
-    return allocate_booting(bytes, 16, true);
-  }
-  void* block = g_real.calloc(count, size);
-  if (HOTPOOL_LIKELY(block != nullptr) && recording(phase)) record_alloc(block, count * size);
-  return block;
+  if (HOTPOOL_LIKELY(phase == Phase::Recording)) return recorded_calloc(count, size);
+  if (phase == Phase::Off) return g_real.calloc(count, size);
+  size_t bytes;
+  if (__builtin_mul_overflow(count, size, &bytes)) return errno = ENOMEM, nullptr;
+  return allocate_booting(bytes, 16, true);
 }
 
 HOTPOOL_EXPORT void* realloc(void* block, size_t size) {
@@ -95,7 +112,7 @@ HOTPOOL_EXPORT void* realloc(void* block, size_t size) {
     return g_real.realloc(block, size);
   }
   // realloc is a free of the old block and an allocation of the new one.
-  const size_t old_usable = block ? g_real.malloc_usable_size(block) : 0;
+  const size_t old_usable = block ? g_real.usable_size(block) : 0;
   void* moved = g_real.realloc(block, size);
   if (moved) {
     if (block) record_free(old_usable);

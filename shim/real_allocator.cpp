@@ -50,7 +50,27 @@ bool RealAllocator::resolve() {
   find(pvalloc, "pvalloc", false);             // not every allocator has it
   find(malloc_usable_size, "malloc_usable_size", true);
   find(malloc_trim, "malloc_trim", false);     // glibc only
+  glibc_chunk_headers = complete && is_glibc_with_chunk_headers();
   return complete;
+}
+
+bool RealAllocator::is_glibc_with_chunk_headers() {
+  // Only glibc's own malloc, not jemalloc or tcmalloc stacked after us.
+  if (reinterpret_cast<void*>(malloc) != dlsym(RTLD_DEFAULT, "__libc_malloc")) return false;
+  // And only if the header agrees with malloc_usable_size for every kind of
+  // chunk: tiny, small, large and mmapped (above the mmap threshold).
+  for (size_t size : {size_t{0}, size_t{1}, size_t{24}, size_t{25}, size_t{1000}, size_t{70000},
+                      size_t{300000}, size_t{5} << 20}) {
+    void* block = malloc(size);
+    if (!block) return false;
+    glibc_chunk_headers = true;
+    const size_t from_header = usable_size(block);
+    glibc_chunk_headers = false;
+    const bool agrees = from_header == malloc_usable_size(block);
+    free(block);
+    if (!agrees) return false;
+  }
+  return true;
 }
 
 }  // namespace hotpool::shim

@@ -26,9 +26,28 @@ struct RealAllocator {
   size_t (*malloc_usable_size)(void*);
   int (*malloc_trim)(size_t);
 
+  // True when the real allocator is glibc's and its chunk header gives the
+  // usable size directly (checked against malloc_usable_size at start-up).
+  bool glibc_chunk_headers;
+
   // Fills every entry; false (with the entries it could not find left null)
   // when the next object in the lookup order lacks a required function.
   bool resolve();
+
+  bool is_glibc_with_chunk_headers();
+
+  // FAST PATH: the usable size of a live block. glibc keeps it in the word
+  // before the block (size | flags; mmapped chunks carry a 16-byte header,
+  // others 8), so reading it is 4 instructions instead of a call into
+  // malloc_usable_size, which also checks the next chunk's in-use bit, a
+  // check that a block being freed or just allocated passes by definition.
+  size_t usable_size(void* block) const {
+    if (__builtin_expect(glibc_chunk_headers, 1)) {
+      const size_t header = static_cast<const size_t*>(block)[-1];
+      return (header & ~size_t{7}) - ((header & 2) ? 16 : 8);
+    }
+    return malloc_usable_size(block);
+  }
 };
 
 // The bootstrap buffer. Allocation is a lock-free bump; memory is never

@@ -47,7 +47,7 @@ HOTPOOL_NOINLINE void record_free_slow(unsigned size_class, size_t usable);
 // goes to the slow path that attaches the thread (first allocation) or
 // counts for a torn-down thread.
 HOTPOOL_ALWAYS_INLINE void record_alloc(void* block, size_t requested) {
-  const size_t usable = g_real.malloc_usable_size(block);
+  const size_t usable = g_real.usable_size(block);
   const unsigned size_class = g_classes.class_of(usable);
   ThreadState* state = tls.state;
   if (HOTPOOL_UNLIKELY(!state)) return record_alloc_slow(size_class, requested, usable);

@@ -138,8 +138,8 @@ TEST_F(ReportTest, PublishAllAndResetKeepGlobalLiveBytesRight) {
   EXPECT_EQ(global_->live[0].load(), 1600);
   EXPECT_EQ(global_->peak[0].load(), 1600u);
   t->reset();
-  EXPECT_EQ(t->allocs[0].load(), 0u);
-  EXPECT_EQ(t->live_delta[0], 0);
+  EXPECT_EQ(t->classes[0].allocs.load(), 0u);
+  EXPECT_EQ(t->classes[0].live_delta, 0);
 }
 
 TEST_F(ReportTest, FreesOfUncountedBlocksNeverMakeAPeak) {
