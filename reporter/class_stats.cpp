@@ -16,6 +16,7 @@ void ThreadClassStats::publish(GlobalClassStats& global, unsigned c) {
   int64_t& delta = classes[c].live_delta;
   const int64_t live = global.live[c].fetch_add(delta, std::memory_order_relaxed) + delta;
   if (live > 0) raise_atomic(global.peak[c], static_cast<uint64_t>(live));
+  raise_to(classes[c].peak_seen, live);
   delta = 0;
   const int64_t total = global.total_live.fetch_add(total_live_delta, std::memory_order_relaxed) + total_live_delta;
   if (total > 0) raise_atomic(global.total_peak, static_cast<uint64_t>(total));
@@ -49,7 +50,9 @@ void StatsSnapshot::clear(unsigned count, const uint64_t* sizes) {
   for (unsigned c = 0; c < kMaxClasses; ++c) {
     class_size[c] = c < count ? sizes[c] : 0;
     classes[c] = ClassTotals{};
+    pools[c] = PoolClassTotals{};
   }
+  pools_active = false;
   total_peak_live_bytes = 0;
   threads_seen = 0;
   threads_at_once = 0;

@@ -79,6 +79,19 @@ struct ThreadClassStats {
     if (__builtin_expect(delta > kFlushBytes || total_delta > kFlushBytes, 0)) publish(global, c);
   }
 
+  // FAST PATH for blocks served by a pool: counts and live bytes, but no
+  // per-operation peak view (peaks of pooled classes come from the deltas
+  // published every kFlushBytes, so they may read low by that much per thread).
+  __attribute__((always_inline)) void record_pooled_alloc(GlobalClassStats& global, unsigned c, size_t requested, size_t usable) {
+    ClassCounters& row = classes[c];
+    bump(row.allocs, 1);
+    bump(row.requested_bytes, requested);
+    bump(row.usable_bytes, usable);
+    const int64_t delta = row.live_delta += static_cast<int64_t>(usable);
+    const int64_t total_delta = total_live_delta += static_cast<int64_t>(usable);
+    if (__builtin_expect(delta > kFlushBytes || total_delta > kFlushBytes, 0)) publish(global, c);
+  }
+
   // FAST PATH: one cache line, one predictable branch to publish.
   __attribute__((always_inline)) void record_free(GlobalClassStats& global, unsigned c, size_t usable) {
     ClassCounters& row = classes[c];
@@ -102,6 +115,18 @@ struct ClassTotals {
   uint64_t allocs, frees, requested_bytes, usable_bytes, freed_bytes, peak_live_bytes, threads;
 };
 
+// One class's pool, summed over threads (filled by whoever owns the pools).
+struct PoolClassTotals {
+  bool pooled;                 // pooled when the report was taken
+  uint64_t hits;               // allocations served from a thread cache
+  uint64_t refills, drains;    // thread cache <-> depot trips
+  uint64_t misses;             // pooled-class requests the pool could not serve
+  uint64_t cached_blocks;      // free blocks in thread caches
+  uint64_t depot_free_bytes;   // free bytes in the depot
+  uint64_t committed_bytes;    // pool memory in use or held (not given back)
+  uint64_t peak_committed_bytes;
+};
+
 struct StatsSnapshot {
   unsigned class_count;
   uint64_t class_size[kMaxClasses];  // 0 for the large class (the last one)
@@ -109,6 +134,8 @@ struct StatsSnapshot {
   uint64_t total_peak_live_bytes;
   uint64_t threads_seen;     // threads that made at least one allocation
   uint64_t threads_at_once;  // most threads registered at the same time
+  bool pools_active;         // a recycler ran (modes fixed and auto)
+  PoolClassTotals pools[kMaxClasses];
 
   void clear(unsigned count, const uint64_t* sizes);
   // Adds one thread's counters; is_thread counts it in threads_seen and in

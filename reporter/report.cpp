@@ -43,7 +43,9 @@ void write_text_report(const StatsSnapshot& stats, const ReportContext& context,
   out.ch('\n');
   if (context.note) out.str("hotpool: ").str(context.note).ch('\n');
 
-  out.str("  size class     allocs      frees   requested   rounding   peak live  live now  threads\n");
+  const bool pools = stats.pools_active;
+  out.str("  size class     allocs      frees   requested   rounding   peak live  live now  threads");
+  out.str(pools ? "  pooled  pool hits\n" : "\n");
   for (unsigned c = 0; c < stats.class_count; ++c) {
     const ClassTotals& row = stats.classes[c];
     if (row.allocs == 0 && row.frees == 0) continue;
@@ -58,8 +60,13 @@ void write_text_report(const StatsSnapshot& stats, const ReportContext& context,
         .padded(11, [&](Output& o) { o.percent(minus(row.usable_bytes, row.requested_bytes), row.usable_bytes); })
         .padded(12, [&](Output& o) { o.bytes(row.peak_live_bytes); })
         .padded(10, [&](Output& o) { o.bytes(live_bytes(row)); })
-        .padded(9, [&](Output& o) { o.u64(row.threads); })
-        .ch('\n');
+        .padded(9, [&](Output& o) { o.u64(row.threads); });
+    if (pools) {
+      const PoolClassTotals& pool = stats.pools[c];
+      out.str(pool.pooled ? "     yes" : "      no")
+          .padded(11, [&](Output& o) { if (pool.hits) o.percent(pool.hits, row.allocs); else o.ch('-'); });
+    }
+    out.ch('\n');
   }
   out.str("       total")
       .padded(11, [&](Output& o) { o.count(total.allocs); })
@@ -70,6 +77,26 @@ void write_text_report(const StatsSnapshot& stats, const ReportContext& context,
       .padded(10, [&](Output& o) { o.bytes(minus(total.usable, total.freed)); })
       .padded(9, [&](Output& o) { o.u64(stats.threads_seen); })
       .ch('\n');
+  if (pools) {
+    uint64_t hits = 0, refills = 0, drains = 0, misses = 0, committed = 0, peak = 0, free_bytes = 0, pooled = 0;
+    for (unsigned c = 0; c < stats.class_count; ++c) {
+      const PoolClassTotals& pool = stats.pools[c];
+      hits += pool.hits;
+      refills += pool.refills;
+      drains += pool.drains;
+      misses += pool.misses;
+      committed += pool.committed_bytes;
+      peak += pool.peak_committed_bytes;
+      free_bytes += pool.depot_free_bytes + pool.cached_blocks * stats.class_size[c];
+      pooled += pool.pooled;
+    }
+    out.str("  recycler: ").count(hits).str(" of ").count(total.allocs).str(" allocations served from pools (")
+        .percent(hits, total.allocs).str("), ").u64(pooled).str(pooled == 1 ? " class" : " classes")
+        .str(" pooled; ").count(refills).str(" refills, ").count(drains).str(" drains");
+    if (misses) out.str(", ").count(misses).str(" misses (pool full)");
+    out.str("; pool memory ").bytes(committed).str(" (peak ").bytes(peak).str("), ").bytes(free_bytes)
+        .str(" of it free\n");
+  }
   out.str("  counts are exact; a block belongs to the smallest class >= its usable size; "
           "rounding = usable bytes the program did not ask for");
   if (stats.threads_at_once > 1)
@@ -103,8 +130,18 @@ void write_json_report(const StatsSnapshot& stats, const ReportContext& context,
       .str(", \"peak_live_bytes\": ").u64(stats.total_peak_live_bytes)
       .str(", \"threads_seen\": ").u64(stats.threads_seen)
       .str(", \"threads_at_once\": ").u64(stats.threads_at_once)
-      .str(", \"peak_error_bytes\": ").u64(stats.threads_at_once > 1 ? context.peak_error_bytes : 0)
-      .str("},\n  \"classes\": [");
+      .str(", \"peak_error_bytes\": ").u64(stats.threads_at_once > 1 ? context.peak_error_bytes : 0);
+  if (stats.pools_active) {
+    uint64_t hits = 0, committed = 0, peak = 0;
+    for (unsigned c = 0; c < stats.class_count; ++c) {
+      hits += stats.pools[c].hits;
+      committed += stats.pools[c].committed_bytes;
+      peak += stats.pools[c].peak_committed_bytes;
+    }
+    out.str(", \"pool_hits\": ").u64(hits).str(", \"pool_committed_bytes\": ").u64(committed)
+        .str(", \"pool_peak_committed_bytes\": ").u64(peak);
+  }
+  out.str("},\n  \"classes\": [");
   bool first = true;
   for (unsigned c = 0; c < stats.class_count; ++c) {
     const ClassTotals& row = stats.classes[c];
@@ -120,7 +157,17 @@ void write_json_report(const StatsSnapshot& stats, const ReportContext& context,
         .str(", \"freed_bytes\": ").u64(row.freed_bytes)
         .str(", \"live_bytes\": ").u64(live_bytes(row))
         .str(", \"peak_live_bytes\": ").u64(row.peak_live_bytes)
-        .str(", \"threads\": ").u64(row.threads).ch('}');
+        .str(", \"threads\": ").u64(row.threads);
+    if (stats.pools_active && !is_large(stats, c)) {
+      const PoolClassTotals& pool = stats.pools[c];
+      out.str(", \"pool\": {\"pooled\": ").str(pool.pooled ? "true" : "false")
+          .str(", \"hits\": ").u64(pool.hits).str(", \"refills\": ").u64(pool.refills)
+          .str(", \"drains\": ").u64(pool.drains).str(", \"misses\": ").u64(pool.misses)
+          .str(", \"free_bytes\": ").u64(pool.depot_free_bytes + pool.cached_blocks * stats.class_size[c])
+          .str(", \"committed_bytes\": ").u64(pool.committed_bytes)
+          .str(", \"peak_committed_bytes\": ").u64(pool.peak_committed_bytes).ch('}');
+    }
+    out.ch('}');
   }
   out.str(first ? "]\n}\n" : "\n  ]\n}\n");
 }

@@ -22,13 +22,16 @@ namespace {
 
 // Start-up, out of line: the first call of the process lands here, and so
 // do dlsym's own allocations while the real allocator is being resolved.
-HOTPOOL_NOINLINE void* allocate_booting(size_t size, size_t alignment, bool zero) {
+// Once booted, `again` repeats the call through the normal path; while
+// still booting, the static buffer serves (any alignment up to a page).
+template <typename Again>
+HOTPOOL_NOINLINE void* allocate_booting(Again again, size_t size, size_t alignment, bool zero) {
   boot();
-  if (g_phase.load(std::memory_order_acquire) != Phase::Booting) {
-    if (alignment > 16) return memalign(alignment, size);
-    return zero ? calloc(1, size) : malloc(size);
-  }
-  return allocate_while_booting(size, alignment, zero);
+  if (g_phase.load(std::memory_order_acquire) != Phase::Booting) return again();
+  if (alignment > 4096) return errno = EINVAL, nullptr;
+  size_t rounded = 16;
+  while (rounded < alignment) rounded *= 2;
+  return allocate_while_booting(size, rounded, zero);
 }
 
 bool is_power_of_two(size_t value) { return value && !(value & (value - 1)); }
@@ -49,12 +52,19 @@ void* realloc_from_bootstrap(void* block, size_t size) {
 // stack frame, and in mode off it is a load, two compares and a jump to the
 // real allocator.
 HOTPOOL_NOINLINE void* recorded_malloc(size_t size) {
+  if (HOTPOOL_LIKELY(size <= g_pool_limit)) {
+    const unsigned size_class = request_class(size);
+    if (g_recycler.pooled(size_class)) {
+      if (void* block = pooled_allocate(size_class, size)) return block;
+    }
+  }
   void* block = g_real.malloc(size);
   if (HOTPOOL_LIKELY(block != nullptr) && !tls.in_hotpool) record_alloc(block, size);
   return block;
 }
 
 HOTPOOL_NOINLINE void recorded_free(void* block) {
+  if (g_recycler.contains(block)) return pooled_free(block);
   if (HOTPOOL_LIKELY(block != nullptr) && !tls.in_hotpool) {
     if (HOTPOOL_UNLIKELY(misaligned(block))) warn_invalid_pointer("free", block);
     else record_free(g_real.usable_size(block));
@@ -63,9 +73,43 @@ HOTPOOL_NOINLINE void recorded_free(void* block) {
 }
 
 HOTPOOL_NOINLINE void* recorded_calloc(size_t count, size_t size) {
+  size_t bytes;
+  if (!__builtin_mul_overflow(count, size, &bytes) && bytes <= g_pool_limit) {
+    const unsigned size_class = request_class(bytes);
+    if (g_recycler.pooled(size_class)) {
+      if (void* block = pooled_allocate(size_class, bytes)) return std::memset(block, 0, bytes);
+    }
+  }
   void* block = g_real.calloc(count, size);
   if (HOTPOOL_LIKELY(block != nullptr) && !tls.in_hotpool) record_alloc(block, count * size);
   return block;
+}
+
+// realloc of a pooled block: in place when the new size needs the same
+// class, else a move (to a pooled or a real block) and a free.
+void* realloc_pooled(void* block, size_t size) {
+  const unsigned size_class = g_recycler.class_of_block(block);
+  if (g_recycler.config().checks) {
+    if (const char* problem = g_recycler.region().depot(size_class).check_block(block))
+      hotpool::recycler::fatal_pointer_error(problem, block);
+  }
+  if (size == 0) {
+    free(block);  // as glibc: realloc(p, 0) frees p and returns NULL
+    return nullptr;
+  }
+  const size_t old_size = g_recycler.class_size(size_class);
+  if (size <= g_pool_limit && request_class(size) == size_class) {
+    if (ThreadState* state = tls.state) {
+      state->stats.record_free(g_global, size_class, old_size);
+      state->stats.record_alloc(g_global, size_class, size, old_size);
+    }
+    return block;
+  }
+  void* moved = malloc(size);
+  if (!moved) return nullptr;  // errno is ENOMEM; the old block stays valid
+  std::memcpy(moved, block, old_size < size ? old_size : size);
+  free(block);
+  return moved;
 }
 
 }  // namespace
@@ -77,7 +121,7 @@ HOTPOOL_EXPORT void* malloc(size_t size) {
   const Phase phase = g_phase.load(std::memory_order_relaxed);
   if (HOTPOOL_LIKELY(phase == Phase::Recording)) return recorded_malloc(size);
   if (phase == Phase::Off) return g_real.malloc(size);
-  return allocate_booting(size, 16, false);
+  return allocate_booting([=] { return malloc(size); }, size, 0, false);
 }
 
 HOTPOOL_EXPORT void free(void* block) {
@@ -95,29 +139,31 @@ HOTPOOL_EXPORT void* calloc(size_t count, size_t size) {
   if (phase == Phase::Off) return g_real.calloc(count, size);
   size_t bytes;
   if (__builtin_mul_overflow(count, size, &bytes)) return errno = ENOMEM, nullptr;
-  return allocate_booting(bytes, 16, true);
+  return allocate_booting([=] { return calloc(count, size); }, bytes, 0, true);
 }
 
 HOTPOOL_EXPORT void* realloc(void* block, size_t size) {
   if (HOTPOOL_UNLIKELY(bootstrap::owns(block))) return realloc_from_bootstrap(block, size);
+  if (g_recycler.contains(block)) return realloc_pooled(block, size);
   const Phase phase = g_phase.load(std::memory_order_relaxed);
   if (HOTPOOL_UNLIKELY(phase == Phase::Booting)) {
     boot();
-    if (!block) return allocate_booting(size, 16, false);
+    if (!block) return allocate_booting([=] { return malloc(size); }, size, 0, false);
     if (!g_real.realloc) return errno = ENOMEM, nullptr;
   }
   if (!recording(phase)) return g_real.realloc(block, size);
-  if (HOTPOOL_UNLIKELY(block && misaligned(block))) {
+  if (!block) return malloc(size);  // may be pooled
+  if (HOTPOOL_UNLIKELY(misaligned(block))) {
     warn_invalid_pointer("realloc", block);
     return g_real.realloc(block, size);
   }
   // realloc is a free of the old block and an allocation of the new one.
-  const size_t old_usable = block ? g_real.usable_size(block) : 0;
+  const size_t old_usable = g_real.usable_size(block);
   void* moved = g_real.realloc(block, size);
   if (moved) {
-    if (block) record_free(old_usable);
+    record_free(old_usable);
     record_alloc(moved, size);
-  } else if (block && size == 0) {
+  } else if (size == 0) {
     record_free(old_usable);  // glibc's realloc(p, 0) frees p and returns NULL
   }
   return moved;
@@ -133,7 +179,7 @@ HOTPOOL_EXPORT int posix_memalign(void** result, size_t alignment, size_t size) 
   const Phase phase = g_phase.load(std::memory_order_relaxed);
   if (HOTPOOL_UNLIKELY(phase == Phase::Booting)) {
     if (!is_power_of_two(alignment) || alignment % sizeof(void*)) return EINVAL;
-    void* block = allocate_booting(size, alignment, false);
+    void* block = allocate_booting([=] { return memalign(alignment, size); }, size, alignment, false);
     if (!block) return ENOMEM;
     *result = block;
     return 0;
@@ -145,10 +191,8 @@ HOTPOOL_EXPORT int posix_memalign(void** result, size_t alignment, size_t size) 
 
 HOTPOOL_EXPORT void* aligned_alloc(size_t alignment, size_t size) {
   const Phase phase = g_phase.load(std::memory_order_relaxed);
-  if (HOTPOOL_UNLIKELY(phase == Phase::Booting)) {
-    if (!is_power_of_two(alignment)) return errno = EINVAL, nullptr;
-    return allocate_booting(size, alignment, false);
-  }
+  if (HOTPOOL_UNLIKELY(phase == Phase::Booting))
+    return allocate_booting([=] { return aligned_alloc(alignment, size); }, size, alignment, false);
   void* block = g_real.aligned_alloc(alignment, size);
   if (HOTPOOL_LIKELY(block != nullptr) && recording(phase)) record_alloc(block, size);
   return block;
@@ -156,10 +200,8 @@ HOTPOOL_EXPORT void* aligned_alloc(size_t alignment, size_t size) {
 
 HOTPOOL_EXPORT void* memalign(size_t alignment, size_t size) {
   const Phase phase = g_phase.load(std::memory_order_relaxed);
-  if (HOTPOOL_UNLIKELY(phase == Phase::Booting)) {
-    if (!is_power_of_two(alignment)) return errno = EINVAL, nullptr;
-    return allocate_booting(size, alignment, false);
-  }
+  if (HOTPOOL_UNLIKELY(phase == Phase::Booting))
+    return allocate_booting([=] { return memalign(alignment, size); }, size, alignment, false);
   void* block = g_real.memalign(alignment, size);
   if (HOTPOOL_LIKELY(block != nullptr) && recording(phase)) record_alloc(block, size);
   return block;
@@ -168,7 +210,7 @@ HOTPOOL_EXPORT void* memalign(size_t alignment, size_t size) {
 HOTPOOL_EXPORT void* valloc(size_t size) {
   const Phase phase = g_phase.load(std::memory_order_relaxed);
   if (HOTPOOL_UNLIKELY(phase == Phase::Booting))
-    return allocate_booting(size, static_cast<size_t>(sysconf(_SC_PAGESIZE)), false);
+    return allocate_booting([=] { return valloc(size); }, size, static_cast<size_t>(sysconf(_SC_PAGESIZE)), false);
   void* block = g_real.valloc(size);
   if (HOTPOOL_LIKELY(block != nullptr) && recording(phase)) record_alloc(block, size);
   return block;
@@ -182,7 +224,7 @@ HOTPOOL_EXPORT void* pvalloc(size_t size) {
     size_t rounded;
     if (__builtin_add_overflow(size ? size : 1, page - 1, &rounded)) return errno = ENOMEM, nullptr;
     rounded &= ~(page - 1);
-    if (phase == Phase::Booting) return allocate_booting(rounded, page, false);
+    if (phase == Phase::Booting) return allocate_booting([=] { return pvalloc(size); }, rounded, page, false);
     return memalign(page, rounded);
   }
   void* block = g_real.pvalloc(size);
@@ -192,6 +234,7 @@ HOTPOOL_EXPORT void* pvalloc(size_t size) {
 
 HOTPOOL_EXPORT size_t malloc_usable_size(void* block) {
   if (HOTPOOL_UNLIKELY(bootstrap::owns(block))) return bootstrap::usable_size(block);
+  if (g_recycler.contains(block)) return g_recycler.class_size(g_recycler.class_of_block(block));
   if (HOTPOOL_UNLIKELY(g_phase.load(std::memory_order_relaxed) == Phase::Booting)) {
     boot();
     if (!g_real.malloc_usable_size) return 0;
@@ -201,7 +244,26 @@ HOTPOOL_EXPORT size_t malloc_usable_size(void* block) {
 
 HOTPOOL_EXPORT int malloc_trim(size_t pad) {
   if (HOTPOOL_UNLIKELY(g_phase.load(std::memory_order_relaxed) == Phase::Booting)) boot();
-  return g_real.malloc_trim ? g_real.malloc_trim(pad) : 0;
+  const bool pools_released = g_recycler.trim() != 0;
+  const int real_released = g_real.malloc_trim ? g_real.malloc_trim(pad) : 0;
+  return pools_released || real_released;
+}
+
+// glibc's own names for its allocator, which some programs call directly
+// (pairing __libc_malloc with free, or malloc with __libc_free). They are
+// the same functions as ours: a pooled block then never reaches glibc.
+#define HOTPOOL_ALIAS(name) __attribute__((alias(#name), visibility("default")))
+// glibc's declarations of malloc & co. carry attributes (malloc, nothrow...)
+// that the aliases need not repeat.
+#pragma GCC diagnostic ignored "-Wmissing-attributes"
+extern "C" {
+void* __libc_malloc(size_t size) HOTPOOL_ALIAS(malloc);
+void __libc_free(void* block) HOTPOOL_ALIAS(free);
+void* __libc_calloc(size_t count, size_t size) HOTPOOL_ALIAS(calloc);
+void* __libc_realloc(void* block, size_t size) HOTPOOL_ALIAS(realloc);
+void* __libc_memalign(size_t alignment, size_t size) HOTPOOL_ALIAS(memalign);
+void* __libc_valloc(size_t size) HOTPOOL_ALIAS(valloc);
+void* __libc_pvalloc(size_t size) HOTPOOL_ALIAS(pvalloc);
 }
 
 HOTPOOL_EXPORT void hotpool_report(void) { write_report("on-demand"); }

@@ -16,7 +16,9 @@ const OptionInfo kOptionInfo[] = {
 #define BoolTypeName "bool"
 #define SizeTypeName "size"
 #define SizeListTypeName "size list"
+#define DurationTypeName "duration"
 #include "options.inc"
+#undef DurationTypeName
 #undef ModeTypeName
 #undef PathTypeName
 #undef BoolTypeName
@@ -155,6 +157,30 @@ bool parse_size_list(const char* text, SizeList* out) {
   return true;
 }
 
+bool parse_duration(const char* text, uint64_t* out_ns) {
+  size_t len;
+  text = trim(text, &len);
+  size_t i = 0;
+  unsigned long long value = 0;
+  for (; i < len && text[i] >= '0' && text[i] <= '9'; ++i) {
+    const unsigned digit = static_cast<unsigned>(text[i] - '0');
+    if (value > (~0ULL - digit) / 10) return false;
+    value = value * 10 + digit;
+  }
+  if (i == 0) return false;
+  const char* suffix = text + i;
+  const size_t suffix_len = len - i;
+  unsigned long long unit;
+  if (suffix_len == 0 || equals_ignoring_case(suffix, suffix_len, "ms")) unit = 1000000ULL;
+  else if (equals_ignoring_case(suffix, suffix_len, "ns")) unit = 1ULL;
+  else if (equals_ignoring_case(suffix, suffix_len, "us") || equals_ignoring_case(suffix, suffix_len, "\xc2\xb5s")) unit = 1000ULL;
+  else if (equals_ignoring_case(suffix, suffix_len, "s")) unit = 1000000000ULL;
+  else return false;
+  if (value > ~0ULL / unit) return false;
+  *out_ns = value * unit;
+  return true;
+}
+
 bool parse_mode(const char* text, Mode* out) {
   size_t len;
   text = trim(text, &len);
@@ -173,6 +199,7 @@ unsigned parse_options(const char* const* envp, Options* out, WarningSink sink, 
   auto parse_bool_value = [](const char* text, bool* field) { return parse_bool(text, field); };
   auto parse_size_value = [](const char* text, size_t* field) { return parse_size(text, field); };
   auto parse_list_value = [](const char* text, SizeList* field) { return parse_size_list(text, field); };
+  auto parse_duration_value = [](const char* text, uint64_t* field) { return parse_duration(text, field); };
 
   // Defaults, through the same parsers (a test checks every default parses).
   *out = Options{};
@@ -183,6 +210,7 @@ unsigned parse_options(const char* const* envp, Options* out, WarningSink sink, 
 #define parse_Bool_default parse_bool_value
 #define parse_Size_default parse_size_value
 #define parse_SizeList_default parse_list_value
+#define parse_Duration_default parse_duration_value
 #include "options.inc"
 #undef HOTPOOL_OPTION
 
@@ -191,6 +219,7 @@ unsigned parse_options(const char* const* envp, Options* out, WarningSink sink, 
   const char* expected_Bool = "a boolean (1/0, true/false, yes/no, on/off)";
   const char* expected_Size = "a size (a number with an optional K, M or G suffix)";
   const char* expected_SizeList = "a comma-separated list of non-zero sizes (at most 126)";
+  const char* expected_Duration = "a duration (a number with an optional ns, us, ms or s suffix; bare = ms)";
 
   for (const char* const* entry = envp; entry && *entry; ++entry) {
     const char* var = *entry;
@@ -221,6 +250,7 @@ unsigned parse_options(const char* const* envp, Options* out, WarningSink sink, 
 #undef parse_Bool_default
 #undef parse_Size_default
 #undef parse_SizeList_default
+#undef parse_Duration_default
   return warner.count;
 }
 
@@ -252,6 +282,21 @@ void format_option_value(const Options& options, unsigned index, char* buf, size
   auto format_Path = [&](const char* path) { put(path); };
   auto format_Bool = [&](bool value) { put(value ? "on" : "off"); };
   auto format_Size = [&](size_t value) { put_size(value); };
+  auto format_Duration = [&](uint64_t ns) {
+    const char* suffix = "ns";
+    if (ns && ns % 1000000000u == 0) ns /= 1000000000u, suffix = "s";
+    else if (ns && ns % 1000000u == 0) ns /= 1000000u, suffix = "ms";
+    else if (ns && ns % 1000u == 0) ns /= 1000u, suffix = "us";
+    char digits[24];
+    int n = 0;
+    do digits[n++] = static_cast<char>('0' + ns % 10); while (ns /= 10);
+    char text[32];
+    int t = 0;
+    while (n) text[t++] = digits[--n];
+    text[t] = '\0';
+    put(text);
+    put(suffix);
+  };
   auto format_SizeList = [&](const SizeList& list) {
     for (unsigned k = 0; k < list.count; ++k) {
       if (k) put(",");

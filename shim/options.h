@@ -28,6 +28,7 @@ struct Options {
   using BoolValue = bool;
   using SizeValue = size_t;
   using SizeListValue = SizeList;
+  using DurationValue = uint64_t;  // nanoseconds
 #include "options.inc"
 #undef HOTPOOL_OPTION
 };
@@ -46,12 +47,13 @@ bool parse_bool(const char* text, bool* out);
 bool parse_size(const char* text, size_t* out);         // 64, 4K, 1M, 2G, 1KiB…
 bool parse_size_list(const char* text, SizeList* out);  // comma-separated sizes
 bool parse_mode(const char* text, Mode* out);
+bool parse_duration(const char* text, uint64_t* out_ns);  // 250ns, 10us, 5ms, 2s; bare = ms
 
 // Introspection of the table, for help text, verbose output, the JSON
 // report and the README.
 struct OptionInfo {
   const char* name;         // "HOTPOOL_MODE"
-  const char* type;         // "mode", "bool", "size", "size list", "path"
+  const char* type;         // "mode", "bool", "size", "size list", "path", "duration"
   const char* default_text;
   const char* description;
 };

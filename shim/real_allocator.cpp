@@ -50,17 +50,21 @@ bool RealAllocator::resolve() {
   find(pvalloc, "pvalloc", false);             // not every allocator has it
   find(malloc_usable_size, "malloc_usable_size", true);
   find(malloc_trim, "malloc_trim", false);     // glibc only
-  glibc_chunk_headers = complete && is_glibc_with_chunk_headers();
+  glibc_chunk_headers = false;  // probe_chunk_headers() decides, when recording
   return complete;
 }
 
-bool RealAllocator::is_glibc_with_chunk_headers() {
+bool RealAllocator::probe_chunk_headers() {
   // Only glibc's own malloc, not jemalloc or tcmalloc stacked after us.
-  if (reinterpret_cast<void*>(malloc) != dlsym(RTLD_DEFAULT, "__libc_malloc")) return false;
+  if (reinterpret_cast<void*>(malloc) != dlsym(RTLD_NEXT, "__libc_malloc")) return false;
   // And only if the header agrees with malloc_usable_size for every kind of
-  // chunk: tiny, small, large and mmapped (above the mmap threshold).
+  // chunk: tiny, small, large (below the 128 KiB default mmap threshold) and
+  // mmapped. The mmapped probe is above 32 MiB on purpose: glibc raises its
+  // mmap threshold when it frees an mmapped chunk of up to 32 MiB, which
+  // would change the program's memory behaviour; above that it does not.
+  // The 64 MiB are reserved, never touched but for the header page.
   for (size_t size : {size_t{0}, size_t{1}, size_t{24}, size_t{25}, size_t{1000}, size_t{70000},
-                      size_t{300000}, size_t{5} << 20}) {
+                      size_t{64} << 20}) {
     void* block = malloc(size);
     if (!block) return false;
     glibc_chunk_headers = true;

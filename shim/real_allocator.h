@@ -34,7 +34,8 @@ struct RealAllocator {
   // when the next object in the lookup order lacks a required function.
   bool resolve();
 
-  bool is_glibc_with_chunk_headers();
+  // Sets glibc_chunk_headers. Allocates and frees a few probe blocks.
+  bool probe_chunk_headers();
 
   // FAST PATH: the usable size of a live block. glibc keeps it in the word
   // before the block (size | flags; mmapped chunks carry a 16-byte header,

@@ -22,6 +22,8 @@ constinit RealAllocator g_real{};
 constinit recycler::SizeClassTable g_classes{};
 constinit reporter::GlobalClassStats g_global{};
 constinit ThreadRegistry g_registry{};
+constinit recycler::Recycler g_recycler{};
+constinit size_t g_pool_limit = 0;
 
 namespace {
 
@@ -34,6 +36,12 @@ constinit int g_forked_from = 0;
 constinit int g_pid_before_fork = 0;
 constinit SpinLock g_report_lock{};
 constinit reporter::StatsSnapshot g_snapshot{};  // only under g_report_lock
+constinit recycler::AutoPolicy g_policy{};
+constinit const char* g_pool_note = nullptr;     // why nothing pools, for the report
+
+constexpr uint64_t kFirstPolicyWindow = 4096;    // allocations; doubles up to:
+constexpr uint64_t kLongestPolicyWindow = 65536;
+constexpr uint64_t kNever = ~uint64_t{0};
 
 uint64_t monotonic_ns() {
   timespec now;
@@ -57,24 +65,57 @@ void on_thread_exit(void* arg) {
   }
   tls.state = nullptr;
   tls.status = ThreadStatus::TornDown;
+  if (g_recycler.ready()) g_recycler.flush(state->cache);
   g_registry.retire(state, g_global, guard);
+}
+
+void flush_dead_thread_cache(ThreadState& state) {
+  if (g_recycler.ready()) g_recycler.flush(state.cache);
 }
 
 void before_fork() {
   g_pid_before_fork = static_cast<int>(getpid());
   g_report_lock.lock();
   g_registry.lock_for_fork();
+  g_recycler.lock_all();
 }
 
 void after_fork_parent() {
+  g_recycler.unlock_all();
   g_registry.unlock_after_fork_parent();
   g_report_lock.unlock();
 }
 
 void after_fork_child() {
   g_forked_from = g_pid_before_fork;
-  g_registry.reset_after_fork_child(tls.state, g_global);
+  g_recycler.reset_locks_after_fork();
+  // The other threads do not exist here: their cached blocks go back to
+  // the depots, their counts to the retired sums.
+  g_registry.reset_after_fork_child(tls.state, g_global, flush_dead_thread_cache);
   g_report_lock.reset_after_fork();
+}
+
+// Modes fixed and auto: reserve the region and decide what pools first.
+void start_recycler() {
+  const recycler::RecyclerConfig config{g_options.region, g_options.cache_bytes, g_options.decay,
+                                        g_options.keep_empty, g_options.checks};
+  // AT_RANDOM: 16 random bytes the kernel gives every process, no syscall.
+  uint64_t key = 0x9e3779b97f4a7c15ull;
+  if (const auto* random = reinterpret_cast<const uint64_t*>(getauxval(AT_RANDOM))) key ^= random[0] ^ random[1];
+  key ^= reinterpret_cast<uintptr_t>(&key);
+  if (!g_recycler.init(g_classes, config, key)) {
+    g_pool_note = "the pool region could not be reserved (see HOTPOOL_REGION): nothing was pooled";
+    write_stderr_line("hotpool: the pool region could not be reserved (HOTPOOL_REGION); nothing will be pooled");
+    return;
+  }
+  if (g_options.mode == Mode::Fixed) {
+    if (g_options.classes.count == 0) {
+      g_pool_note = "mode fixed without HOTPOOL_CLASSES: nothing was pooled";
+      write_stderr_line("hotpool: mode fixed needs HOTPOOL_CLASSES (e.g. 48,64,1K); nothing will be pooled");
+    }
+    for (unsigned c = 0; g_options.classes.count && c + 1 < g_classes.count(); ++c) g_recycler.set_pooled(c, true);
+  }
+  g_pool_limit = g_classes.max_class_size();
 }
 
 void print_help() {
@@ -158,15 +199,19 @@ void boot() {
     // say so. Without malloc/free there is no program to run anyway.
     write_stderr_line("hotpool: the next allocator lacks part of the malloc API; hotpool is disabled");
   }
-  g_real = real;
+  g_real = real;  // before parsing options: they may not allocate, but be safe
 
   g_secure = getauxval(AT_SECURE) != 0;
   parse_options(environ, &g_options, write_stderr_line, nullptr);
+  // Mode off never reads a block's size: it must not touch the heap at all.
+  if (complete && g_options.mode != Mode::Off) real.glibc_chunk_headers = real.probe_chunk_headers();
+  g_real = real;
   build_class_table();
   uint64_t sizes[reporter::kMaxClasses];
   for (unsigned c = 0; c < g_classes.count(); ++c) sizes[c] = g_classes.class_size(c);
   g_registry.init(g_classes.count(), sizes, guard);
   g_start_ns = monotonic_ns();
+  if (g_options.mode == Mode::Fixed || g_options.mode == Mode::Auto) start_recycler();
   if (g_options.help) print_help();
   if (g_options.verbose) print_options();
 
@@ -191,14 +236,49 @@ void* allocate_while_booting(size_t size, size_t alignment, bool zero) {
   return block;
 }
 
+// The thread's first recorded call: a ThreadState of its own.
+static ThreadState* attach_thread(const ReentryGuard& guard) {
+  ThreadState* state = g_registry.acquire(guard);
+  if (!state) return nullptr;
+  const bool auto_mode = g_options.mode == Mode::Auto && g_pool_limit != 0;
+  state->policy_window = kFirstPolicyWindow;
+  state->policy_countdown = auto_mode ? kFirstPolicyWindow : kNever;
+  tls.state = state;
+  tls.status = ThreadStatus::Attached;
+  pthread_setspecific(g_thread_key, state);
+  return state;
+}
+
+void evaluate_policy(ThreadState& state) {
+  uint64_t allocs[reporter::kMaxClasses], frees[reporter::kMaxClasses];
+  const unsigned classes = g_classes.count() - 1;  // the large class never pools
+  for (unsigned c = 0; c < classes; ++c) {
+    const reporter::ClassCounters& row = state.stats.classes[c];
+    const uint64_t now_allocs = row.allocs.load(std::memory_order_relaxed);
+    const uint64_t now_frees = row.frees.load(std::memory_order_relaxed);
+    allocs[c] = now_allocs - state.policy_allocs[c];
+    frees[c] = now_frees - state.policy_frees[c];
+    state.policy_allocs[c] = now_allocs;
+    state.policy_frees[c] = now_frees;
+  }
+  g_policy.evaluate(allocs, frees, classes, g_recycler);
+  if (state.policy_window < kLongestPolicyWindow) state.policy_window *= 2;
+  state.policy_countdown = state.policy_window;
+}
+
+void pooled_free_uncached(void* block) {
+  const unsigned size_class = g_recycler.class_of_block(block);
+  g_recycler.deallocate_uncached(block);
+  if (!g_registry.has_fallback()) return;
+  SpinLockGuard lock(g_registry.fallback_lock());
+  g_registry.fallback().record_free(g_global, size_class, g_recycler.class_size(size_class));
+}
+
 void record_alloc_slow(unsigned size_class, size_t requested, size_t usable) {
   ThreadLocal& local = tls;
   if (local.status == ThreadStatus::NotAttached) {
     ReentryGuard guard;
-    if (ThreadState* state = g_registry.acquire(guard)) {
-      local.state = state;
-      local.status = ThreadStatus::Attached;
-      pthread_setspecific(g_thread_key, state);
+    if (ThreadState* state = attach_thread(guard)) {
       return state->stats.record_alloc(g_global, size_class, requested, usable);
     }
     local.status = ThreadStatus::TornDown;  // no memory for a state: share the fallback
@@ -214,10 +294,7 @@ void record_free_slow(unsigned size_class, size_t usable) {
   ThreadLocal& local = tls;
   if (local.status == ThreadStatus::NotAttached) {
     ReentryGuard guard;
-    if (ThreadState* state = g_registry.acquire(guard)) {
-      local.state = state;
-      local.status = ThreadStatus::Attached;
-      pthread_setspecific(g_thread_key, state);
+    if (ThreadState* state = attach_thread(guard)) {
       return state->stats.record_free(g_global, size_class, usable);
     }
     local.status = ThreadStatus::TornDown;
@@ -248,9 +325,16 @@ void write_report(const char* reason) {
   SpinLockGuard lock(g_report_lock);
   g_registry.snapshot(&g_snapshot, g_global, guard);
 
-  const char* note = nullptr;
-  if (g_options.mode == Mode::Fixed || g_options.mode == Mode::Auto)
-    note = "this build has no recycler yet: mode fixed/auto profiled only, nothing was pooled";
+  const char* note = g_pool_note;
+  g_snapshot.pools_active = g_recycler.ready();
+  for (unsigned c = 0; g_recycler.ready() && c < g_recycler.region().class_count(); ++c) {
+    reporter::PoolClassTotals& pool = g_snapshot.pools[c];
+    const recycler::PoolCounters& counters = g_recycler.region().depot(c).counters();
+    pool.pooled = g_recycler.pooled(c);
+    pool.depot_free_bytes = counters.depot_free_bytes.load(std::memory_order_relaxed);
+    pool.committed_bytes = counters.committed_bytes.load(std::memory_order_relaxed);
+    pool.peak_committed_bytes = counters.peak_committed_bytes.load(std::memory_order_relaxed);
+  }
 
   int fd = STDERR_FILENO;
   bool json = false;

@@ -50,10 +50,31 @@ ThreadState* ThreadRegistry::acquire(const ReentryGuard&) {
   return state;
 }
 
+void add_cache_counters(const recycler::ThreadCache& cache, unsigned classes, reporter::PoolClassTotals* totals) {
+  for (unsigned c = 0; c < classes; ++c) {
+    const recycler::Bin& bin = cache.bins[c];
+    totals[c].hits += bin.served.load(std::memory_order_relaxed);
+    totals[c].refills += bin.refills.load(std::memory_order_relaxed);
+    totals[c].drains += bin.drains.load(std::memory_order_relaxed);
+    totals[c].misses += bin.misses.load(std::memory_order_relaxed);
+    totals[c].cached_blocks += bin.count;
+  }
+}
+
 void ThreadRegistry::retire_locked(ThreadState* state, reporter::GlobalClassStats& global) {
   state->stats.publish_all(global);
   retired_.add(state->stats);
   state->stats.reset();
+  add_cache_counters(state->cache, retired_.class_count, retired_pools_);
+  for (unsigned c = 0; c < reporter::kMaxClasses; ++c) {
+    retired_pools_[c].cached_blocks = 0;  // flushed to the depots before retiring
+    recycler::Bin& bin = state->cache.bins[c];
+    bin.count = 0;
+    bin.capacity = 0;
+    for (auto* counter : {&bin.served, &bin.refills, &bin.drains, &bin.misses}) counter->store(0, std::memory_order_relaxed);
+    state->policy_allocs[c] = state->policy_frees[c] = 0;
+  }
+  state->policy_countdown = state->policy_window = 0;
   if (state->prev) state->prev->next = state->next; else active_ = state->next;
   if (state->next) state->next->prev = state->prev;
   state->next = free_;
@@ -70,8 +91,17 @@ void ThreadRegistry::snapshot(reporter::StatsSnapshot* out, reporter::GlobalClas
                               const ReentryGuard&) {
   SpinLockGuard lock(lock_);
   out->clear(retired_.class_count, retired_.class_size);
-  for (ThreadState* state = active_; state; state = state->next) out->add(state->stats);
+  for (ThreadState* state = active_; state; state = state->next) {
+    out->add(state->stats);
+    add_cache_counters(state->cache, out->class_count, out->pools);
+  }
   out->add(retired_);
+  for (unsigned c = 0; c < out->class_count; ++c) {
+    out->pools[c].hits += retired_pools_[c].hits;
+    out->pools[c].refills += retired_pools_[c].refills;
+    out->pools[c].drains += retired_pools_[c].drains;
+    out->pools[c].misses += retired_pools_[c].misses;
+  }
   if (fallback_) {
     // Late allocations of exited threads: their counts, but no extra thread.
     SpinLockGuard fallback_guard(fallback_lock_);
@@ -80,11 +110,15 @@ void ThreadRegistry::snapshot(reporter::StatsSnapshot* out, reporter::GlobalClas
   out->finish(global);
 }
 
-void ThreadRegistry::reset_after_fork_child(ThreadState* survivor, reporter::GlobalClassStats& global) {
+void ThreadRegistry::reset_after_fork_child(ThreadState* survivor, reporter::GlobalClassStats& global,
+                                            void (*on_dead_thread)(ThreadState&)) {
   // Called with both locks held (taken before fork).
   for (ThreadState* state = active_; state;) {
     ThreadState* next = state->next;
-    if (state != survivor) retire_locked(state, global);
+    if (state != survivor) {
+      on_dead_thread(*state);
+      retire_locked(state, global);
+    }
     state = next;
   }
   fallback_lock_.reset_after_fork();

@@ -8,48 +8,30 @@
 #pragma once
 
 #include <pthread.h>
-#include <sched.h>
 
 #include <atomic>
 #include <cstdint>
 
+#include "recycler/recycler.h"
+#include "recycler/spin_lock.h"
 #include "reporter/class_stats.h"
 
 namespace hotpool::shim {
 
-class SpinLock {
- public:
-  void lock() {
-    while (locked_.exchange(true, std::memory_order_acquire)) {
-      for (unsigned spins = 0; locked_.load(std::memory_order_relaxed); ++spins) {
-        if (spins < 64) __builtin_ia32_pause(); else sched_yield();
-      }
-    }
-  }
-  void unlock() { locked_.store(false, std::memory_order_release); }
-  // In a fork child only one thread exists: whoever held the lock is gone.
-  void reset_after_fork() { locked_.store(false, std::memory_order_relaxed); }
-
- private:
-  std::atomic<bool> locked_{false};
-};
-
-class SpinLockGuard {
- public:
-  explicit SpinLockGuard(SpinLock& lock) : lock_(lock) { lock_.lock(); }
-  ~SpinLockGuard() { lock_.unlock(); }
-  SpinLockGuard(const SpinLockGuard&) = delete;
-  SpinLockGuard& operator=(const SpinLockGuard&) = delete;
-
- private:
-  SpinLock& lock_;
-};
+using recycler::SpinLock;
+using recycler::SpinLockGuard;
 
 struct ThreadState {
   reporter::ThreadClassStats stats;
+  recycler::ThreadCache cache;
   ThreadState* prev;  // active list, or free list (next only)
   ThreadState* next;
   unsigned destructor_rounds;
+  // The auto policy's window over this thread's counts (mode auto only).
+  uint64_t policy_countdown;  // allocations until the next evaluation
+  uint64_t policy_window;     // the current window length
+  uint64_t policy_allocs[reporter::kMaxClasses];  // counts at the last evaluation
+  uint64_t policy_frees[reporter::kMaxClasses];
 };
 
 enum class ThreadStatus : uint8_t { NotAttached = 0, Attached, TornDown };
@@ -94,14 +76,22 @@ class ThreadRegistry {
   bool has_fallback() const { return fallback_ != nullptr; }
   reporter::ThreadClassStats& fallback() { return fallback_->stats; }
 
-  // Sums everything into *out.
+  // Sums everything into *out (pool counters of the thread caches too).
   void snapshot(reporter::StatsSnapshot* out, reporter::GlobalClassStats& global, const ReentryGuard&);
+
+  // Calls fn(state) for every active state, under the registry lock.
+  template <typename Fn>
+  void for_each_active(Fn fn) {
+    SpinLockGuard lock(lock_);
+    for (ThreadState* state = active_; state; state = state->next) fn(*state);
+  }
 
   // fork: hold the locks across fork(); in the child, every state but the
   // forking thread's belongs to a thread that does not exist there.
   void lock_for_fork() { lock_.lock(); fallback_lock_.lock(); }
   void unlock_after_fork_parent() { fallback_lock_.unlock(); lock_.unlock(); }
-  void reset_after_fork_child(ThreadState* survivor, reporter::GlobalClassStats& global);
+  void reset_after_fork_child(ThreadState* survivor, reporter::GlobalClassStats& global,
+                              void (*on_dead_thread)(ThreadState&));
 
  private:
   ThreadState* carve_locked();
@@ -116,6 +106,10 @@ class ThreadRegistry {
   char* carve_end_ = nullptr;
   uint64_t active_count_ = 0;
   reporter::StatsSnapshot retired_{};
+  reporter::PoolClassTotals retired_pools_[reporter::kMaxClasses]{};
 };
+
+// Adds the counters of one thread cache's bins to pool totals.
+void add_cache_counters(const recycler::ThreadCache& cache, unsigned classes, reporter::PoolClassTotals* totals);
 
 }  // namespace hotpool::shim

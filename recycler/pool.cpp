@@ -1,0 +1,255 @@
+#include "pool.h"
+
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <cstdlib>
+
+namespace hotpool::recycler {
+
+namespace {
+constexpr uint8_t kNone = 0, kPartial = 1, kEmpty = 2;
+constexpr size_t kMinSlabBytes = 64 * 1024;
+constexpr unsigned kBlocksPerSlabAtLeast = 8;
+
+void* map_noreserve(size_t bytes) {
+  void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  return p == MAP_FAILED ? nullptr : p;
+}
+
+unsigned log2_ceil(size_t value) {
+  unsigned shift = 0;
+  while ((size_t{1} << shift) < value) ++shift;
+  return shift;
+}
+
+void raise_atomic(std::atomic<uint64_t>& peak, uint64_t value) {
+  uint64_t seen = peak.load(std::memory_order_relaxed);
+  while (value > seen && !peak.compare_exchange_weak(seen, value, std::memory_order_relaxed)) {
+  }
+}
+}  // namespace
+
+void fatal_pointer_error(const char* what, const void* block) {
+  char line[256];
+  size_t used = 0;
+  auto put = [&](const char* text) {
+    while (*text && used + 1 < sizeof(line)) line[used++] = *text++;
+  };
+  put("hotpool: ");
+  put(what);
+  put(" (pointer 0x");
+  uintptr_t value = reinterpret_cast<uintptr_t>(block);
+  for (int shift = 60; shift >= 0; shift -= 4) line[used++] = "0123456789abcdef"[(value >> shift) & 15];
+  put("); aborting\n");
+  ssize_t ignored = write(STDERR_FILENO, line, used);
+  (void)ignored;
+  abort();
+}
+
+void ClassGeometry::init(uint32_t block_size) {
+  size = block_size;
+  size_t slab = kMinSlabBytes;
+  if (slab < size_t{block_size} * kBlocksPerSlabAtLeast) slab = size_t{block_size} * kBlocksPerSlabAtLeast;
+  slab_shift = log2_ceil(slab);
+  blocks = static_cast<uint32_t>((size_t{1} << slab_shift) / block_size);
+  bitmap_words = (blocks + 63) / 64;
+  reciprocal = static_cast<uint64_t>(((static_cast<unsigned __int128>(1) << 64) / block_size) + 1);
+}
+
+bool ClassDepot::init(uint32_t block_size, char* area, size_t area_bytes) {
+  geometry_.init(block_size);
+  area_ = area;
+  max_slabs_ = area_bytes >> geometry_.slab_shift;
+  if (max_slabs_ == 0) return false;
+  const size_t slab_meta = (max_slabs_ * sizeof(Slab) + 63) & ~size_t{63};
+  const size_t bitmap_bytes = max_slabs_ * geometry_.bitmap_words * sizeof(uint64_t);
+  char* meta = static_cast<char*>(map_noreserve(slab_meta + bitmap_bytes));
+  if (!meta) return false;
+  slabs_ = reinterpret_cast<Slab*>(meta);
+  bitmaps_ = reinterpret_cast<uint64_t*>(meta + slab_meta);
+  return true;
+}
+
+void ClassDepot::unlink(Slab* slab) {
+  Slab*& head = slab->list == kPartial ? partial_ : empty_;
+  if (slab->list == kNone) return;
+  if (slab->prev) slab->prev->next = slab->next; else head = slab->next;
+  if (slab->next) slab->next->prev = slab->prev;
+  if (slab->list == kEmpty && !slab->released) empty_bytes_ -= geometry_.slab_bytes();
+  slab->prev = slab->next = nullptr;
+  slab->list = kNone;
+}
+
+void ClassDepot::push(Slab*& list, Slab* slab, uint8_t which) {
+  slab->prev = nullptr;
+  slab->next = list;
+  if (list) list->prev = slab;
+  list = slab;
+  slab->list = which;
+  if (which == kEmpty && !slab->released) empty_bytes_ += geometry_.slab_bytes();
+}
+
+Slab* ClassDepot::carve_slab() {
+  const size_t index = carved_slabs_.load(std::memory_order_relaxed);
+  if (index == max_slabs_) return nullptr;
+  Slab* slab = &slabs_[index];
+  uint64_t* bits = bitmap(slab);
+  for (uint32_t w = 0; w < geometry_.bitmap_words; ++w) {
+    const uint32_t first = w * 64;
+    const uint32_t in_word = geometry_.blocks - first >= 64 ? 64 : geometry_.blocks - first;
+    bits[w] = in_word == 64 ? ~uint64_t{0} : (uint64_t{1} << in_word) - 1;
+  }
+  slab->free_blocks = geometry_.blocks;
+  slab->list = kNone;
+  slab->released = 0;
+  // Published after the metadata: check_block() reads the count lock-free.
+  carved_slabs_.store(index + 1, std::memory_order_release);
+  const uint64_t committed = counters_.committed_bytes.fetch_add(geometry_.slab_bytes(), std::memory_order_relaxed) +
+                             geometry_.slab_bytes();
+  raise_atomic(counters_.peak_committed_bytes, committed);
+  counters_.depot_free_bytes.fetch_add(uint64_t{geometry_.blocks} * geometry_.size, std::memory_order_relaxed);
+  return slab;
+}
+
+unsigned ClassDepot::refill(void** out, unsigned want, uint64_t now_ns) {
+  (void)now_ns;
+  SpinLockGuard guard(lock_);
+  unsigned taken = 0;
+  while (taken < want) {
+    // Fuller slabs first: a partial slab before an empty one, so that empty
+    // slabs stay empty long enough to be given back.
+    Slab* slab = partial_ ? partial_ : empty_ ? empty_ : carve_slab();
+    if (!slab) break;
+    unlink(slab);
+    if (slab->released) {
+      slab->released = 0;  // its pages fault back in, zero-filled
+      const uint64_t committed =
+          counters_.committed_bytes.fetch_add(geometry_.slab_bytes(), std::memory_order_relaxed) +
+          geometry_.slab_bytes();
+      raise_atomic(counters_.peak_committed_bytes, committed);
+    }
+    uint64_t* bits = bitmap(slab);
+    char* memory = slab_memory(slab);
+    for (uint32_t w = 0; w < geometry_.bitmap_words && taken < want; ++w) {
+      while (bits[w] && taken < want) {
+        const unsigned bit = static_cast<unsigned>(__builtin_ctzll(bits[w]));
+        bits[w] &= bits[w] - 1;
+        out[taken++] = memory + size_t{w * 64 + bit} * geometry_.size;
+        --slab->free_blocks;
+      }
+    }
+    if (slab->free_blocks) push(partial_, slab, kPartial);
+  }
+  counters_.depot_free_bytes.fetch_sub(uint64_t{taken} * geometry_.size, std::memory_order_relaxed);
+  return taken;
+}
+
+void ClassDepot::drain(void* const* blocks, unsigned count, uint64_t now_ns) {
+  SpinLockGuard guard(lock_);
+  for (unsigned i = 0; i < count; ++i) {
+    const size_t offset = static_cast<size_t>(static_cast<char*>(blocks[i]) - area_);
+    Slab* slab = &slabs_[offset >> geometry_.slab_shift];
+    const uint32_t index = geometry_.index_of(offset & (geometry_.slab_bytes() - 1));
+    uint64_t& word = bitmap(slab)[index / 64];
+    const uint64_t bit = uint64_t{1} << (index % 64);
+    if (word & bit) fatal_pointer_error("double free: the block is already free in the pool", blocks[i]);
+    word |= bit;
+    if (++slab->free_blocks == geometry_.blocks) {
+      unlink(slab);
+      slab->empty_since_ns = now_ns;
+      push(empty_, slab, kEmpty);
+    } else if (slab->list == kNone) {
+      push(partial_, slab, kPartial);
+    }
+  }
+  counters_.depot_free_bytes.fetch_add(uint64_t{count} * geometry_.size, std::memory_order_relaxed);
+}
+
+bool ClassDepot::holds_free(const void* block) {
+  SpinLockGuard guard(lock_);
+  const size_t offset = static_cast<size_t>(static_cast<const char*>(block) - area_);
+  const Slab* slab = &slabs_[offset >> geometry_.slab_shift];
+  const uint32_t index = geometry_.index_of(offset & (geometry_.slab_bytes() - 1));
+  return bitmap(slab)[index / 64] & (uint64_t{1} << (index % 64));
+}
+
+size_t ClassDepot::release_empty(uint64_t now_ns, uint64_t idle_ns, size_t keep_bytes) {
+  SpinLockGuard guard(lock_);
+  size_t released = 0;
+  // The list is newest first: walk it and release from the oldest end by
+  // keeping the first keep_bytes of young slabs.
+  size_t kept = 0;
+  for (Slab* slab = empty_; slab; slab = slab->next) {
+    if (slab->released) continue;
+    const bool idle = now_ns - slab->empty_since_ns >= idle_ns;
+    if (!idle && kept + geometry_.slab_bytes() <= keep_bytes) {
+      kept += geometry_.slab_bytes();
+      continue;
+    }
+    madvise(slab_memory(slab), geometry_.slab_bytes(), MADV_DONTNEED);
+    slab->released = 1;
+    empty_bytes_ -= geometry_.slab_bytes();
+    released += geometry_.slab_bytes();
+  }
+  if (released) {
+    counters_.committed_bytes.fetch_sub(released, std::memory_order_relaxed);
+    counters_.released_bytes.fetch_add(released, std::memory_order_relaxed);
+  }
+  return released;
+}
+
+const char* ClassDepot::check_block(const void* block) const {
+  const size_t offset = static_cast<size_t>(static_cast<const char*>(block) - area_);
+  if ((offset >> geometry_.slab_shift) >= carved_slabs_.load(std::memory_order_acquire))
+    return "free() of a pointer into pool memory that was never handed out";
+  const size_t in_slab = offset & (geometry_.slab_bytes() - 1);
+  const uint32_t index = geometry_.index_of(in_slab);
+  if (index >= geometry_.blocks) return "free() of a pointer past the last block of a pool slab";
+  if (size_t{index} * geometry_.size != in_slab)
+    return "free() of a pointer into the middle of a pooled block (interior or misaligned)";
+  return nullptr;
+}
+
+const Slab* ClassDepot::slab_of(const void* block) const {
+  const size_t offset = static_cast<size_t>(static_cast<const char*>(block) - area_);
+  return &slabs_[offset >> geometry_.slab_shift];
+}
+
+bool PoolRegion::init(const SizeClassTable& classes, size_t region_bytes) {
+  const unsigned sized = classes.count() - 1;
+  if (sized == 0) return false;
+  // Every class's area must hold at least a few slabs of its largest class.
+  ClassGeometry largest;
+  largest.init(static_cast<uint32_t>(classes.max_class_size()));
+  const unsigned min_shift = largest.slab_shift + 2;
+  unsigned shift = 0;
+  while ((size_t{sized} << (shift + 1)) <= region_bytes) ++shift;
+  if (shift < min_shift) shift = min_shift;
+  // Halve the areas until the reservation succeeds (RLIMIT_AS, small VMs).
+  for (; shift >= min_shift; --shift) {
+    base_ = static_cast<char*>(map_noreserve(size_t{sized} << shift));
+    if (base_) break;
+  }
+  if (!base_) return false;
+  area_shift_ = shift;
+  class_count_ = sized;
+  for (unsigned c = 0; c < sized; ++c) {
+    if (!depots_[c].init(static_cast<uint32_t>(classes.class_size(c)), base_ + (size_t{c} << shift),
+                         size_t{1} << shift)) {
+      return false;
+    }
+  }
+  bytes_ = size_t{sized} << shift;  // published last: contains() is false until now
+  return true;
+}
+
+size_t PoolRegion::trim(uint64_t now_ns) {
+  size_t released = 0;
+  for (unsigned c = 0; c < class_count_; ++c) {
+    if (depots_[c].ready()) released += depots_[c].release_empty(now_ns, 0, 0);
+  }
+  return released;
+}
+
+}  // namespace hotpool::recycler

@@ -1,0 +1,150 @@
+// Pool memory: hotpool's own reserved virtual region, one area per size
+// class, carved into slabs; and the central depot of each class, which
+// holds the free blocks that no thread cache holds.
+//
+// Layering: recycler/ knows nothing of the shim or the reporter.
+//
+// Ownership is an address-range check (never a header in front of a foreign
+// pointer): region_base <= p < region_end. The class of a pooled block is
+// (p - base) >> area_shift; its slab is the next shift; its index in the
+// slab a multiply-high by a precomputed reciprocal.
+//
+// Everything about free blocks lives out of band, in a metadata mapping:
+// per slab a bitmap (bit set = the block is free in the depot) and a count.
+// Freed memory holds at most the hardening key in its first word, so a
+// write after free corrupts no allocator state.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+
+#include "size_classes.h"
+#include "spin_lock.h"
+
+namespace hotpool::recycler {
+
+// Why hotpool aborts: one line on stderr, then abort(). Never returns.
+[[noreturn]] void fatal_pointer_error(const char* what, const void* block);
+
+struct ClassGeometry {
+  uint32_t size = 0;          // block size
+  uint32_t blocks = 0;        // blocks per slab
+  uint32_t slab_shift = 0;    // log2 of the slab size
+  uint32_t bitmap_words = 0;  // 64-bit words of free bitmap per slab
+  uint64_t reciprocal = 0;    // floor(2^64 / size) + 1: offset / size by multiply-high
+
+  void init(uint32_t block_size);
+  size_t slab_bytes() const { return size_t{1} << slab_shift; }
+  // Index of the block at `offset` in its slab (exact for offset < slab size).
+  uint32_t index_of(size_t offset) const {
+    return static_cast<uint32_t>((static_cast<unsigned __int128>(offset) * reciprocal) >> 64);
+  }
+};
+
+struct Slab {
+  Slab* prev;               // in the depot's partial or empty list
+  Slab* next;
+  uint32_t free_blocks;     // blocks free in the depot (bits set)
+  uint8_t list;             // kNone, kPartial or kEmpty
+  uint8_t released;         // pages given back to the OS since last use
+  uint64_t empty_since_ns;  // when it last became wholly free
+};
+
+// Counters of one class's pool, readable while the program runs.
+struct PoolCounters {
+  std::atomic<uint64_t> committed_bytes{0};       // slabs carved and not released
+  std::atomic<uint64_t> peak_committed_bytes{0};
+  std::atomic<uint64_t> depot_free_bytes{0};      // free blocks in the depot
+  std::atomic<uint64_t> released_bytes{0};        // given back to the OS, in total
+};
+
+// The central depot of one class: free blocks not in any thread cache.
+class ClassDepot {
+ public:
+  // Sets up the class's area [area, area + area_bytes) and its metadata.
+  // Returns false if the metadata mapping fails (the class then never pools).
+  bool init(uint32_t block_size, char* area, size_t area_bytes);
+
+  // Hands out up to `want` blocks (fewer when the area is exhausted).
+  unsigned refill(void** out, unsigned want, uint64_t now_ns);
+  // Takes blocks back. Aborts on a block that is already free in the depot.
+  void drain(void* const* blocks, unsigned count, uint64_t now_ns);
+  // True when the depot holds `block` as free (under the lock).
+  bool holds_free(const void* block);
+  // Gives wholly free slabs back to the OS: those idle for at least
+  // `idle_ns`, and beyond the first `keep_bytes` of empty slabs all of them.
+  size_t release_empty(uint64_t now_ns, uint64_t idle_ns, size_t keep_bytes);
+
+  // FAST PATH: true when `block` (a pointer into this class's area) is the
+  // start of a block in a carved slab. One load, a multiply-high, a multiply
+  // and three compares folded into one branch.
+  bool is_block_start(const void* block) const {
+    const size_t offset = static_cast<size_t>(static_cast<const char*>(block) - area_);
+    const size_t in_slab = offset & (geometry_.slab_bytes() - 1);
+    const uint32_t index = geometry_.index_of(in_slab);
+    return ((offset >> geometry_.slab_shift) < carved_slabs_.load(std::memory_order_acquire)) &
+           (index < geometry_.blocks) & (size_t{index} * geometry_.size == in_slab);
+  }
+  // What is wrong with a pointer that is not a block start; nullptr if fine.
+  const char* check_block(const void* block) const;
+
+  const ClassGeometry& geometry() const { return geometry_; }
+  const PoolCounters& counters() const { return counters_; }
+  SpinLock& lock() { return lock_; }
+  bool ready() const { return slabs_ != nullptr; }
+
+  // Test hooks: the metadata of block's slab.
+  const Slab* slab_of(const void* block) const;
+
+ private:
+  void unlink(Slab* slab);
+  void push(Slab*& list, Slab* slab, uint8_t which);
+  Slab* carve_slab();
+  uint64_t* bitmap(const Slab* slab) const { return bitmaps_ + (slab - slabs_) * geometry_.bitmap_words; }
+  char* slab_memory(const Slab* slab) const { return area_ + ((slab - slabs_) << geometry_.slab_shift); }
+
+  SpinLock lock_;
+  ClassGeometry geometry_;
+  char* area_ = nullptr;
+  size_t max_slabs_ = 0;
+  std::atomic<size_t> carved_slabs_{0};
+  Slab* slabs_ = nullptr;       // metadata, [max_slabs_]
+  uint64_t* bitmaps_ = nullptr; // [max_slabs_ * bitmap_words]
+  Slab* partial_ = nullptr;     // some blocks free
+  Slab* empty_ = nullptr;       // every block free
+  size_t empty_bytes_ = 0;
+  PoolCounters counters_;
+};
+
+// The whole region: one ClassDepot per sized class of the table.
+class PoolRegion {
+ public:
+  // Reserves `region_bytes` of address space (rounded so that every class
+  // gets a power-of-two area) without committing memory. False if the
+  // reservation fails; nothing is pooled then.
+  bool init(const SizeClassTable& classes, size_t region_bytes);
+
+  bool contains(const void* p) const {
+    return static_cast<uintptr_t>(static_cast<const char*>(p) - base_) < bytes_;
+  }
+  unsigned class_of_block(const void* p) const {
+    return static_cast<unsigned>(static_cast<size_t>(static_cast<const char*>(p) - base_) >> area_shift_);
+  }
+  ClassDepot& depot(unsigned size_class) { return depots_[size_class]; }
+  unsigned class_count() const { return class_count_; }
+  bool ready() const { return base_ != nullptr; }
+  size_t area_bytes() const { return size_t{1} << area_shift_; }
+
+  // Releases every wholly free slab of every class (malloc_trim).
+  size_t trim(uint64_t now_ns);
+
+ private:
+  char* base_ = nullptr;
+  size_t bytes_ = 0;
+  unsigned area_shift_ = 0;
+  unsigned class_count_ = 0;
+  ClassDepot depots_[kMaxClasses];
+};
+
+}  // namespace hotpool::recycler

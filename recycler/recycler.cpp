@@ -1,0 +1,155 @@
+#include "recycler.h"
+
+#include <time.h>
+#include <unistd.h>
+
+#include <cstring>
+
+namespace hotpool::recycler {
+
+namespace {
+uint64_t monotonic_ns() {
+  timespec now;
+  clock_gettime(CLOCK_MONOTONIC, &now);  // vDSO, slow paths only
+  return static_cast<uint64_t>(now.tv_sec) * 1000000000u + static_cast<uint64_t>(now.tv_nsec);
+}
+}  // namespace
+
+bool Recycler::init(const SizeClassTable& classes, const RecyclerConfig& config, uint64_t key) {
+  config_ = config;
+  key_ = key | 1;  // never zero: a zeroed first word is never a marker
+  for (unsigned c = 0; c + 1 < classes.count(); ++c) class_size_[c] = classes.class_size(c);
+  return region_.init(classes, config.region_bytes);
+}
+
+void Recycler::set_pooled(unsigned size_class, bool on) {
+  if (size_class < region_.class_count() && region_.depot(size_class).ready())
+    pooled_[size_class].store(on, std::memory_order_relaxed);
+}
+
+uint32_t Recycler::capacity_for(unsigned size_class) const {
+  size_t blocks = config_.cache_bytes / class_size_[size_class];
+  if (blocks < 2) blocks = 2;
+  if (blocks > kBinSlots) blocks = kBinSlots;
+  return static_cast<uint32_t>(blocks);
+}
+
+void* Recycler::allocate_slow(ThreadCache& cache, unsigned size_class) {
+  Bin& bin = cache.bins[size_class];
+  if (bin.capacity == 0) bin.capacity = capacity_for(size_class);
+  // Refill half the bin: the other half is room for frees before a drain.
+  const unsigned want = bin.capacity / 2 ? bin.capacity / 2 : 1;
+  const unsigned got = region_.depot(size_class).refill(bin.slots, want, 0);
+  bump_counter(bin.refills);
+  if (got == 0) {
+    bump_counter(bin.misses);
+    return nullptr;
+  }
+  bin.count = got;
+  return allocate(cache, size_class);
+}
+
+void Recycler::deallocate_slow(ThreadCache& cache, unsigned size_class, void* block) {
+  Bin& bin = cache.bins[size_class];
+  if (bin.capacity == 0) {
+    bin.capacity = capacity_for(size_class);
+  } else {
+    // Give the depot the older half; keep the recently freed, cache-warm half.
+    const unsigned give = bin.count - bin.capacity / 2;
+    const uint64_t now = monotonic_ns();
+    region_.depot(size_class).drain(bin.slots, give, now);
+    std::memmove(bin.slots, bin.slots + give, (bin.count - give) * sizeof(void*));
+    bin.count -= give;
+    bump_counter(bin.drains);
+    maybe_decay(size_class, now);
+  }
+  bin.slots[bin.count++] = block;
+}
+
+void Recycler::maybe_decay(unsigned size_class, uint64_t now_ns) {
+  // At most a few times per decay period per class.
+  const uint64_t last = last_decay_ns_[size_class].load(std::memory_order_relaxed);
+  if (now_ns - last < config_.decay_ns / 4) return;
+  last_decay_ns_[size_class].store(now_ns, std::memory_order_relaxed);
+  region_.depot(size_class).release_empty(now_ns, config_.decay_ns, config_.keep_empty_bytes);
+}
+
+void* Recycler::allocate_uncached(unsigned size_class) {
+  void* block = nullptr;
+  if (region_.depot(size_class).refill(&block, 1, 0) == 0) return nullptr;
+  *static_cast<uint64_t*>(block) = 0;
+  return block;
+}
+
+void Recycler::deallocate_uncached(void* block) {
+  const unsigned size_class = region_.class_of_block(block);
+  ClassDepot& depot = region_.depot(size_class);
+  if (config_.checks) {
+    if (const char* problem = depot.check_block(block)) fatal_pointer_error(problem, block);
+  }
+  depot.drain(&block, 1, monotonic_ns());  // aborts on a block already free there
+}
+
+bool Recycler::confirm_double_free(ThreadCache& cache, unsigned size_class, void* block) {
+  // The first word holds this block's free marker: it was freed before, or
+  // the program stored exactly that 64-bit value there. Look for it.
+  const Bin& bin = cache.bins[size_class];
+  for (uint32_t i = 0; i < bin.count; ++i) {
+    if (bin.slots[i] == block) fatal_pointer_error("double free of a pooled block (it is in this thread's cache)", block);
+  }
+  if (region_.depot(size_class).holds_free(block))
+    fatal_pointer_error("double free of a pooled block (it is back in the pool's depot)", block);
+  // Neither here nor in the depot: most likely it sits in another thread's
+  // cache after a free there. Never hand it out twice: keep it out of every
+  // cache (a leak of one block) and say so once.
+  if (!warned_quarantine_.exchange(true, std::memory_order_relaxed)) {
+    static const char message[] =
+        "hotpool: a pooled block was freed twice, probably by two threads; it is quarantined (never reused)\n";
+    ssize_t ignored = write(STDERR_FILENO, message, sizeof(message) - 1);
+    (void)ignored;
+  }
+  return false;
+}
+
+void Recycler::flush(ThreadCache& cache) {
+  const uint64_t now = monotonic_ns();
+  for (unsigned c = 0; c < region_.class_count(); ++c) {
+    Bin& bin = cache.bins[c];
+    if (bin.count) region_.depot(c).drain(bin.slots, bin.count, now);
+    bin.count = 0;
+  }
+}
+
+size_t Recycler::trim() { return region_.ready() ? region_.trim(monotonic_ns()) : 0; }
+
+void Recycler::lock_all() {
+  for (unsigned c = 0; c < region_.class_count(); ++c) region_.depot(c).lock().lock();
+}
+
+void Recycler::unlock_all() {
+  for (unsigned c = region_.class_count(); c-- > 0;) region_.depot(c).lock().unlock();
+}
+
+void Recycler::reset_locks_after_fork() {
+  for (unsigned c = 0; c < region_.class_count(); ++c) region_.depot(c).lock().reset_after_fork();
+}
+
+void AutoPolicy::evaluate(const uint64_t* allocs, const uint64_t* frees, unsigned classes, Recycler& recycler) {
+  uint64_t total = 0;
+  for (unsigned c = 0; c < classes; ++c) total += allocs[c];
+  if (total == 0) return;
+  for (unsigned c = 0; c < classes && c < recycler.region().class_count(); ++c) {
+    if (allocs[c] == 0) continue;  // this thread has no say on a class it did not use
+    const bool hot = allocs[c] >= kMinCount && static_cast<double>(allocs[c]) >= kMinShare * static_cast<double>(total);
+    const bool short_lived = static_cast<double>(frees[c]) >= kMinChurn * static_cast<double>(allocs[c]);
+    int heat = heat_[c].load(std::memory_order_relaxed);
+    int next = hot && short_lived ? heat + 2 : heat - 1;
+    if (next > kHeatMax) next = kHeatMax;
+    if (next < 0) next = 0;
+    heat_[c].store(next, std::memory_order_relaxed);  // racing updates only blur the score
+    if (next >= kHeatOn && !recycler.pooled(c)) recycler.set_pooled(c, true);
+    else if (next == 0 && recycler.pooled(c)) recycler.set_pooled(c, false);
+  }
+}
+
+}  // namespace hotpool::recycler

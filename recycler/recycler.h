@@ -1,0 +1,155 @@
+// The recycler: thread-local caches in front of the per-class depots of
+// pool.h, the pooling decision per class, and the hardening checks.
+//
+// Layering: recycler/ knows nothing of the shim or the reporter. The shim
+// owns one Recycler and one ThreadCache per thread, and feeds the auto
+// policy the per-class counts the reporter keeps.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+
+#include "pool.h"
+#include "size_classes.h"
+
+#define HOTPOOL_RECYCLER_LIKELY(x) __builtin_expect(!!(x), 1)
+#define HOTPOOL_RECYCLER_UNLIKELY(x) __builtin_expect(!!(x), 0)
+
+namespace hotpool::recycler {
+
+inline constexpr unsigned kBinSlots = 64;
+
+struct RecyclerConfig {
+  size_t region_bytes;      // address space reserved for pools
+  size_t cache_bytes;       // per thread, per class (at most kBinSlots blocks)
+  uint64_t decay_ns;        // wholly free slabs idle this long go back to the OS
+  size_t keep_empty_bytes;  // per class: wholly free slabs kept beyond that go back at once
+  bool checks;              // double-free and invalid-pointer checks
+};
+
+// One class's cache in one thread: a LIFO array of block pointers, out of
+// band (nothing is written into cached blocks but the free marker).
+struct alignas(64) Bin {
+  uint32_t count;
+  uint32_t capacity;  // 0 until the bin is first used
+  // Counters written only by the owning thread, read by reports.
+  std::atomic<uint64_t> served;   // allocations served by this cache (pool hits)
+  std::atomic<uint64_t> refills;  // trips to the depot for blocks
+  std::atomic<uint64_t> drains;   // trips to the depot with blocks
+  std::atomic<uint64_t> misses;   // pooled-class requests the pool could not serve
+  void* slots[kBinSlots];
+};
+
+struct ThreadCache {
+  Bin bins[kMaxClasses];
+};
+
+inline void bump_counter(std::atomic<uint64_t>& counter) {
+  counter.store(counter.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
+}
+
+class Recycler {
+ public:
+  // Reserves the region (no memory committed). False: nothing can pool.
+  bool init(const SizeClassTable& classes, const RecyclerConfig& config, uint64_t key);
+  bool ready() const { return region_.ready(); }
+
+  bool contains(const void* p) const { return region_.contains(p); }
+  bool pooled(unsigned size_class) const { return pooled_[size_class].load(std::memory_order_relaxed); }
+  void set_pooled(unsigned size_class, bool on);
+  size_t class_size(unsigned size_class) const { return class_size_[size_class]; }
+  unsigned class_of_block(const void* p) const { return region_.class_of_block(p); }
+
+  // FAST PATH: pop from the thread's bin (one load, one compare, one store
+  // to clear the free marker); the unlikely branch refills from the depot.
+  // nullptr when the pool cannot serve (the caller uses the real allocator).
+  void* allocate(ThreadCache& cache, unsigned size_class) {
+    Bin& bin = cache.bins[size_class];
+    if (HOTPOOL_RECYCLER_UNLIKELY(bin.count == 0)) return allocate_slow(cache, size_class);
+    void* block = bin.slots[--bin.count];
+    bump_counter(bin.served);
+    *static_cast<uint64_t*>(block) = 0;  // clear the free marker
+    return block;
+  }
+
+  // FAST PATH: validate (checks on: range of carved slabs, block start,
+  // free marker), mark, push onto the thread's bin; the unlikely branch
+  // drains the older half of a full bin to the depot.
+  void deallocate(ThreadCache& cache, void* block) {
+    const unsigned size_class = region_.class_of_block(block);
+    if (config_.checks && !check_and_mark(cache, size_class, block)) return;
+    Bin& bin = cache.bins[size_class];
+    if (HOTPOOL_RECYCLER_UNLIKELY(bin.count >= bin.capacity)) return deallocate_slow(cache, size_class, block);
+    bin.slots[bin.count++] = block;
+  }
+
+  // For threads without a cache (after their teardown): straight to the depot.
+  void* allocate_uncached(unsigned size_class);
+  void deallocate_uncached(void* block);
+
+  // Thread exit, fork child: every cached block back to its depot.
+  void flush(ThreadCache& cache);
+  // malloc_trim: every wholly free slab back to the OS. Returns bytes.
+  size_t trim();
+
+  // fork: hold every depot lock across fork().
+  void lock_all();
+  void unlock_all();
+  void reset_locks_after_fork();
+
+  PoolRegion& region() { return region_; }
+  const RecyclerConfig& config() const { return config_; }
+
+ private:
+  void* allocate_slow(ThreadCache& cache, unsigned size_class) __attribute__((noinline));
+  void deallocate_slow(ThreadCache& cache, unsigned size_class, void* block) __attribute__((noinline));
+  // False when the block must not be cached (quarantined).
+  bool check_and_mark(ThreadCache& cache, unsigned size_class, void* block) {
+    ClassDepot& depot = region_.depot(size_class);
+    if (HOTPOOL_RECYCLER_UNLIKELY(!depot.is_block_start(block))) fatal_pointer_error(depot.check_block(block), block);
+    uint64_t& first_word = *static_cast<uint64_t*>(block);
+    const uint64_t marker = key_ ^ reinterpret_cast<uintptr_t>(block);
+    if (HOTPOOL_RECYCLER_UNLIKELY(first_word == marker)) return confirm_double_free(cache, size_class, block);
+    first_word = marker;
+    return true;
+  }
+  bool confirm_double_free(ThreadCache& cache, unsigned size_class, void* block) __attribute__((noinline));
+  uint32_t capacity_for(unsigned size_class) const;
+  void maybe_decay(unsigned size_class, uint64_t now_ns);
+
+  PoolRegion region_;
+  RecyclerConfig config_{};
+  uint64_t key_ = 0;
+  size_t class_size_[kMaxClasses] = {};
+  std::atomic<uint8_t> pooled_[kMaxClasses] = {};
+  std::atomic<uint64_t> last_decay_ns_[kMaxClasses] = {};
+  std::atomic<bool> warned_quarantine_{false};
+};
+
+// The auto policy: which classes are hot and short-lived enough to pool.
+// Each thread reports a window of its own activity (per class allocations
+// and frees since its last report); the policy keeps a heat score per class
+// with hysteresis: a class turns pooled at kHeatOn and back only at 0.
+//   hot:   at least kMinShare of the window's allocations, and at least
+//          kMinCount of them;
+//   short-lived: frees in the window at least kMinChurn of allocations
+//          (blocks come back about as fast as they go out).
+// A hot, short-lived class gains 2; one that the thread used but that is
+// cold or long-lived loses 1; classes the thread did not use don't move.
+class AutoPolicy {
+ public:
+  static constexpr double kMinShare = 0.01;
+  static constexpr uint64_t kMinCount = 64;
+  static constexpr double kMinChurn = 0.75;
+  static constexpr int kHeatOn = 4;
+  static constexpr int kHeatMax = 16;
+
+  void evaluate(const uint64_t* allocs, const uint64_t* frees, unsigned classes, Recycler& recycler);
+  int heat(unsigned size_class) const { return heat_[size_class].load(std::memory_order_relaxed); }
+
+ private:
+  std::atomic<int> heat_[kMaxClasses] = {};
+};
+
+}  // namespace hotpool::recycler
