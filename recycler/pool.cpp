@@ -128,6 +128,7 @@ unsigned ClassDepot::refill(void** out, unsigned want, uint64_t now_ns) {
           counters_.committed_bytes.fetch_add(geometry_.slab_bytes(), std::memory_order_relaxed) +
           geometry_.slab_bytes();
       raise_atomic(counters_.peak_committed_bytes, committed);
+      counters_.depot_free_bytes.fetch_add(uint64_t{geometry_.blocks} * geometry_.size, std::memory_order_relaxed);
     }
     uint64_t* bits = bitmap(slab);
     char* memory = slab_memory(slab);
@@ -193,6 +194,10 @@ size_t ClassDepot::release_empty(uint64_t now_ns, uint64_t idle_ns, size_t keep_
     released += geometry_.slab_bytes();
   }
   if (released) {
+    // A released slab's blocks stay free in its bitmap but hold no memory:
+    // they count again when the slab is reused.
+    counters_.depot_free_bytes.fetch_sub(released / geometry_.slab_bytes() * geometry_.blocks * geometry_.size,
+                                         std::memory_order_relaxed);
     counters_.committed_bytes.fetch_sub(released, std::memory_order_relaxed);
     counters_.released_bytes.fetch_add(released, std::memory_order_relaxed);
   }

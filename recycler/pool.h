@@ -55,7 +55,7 @@ struct Slab {
 struct PoolCounters {
   std::atomic<uint64_t> committed_bytes{0};       // slabs carved and not released
   std::atomic<uint64_t> peak_committed_bytes{0};
-  std::atomic<uint64_t> depot_free_bytes{0};      // free blocks in the depot
+  std::atomic<uint64_t> depot_free_bytes{0};      // free blocks in the depot's committed slabs
   std::atomic<uint64_t> released_bytes{0};        // given back to the OS, in total
 };
 

@@ -1,0 +1,297 @@
+#include "recycler/recycler.h"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cstring>
+#include <memory>
+#include <set>
+#include <thread>
+#include <vector>
+
+namespace hotpool::recycler {
+namespace {
+
+TEST(ClassGeometry, IndexOfIsExactForEveryDefaultClass) {
+  SizeClassTable table;
+  table.build_default(kDefaultMaxClass);
+  for (unsigned c = 0; c + 1 < table.count(); ++c) {
+    ClassGeometry geometry;
+    geometry.init(static_cast<uint32_t>(table.class_size(c)));
+    ASSERT_GE(geometry.blocks, 8u);
+    ASSERT_GE(geometry.slab_bytes(), 64u * 1024);
+    for (uint32_t i = 0; i < geometry.blocks; ++i) {
+      const size_t start = size_t{i} * geometry.size;
+      ASSERT_EQ(geometry.index_of(start), i) << "class " << geometry.size;
+      ASSERT_EQ(geometry.index_of(start + geometry.size - 1), i) << "class " << geometry.size;
+      if (i) {
+        ASSERT_EQ(geometry.index_of(start - 1), i - 1);
+      }
+    }
+  }
+}
+
+class RecyclerTest : public ::testing::Test {
+ protected:
+  void SetUp() override { build(true); }
+  void build(bool checks, size_t cache_bytes = 1024) {
+    const size_t sizes[] = {16, 48, 1024, 65536};
+    ASSERT_TRUE(table_.build_from_list(sizes, 4));
+    recycler_ = std::make_unique<Recycler>();
+    const RecyclerConfig config{size_t{256} << 20, cache_bytes, 1000000000ull, 0, checks};
+    ASSERT_TRUE(recycler_->init(table_, config, 0x1234567890abcdefull));
+    cache_ = std::make_unique<ThreadCache>();
+  }
+  unsigned cls(size_t size) const { return table_.class_of(size); }
+  ClassDepot& depot(size_t size) { return recycler_->region().depot(cls(size)); }
+
+  SizeClassTable table_;
+  std::unique_ptr<Recycler> recycler_;
+  std::unique_ptr<ThreadCache> cache_;
+};
+
+TEST_F(RecyclerTest, RegionOwnershipIsAnAddressRangeCheck) {
+  void* block = recycler_->allocate(*cache_, cls(48));
+  ASSERT_NE(block, nullptr);
+  EXPECT_TRUE(recycler_->contains(block));
+  EXPECT_EQ(recycler_->class_of_block(block), cls(48));
+  int on_stack = 0;
+  std::unique_ptr<int> on_heap(new int(0));
+  EXPECT_FALSE(recycler_->contains(&on_stack));
+  EXPECT_FALSE(recycler_->contains(on_heap.get()));
+  EXPECT_FALSE(recycler_->contains(nullptr));
+  recycler_->deallocate(*cache_, block);
+}
+
+TEST_F(RecyclerTest, BlocksAreDistinctAlignedAndInTheirClassArea) {
+  for (size_t size : {16, 48, 1024, 65536}) {
+    std::set<char*> seen;
+    std::vector<void*> blocks;
+    for (int i = 0; i < 300; ++i) {
+      void* block = recycler_->allocate(*cache_, cls(size));
+      ASSERT_NE(block, nullptr);
+      EXPECT_EQ(reinterpret_cast<uintptr_t>(block) % 16, 0u);
+      EXPECT_EQ(recycler_->class_of_block(block), cls(size));
+      EXPECT_TRUE(seen.insert(static_cast<char*>(block)).second) << "handed out twice";
+      std::memset(block, 0xab, size);  // the whole class size is usable
+      blocks.push_back(block);
+    }
+    // No two blocks overlap.
+    std::vector<char*> sorted(seen.begin(), seen.end());
+    for (size_t i = 1; i < sorted.size(); ++i) EXPECT_GE(static_cast<size_t>(sorted[i] - sorted[i - 1]), size);
+    for (void* block : blocks) recycler_->deallocate(*cache_, block);
+  }
+}
+
+TEST_F(RecyclerTest, CacheIsLifoAndRefillsAndDrainsInHalves) {
+  const unsigned c = cls(48);
+  void* a = recycler_->allocate(*cache_, c);
+  const Bin& bin = cache_->bins[c];
+  EXPECT_EQ(bin.capacity, 1024u / 48);  // cache_bytes / size, at most kBinSlots
+  EXPECT_EQ(bin.count, bin.capacity / 2 - 1) << "a refill brings half the capacity";
+  EXPECT_EQ(bin.refills.load(), 1u);
+  recycler_->deallocate(*cache_, a);
+  EXPECT_EQ(recycler_->allocate(*cache_, c), a) << "LIFO: the last freed block comes back first";
+  // Fill beyond capacity: the older half drains to the depot.
+  std::vector<void*> blocks{a};
+  for (unsigned i = 0; i < bin.capacity * 2; ++i) blocks.push_back(recycler_->allocate(*cache_, c));
+  const uint64_t depot_before = depot(48).counters().depot_free_bytes.load();
+  for (void* block : blocks) recycler_->deallocate(*cache_, block);
+  EXPECT_GE(bin.drains.load(), 1u);
+  EXPECT_LE(bin.count, bin.capacity);
+  EXPECT_GT(depot(48).counters().depot_free_bytes.load(), depot_before);
+  EXPECT_GT(bin.served.load(), blocks.size());
+}
+
+TEST_F(RecyclerTest, FlushReturnsEveryCachedBlockToTheDepot) {
+  const unsigned c = cls(1024);
+  std::vector<void*> blocks;
+  for (int i = 0; i < 5; ++i) blocks.push_back(recycler_->allocate(*cache_, c));
+  for (void* block : blocks) recycler_->deallocate(*cache_, block);
+  const ClassDepot& d = depot(1024);
+  const uint64_t slab_blocks = d.geometry().blocks;
+  recycler_->flush(*cache_);
+  EXPECT_EQ(cache_->bins[c].count, 0u);
+  EXPECT_EQ(d.counters().depot_free_bytes.load(), slab_blocks * 1024) << "the slab is wholly free again";
+}
+
+TEST_F(RecyclerTest, TrimGivesWhollyFreeSlabsBackToTheOs) {
+  const unsigned c = cls(65536);
+  std::vector<void*> blocks;
+  for (int i = 0; i < 40; ++i) {
+    void* block = recycler_->allocate(*cache_, c);
+    ASSERT_NE(block, nullptr);
+    std::memset(block, 0x5a, 65536);
+    blocks.push_back(block);
+  }
+  const PoolCounters& counters = depot(65536).counters();
+  const uint64_t committed = counters.committed_bytes.load();
+  EXPECT_GE(committed, 40u * 65536);
+  for (void* block : blocks) recycler_->deallocate(*cache_, block);
+  recycler_->flush(*cache_);
+  EXPECT_GT(recycler_->trim(), 0u);
+  EXPECT_EQ(counters.committed_bytes.load(), 0u);
+  EXPECT_EQ(counters.depot_free_bytes.load(), 0u) << "released slabs hold no free memory";
+  EXPECT_GE(counters.released_bytes.load(), committed);
+  EXPECT_EQ(counters.peak_committed_bytes.load(), committed);
+  // Released memory comes back zero-filled (madvise(MADV_DONTNEED)), and
+  // reusable: the depot still knows every block as free.
+  void* again = recycler_->allocate(*cache_, c);
+  ASSERT_NE(again, nullptr);
+  const auto* bytes = static_cast<const unsigned char*>(again);
+  EXPECT_TRUE(std::all_of(bytes + 8, bytes + 65536, [](unsigned char b) { return b == 0; }));
+  EXPECT_GT(counters.committed_bytes.load(), 0u);
+}
+
+TEST_F(RecyclerTest, DecayKeepsYoungEmptySlabsAndReleasesOldOnes) {
+  ClassDepot& d = depot(1024);
+  void* blocks[64];
+  const unsigned got = d.refill(blocks, 64, 0);
+  ASSERT_EQ(got, 64u);
+  d.drain(blocks, got, /*now_ns=*/1000);  // wholly free at t = 1 µs
+  EXPECT_EQ(d.release_empty(/*now=*/2000, /*idle=*/1000000, /*keep=*/1 << 20), 0u) << "young and within keep";
+  EXPECT_GT(d.release_empty(/*now=*/2000000, /*idle=*/1000000, /*keep=*/1 << 20), 0u) << "idle long enough";
+  void* more[64];
+  d.drain(more, d.refill(more, 64, 0), 3000);
+  EXPECT_GT(d.release_empty(/*now=*/4000, /*idle=*/1000000, /*keep=*/0), 0u) << "beyond keep: released at once";
+}
+
+TEST_F(RecyclerTest, BlocksSurviveUseAcrossThreads) {
+  // Producer/consumer: blocks allocated by one thread, freed into another's
+  // cache, flowing back through the depot.
+  constexpr int kBlocks = 20000;
+  std::vector<void*> handoff(kBlocks);
+  std::thread producer([&] {
+    ThreadCache cache{};
+    for (int i = 0; i < kBlocks; ++i) {
+      handoff[i] = recycler_->allocate(cache, cls(48));
+      std::memset(handoff[i], i & 0xff, 48);
+    }
+    recycler_->flush(cache);
+  });
+  producer.join();
+  std::thread consumer([&] {
+    ThreadCache cache{};
+    for (int i = 0; i < kBlocks; ++i) {
+      const auto* bytes = static_cast<const unsigned char*>(handoff[i]);
+      ASSERT_EQ(bytes[47], i & 0xff) << "block " << i << " was handed out twice";
+      recycler_->deallocate(cache, handoff[i]);
+    }
+    recycler_->flush(cache);
+  });
+  consumer.join();
+  const ClassDepot& d = depot(48);
+  const uint64_t carved_bytes = d.counters().peak_committed_bytes.load();
+  EXPECT_EQ(d.counters().depot_free_bytes.load(), carved_bytes / d.geometry().slab_bytes() * d.geometry().blocks * 48)
+      << "every block is back";
+}
+
+TEST_F(RecyclerTest, LiveBlockHoldingAnotherBlocksMarkerIsNoFalsePositive) {
+  const unsigned c = cls(48);
+  void* a = recycler_->allocate(*cache_, c);
+  void* b = recycler_->allocate(*cache_, c);
+  recycler_->deallocate(*cache_, a);
+  uint64_t marker_of_a;
+  std::memcpy(&marker_of_a, a, sizeof(marker_of_a));
+  EXPECT_NE(marker_of_a, 0u);
+  std::memcpy(b, &marker_of_a, sizeof(marker_of_a));  // b holds a's marker: not b's own
+  recycler_->deallocate(*cache_, b);                   // no abort
+  SUCCEED();
+}
+
+TEST_F(RecyclerTest, WriteAfterFreeCorruptsNoAllocatorState) {
+  const unsigned c = cls(48);
+  void* a = recycler_->allocate(*cache_, c);
+  recycler_->deallocate(*cache_, a);
+  std::memset(a, 0xff, 48);  // a use after free
+  void* b = recycler_->allocate(*cache_, c);
+  void* d = recycler_->allocate(*cache_, c);
+  EXPECT_EQ(b, a);
+  EXPECT_NE(d, a);
+  EXPECT_TRUE(recycler_->contains(d));
+}
+
+using RecyclerDeathTest = RecyclerTest;
+
+TEST_F(RecyclerDeathTest, DoubleFreeWhileInTheCache) {
+  void* block = recycler_->allocate(*cache_, cls(48));
+  recycler_->deallocate(*cache_, block);
+  EXPECT_DEATH(recycler_->deallocate(*cache_, block), "hotpool: double free of a pooled block \\(it is in this thread's cache\\)");
+}
+
+TEST_F(RecyclerDeathTest, DoubleFreeWithTheCacheFull) {
+  const unsigned c = cls(48);
+  std::vector<void*> blocks;
+  for (unsigned i = 0; i < 100; ++i) blocks.push_back(recycler_->allocate(*cache_, c));
+  const Bin& bin = cache_->bins[c];
+  void* last = nullptr;
+  for (void* block : blocks) {
+    recycler_->deallocate(*cache_, block);
+    last = block;
+    if (bin.count == bin.capacity) break;
+  }
+  ASSERT_EQ(bin.count, bin.capacity);
+  EXPECT_DEATH(recycler_->deallocate(*cache_, last), "hotpool: double free of a pooled block \\(it is in this thread's cache\\)");
+}
+
+TEST_F(RecyclerDeathTest, DoubleFreeAfterTheBlockMovedToTheDepot) {
+  void* block = recycler_->allocate(*cache_, cls(48));
+  recycler_->deallocate(*cache_, block);
+  recycler_->flush(*cache_);
+  EXPECT_DEATH(recycler_->deallocate(*cache_, block), "hotpool: double free of a pooled block \\(it is back in the pool's depot\\)");
+  EXPECT_DEATH(recycler_->deallocate_uncached(block), "hotpool: double free: the block is already free in the pool");
+}
+
+TEST_F(RecyclerDeathTest, DoubleFreeIsCaughtEvenWithChecksOffOnceInTheDepot) {
+  build(/*checks=*/false);
+  void* block = recycler_->allocate(*cache_, cls(48));
+  recycler_->deallocate(*cache_, block);
+  recycler_->flush(*cache_);
+  recycler_->deallocate(*cache_, block);  // checks off: cached again, undetected here
+  EXPECT_DEATH(recycler_->flush(*cache_), "hotpool: double free: the block is already free in the pool");
+}
+
+TEST_F(RecyclerDeathTest, InteriorMisalignedAndNeverAllocatedPointers) {
+  char* block = static_cast<char*>(recycler_->allocate(*cache_, cls(48)));
+  EXPECT_DEATH(recycler_->deallocate(*cache_, block + 16), "hotpool: free\\(\\) of a pointer into the middle of a pooled block");
+  EXPECT_DEATH(recycler_->deallocate(*cache_, block + 1), "hotpool: free\\(\\) of a pointer into the middle of a pooled block");
+  char* far = block + (64 << 20);  // same class area, never carved
+  EXPECT_DEATH(recycler_->deallocate(*cache_, far), "hotpool: free\\(\\) of a pointer into pool memory that was never handed out");
+}
+
+TEST(AutoPolicy, PoolsHotShortLivedClassesWithHysteresis) {
+  SizeClassTable table;
+  table.build_default(kDefaultMaxClass);
+  auto recycler = std::make_unique<Recycler>();
+  ASSERT_TRUE(recycler->init(table, RecyclerConfig{size_t{8} << 30, 32768, 1000000000ull, 0, true}, 42));
+  auto policy = std::make_unique<AutoPolicy>();
+  const unsigned classes = table.count() - 1;
+  std::vector<uint64_t> allocs(classes), frees(classes);
+  const unsigned hot = table.class_of(48), leaky = table.class_of(1024), rare = table.class_of(4096);
+  auto window = [&](uint64_t hot_allocs, uint64_t hot_frees) {
+    std::fill(allocs.begin(), allocs.end(), 0);
+    std::fill(frees.begin(), frees.end(), 0);
+    allocs[hot] = hot_allocs;
+    frees[hot] = hot_frees;
+    allocs[leaky] = 5000;  // hot but never freed: long-lived
+    allocs[rare] = 10;      // short-lived but rare
+    frees[rare] = 10;
+    policy->evaluate(allocs.data(), frees.data(), classes, *recycler);
+  };
+  window(50000, 50000);
+  EXPECT_FALSE(recycler->pooled(hot)) << "one window is not enough";
+  window(50000, 49000);
+  EXPECT_TRUE(recycler->pooled(hot));
+  EXPECT_FALSE(recycler->pooled(leaky));
+  EXPECT_FALSE(recycler->pooled(rare));
+  for (int i = 0; i < 6; ++i) window(50000, 50000);  // heat saturates at kHeatMax
+  for (int i = 0; i < AutoPolicy::kHeatMax - 1; ++i) {
+    window(100, 0);  // now long-lived: cools down one step a window
+    EXPECT_TRUE(recycler->pooled(hot)) << "hysteresis: still pooled after " << i + 1 << " cold windows";
+  }
+  window(100, 0);
+  EXPECT_FALSE(recycler->pooled(hot));
+}
+
+}  // namespace
+}  // namespace hotpool::recycler
