@@ -60,6 +60,8 @@ void ClassGeometry::init(uint32_t block_size) {
 bool ClassDepot::init(uint32_t block_size, char* area, size_t area_bytes) {
   geometry_.init(block_size);
   area_ = area;
+  slab_mask_ = geometry_.slab_bytes() - 1;
+  block_span_ = size_t{geometry_.blocks} * geometry_.size;
   max_slabs_ = area_bytes >> geometry_.slab_shift;
   if (max_slabs_ == 0) return false;
   const size_t slab_meta = (max_slabs_ * sizeof(Slab) + 63) & ~size_t{63};
@@ -105,6 +107,7 @@ Slab* ClassDepot::carve_slab() {
   slab->released = 0;
   // Published after the metadata: check_block() reads the count lock-free.
   carved_slabs_.store(index + 1, std::memory_order_release);
+  carved_bytes_.store((index + 1) << geometry_.slab_shift, std::memory_order_release);
   const uint64_t committed = counters_.committed_bytes.fetch_add(geometry_.slab_bytes(), std::memory_order_relaxed) +
                              geometry_.slab_bytes();
   raise_atomic(counters_.peak_committed_bytes, committed);

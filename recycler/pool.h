@@ -81,10 +81,12 @@ class ClassDepot {
   // and three compares folded into one branch.
   bool is_block_start(const void* block) const {
     const size_t offset = static_cast<size_t>(static_cast<const char*>(block) - area_);
-    const size_t in_slab = offset & (geometry_.slab_bytes() - 1);
-    const uint32_t index = geometry_.index_of(in_slab);
-    return ((offset >> geometry_.slab_shift) < carved_slabs_.load(std::memory_order_acquire)) &
-           (index < geometry_.blocks) & (size_t{index} * geometry_.size == in_slab);
+    const size_t in_slab = offset & slab_mask_;
+    const size_t index = geometry_.index_of(in_slab);
+    // Relaxed is enough: a block handed out happened-after its slab was
+    // carved (depot lock), and the free happens-after the allocation.
+    return (offset < carved_bytes_.load(std::memory_order_relaxed)) & (in_slab < block_span_) &
+           (index * geometry_.size == in_slab);
   }
   // What is wrong with a pointer that is not a block start; nullptr if fine.
   const char* check_block(const void* block) const;
@@ -109,6 +111,9 @@ class ClassDepot {
   char* area_ = nullptr;
   size_t max_slabs_ = 0;
   std::atomic<size_t> carved_slabs_{0};
+  std::atomic<size_t> carved_bytes_{0};  // carved_slabs_ << slab_shift, for is_block_start
+  size_t slab_mask_ = 0;                 // slab bytes - 1
+  size_t block_span_ = 0;                // blocks * size: the used part of a slab
   Slab* slabs_ = nullptr;       // metadata, [max_slabs_]
   uint64_t* bitmaps_ = nullptr; // [max_slabs_ * bitmap_words]
   Slab* partial_ = nullptr;     // some blocks free

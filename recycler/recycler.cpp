@@ -134,21 +134,33 @@ void Recycler::reset_locks_after_fork() {
   for (unsigned c = 0; c < region_.class_count(); ++c) region_.depot(c).lock().reset_after_fork();
 }
 
+void AutoPolicy::init(const uint8_t* block_class_of, unsigned classes) {
+  for (unsigned c = 0; c < kMaxClasses; ++c)
+    block_class_of_[c] = static_cast<uint8_t>(block_class_of && c < classes ? block_class_of[c] : c);
+  mapped_ = block_class_of != nullptr;
+}
+
 void AutoPolicy::evaluate(const uint64_t* allocs, const uint64_t* frees, unsigned classes, Recycler& recycler) {
+  if (!mapped_) init(nullptr, 0);
   uint64_t total = 0;
   for (unsigned c = 0; c < classes; ++c) total += allocs[c];
   if (total == 0) return;
-  for (unsigned c = 0; c < classes && c < recycler.region().class_count(); ++c) {
+  for (unsigned c = 0; c < classes; ++c) {
     if (allocs[c] == 0) continue;  // this thread has no say on a class it did not use
     const bool hot = allocs[c] >= kMinCount && static_cast<double>(allocs[c]) >= kMinShare * static_cast<double>(total);
     const bool short_lived = static_cast<double>(frees[c]) >= kMinChurn * static_cast<double>(allocs[c]);
-    int heat = heat_[c].load(std::memory_order_relaxed);
+    const int heat = heat_[c].load(std::memory_order_relaxed);
     int next = hot && short_lived ? heat + 2 : heat - 1;
     if (next > kHeatMax) next = kHeatMax;
     if (next < 0) next = 0;
     heat_[c].store(next, std::memory_order_relaxed);  // racing updates only blur the score
-    if (next >= kHeatOn && !recycler.pooled(c)) recycler.set_pooled(c, true);
-    else if (next == 0 && recycler.pooled(c)) recycler.set_pooled(c, false);
+  }
+  for (unsigned q = 0; q < classes && q < recycler.region().class_count(); ++q) {
+    const int own = heat_[q].load(std::memory_order_relaxed);
+    const int blocks = block_class_of_[q] < classes ? heat_[block_class_of_[q]].load(std::memory_order_relaxed) : 0;
+    const int heat = own > blocks ? own : blocks;
+    if (heat >= kHeatOn && !recycler.pooled(q)) recycler.set_pooled(q, true);
+    else if (heat == 0 && recycler.pooled(q)) recycler.set_pooled(q, false);
   }
 }
 

@@ -33,8 +33,7 @@ struct RecyclerConfig {
 struct alignas(64) Bin {
   uint32_t count;
   uint32_t capacity;  // 0 until the bin is first used
-  // Counters written only by the owning thread, read by reports.
-  std::atomic<uint64_t> served;   // allocations served by this cache (pool hits)
+  // Counters written only by the owning thread (slow paths), read by reports.
   std::atomic<uint64_t> refills;  // trips to the depot for blocks
   std::atomic<uint64_t> drains;   // trips to the depot with blocks
   std::atomic<uint64_t> misses;   // pooled-class requests the pool could not serve
@@ -61,14 +60,14 @@ class Recycler {
   size_t class_size(unsigned size_class) const { return class_size_[size_class]; }
   unsigned class_of_block(const void* p) const { return region_.class_of_block(p); }
 
-  // FAST PATH: pop from the thread's bin (one load, one compare, one store
-  // to clear the free marker); the unlikely branch refills from the depot.
-  // nullptr when the pool cannot serve (the caller uses the real allocator).
+  // FAST PATH: pop from the thread's bin (a load, a compare, a load, a
+  // store, and a store to clear the free marker); the unlikely branch
+  // refills from the depot. nullptr when the pool cannot serve (the caller
+  // uses the real allocator).
   void* allocate(ThreadCache& cache, unsigned size_class) {
     Bin& bin = cache.bins[size_class];
     if (HOTPOOL_RECYCLER_UNLIKELY(bin.count == 0)) return allocate_slow(cache, size_class);
     void* block = bin.slots[--bin.count];
-    bump_counter(bin.served);
     *static_cast<uint64_t*>(block) = 0;  // clear the free marker
     return block;
   }
@@ -130,13 +129,19 @@ class Recycler {
 // The auto policy: which classes are hot and short-lived enough to pool.
 // Each thread reports a window of its own activity (per class allocations
 // and frees since its last report); the policy keeps a heat score per class
-// with hysteresis: a class turns pooled at kHeatOn and back only at 0.
+// with hysteresis.
 //   hot:   at least kMinShare of the window's allocations, and at least
 //          kMinCount of them;
 //   short-lived: frees in the window at least kMinChurn of allocations
 //          (blocks come back about as fast as they go out).
 // A hot, short-lived class gains 2; one that the thread used but that is
 // cold or long-lived loses 1; classes the thread did not use don't move.
+//
+// The counts come per *block* class: for blocks of the real allocator the
+// class of their usable size, which may be one above the class of the
+// request (glibc adds 8 bytes of header and rounds to 16). So a request
+// class q turns pooled when q or the block class of q's largest request
+// (`block_class_of[q]`) reaches kHeatOn, and back when both are at 0.
 class AutoPolicy {
  public:
   static constexpr double kMinShare = 0.01;
@@ -145,11 +150,15 @@ class AutoPolicy {
   static constexpr int kHeatOn = 4;
   static constexpr int kHeatMax = 16;
 
+  // block_class_of[q] for every sized class q; identity if not given.
+  void init(const uint8_t* block_class_of, unsigned classes);
   void evaluate(const uint64_t* allocs, const uint64_t* frees, unsigned classes, Recycler& recycler);
   int heat(unsigned size_class) const { return heat_[size_class].load(std::memory_order_relaxed); }
 
  private:
   std::atomic<int> heat_[kMaxClasses] = {};
+  uint8_t block_class_of_[kMaxClasses] = {};
+  bool mapped_ = false;
 };
 
 }  // namespace hotpool::recycler

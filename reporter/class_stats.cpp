@@ -16,7 +16,7 @@ void ThreadClassStats::publish(GlobalClassStats& global, unsigned c) {
   int64_t& delta = classes[c].live_delta;
   const int64_t live = global.live[c].fetch_add(delta, std::memory_order_relaxed) + delta;
   if (live > 0) raise_atomic(global.peak[c], static_cast<uint64_t>(live));
-  raise_to(classes[c].peak_seen, live);
+  raise_to(peak_seen[c], live);
   delta = 0;
   const int64_t total = global.total_live.fetch_add(total_live_delta, std::memory_order_relaxed) + total_live_delta;
   if (total > 0) raise_atomic(global.total_peak, static_cast<uint64_t>(total));
@@ -28,7 +28,7 @@ void ThreadClassStats::publish_all(GlobalClassStats& global) {
     ClassCounters& row = classes[c];
     if (row.live_delta != 0) global.live[c].fetch_add(row.live_delta, std::memory_order_relaxed);
     row.live_delta = 0;
-    raise_atomic(global.peak[c], load(row.peak_seen));
+    raise_atomic(global.peak[c], load(peak_seen[c]));
   }
   global.total_live.fetch_add(total_live_delta, std::memory_order_relaxed);
   total_live_delta = 0;
@@ -36,8 +36,10 @@ void ThreadClassStats::publish_all(GlobalClassStats& global) {
 }
 
 void ThreadClassStats::reset() {
-  for (ClassCounters& row : classes) {
-    for (Counter* counter : {&row.allocs, &row.frees, &row.requested_bytes, &row.usable_bytes, &row.freed_bytes, &row.peak_seen})
+  for (unsigned c = 0; c < kMaxClasses; ++c) {
+    ClassCounters& row = classes[c];
+    for (Counter* counter : {&row.allocs, &row.frees, &row.pooled_allocs, &row.pooled_frees, &row.requested_bytes,
+                             &row.usable_bytes, &row.freed_bytes, &peak_seen[c]})
       counter->store(0, std::memory_order_relaxed);
     row.live_delta = 0;
   }
@@ -63,13 +65,16 @@ void StatsSnapshot::add(const ThreadClassStats& stats, bool is_thread) {
   for (unsigned c = 0; c < class_count; ++c) {
     ClassTotals& row = classes[c];
     const ClassCounters& counters = stats.classes[c];
-    const uint64_t allocs = load(counters.allocs);
+    const uint64_t pooled_allocs = load(counters.pooled_allocs), pooled_frees = load(counters.pooled_frees);
+    const uint64_t allocs = load(counters.allocs) + pooled_allocs;
     row.allocs += allocs;
-    row.frees += load(counters.frees);
+    row.frees += load(counters.frees) + pooled_frees;
+    row.pooled_allocs += pooled_allocs;
+    row.pooled_frees += pooled_frees;
     row.requested_bytes += load(counters.requested_bytes);
-    row.usable_bytes += load(counters.usable_bytes);
-    row.freed_bytes += load(counters.freed_bytes);
-    const uint64_t peak = load(counters.peak_seen);
+    row.usable_bytes += load(counters.usable_bytes) + pooled_allocs * class_size[c];
+    row.freed_bytes += load(counters.freed_bytes) + pooled_frees * class_size[c];
+    const uint64_t peak = load(stats.peak_seen[c]);
     if (peak > row.peak_live_bytes) row.peak_live_bytes = peak;
     if (allocs && is_thread) row.threads += 1, allocated = true;
   }
@@ -83,6 +88,8 @@ void StatsSnapshot::add(const StatsSnapshot& other) {
     const ClassTotals& more = other.classes[c];
     row.allocs += more.allocs;
     row.frees += more.frees;
+    row.pooled_allocs += more.pooled_allocs;
+    row.pooled_frees += more.pooled_frees;
     row.requested_bytes += more.requested_bytes;
     row.usable_bytes += more.usable_bytes;
     row.freed_bytes += more.freed_bytes;
@@ -95,12 +102,19 @@ void StatsSnapshot::add(const StatsSnapshot& other) {
 }
 
 void StatsSnapshot::finish(const GlobalClassStats& global) {
+  uint64_t total_live = 0;
   for (unsigned c = 0; c < class_count; ++c) {
+    ClassTotals& row = classes[c];
     const uint64_t published = global.peak[c].load(std::memory_order_relaxed);
-    if (published > classes[c].peak_live_bytes) classes[c].peak_live_bytes = published;
+    if (published > row.peak_live_bytes) row.peak_live_bytes = published;
+    // What is live now was live at some point: a peak is never below it.
+    const uint64_t live = row.usable_bytes > row.freed_bytes ? row.usable_bytes - row.freed_bytes : 0;
+    if (live > row.peak_live_bytes) row.peak_live_bytes = live;
+    total_live += live;
   }
   const uint64_t total = global.total_peak.load(std::memory_order_relaxed);
   if (total > total_peak_live_bytes) total_peak_live_bytes = total;
+  if (total_live > total_peak_live_bytes) total_peak_live_bytes = total_live;
 }
 
 }  // namespace hotpool::reporter

@@ -48,25 +48,28 @@ struct GlobalClassStats {
 
 // One class's counters in one thread: exactly one cache line, so recording an
 // allocation or a free touches a single line of the thread's memory.
+// Blocks served by a pool have the class size as usable size: their bytes
+// follow from their counts, so the pooled fast paths bump fewer counters.
 struct alignas(64) ClassCounters {
-  Counter allocs;
+  Counter allocs;           // blocks from the real allocator
   Counter frees;
-  Counter requested_bytes;  // what the program asked for
-  Counter usable_bytes;     // what it got (malloc_usable_size)
-  Counter freed_bytes;      // usable bytes given back
-  Counter peak_seen;        // this thread's view of the class's peak live bytes
-  int64_t live_delta;       // unpublished change of live bytes
-  int64_t unused;
+  Counter pooled_allocs;    // blocks served by a pool
+  Counter pooled_frees;
+  Counter requested_bytes;  // what the program asked for (both kinds)
+  Counter usable_bytes;     // what it got from the real allocator (malloc_usable_size)
+  Counter freed_bytes;      // usable bytes given back to the real allocator
+  int64_t live_delta;       // unpublished change of live bytes (both kinds)
 };
 static_assert(sizeof(ClassCounters) == 64, "one cache line per class");
 
 struct ThreadClassStats {
   ClassCounters classes[kMaxClasses];
+  Counter peak_seen[kMaxClasses];  // this thread's view of each class's peak live bytes
   Counter total_peak_seen;
   int64_t total_live_delta;
 
-  // FAST PATH: one cache line of this thread's plus two read-mostly global
-  // loads; one predictable branch to publish.
+  // FAST PATH (real allocator): the class's line plus two read-mostly
+  // global loads for the peak view; one predictable branch to publish.
   __attribute__((always_inline)) void record_alloc(GlobalClassStats& global, unsigned c, size_t requested, size_t usable) {
     ClassCounters& row = classes[c];
     bump(row.allocs, 1);
@@ -74,25 +77,12 @@ struct ThreadClassStats {
     bump(row.usable_bytes, usable);
     const int64_t delta = row.live_delta += static_cast<int64_t>(usable);
     const int64_t total_delta = total_live_delta += static_cast<int64_t>(usable);
-    raise_to(row.peak_seen, global.live[c].load(std::memory_order_relaxed) + delta);
+    raise_to(peak_seen[c], global.live[c].load(std::memory_order_relaxed) + delta);
     raise_to(total_peak_seen, global.total_live.load(std::memory_order_relaxed) + total_delta);
     if (__builtin_expect(delta > kFlushBytes || total_delta > kFlushBytes, 0)) publish(global, c);
   }
 
-  // FAST PATH for blocks served by a pool: counts and live bytes, but no
-  // per-operation peak view (peaks of pooled classes come from the deltas
-  // published every kFlushBytes, so they may read low by that much per thread).
-  __attribute__((always_inline)) void record_pooled_alloc(GlobalClassStats& global, unsigned c, size_t requested, size_t usable) {
-    ClassCounters& row = classes[c];
-    bump(row.allocs, 1);
-    bump(row.requested_bytes, requested);
-    bump(row.usable_bytes, usable);
-    const int64_t delta = row.live_delta += static_cast<int64_t>(usable);
-    const int64_t total_delta = total_live_delta += static_cast<int64_t>(usable);
-    if (__builtin_expect(delta > kFlushBytes || total_delta > kFlushBytes, 0)) publish(global, c);
-  }
-
-  // FAST PATH: one cache line, one predictable branch to publish.
+  // FAST PATH (real allocator): one cache line, one predictable branch.
   __attribute__((always_inline)) void record_free(GlobalClassStats& global, unsigned c, size_t usable) {
     ClassCounters& row = classes[c];
     bump(row.frees, 1);
@@ -102,8 +92,29 @@ struct ThreadClassStats {
     if (__builtin_expect(delta < -kFlushBytes || total_delta < -kFlushBytes, 0)) publish(global, c);
   }
 
+  // FAST PATH (pool): two counters and the live deltas. No per-operation
+  // peak view: peaks of pooled blocks are taken when deltas are published,
+  // every kFlushBytes, so they may read low by that much per thread.
+  __attribute__((always_inline)) void record_pooled_alloc(GlobalClassStats& global, unsigned c, size_t requested,
+                                                          size_t size) {
+    ClassCounters& row = classes[c];
+    bump(row.pooled_allocs, 1);
+    bump(row.requested_bytes, requested);
+    const int64_t delta = row.live_delta += static_cast<int64_t>(size);
+    const int64_t total_delta = total_live_delta += static_cast<int64_t>(size);
+    if (__builtin_expect(delta > kFlushBytes || total_delta > kFlushBytes, 0)) publish(global, c);
+  }
+
+  __attribute__((always_inline)) void record_pooled_free(GlobalClassStats& global, unsigned c, size_t size) {
+    ClassCounters& row = classes[c];
+    bump(row.pooled_frees, 1);
+    const int64_t delta = row.live_delta -= static_cast<int64_t>(size);
+    const int64_t total_delta = total_live_delta -= static_cast<int64_t>(size);
+    if (__builtin_expect(delta < -kFlushBytes || total_delta < -kFlushBytes, 0)) publish(global, c);
+  }
+
   // Publishes class c's delta and the total delta (slow path).
-  void publish(GlobalClassStats& global, unsigned c);
+  void publish(GlobalClassStats& global, unsigned c) __attribute__((noinline));
   // Publishes every delta: at thread exit and before a report.
   void publish_all(GlobalClassStats& global);
   // Back to zero, for reuse by another thread.
@@ -112,13 +123,14 @@ struct ThreadClassStats {
 
 // One row of a report: the sum over all threads, live and exited.
 struct ClassTotals {
-  uint64_t allocs, frees, requested_bytes, usable_bytes, freed_bytes, peak_live_bytes, threads;
+  uint64_t allocs, frees;                // all blocks
+  uint64_t pooled_allocs, pooled_frees;  // of which served by / returned to a pool
+  uint64_t requested_bytes, usable_bytes, freed_bytes, peak_live_bytes, threads;
 };
 
 // One class's pool, summed over threads (filled by whoever owns the pools).
 struct PoolClassTotals {
   bool pooled;                 // pooled when the report was taken
-  uint64_t hits;               // allocations served from a thread cache
   uint64_t refills, drains;    // thread cache <-> depot trips
   uint64_t misses;             // pooled-class requests the pool could not serve
   uint64_t cached_blocks;      // free blocks in thread caches
@@ -138,7 +150,8 @@ struct StatsSnapshot {
   PoolClassTotals pools[kMaxClasses];
 
   void clear(unsigned count, const uint64_t* sizes);
-  // Adds one thread's counters; is_thread counts it in threads_seen and in
+  // Adds one thread's counters (pooled blocks' bytes from their counts and
+  // the class size); is_thread counts it in threads_seen and in
   // the per-class thread counts (false for the shared late-allocation block).
   void add(const ThreadClassStats& stats, bool is_thread = true);
   // Adds another snapshot (the retired threads' sums).

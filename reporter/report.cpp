@@ -64,7 +64,7 @@ void write_text_report(const StatsSnapshot& stats, const ReportContext& context,
     if (pools) {
       const PoolClassTotals& pool = stats.pools[c];
       out.str(pool.pooled ? "     yes" : "      no")
-          .padded(11, [&](Output& o) { if (pool.hits) o.percent(pool.hits, row.allocs); else o.ch('-'); });
+          .padded(11, [&](Output& o) { if (row.pooled_allocs) o.percent(row.pooled_allocs, row.allocs); else o.ch('-'); });
     }
     out.ch('\n');
   }
@@ -81,7 +81,7 @@ void write_text_report(const StatsSnapshot& stats, const ReportContext& context,
     uint64_t hits = 0, refills = 0, drains = 0, misses = 0, committed = 0, peak = 0, free_bytes = 0, pooled = 0;
     for (unsigned c = 0; c < stats.class_count; ++c) {
       const PoolClassTotals& pool = stats.pools[c];
-      hits += pool.hits;
+      hits += stats.classes[c].pooled_allocs;
       refills += pool.refills;
       drains += pool.drains;
       misses += pool.misses;
@@ -99,9 +99,10 @@ void write_text_report(const StatsSnapshot& stats, const ReportContext& context,
   }
   out.str("  counts are exact; a block belongs to the smallest class >= its usable size; "
           "rounding = usable bytes the program did not ask for");
-  if (stats.threads_at_once > 1)
+  if (context.peak_error_bytes)
     out.str("; peak live may read low by up to ").bytes(context.peak_error_bytes)
-        .str(" per class (").u64(stats.threads_at_once).str(" threads at once)");
+        .str(" per class (").u64(stats.threads_at_once).str(stats.threads_at_once == 1 ? " thread" : " threads")
+        .str(" at once)");
   out.ch('\n');
 }
 
@@ -130,11 +131,11 @@ void write_json_report(const StatsSnapshot& stats, const ReportContext& context,
       .str(", \"peak_live_bytes\": ").u64(stats.total_peak_live_bytes)
       .str(", \"threads_seen\": ").u64(stats.threads_seen)
       .str(", \"threads_at_once\": ").u64(stats.threads_at_once)
-      .str(", \"peak_error_bytes\": ").u64(stats.threads_at_once > 1 ? context.peak_error_bytes : 0);
+      .str(", \"peak_error_bytes\": ").u64(context.peak_error_bytes);
   if (stats.pools_active) {
     uint64_t hits = 0, committed = 0, peak = 0;
     for (unsigned c = 0; c < stats.class_count; ++c) {
-      hits += stats.pools[c].hits;
+      hits += stats.classes[c].pooled_allocs;
       committed += stats.pools[c].committed_bytes;
       peak += stats.pools[c].peak_committed_bytes;
     }
@@ -161,7 +162,7 @@ void write_json_report(const StatsSnapshot& stats, const ReportContext& context,
     if (stats.pools_active && !is_large(stats, c)) {
       const PoolClassTotals& pool = stats.pools[c];
       out.str(", \"pool\": {\"pooled\": ").str(pool.pooled ? "true" : "false")
-          .str(", \"hits\": ").u64(pool.hits).str(", \"refills\": ").u64(pool.refills)
+          .str(", \"hits\": ").u64(row.pooled_allocs).str(", \"refills\": ").u64(pool.refills)
           .str(", \"drains\": ").u64(pool.drains).str(", \"misses\": ").u64(pool.misses)
           .str(", \"free_bytes\": ").u64(pool.depot_free_bytes + pool.cached_blocks * stats.class_size[c])
           .str(", \"committed_bytes\": ").u64(pool.committed_bytes)

@@ -52,19 +52,13 @@ void* realloc_from_bootstrap(void* block, size_t size) {
 // stack frame, and in mode off it is a load, two compares and a jump to the
 // real allocator.
 HOTPOOL_NOINLINE void* recorded_malloc(size_t size) {
-  if (HOTPOOL_LIKELY(size <= g_pool_limit)) {
-    const unsigned size_class = request_class(size);
-    if (g_recycler.pooled(size_class)) {
-      if (void* block = pooled_allocate(size_class, size)) return block;
-    }
-  }
   void* block = g_real.malloc(size);
   if (HOTPOOL_LIKELY(block != nullptr) && !tls.in_hotpool) record_alloc(block, size);
   return block;
 }
 
 HOTPOOL_NOINLINE void recorded_free(void* block) {
-  if (g_recycler.contains(block)) return pooled_free(block);
+  if (HOTPOOL_UNLIKELY(bootstrap::owns(block))) return;  // static memory, never reused
   if (HOTPOOL_LIKELY(block != nullptr) && !tls.in_hotpool) {
     if (HOTPOOL_UNLIKELY(misaligned(block))) warn_invalid_pointer("free", block);
     else record_free(g_real.usable_size(block));
@@ -73,16 +67,46 @@ HOTPOOL_NOINLINE void recorded_free(void* block) {
 }
 
 HOTPOOL_NOINLINE void* recorded_calloc(size_t count, size_t size) {
-  size_t bytes;
-  if (!__builtin_mul_overflow(count, size, &bytes) && bytes <= g_pool_limit) {
-    const unsigned size_class = request_class(bytes);
-    if (g_recycler.pooled(size_class)) {
-      if (void* block = pooled_allocate(size_class, bytes)) return std::memset(block, 0, bytes);
-    }
-  }
   void* block = g_real.calloc(count, size);
   if (HOTPOOL_LIKELY(block != nullptr) && !tls.in_hotpool) record_alloc(block, count * size);
   return block;
+}
+
+// FAST PATH (pooled class, checked by the caller): a TLS load, the thread
+// cache's pop, two counters and the policy countdown. The real allocator
+// serves when there is no thread state (a thread's first call, or inside
+// hotpool) or when the pool is out of memory.
+HOTPOOL_NOINLINE void* pooled_malloc(unsigned size_class, size_t size) {
+  ThreadState* state = tls.pool_state;
+  if (HOTPOOL_LIKELY(state != nullptr)) {
+    if (void* block = g_recycler.allocate(state->cache, size_class)) {
+      state->stats.record_pooled_alloc(g_global, size_class, size, g_recycler.class_size(size_class));
+      count_for_policy(*state);
+      return block;
+    }
+  }
+  return recorded_malloc(size);
+}
+
+HOTPOOL_NOINLINE void* pooled_calloc(unsigned size_class, size_t size) {
+  ThreadState* state = tls.pool_state;
+  if (HOTPOOL_LIKELY(state != nullptr)) {
+    if (void* block = g_recycler.allocate(state->cache, size_class)) {
+      state->stats.record_pooled_alloc(g_global, size_class, size, g_recycler.class_size(size_class));
+      count_for_policy(*state);
+      return std::memset(block, 0, size);
+    }
+  }
+  return recorded_calloc(1, size);
+}
+
+// The class a request of `size` is pooled in, or -1 when it is not pooled.
+HOTPOOL_ALWAYS_INLINE int pooled_class(size_t size) {
+  if (HOTPOOL_LIKELY(size <= g_pool_limit)) {
+    const unsigned size_class = g_classes.class_of(size);
+    if (g_recycler.pooled(size_class)) return static_cast<int>(size_class);
+  }
+  return -1;
 }
 
 // realloc of a pooled block: in place when the new size needs the same
@@ -98,10 +122,10 @@ void* realloc_pooled(void* block, size_t size) {
     return nullptr;
   }
   const size_t old_size = g_recycler.class_size(size_class);
-  if (size <= g_pool_limit && request_class(size) == size_class) {
+  if (size <= g_pool_limit && g_classes.class_of(size) == size_class) {
     if (ThreadState* state = tls.state) {
-      state->stats.record_free(g_global, size_class, old_size);
-      state->stats.record_alloc(g_global, size_class, size, old_size);
+      state->stats.record_pooled_free(g_global, size_class, old_size);
+      state->stats.record_pooled_alloc(g_global, size_class, size, old_size);
     }
     return block;
   }
@@ -119,15 +143,22 @@ void* realloc_pooled(void* block, size_t size) {
 // call alone; Booting (first call of the process): start-up.
 HOTPOOL_EXPORT void* malloc(size_t size) {
   const Phase phase = g_phase.load(std::memory_order_relaxed);
-  if (HOTPOOL_LIKELY(phase == Phase::Recording)) return recorded_malloc(size);
+  if (HOTPOOL_LIKELY(phase == Phase::Recording)) {
+    const int size_class = pooled_class(size);
+    if (size_class >= 0) return pooled_malloc(static_cast<unsigned>(size_class), size);
+    return recorded_malloc(size);
+  }
   if (phase == Phase::Off) return g_real.malloc(size);
   return allocate_booting([=] { return malloc(size); }, size, 0, false);
 }
 
 HOTPOOL_EXPORT void free(void* block) {
-  if (HOTPOOL_UNLIKELY(bootstrap::owns(block))) return;  // static memory, never reused
   const Phase phase = g_phase.load(std::memory_order_relaxed);
-  if (HOTPOOL_LIKELY(phase == Phase::Recording)) return recorded_free(block);
+  if (HOTPOOL_LIKELY(phase == Phase::Recording)) {
+    if (g_recycler.contains(block)) return pooled_free(block);
+    return recorded_free(block);
+  }
+  if (HOTPOOL_UNLIKELY(bootstrap::owns(block))) return;  // static memory, never reused
   if (phase == Phase::Off) return g_real.free(block);
   boot();
   if (g_real.free) g_real.free(block);  // else nothing to give it back to yet
@@ -135,7 +166,14 @@ HOTPOOL_EXPORT void free(void* block) {
 
 HOTPOOL_EXPORT void* calloc(size_t count, size_t size) {
   const Phase phase = g_phase.load(std::memory_order_relaxed);
-  if (HOTPOOL_LIKELY(phase == Phase::Recording)) return recorded_calloc(count, size);
+  if (HOTPOOL_LIKELY(phase == Phase::Recording)) {
+    size_t bytes;
+    if (!__builtin_mul_overflow(count, size, &bytes)) {
+      const int size_class = pooled_class(bytes);
+      if (size_class >= 0) return pooled_calloc(static_cast<unsigned>(size_class), bytes);
+    }
+    return recorded_calloc(count, size);
+  }
   if (phase == Phase::Off) return g_real.calloc(count, size);
   size_t bytes;
   if (__builtin_mul_overflow(count, size, &bytes)) return errno = ENOMEM, nullptr;

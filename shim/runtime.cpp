@@ -64,6 +64,7 @@ void on_thread_exit(void* arg) {
     return;
   }
   tls.state = nullptr;
+  tls.pool_state = nullptr;
   tls.status = ThreadStatus::TornDown;
   if (g_recycler.ready()) g_recycler.flush(state->cache);
   g_registry.retire(state, g_global, guard);
@@ -116,6 +117,20 @@ void start_recycler() {
     for (unsigned c = 0; g_options.classes.count && c + 1 < g_classes.count(); ++c) g_recycler.set_pooled(c, true);
   }
   g_pool_limit = g_classes.max_class_size();
+  // The auto policy counts blocks by their usable size: tell it which block
+  // class the largest request of each class lands in with the real allocator.
+  uint8_t block_class_of[reporter::kMaxClasses];
+  const unsigned sized = g_classes.count() - 1;
+  for (unsigned q = 0; q < sized; ++q) {
+    const size_t largest = g_classes.class_size(q);
+    size_t usable = largest;
+    if (g_real.glibc_chunk_headers) {  // glibc: chunk = request + 8, rounded to 16, at least 32
+      const size_t chunk = (largest + 8 + 15) & ~size_t{15};
+      usable = (chunk < 32 ? 32 : chunk) - 8;
+    }
+    block_class_of[q] = static_cast<uint8_t>(g_classes.class_of(usable));
+  }
+  g_policy.init(block_class_of, sized);
 }
 
 void print_help() {
@@ -246,7 +261,7 @@ static ThreadState* attach_thread(const ReentryGuard& guard) {
   tls.state = state;
   tls.status = ThreadStatus::Attached;
   pthread_setspecific(g_thread_key, state);
-  return state;
+  return state;  // pool_state follows when the guard is released
 }
 
 void evaluate_policy(ThreadState& state) {
@@ -254,8 +269,10 @@ void evaluate_policy(ThreadState& state) {
   const unsigned classes = g_classes.count() - 1;  // the large class never pools
   for (unsigned c = 0; c < classes; ++c) {
     const reporter::ClassCounters& row = state.stats.classes[c];
-    const uint64_t now_allocs = row.allocs.load(std::memory_order_relaxed);
-    const uint64_t now_frees = row.frees.load(std::memory_order_relaxed);
+    const uint64_t now_allocs =
+        row.allocs.load(std::memory_order_relaxed) + row.pooled_allocs.load(std::memory_order_relaxed);
+    const uint64_t now_frees =
+        row.frees.load(std::memory_order_relaxed) + row.pooled_frees.load(std::memory_order_relaxed);
     allocs[c] = now_allocs - state.policy_allocs[c];
     frees[c] = now_frees - state.policy_frees[c];
     state.policy_allocs[c] = now_allocs;
@@ -266,12 +283,21 @@ void evaluate_policy(ThreadState& state) {
   state.policy_countdown = state.policy_window;
 }
 
-void pooled_free_uncached(void* block) {
+void pooled_free(void* block) {
+  ThreadState* state = tls.state;
   const unsigned size_class = g_recycler.class_of_block(block);
-  g_recycler.deallocate_uncached(block);
-  if (!g_registry.has_fallback()) return;
-  SpinLockGuard lock(g_registry.fallback_lock());
-  g_registry.fallback().record_free(g_global, size_class, g_recycler.class_size(size_class));
+  if (HOTPOOL_UNLIKELY(state == nullptr)) {
+    // Not attached yet, or torn down: straight to the depot, counted in the
+    // shared block.
+    g_recycler.deallocate_uncached(block);
+    if (!g_registry.has_fallback()) return;
+    SpinLockGuard lock(g_registry.fallback_lock());
+    g_registry.fallback().record_pooled_free(g_global, size_class, g_recycler.class_size(size_class));
+    return;
+  }
+  // The counters first: deallocate() ends in a push or a drain.
+  state->stats.record_pooled_free(g_global, size_class, g_recycler.class_size(size_class));
+  g_recycler.deallocate(state->cache, block);  // aborts on a double or invalid free
 }
 
 void record_alloc_slow(unsigned size_class, size_t requested, size_t usable) {
@@ -376,8 +402,13 @@ void write_report(const char* reason) {
   context.reason = reason;
   context.note = note;
   context.duration_ns = monotonic_ns() - g_start_ns;
-  context.peak_error_bytes = static_cast<uint64_t>(reporter::kFlushBytes) *
-                             (g_snapshot.threads_at_once > 1 ? g_snapshot.threads_at_once - 1 : 0);
+  // Peaks lag by the unpublished deltas: other threads' on the real
+  // allocator's path, every thread's (this one's too) on the pooled path.
+  uint64_t pooled_allocs = 0;
+  for (unsigned c = 0; c < g_snapshot.class_count; ++c) pooled_allocs += g_snapshot.classes[c].pooled_allocs;
+  const uint64_t lagging_threads = pooled_allocs ? g_snapshot.threads_at_once
+                                                 : (g_snapshot.threads_at_once > 1 ? g_snapshot.threads_at_once - 1 : 0);
+  context.peak_error_bytes = static_cast<uint64_t>(reporter::kFlushBytes) * lagging_threads;
   context.option_count = count;
   context.option_names = names;
   context.option_values = value_ptrs;

@@ -74,45 +74,10 @@ HOTPOOL_ALWAYS_INLINE void record_free(size_t usable) {
   state->stats.record_free(g_global, size_class, usable);
 }
 
-// The class a request's block is counted in: the class of the usable size
-// the real allocator would give it (glibc: the chunk size less its 8-byte
-// header, at least 24), so that a pooled block and a block from the real
-// allocator land in the same class for the same request. Elsewhere: the
-// class of the request.
-HOTPOOL_ALWAYS_INLINE unsigned request_class(size_t size) {
-  if (HOTPOOL_LIKELY(g_real.glibc_chunk_headers)) {
-    const size_t chunk = (size + 8 + 15) & ~size_t{15};
-    return g_classes.class_of((chunk < 32 ? 32 : chunk) - 8);
-  }
-  return g_classes.class_of(size);
-}
-
-// FAST PATH (pooled class): the thread cache's pop and the counters; the
-// caller has checked the class is pooled. nullptr: not served by the pool
-// (no thread state yet, inside hotpool, or the pool is out of memory).
-HOTPOOL_ALWAYS_INLINE void* pooled_allocate(unsigned size_class, size_t size) {
-  ThreadLocal& local = tls;
-  ThreadState* state = local.state;
-  if (HOTPOOL_UNLIKELY(state == nullptr || local.in_hotpool)) return nullptr;
-  void* block = g_recycler.allocate(state->cache, size_class);
-  if (HOTPOOL_LIKELY(block != nullptr)) {
-    state->stats.record_pooled_alloc(g_global, size_class, size, g_recycler.class_size(size_class));
-    count_for_policy(*state);
-  }
-  return block;
-}
-
-// A block of the pool region back to the pool (whatever the guard says):
-// into the thread's cache, or straight to the depot for a thread that has
-// no cache (not attached yet, or torn down).
-HOTPOOL_NOINLINE void pooled_free_uncached(void* block);
-HOTPOOL_ALWAYS_INLINE void pooled_free(void* block) {
-  ThreadState* state = tls.state;
-  if (HOTPOOL_UNLIKELY(state == nullptr)) return pooled_free_uncached(block);
-  const unsigned size_class = g_recycler.class_of_block(block);
-  g_recycler.deallocate(state->cache, block);  // aborts on a double or invalid free
-  state->stats.record_free(g_global, size_class, g_recycler.class_size(size_class));
-}
+// FAST PATH: a block of the pool region back to the pool, whatever the
+// guard says: validation (HOTPOOL_CHECKS), two counters, the cache's push;
+// without a thread state, straight to the depot.
+HOTPOOL_NOINLINE void pooled_free(void* block);
 
 // True when a call made in `phase` should be recorded: hotpool is recording
 // and the call does not come from inside hotpool.

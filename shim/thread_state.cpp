@@ -53,7 +53,6 @@ ThreadState* ThreadRegistry::acquire(const ReentryGuard&) {
 void add_cache_counters(const recycler::ThreadCache& cache, unsigned classes, reporter::PoolClassTotals* totals) {
   for (unsigned c = 0; c < classes; ++c) {
     const recycler::Bin& bin = cache.bins[c];
-    totals[c].hits += bin.served.load(std::memory_order_relaxed);
     totals[c].refills += bin.refills.load(std::memory_order_relaxed);
     totals[c].drains += bin.drains.load(std::memory_order_relaxed);
     totals[c].misses += bin.misses.load(std::memory_order_relaxed);
@@ -71,7 +70,7 @@ void ThreadRegistry::retire_locked(ThreadState* state, reporter::GlobalClassStat
     recycler::Bin& bin = state->cache.bins[c];
     bin.count = 0;
     bin.capacity = 0;
-    for (auto* counter : {&bin.served, &bin.refills, &bin.drains, &bin.misses}) counter->store(0, std::memory_order_relaxed);
+    for (auto* counter : {&bin.refills, &bin.drains, &bin.misses}) counter->store(0, std::memory_order_relaxed);
     state->policy_allocs[c] = state->policy_frees[c] = 0;
   }
   state->policy_countdown = state->policy_window = 0;
@@ -97,7 +96,6 @@ void ThreadRegistry::snapshot(reporter::StatsSnapshot* out, reporter::GlobalClas
   }
   out->add(retired_);
   for (unsigned c = 0; c < out->class_count; ++c) {
-    out->pools[c].hits += retired_pools_[c].hits;
     out->pools[c].refills += retired_pools_[c].refills;
     out->pools[c].drains += retired_pools_[c].drains;
     out->pools[c].misses += retired_pools_[c].misses;

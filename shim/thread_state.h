@@ -37,9 +37,10 @@ struct ThreadState {
 enum class ThreadStatus : uint8_t { NotAttached = 0, Attached, TornDown };
 
 struct ThreadLocal {
-  ThreadState* state;   // non-null exactly while Attached
+  ThreadState* state;       // non-null exactly while Attached
+  ThreadState* pool_state;  // state, but null while in_hotpool: one test for the pooled fast path
   ThreadStatus status;
-  bool in_hotpool;      // the recursion guard
+  bool in_hotpool;          // the recursion guard
 };
 
 extern __thread ThreadLocal tls __attribute__((tls_model("initial-exec")));
@@ -50,8 +51,14 @@ extern __thread ThreadLocal tls __attribute__((tls_model("initial-exec")));
 // only run under the guard take it as a parameter.
 class ReentryGuard {
  public:
-  ReentryGuard() : was_set_(tls.in_hotpool) { tls.in_hotpool = true; }
-  ~ReentryGuard() { tls.in_hotpool = was_set_; }
+  ReentryGuard() : was_set_(tls.in_hotpool) {
+    tls.in_hotpool = true;
+    tls.pool_state = nullptr;
+  }
+  ~ReentryGuard() {
+    tls.in_hotpool = was_set_;
+    if (!was_set_) tls.pool_state = tls.state;
+  }
   ReentryGuard(const ReentryGuard&) = delete;
   ReentryGuard& operator=(const ReentryGuard&) = delete;
 
