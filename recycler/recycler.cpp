@@ -36,6 +36,7 @@ uint32_t Recycler::capacity_for(unsigned size_class) const {
 
 void* Recycler::allocate_slow(ThreadCache& cache, unsigned size_class) {
   Bin& bin = cache.bins[size_class];
+  if (bin.count) return pop(cache, size_class);
   if (bin.capacity == 0) bin.capacity = capacity_for(size_class);
   // Refill half the bin: the other half is room for frees before a drain.
   const unsigned want = bin.capacity / 2 ? bin.capacity / 2 : 1;
@@ -46,10 +47,16 @@ void* Recycler::allocate_slow(ThreadCache& cache, unsigned size_class) {
     return nullptr;
   }
   bin.count = got;
-  return allocate(cache, size_class);
+  return pop(cache, size_class);
 }
 
-void Recycler::deallocate_slow(ThreadCache& cache, unsigned size_class, void* block) {
+void Recycler::deallocate_unmarked(ThreadCache& cache, unsigned size_class, void* block) {
+  ClassDepot& depot = region_.depot(size_class);
+  if (!depot.is_block_start(block)) fatal_pointer_error(depot.check_block(block), block);
+  confirm_double_free(cache, size_class, block);  // it carries its free marker
+}
+
+void Recycler::drain_and_push(ThreadCache& cache, unsigned size_class, void* block) {
   Bin& bin = cache.bins[size_class];
   if (bin.capacity == 0) {
     bin.capacity = capacity_for(size_class);
@@ -90,7 +97,7 @@ void Recycler::deallocate_uncached(void* block) {
   depot.drain(&block, 1, monotonic_ns());  // aborts on a block already free there
 }
 
-bool Recycler::confirm_double_free(ThreadCache& cache, unsigned size_class, void* block) {
+void Recycler::confirm_double_free(ThreadCache& cache, unsigned size_class, void* block) {
   // The first word holds this block's free marker: it was freed before, or
   // the program stored exactly that 64-bit value there. Look for it.
   const Bin& bin = cache.bins[size_class];
@@ -108,7 +115,6 @@ bool Recycler::confirm_double_free(ThreadCache& cache, unsigned size_class, void
     ssize_t ignored = write(STDERR_FILENO, message, sizeof(message) - 1);
     (void)ignored;
   }
-  return false;
 }
 
 void Recycler::flush(ThreadCache& cache) {

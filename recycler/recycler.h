@@ -65,23 +65,57 @@ class Recycler {
   // refills from the depot. nullptr when the pool cannot serve (the caller
   // uses the real allocator).
   void* allocate(ThreadCache& cache, unsigned size_class) {
+    void* block = pop(cache, size_class);
+    if (HOTPOOL_RECYCLER_UNLIKELY(block == nullptr)) return allocate_slow(cache, size_class);
+    return block;
+  }
+
+  // FAST PATH: validate and mark, push onto the thread's bin; the unlikely
+  // branches check fully (abort or quarantine) or drain the older half of a
+  // full bin to the depot.
+  void deallocate(ThreadCache& cache, void* block) {
+    const unsigned size_class = region_.class_of_block(block);
+    if (HOTPOOL_RECYCLER_UNLIKELY(!validate_and_mark(size_class, block)))
+      return deallocate_unmarked(cache, size_class, block);
+    if (HOTPOOL_RECYCLER_UNLIKELY(!push(cache, size_class, block))) return drain_and_push(cache, size_class, block);
+  }
+
+  // The pieces of the two paths above, for callers that build frameless
+  // fast paths of their own (no call but tail calls to the slow parts).
+  // pop: nullptr when the bin is empty (then allocate_slow refills).
+  void* pop(ThreadCache& cache, unsigned size_class) {
     Bin& bin = cache.bins[size_class];
-    if (HOTPOOL_RECYCLER_UNLIKELY(bin.count == 0)) return allocate_slow(cache, size_class);
+    if (HOTPOOL_RECYCLER_UNLIKELY(bin.count == 0)) return nullptr;
     void* block = bin.slots[--bin.count];
     *static_cast<uint64_t*>(block) = 0;  // clear the free marker
     return block;
   }
-
-  // FAST PATH: validate (checks on: range of carved slabs, block start,
-  // free marker), mark, push onto the thread's bin; the unlikely branch
-  // drains the older half of a full bin to the depot.
-  void deallocate(ThreadCache& cache, void* block) {
-    const unsigned size_class = region_.class_of_block(block);
-    if (config_.checks && !check_and_mark(cache, size_class, block)) return;
-    Bin& bin = cache.bins[size_class];
-    if (HOTPOOL_RECYCLER_UNLIKELY(bin.count >= bin.capacity)) return deallocate_slow(cache, size_class, block);
-    bin.slots[bin.count++] = block;
+  // True when the block passes the cheap checks (HOTPOOL_CHECKS: the start
+  // of a block in a carved slab, no free marker yet), which then marks it
+  // freed. False: deallocate_unmarked must look closer (it aborts or
+  // quarantines the block).
+  bool validate_and_mark(unsigned size_class, void* block) {
+    if (!config_.checks) return true;
+    uint64_t& first_word = *static_cast<uint64_t*>(block);
+    const uint64_t marker = key_ ^ reinterpret_cast<uintptr_t>(block);
+    if (HOTPOOL_RECYCLER_UNLIKELY(!region_.depot(size_class).is_block_start(block) || first_word == marker)) return false;
+    first_word = marker;
+    return true;
   }
+  // False when the bin is full (then drain_and_push).
+  bool push(ThreadCache& cache, unsigned size_class, void* block) {
+    Bin& bin = cache.bins[size_class];
+    if (HOTPOOL_RECYCLER_UNLIKELY(bin.count >= bin.capacity)) return false;
+    bin.slots[bin.count++] = block;
+    return true;
+  }
+  void* allocate_slow(ThreadCache& cache, unsigned size_class) __attribute__((noinline));
+  // After a failed validate_and_mark(): abort with what is wrong, or
+  // quarantine the block (a double free by two threads). Never caches it.
+  void deallocate_unmarked(ThreadCache& cache, unsigned size_class, void* block) __attribute__((noinline));
+  // After a failed push(): give the depot the older half of the bin (or
+  // size a bin used for the first time), then push.
+  void drain_and_push(ThreadCache& cache, unsigned size_class, void* block) __attribute__((noinline));
 
   // For threads without a cache (after their teardown): straight to the depot.
   void* allocate_uncached(unsigned size_class);
@@ -101,19 +135,9 @@ class Recycler {
   const RecyclerConfig& config() const { return config_; }
 
  private:
-  void* allocate_slow(ThreadCache& cache, unsigned size_class) __attribute__((noinline));
-  void deallocate_slow(ThreadCache& cache, unsigned size_class, void* block) __attribute__((noinline));
-  // False when the block must not be cached (quarantined).
-  bool check_and_mark(ThreadCache& cache, unsigned size_class, void* block) {
-    ClassDepot& depot = region_.depot(size_class);
-    if (HOTPOOL_RECYCLER_UNLIKELY(!depot.is_block_start(block))) fatal_pointer_error(depot.check_block(block), block);
-    uint64_t& first_word = *static_cast<uint64_t*>(block);
-    const uint64_t marker = key_ ^ reinterpret_cast<uintptr_t>(block);
-    if (HOTPOOL_RECYCLER_UNLIKELY(first_word == marker)) return confirm_double_free(cache, size_class, block);
-    first_word = marker;
-    return true;
-  }
-  bool confirm_double_free(ThreadCache& cache, unsigned size_class, void* block) __attribute__((noinline));
+  // A block carrying its free marker: abort if this thread's cache or the
+  // depot holds it; else quarantine it (never cached again).
+  void confirm_double_free(ThreadCache& cache, unsigned size_class, void* block);
   uint32_t capacity_for(unsigned size_class) const;
   void maybe_decay(unsigned size_class, uint64_t now_ns);
 

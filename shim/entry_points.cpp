@@ -73,19 +73,32 @@ HOTPOOL_NOINLINE void* recorded_calloc(size_t count, size_t size) {
 }
 
 // FAST PATH (pooled class, checked by the caller): a TLS load, the thread
-// cache's pop, two counters and the policy countdown. The real allocator
-// serves when there is no thread state (a thread's first call, or inside
-// hotpool) or when the pool is out of memory.
+// cache's pop, two counters and the policy countdown, without a call: every
+// slow part (refill, publishing counts, the policy, no thread state) is a
+// tail call, so the function needs no stack frame.
+HOTPOOL_NOINLINE void* pooled_malloc_refill(unsigned size_class, size_t size) {
+  ThreadState* state = tls.pool_state;
+  void* block = g_recycler.allocate_slow(state->cache, size_class);
+  if (!block) return recorded_malloc(size);  // the pool is out of memory
+  state->stats.record_pooled_alloc(g_global, size_class, size, g_recycler.class_size(size_class));
+  count_for_policy(*state);
+  return block;
+}
+
+HOTPOOL_NOINLINE void* pooled_bookkeeping(ThreadState* state, unsigned size_class, void* block) {
+  state->stats.publish_if_due(g_global, size_class);
+  if (state->policy_countdown == 0) evaluate_policy(*state);
+  return block;
+}
+
 HOTPOOL_NOINLINE void* pooled_malloc(unsigned size_class, size_t size) {
   ThreadState* state = tls.pool_state;
-  if (HOTPOOL_LIKELY(state != nullptr)) {
-    if (void* block = g_recycler.allocate(state->cache, size_class)) {
-      state->stats.record_pooled_alloc(g_global, size_class, size, g_recycler.class_size(size_class));
-      count_for_policy(*state);
-      return block;
-    }
-  }
-  return recorded_malloc(size);
+  if (HOTPOOL_UNLIKELY(state == nullptr)) return recorded_malloc(size);
+  void* block = g_recycler.pop(state->cache, size_class);
+  if (HOTPOOL_UNLIKELY(block == nullptr)) return pooled_malloc_refill(size_class, size);
+  const bool publish = state->stats.add_pooled_alloc(size_class, size, g_recycler.class_size(size_class));
+  if (HOTPOOL_UNLIKELY(publish | (--state->policy_countdown == 0))) return pooled_bookkeeping(state, size_class, block);
+  return block;
 }
 
 HOTPOOL_NOINLINE void* pooled_calloc(unsigned size_class, size_t size) {

@@ -283,21 +283,37 @@ void evaluate_policy(ThreadState& state) {
   state.policy_countdown = state.policy_window;
 }
 
+// The slow parts of pooled_free, each entered by a tail call.
+static HOTPOOL_NOINLINE void pooled_free_uncached(void* block) {
+  // Not attached yet, or torn down: straight to the depot, counted in the
+  // shared block.
+  const unsigned size_class = g_recycler.class_of_block(block);
+  g_recycler.deallocate_uncached(block);
+  if (!g_registry.has_fallback()) return;
+  SpinLockGuard lock(g_registry.fallback_lock());
+  g_registry.fallback().record_pooled_free(g_global, size_class, g_recycler.class_size(size_class));
+}
+
+static HOTPOOL_NOINLINE void pooled_free_full_bin(ThreadState* state, unsigned size_class, void* block) {
+  g_recycler.drain_and_push(state->cache, size_class, block);
+  state->stats.publish_if_due(g_global, size_class);
+}
+
+static HOTPOOL_NOINLINE void publish_class(ThreadState* state, unsigned size_class) {
+  state->stats.publish(g_global, size_class);
+}
+
 void pooled_free(void* block) {
   ThreadState* state = tls.state;
+  if (HOTPOOL_UNLIKELY(state == nullptr)) return pooled_free_uncached(block);
   const unsigned size_class = g_recycler.class_of_block(block);
-  if (HOTPOOL_UNLIKELY(state == nullptr)) {
-    // Not attached yet, or torn down: straight to the depot, counted in the
-    // shared block.
-    g_recycler.deallocate_uncached(block);
-    if (!g_registry.has_fallback()) return;
-    SpinLockGuard lock(g_registry.fallback_lock());
-    g_registry.fallback().record_pooled_free(g_global, size_class, g_recycler.class_size(size_class));
-    return;
-  }
-  // The counters first: deallocate() ends in a push or a drain.
-  state->stats.record_pooled_free(g_global, size_class, g_recycler.class_size(size_class));
-  g_recycler.deallocate(state->cache, block);  // aborts on a double or invalid free
+  // An invalid or double free aborts there, or is quarantined (not counted).
+  if (HOTPOOL_UNLIKELY(!g_recycler.validate_and_mark(size_class, block)))
+    return g_recycler.deallocate_unmarked(state->cache, size_class, block);
+  const bool publish = state->stats.add_pooled_free(size_class, g_recycler.class_size(size_class));
+  if (HOTPOOL_UNLIKELY(!g_recycler.push(state->cache, size_class, block)))
+    return pooled_free_full_bin(state, size_class, block);
+  if (HOTPOOL_UNLIKELY(publish)) return publish_class(state, size_class);
 }
 
 void record_alloc_slow(unsigned size_class, size_t requested, size_t usable) {
