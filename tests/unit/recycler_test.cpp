@@ -100,7 +100,6 @@ TEST_F(RecyclerTest, CacheIsLifoAndRefillsAndDrainsInHalves) {
   EXPECT_GE(bin.drains.load(), 1u);
   EXPECT_LE(bin.count, bin.capacity);
   EXPECT_GT(depot(48).counters().depot_free_bytes.load(), depot_before);
-  EXPECT_GT(bin.served.load(), blocks.size());
 }
 
 TEST_F(RecyclerTest, FlushReturnsEveryCachedBlockToTheDepot) {
