@@ -127,6 +127,12 @@ struct ThreadClassStats {
   void record_pooled_free(GlobalClassStats& global, unsigned c, size_t size) {
     if (add_pooled_free(c, size)) publish(global, c);
   }
+  // Raises this thread's view of class c's peak (and the total's) to the
+  // live bytes now: published plus this thread's unpublished delta.
+  void note_peak(GlobalClassStats& global, unsigned c) {
+    raise_to(peak_seen[c], global.live[c].load(std::memory_order_relaxed) + classes[c].live_delta);
+    raise_to(total_peak_seen, global.total_live.load(std::memory_order_relaxed) + total_live_delta);
+  }
   // Publishes class c if its deltas are beyond kFlushBytes either way.
   void publish_if_due(GlobalClassStats& global, unsigned c) {
     const int64_t delta = classes[c].live_delta;

@@ -81,6 +81,10 @@ HOTPOOL_NOINLINE void* pooled_malloc_refill(unsigned size_class, size_t size) {
   void* block = g_recycler.allocate_slow(state->cache, size_class);
   if (!block) return recorded_malloc(size);  // the pool is out of memory
   state->stats.record_pooled_alloc(g_global, size_class, size, g_recycler.class_size(size_class));
+  // The pooled paths keep no per-operation peak view; a refill is where a
+  // class's live bytes grow (the cache ran dry), so the peak is sampled here,
+  // within half a cache of blocks of the truth for this thread.
+  state->stats.note_peak(g_global, size_class);
   count_for_policy(*state);
   return block;
 }
@@ -102,15 +106,8 @@ HOTPOOL_NOINLINE void* pooled_malloc(unsigned size_class, size_t size) {
 }
 
 HOTPOOL_NOINLINE void* pooled_calloc(unsigned size_class, size_t size) {
-  ThreadState* state = tls.pool_state;
-  if (HOTPOOL_LIKELY(state != nullptr)) {
-    if (void* block = g_recycler.allocate(state->cache, size_class)) {
-      state->stats.record_pooled_alloc(g_global, size_class, size, g_recycler.class_size(size_class));
-      count_for_policy(*state);
-      return std::memset(block, 0, size);
-    }
-  }
-  return recorded_calloc(1, size);
+  void* block = pooled_malloc(size_class, size);  // pooled, or the real malloc's
+  return block ? std::memset(block, 0, size) : nullptr;
 }
 
 // The class a request of `size` is pooled in, or -1 when it is not pooled.
