@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <sys/auxv.h>
+#include <sys/resource.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -98,8 +99,16 @@ void after_fork_child() {
 
 // Modes fixed and auto: reserve the region and decide what pools first.
 void start_recycler() {
-  const recycler::RecyclerConfig config{g_options.region, g_options.cache_bytes, g_options.decay,
-                                        g_options.keep_empty, g_options.checks};
+  // Address space is what a program with RLIMIT_AS runs out of first: take
+  // at most an eighth of its limit, so that it keeps the rest.
+  size_t region = g_options.region;
+  rlimit address_space{};
+  if (getrlimit(RLIMIT_AS, &address_space) == 0 && address_space.rlim_cur != RLIM_INFINITY &&
+      region > address_space.rlim_cur / 8) {
+    region = address_space.rlim_cur / 8;
+  }
+  const recycler::RecyclerConfig config{region, g_options.cache_bytes, g_options.decay, g_options.keep_empty,
+                                        g_options.checks};
   // AT_RANDOM: 16 random bytes the kernel gives every process, no syscall.
   uint64_t key = 0x9e3779b97f4a7c15ull;
   if (const auto* random = reinterpret_cast<const uint64_t*>(getauxval(AT_RANDOM))) key ^= random[0] ^ random[1];
