@@ -78,11 +78,8 @@ struct Warner {
 
   // One line: "hotpool: <a><b><c>". Fixed buffer, truncated if needed.
   void warn(std::initializer_list<const char*> parts) {
-    char line[512];
-    size_t used = 0;
-    for (const char* part : {"hotpool: "}) {
-      for (; *part && used + 1 < sizeof(line); ++part) line[used++] = *part;
-    }
+    char line[512] = "hotpool: ";
+    size_t used = std::strlen(line);
     for (const char* part : parts) {
       for (; *part && used + 1 < sizeof(line); ++part) line[used++] = *part;
     }
@@ -263,39 +260,37 @@ void format_option_value(const Options& options, unsigned index, char* buf, size
     for (; *text && used + 1 < len; ++text) buf[used++] = *text;
     buf[used] = '\0';
   };
-  auto put_size = [&](size_t value) {
-    char digits[32];
+  // A number in the largest unit that divides it exactly: 64K, 2s.
+  struct Unit {
+    uint64_t factor;
+    const char* suffix;
+  };
+  auto put_scaled = [&](uint64_t value, std::initializer_list<Unit> units, const char* base_suffix) {
+    const char* suffix = base_suffix;
+    for (const Unit& unit : units) {
+      if (value && value % unit.factor == 0) {
+        value /= unit.factor;
+        suffix = unit.suffix;
+        break;
+      }
+    }
+    char digits[24];
     int n = 0;
-    const char* suffix = "";
-    if (value && value % (1u << 30) == 0) value >>= 30, suffix = "G";
-    else if (value && value % (1u << 20) == 0) value >>= 20, suffix = "M";
-    else if (value && value % (1u << 10) == 0) value >>= 10, suffix = "K";
     do digits[n++] = static_cast<char>('0' + value % 10); while (value /= 10);
-    char text[40];
+    char text[24];
     int t = 0;
     while (n) text[t++] = digits[--n];
     text[t] = '\0';
     put(text);
     put(suffix);
   };
+  auto put_size = [&](size_t value) { put_scaled(value, {{1u << 30, "G"}, {1u << 20, "M"}, {1u << 10, "K"}}, ""); };
   auto format_Mode = [&](Mode mode) { put(mode_name(mode)); };
   auto format_Path = [&](const char* path) { put(path); };
   auto format_Bool = [&](bool value) { put(value ? "on" : "off"); };
   auto format_Size = [&](size_t value) { put_size(value); };
   auto format_Duration = [&](uint64_t ns) {
-    const char* suffix = "ns";
-    if (ns && ns % 1000000000u == 0) ns /= 1000000000u, suffix = "s";
-    else if (ns && ns % 1000000u == 0) ns /= 1000000u, suffix = "ms";
-    else if (ns && ns % 1000u == 0) ns /= 1000u, suffix = "us";
-    char digits[24];
-    int n = 0;
-    do digits[n++] = static_cast<char>('0' + ns % 10); while (ns /= 10);
-    char text[32];
-    int t = 0;
-    while (n) text[t++] = digits[--n];
-    text[t] = '\0';
-    put(text);
-    put(suffix);
+    put_scaled(ns, {{1000000000u, "s"}, {1000000u, "ms"}, {1000u, "us"}}, "ns");
   };
   auto format_SizeList = [&](const SizeList& list) {
     for (unsigned k = 0; k < list.count; ++k) {

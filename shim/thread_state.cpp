@@ -66,7 +66,6 @@ void ThreadRegistry::retire_locked(ThreadState* state, reporter::GlobalClassStat
   state->stats.reset();
   add_cache_counters(state->cache, retired_.class_count, retired_pools_);
   for (unsigned c = 0; c < reporter::kMaxClasses; ++c) {
-    retired_pools_[c].cached_blocks = 0;  // flushed to the depots before retiring
     recycler::Bin& bin = state->cache.bins[c];
     bin.count = 0;
     bin.capacity = 0;
