@@ -97,6 +97,22 @@ TEST(Options, SizeSuffixes) {
   }
 }
 
+TEST(Options, DurationSuffixes) {
+  const std::vector<std::pair<const char*, uint64_t>> cases = {
+      {"0", 0},          {"250", 250000000ull}, {"250ms", 250000000ull}, {"10us", 10000ull},
+      {"10\xc2\xb5s", 10000ull}, {"7ns", 7},       {"2s", 2000000000ull},  {" 3S ", 3000000000ull}};
+  for (auto [text, expected] : cases) {
+    uint64_t value = 1;
+    EXPECT_TRUE(parse_duration(text, &value)) << text;
+    EXPECT_EQ(value, expected) << text;
+  }
+  uint64_t value = 5;
+  for (const char* bad : {"", "ms", "1.5s", "-1s", "3h", "10 ms", "99999999999999999999ns", "18446744073709551615s"}) {
+    EXPECT_FALSE(parse_duration(bad, &value)) << bad;
+    EXPECT_EQ(value, 5u) << bad;
+  }
+}
+
 TEST(Options, MalformedValuesOfEveryKindLeaveTheValueUntouched) {
   size_t size = 7;
   for (const char* bad : {"", "K", "-1", "1.5K", "4X", "4KX", "12 34", "0x10", "99999999999999999999",
