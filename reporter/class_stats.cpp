@@ -45,6 +45,7 @@ void ThreadClassStats::reset() {
   }
   total_peak_seen.store(0, std::memory_order_relaxed);
   total_live_delta = 0;
+  ops.store(0, std::memory_order_relaxed);
 }
 
 void StatsSnapshot::clear(unsigned count, const uint64_t* sizes) {

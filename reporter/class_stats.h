@@ -74,6 +74,7 @@ static_assert(sizeof(ClassCounters) == 64, "one cache line per class");
 
 struct ThreadClassStats {
   ClassCounters classes[kMaxClasses];
+  Counter ops;  // this thread's allocator calls (allocations and frees), for "temporary"
   Counter peak_seen[kMaxClasses];  // this thread's view of each class's peak live bytes
   Counter total_peak_seen;
   int64_t total_live_delta;
@@ -82,6 +83,7 @@ struct ThreadClassStats {
   // global loads for the peak view; one predictable branch to publish.
   __attribute__((always_inline)) void record_alloc(GlobalClassStats& global, unsigned c, size_t requested, size_t usable) {
     ClassCounters& row = classes[c];
+    bump(ops, 1);
     bump(row.allocs, 1);
     bump(row.requested_bytes, requested);
     bump(row.usable_bytes, usable);
@@ -95,6 +97,7 @@ struct ThreadClassStats {
   // FAST PATH (real allocator): one cache line, one predictable branch.
   __attribute__((always_inline)) void record_free(GlobalClassStats& global, unsigned c, size_t usable) {
     ClassCounters& row = classes[c];
+    bump(ops, 1);
     bump(row.frees, 1);
     bump(row.freed_bytes, usable);
     const int64_t delta = row.live_delta -= static_cast<int64_t>(usable);
@@ -108,6 +111,7 @@ struct ThreadClassStats {
   // every kFlushBytes, so they may read low by that much per thread.
   __attribute__((always_inline)) bool add_pooled_alloc(unsigned c, size_t requested, size_t size) {
     ClassCounters& row = classes[c];
+    bump(ops, 1);
     bump(row.pooled_allocs, 1);
     bump(row.requested_bytes, requested);
     const int64_t delta = row.live_delta += static_cast<int64_t>(size);
@@ -116,6 +120,7 @@ struct ThreadClassStats {
   }
   __attribute__((always_inline)) bool add_pooled_free(unsigned c, size_t size) {
     ClassCounters& row = classes[c];
+    bump(ops, 1);
     bump(row.pooled_frees, 1);
     const int64_t delta = row.live_delta -= static_cast<int64_t>(size);
     const int64_t total_delta = total_live_delta -= static_cast<int64_t>(size);

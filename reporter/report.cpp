@@ -1,5 +1,7 @@
 #include "report.h"
 
+#include <cstring>
+
 namespace hotpool::reporter {
 namespace {
 
@@ -27,6 +29,300 @@ bool is_large(const StatsSnapshot& stats, unsigned c) { return c + 1 == stats.cl
 uint64_t minus(uint64_t a, uint64_t b) { return a > b ? a - b : 0; }
 
 uint64_t live_bytes(const ClassTotals& row) { return minus(row.usable_bytes, row.freed_bytes); }
+
+uint64_t load(const AtomicCounter& counter) { return counter.load(std::memory_order_relaxed); }
+
+// A site's sampled figures, read once.
+struct SiteRow {
+  uint32_t id;
+  uint64_t allocs, bytes, frees, short_lived, temporary, escapes[3], calls, min_size, max_size, median_ns;
+  uint64_t histogram[kLifetimeBuckets];
+  uint64_t live() const { return allocs > frees ? allocs - frees : 0; }
+};
+
+constexpr unsigned kMaxRows = 4096;
+constinit SiteRow g_rows[kMaxRows];  // the report runs under its lock: one at a time
+
+unsigned collect_sites(const SamplingView& view) {
+  unsigned count = 0;
+  for (uint32_t id = 1; id < StackDepot::kSlots && count < kMaxRows; ++id) {
+    const SiteStats& site = view.depot->site(id);
+    const uint64_t allocs = load(site.allocs);
+    if (allocs == 0) continue;
+    SiteRow& row = g_rows[count++];
+    row.id = id;
+    row.allocs = allocs;
+    row.bytes = load(site.bytes);
+    row.min_size = load(site.min_size);
+    row.max_size = load(site.max_size);
+    const LifetimeStats& life = site.lifetimes;
+    row.frees = load(life.frees);
+    row.short_lived = load(life.short_lived);
+    row.temporary = load(life.temporary);
+    for (unsigned e = 0; e < 3; ++e) row.escapes[e] = load(life.escapes[e]);
+    row.calls = load(life.calls_between);
+    for (unsigned b = 0; b < kLifetimeBuckets; ++b) row.histogram[b] = load(life.histogram[b]);
+    row.median_ns = histogram_median(row.histogram, kLifetimeBuckets);
+  }
+  return count;
+}
+
+// Indices of the `top` rows with the largest key, best first.
+template <typename Key>
+unsigned top_rows(unsigned count, unsigned top, Key key, unsigned* out) {
+  unsigned chosen = 0;
+  for (unsigned i = 0; i < count; ++i) {
+    if (key(g_rows[i]) == 0) continue;
+    unsigned pos = chosen < top ? chosen++ : top;
+    if (pos == top && key(g_rows[i]) <= key(g_rows[out[top - 1]])) continue;
+    if (pos == top) pos = top - 1;
+    while (pos > 0 && key(g_rows[out[pos - 1]]) < key(g_rows[i])) {
+      out[pos] = out[pos - 1];
+      --pos;
+    }
+    out[pos] = i;
+  }
+  return chosen;
+}
+
+// What a person can do about a site, from its escape classes.
+const char* advice(const SiteRow& row) {
+  const uint64_t freed = row.frees;
+  if (row.live() * 2 > row.allocs) return "mostly live at exit: long-lived by design, or a leak";
+  if (freed == 0) return "";
+  if (row.escapes[static_cast<unsigned>(Escape::FrameLocal)] * 2 > freed)
+    return "freed in its own frame: a stack or small-buffer candidate";
+  if (row.short_lived * 2 > freed && row.escapes[static_cast<unsigned>(Escape::ThreadLocal)] * 2 > freed)
+    return "short-lived, freed by its thread: a pool candidate";
+  if (row.escapes[static_cast<unsigned>(Escape::CrossThread)] * 2 > freed)
+    return "freed by another thread: pooled through the depot, or keep it per thread";
+  return "";
+}
+
+void write_frames(const SamplingView& view, uint32_t id, Output& out, const char* indent) {
+  const uintptr_t* ips = nullptr;
+  const unsigned depth = view.depot->stack(id, &ips);
+  out.str(indent);
+  for (unsigned f = 0; f < depth && f < view.frames; ++f) {
+    Symbol symbol;
+    view.symbolize(ips[f], &symbol);
+    if (f) out.str(" <- ");
+    out.str(symbol.function);
+    if (symbol.file[0]) {
+      const char* slash = std::strrchr(symbol.file, '/');
+      out.str(" (").str(slash ? slash + 1 : symbol.file).ch(':').u64(symbol.line).ch(')');
+    } else if (symbol.module[0]) {
+      out.str(" (").str(symbol.module).str("+0x");
+      char hex[17];
+      int n = 0;
+      uintptr_t value = symbol.offset;
+      do hex[n++] = "0123456789abcdef"[value & 15]; while (value >>= 4);
+      while (n) out.ch(hex[--n]);
+      out.ch(')');
+    }
+  }
+  if (depth > view.frames) out.str(" <- ...");
+  out.ch('\n');
+}
+
+// The tune line: classes that carry at least 1% of all allocations and
+// whose sampled blocks are mostly short-lived (or, unsampled, whose frees
+// keep up with their allocations); the expected hit rate is the share of
+// all allocations those short-lived blocks make, the rounding waste the
+// bytes the chosen classes add to what was requested.
+struct Recommendation {
+  unsigned count;
+  uint64_t sizes[kMaxClasses];
+  double hit_rate, rounding_waste;
+};
+
+Recommendation recommend(const StatsSnapshot& stats, const SamplingView* view) {
+  Recommendation result{};
+  uint64_t total = 0, hits = 0, class_bytes = 0, requested = 0;
+  for (unsigned c = 0; c < stats.class_count; ++c) total += stats.classes[c].allocs;
+  for (unsigned c = 0; c + 1 < stats.class_count && total; ++c) {
+    const ClassTotals& row = stats.classes[c];
+    if (row.allocs * 100 < total) continue;
+    double short_share = row.allocs ? (row.frees >= row.allocs * 3 / 4 ? 1.0 : 0.0) : 0.0;
+    if (view && view->class_lifetimes) {
+      const LifetimeStats& life = view->class_lifetimes[c];
+      const uint64_t freed = load(life.frees);
+      if (freed >= 8) short_share = static_cast<double>(load(life.short_lived)) / static_cast<double>(freed);
+    }
+    if (short_share < 0.5) continue;
+    result.sizes[result.count++] = stats.class_size[c];
+    hits += static_cast<uint64_t>(static_cast<double>(row.allocs) * short_share);
+    class_bytes += stats.class_size[c] * row.allocs;
+    requested += row.requested_bytes;
+  }
+  result.hit_rate = total ? static_cast<double>(hits) / static_cast<double>(total) : 0;
+  result.rounding_waste = class_bytes ? static_cast<double>(minus(class_bytes, requested)) / static_cast<double>(class_bytes) : 0;
+  return result;
+}
+
+void write_percent(Output& out, double share) {
+  out.fixed(static_cast<uint64_t>(share * 1000 + 0.5), 10, 1).ch('%');
+}
+
+void write_duration(Output& out, uint64_t ns) {
+  if (ns < 1000) out.u64(ns).str(" ns");
+  else if (ns < 1000000) out.fixed(ns, 1000, ns < 10000 ? 1 : 0).str(" us");
+  else if (ns < 1000000000) out.fixed(ns, 1000000, ns < 10000000 ? 1 : 0).str(" ms");
+  else out.fixed(ns, 1000000000, 1).str(" s");
+}
+
+void write_text_sampling(const StatsSnapshot& stats, const SamplingView& view, Output& out) {
+  const unsigned count = collect_sites(view);
+  uint64_t samples = 0, sampled_frees = 0;
+  for (unsigned i = 0; i < count; ++i) samples += g_rows[i].allocs, sampled_frees += g_rows[i].frees;
+  const bool estimated = view.rate > 1;
+  out.str("  lifetimes from ").count(samples).str(" sampled allocations");
+  if (estimated) out.str(" (1 in ").u64(view.rate).str(" on average; figures marked ~ are estimates: samples x ").u64(view.rate).ch(')');
+  else out.str(" (every allocation)");
+  out.str(", short-lived = at most ");
+  write_duration(out, view.short_ns);
+  out.ch('\n');
+  out.str("  size class  short-lived  median life  temporary  frame-local  thread-local  cross-thread\n");
+  for (unsigned c = 0; c < stats.class_count; ++c) {
+    const LifetimeStats& life = view.class_lifetimes[c];
+    const uint64_t freed = load(life.frees);
+    if (freed == 0) continue;
+    uint64_t histogram[kLifetimeBuckets];
+    for (unsigned b = 0; b < kLifetimeBuckets; ++b) histogram[b] = load(life.histogram[b]);
+    if (c + 1 == stats.class_count) out.str("       large");
+    else out.padded(10, [&](Output& o) { o.u64(stats.class_size[c]); }).str(" B");
+    out.padded(13, [&](Output& o) { o.percent(load(life.short_lived), freed); })
+        .padded(13, [&](Output& o) { write_duration(o, histogram_median(histogram, kLifetimeBuckets)); })
+        .padded(11, [&](Output& o) { o.percent(load(life.temporary), freed); })
+        .padded(13, [&](Output& o) { o.percent(load(life.escapes[0]), freed); })
+        .padded(14, [&](Output& o) { o.percent(load(life.escapes[1]), freed); })
+        .padded(14, [&](Output& o) { o.percent(load(life.escapes[2]), freed); })
+        .ch('\n');
+  }
+  unsigned order[64];
+  const unsigned top = view.top < 64 ? view.top : 64;
+  auto site_line = [&](const SiteRow& row, unsigned rank) {
+    out.str("   #").u64(rank).str("  ").str(estimated ? "~" : "").count(row.allocs * view.rate).str(" x ");
+    if (row.min_size == row.max_size) out.bytes(row.min_size);
+    else out.bytes(row.min_size).str("..").bytes(row.max_size);
+    if (row.frees) {
+      out.str(", ").percent(row.short_lived, row.frees).str(" short-lived (median ");
+      write_duration(out, row.median_ns);
+      out.str("), ").percent(row.escapes[0], row.frees).str(" frame-local, ")
+          .percent(row.escapes[2], row.frees).str(" cross-thread");
+    }
+    if (row.live()) out.str(", ").str(estimated ? "~" : "").count(row.live() * view.rate).str(" live at exit");
+    const char* what = advice(row);
+    if (what[0]) out.str(" -> ").str(what);
+    out.ch('\n');
+    write_frames(view, row.id, out, "       ");
+  };
+  unsigned shown = top_rows(count, top, [](const SiteRow& r) { return r.short_lived; }, order);
+  if (shown) out.str("  hot sites, short-lived first\n");
+  for (unsigned i = 0; i < shown; ++i) site_line(g_rows[order[i]], i + 1);
+  shown = top_rows(count, top, [](const SiteRow& r) { return r.bytes; }, order);
+  if (shown) out.str("  sites by bytes allocated\n");
+  for (unsigned i = 0; i < shown; ++i) site_line(g_rows[order[i]], i + 1);
+  shown = top_rows(count, top, [](const SiteRow& r) { return r.live(); }, order);
+  if (shown) out.str("  live at exit (leaks, or long-lived by design)\n");
+  for (unsigned i = 0; i < shown; ++i) site_line(g_rows[order[i]], i + 1);
+}
+
+void write_tune_line(const StatsSnapshot& stats, const SamplingView* view, Output& out) {
+  const Recommendation advice_line = recommend(stats, view);
+  if (advice_line.count == 0) return;
+  out.str("  tune: export HOTPOOL_CLASSES=");
+  for (unsigned i = 0; i < advice_line.count; ++i) out.str(i ? "," : "").u64(advice_line.sizes[i]);
+  out.str("   # expected pool hit rate ");
+  write_percent(out, advice_line.hit_rate);
+  out.str(", rounding waste ");
+  write_percent(out, advice_line.rounding_waste);
+  out.ch('\n');
+}
+
+void write_json_histogram(Output& out, const uint64_t* histogram) {
+  out.ch('[');
+  for (unsigned b = 0; b < kLifetimeBuckets; ++b) out.str(b ? ", " : "").u64(histogram[b]);
+  out.ch(']');
+}
+
+void write_json_sampling(const StatsSnapshot& stats, const SamplingView* view, Output& out) {
+  const Recommendation tune = recommend(stats, view);
+  out.str(",\n  \"recommendation\": {\"classes\": [");
+  for (unsigned i = 0; i < tune.count; ++i) out.str(i ? ", " : "").u64(tune.sizes[i]);
+  out.str("], \"expected_hit_rate\": ").fixed(static_cast<uint64_t>(tune.hit_rate * 10000 + 0.5), 10000, 4)
+      .str(", \"rounding_waste\": ").fixed(static_cast<uint64_t>(tune.rounding_waste * 10000 + 0.5), 10000, 4)
+      .str(", \"export\": ");
+  if (tune.count) {
+    out.str("\"export HOTPOOL_CLASSES=");
+    for (unsigned i = 0; i < tune.count; ++i) out.str(i ? "," : "").u64(tune.sizes[i]);
+    out.ch('"');
+  } else {
+    out.str("null");
+  }
+  out.ch('}');
+  if (!view) {
+    out.str(",\n  \"sampling\": null");
+    return;
+  }
+  out.str(",\n  \"sampling\": {\"rate\": ").u64(view->rate).str(", \"short_ns\": ").u64(view->short_ns)
+      .str(", \"lifetime_bucket_bounds_ns\": [");
+  for (unsigned b = 1; b < kLifetimeBuckets; ++b) out.str(b > 1 ? ", " : "").u64(lifetime_bucket_low(b));
+  out.str("]},\n  \"class_lifetimes\": [");
+  bool first = true;
+  for (unsigned c = 0; c < stats.class_count; ++c) {
+    const LifetimeStats& life = view->class_lifetimes[c];
+    if (load(life.frees) == 0) continue;
+    uint64_t histogram[kLifetimeBuckets];
+    for (unsigned b = 0; b < kLifetimeBuckets; ++b) histogram[b] = load(life.histogram[b]);
+    out.str(first ? "\n" : ",\n").str("    {\"size\": ");
+    first = false;
+    if (c + 1 == stats.class_count) out.str("null"); else out.u64(stats.class_size[c]);
+    out.str(", \"sampled_frees\": ").u64(load(life.frees)).str(", \"short_lived\": ").u64(load(life.short_lived))
+        .str(", \"temporary\": ").u64(load(life.temporary))
+        .str(", \"frame_local\": ").u64(load(life.escapes[0]))
+        .str(", \"thread_local\": ").u64(load(life.escapes[1]))
+        .str(", \"cross_thread\": ").u64(load(life.escapes[2]))
+        .str(", \"median_lifetime_ns\": ").u64(histogram_median(histogram, kLifetimeBuckets))
+        .str(", \"lifetime_histogram\": ");
+    write_json_histogram(out, histogram);
+    out.ch('}');
+  }
+  out.str(first ? "]" : "\n  ]");
+  const unsigned count = collect_sites(*view);
+  out.str(",\n  \"sites\": [");
+  for (unsigned i = 0; i < count; ++i) {
+    const SiteRow& row = g_rows[i];
+    out.str(i ? ",\n" : "\n").str("    {\"id\": ").u64(row.id)
+        .str(", \"sampled_allocations\": ").u64(row.allocs)
+        .str(", \"estimated_allocations\": ").u64(row.allocs * view->rate)
+        .str(", \"sampled_bytes\": ").u64(row.bytes)
+        .str(", \"min_size\": ").u64(row.min_size).str(", \"max_size\": ").u64(row.max_size)
+        .str(", \"sampled_frees\": ").u64(row.frees)
+        .str(", \"short_lived\": ").u64(row.short_lived)
+        .str(", \"temporary\": ").u64(row.temporary)
+        .str(", \"frame_local\": ").u64(row.escapes[0])
+        .str(", \"thread_local\": ").u64(row.escapes[1])
+        .str(", \"cross_thread\": ").u64(row.escapes[2])
+        .str(", \"live_at_exit\": ").u64(row.live())
+        .str(", \"mean_calls_between\": ").u64(row.frees ? row.calls / row.frees : 0)
+        .str(", \"median_lifetime_ns\": ").u64(row.median_ns)
+        .str(", \"lifetime_histogram\": ");
+    write_json_histogram(out, row.histogram);
+    out.str(", \"advice\": ").json_string(advice(row)).str(", \"frames\": [");
+    const uintptr_t* ips = nullptr;
+    const unsigned depth = view->depot->stack(row.id, &ips);
+    for (unsigned f = 0; f < depth; ++f) {
+      Symbol symbol;
+      view->symbolize(ips[f], &symbol);
+      out.str(f ? ", " : "").str("{\"function\": ").json_string(symbol.function)
+          .str(", \"file\": ").json_string(symbol.file).str(", \"line\": ").u64(symbol.line)
+          .str(", \"module\": ").json_string(symbol.module).str(", \"offset\": ").u64(symbol.offset).ch('}');
+    }
+    out.str("]}");
+  }
+  out.str(count ? "\n  ]" : "]");
+}
 
 }  // namespace
 
@@ -97,6 +393,8 @@ void write_text_report(const StatsSnapshot& stats, const ReportContext& context,
     out.str("; pool memory ").bytes(committed).str(" (peak ").bytes(peak).str("), ").bytes(free_bytes)
         .str(" of it free\n");
   }
+  if (context.sampling) write_text_sampling(stats, *context.sampling, out);
+  write_tune_line(stats, context.sampling, out);
   out.str("  counts are exact; a block belongs to the smallest class >= its usable size; "
           "rounding = usable bytes the program did not ask for");
   if (context.peak_error_bytes)
@@ -170,7 +468,9 @@ void write_json_report(const StatsSnapshot& stats, const ReportContext& context,
     }
     out.ch('}');
   }
-  out.str(first ? "]\n}\n" : "\n  ]\n}\n");
+  out.str(first ? "]" : "\n  ]");
+  write_json_sampling(stats, context.sampling, out);
+  out.str("\n}\n");
 }
 
 }  // namespace hotpool::reporter

@@ -7,10 +7,23 @@
 
 #include "class_stats.h"
 #include "output.h"
+#include "sites.h"
+#include "symbolize.h"
 
 namespace hotpool::reporter {
 
 inline constexpr int kJsonSchemaVersion = 1;
+
+// What sampling found, for the report's site, lifetime and advice sections.
+struct SamplingView {
+  uint64_t rate;            // mean allocations per sample (1: every allocation)
+  uint64_t short_ns;        // the short-lived threshold
+  unsigned top;             // sites shown per list
+  unsigned frames;          // frames shown per site
+  const StackDepot* depot;
+  const LifetimeStats* class_lifetimes;  // [class_count], by block class
+  void (*symbolize)(uintptr_t return_address, Symbol* out);
+};
 
 struct ReportContext {
   int pid;
@@ -25,6 +38,7 @@ struct ReportContext {
   unsigned option_count;
   const char* const* option_names;
   const char* const* option_values;
+  const SamplingView* sampling;  // nullptr: sampling off
 };
 
 void write_text_report(const StatsSnapshot& stats, const ReportContext& context, Output& out);

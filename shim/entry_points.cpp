@@ -13,6 +13,7 @@
 
 #include "hotpool/hotpool.h"
 #include "runtime.h"
+#include "sampler.h"
 
 #define HOTPOOL_EXPORT extern "C" __attribute__((visibility("default")))
 
@@ -51,10 +52,27 @@ void* realloc_from_bootstrap(void* block, size_t size) {
 // their own, entered by a tail jump: the entry point itself then needs no
 // stack frame, and in mode off it is a load, two compares and a jump to the
 // real allocator.
-HOTPOOL_NOINLINE void* recorded_malloc(size_t size) {
+HOTPOOL_NOINLINE void* unsampled_malloc(size_t size) {
   void* block = g_real.malloc(size);
   if (HOTPOOL_LIKELY(block != nullptr) && !tls.in_hotpool) record_alloc(block, size);
   return block;
+}
+
+// A sampled allocation, or the real allocator's when it cannot be sampled.
+HOTPOOL_NOINLINE void* sample_malloc(ThreadState* state, size_t size) {
+  state->sample_countdown = next_sample_interval(*state);
+  if (void* block = sampled_allocate(*state, size)) {
+    count_for_policy(*state);
+    return block;
+  }
+  return unsampled_malloc(size);
+}
+
+HOTPOOL_NOINLINE void* recorded_malloc(size_t size) {
+  ThreadState* state = tls.pool_state;
+  if (HOTPOOL_LIKELY(state != nullptr) && HOTPOOL_UNLIKELY(--state->sample_countdown == 0))
+    return sample_malloc(state, size);
+  return unsampled_malloc(size);
 }
 
 HOTPOOL_NOINLINE void recorded_free(void* block) {
@@ -67,6 +85,13 @@ HOTPOOL_NOINLINE void recorded_free(void* block) {
 }
 
 HOTPOOL_NOINLINE void* recorded_calloc(size_t count, size_t size) {
+  ThreadState* state = tls.pool_state;
+  if (HOTPOOL_LIKELY(state != nullptr) && HOTPOOL_UNLIKELY(--state->sample_countdown == 0)) {
+    size_t bytes;
+    if (__builtin_mul_overflow(count, size, &bytes)) return errno = ENOMEM, nullptr;
+    void* block = sample_malloc(state, bytes);
+    return block ? std::memset(block, 0, bytes) : nullptr;
+  }
   void* block = g_real.calloc(count, size);
   if (HOTPOOL_LIKELY(block != nullptr) && !tls.in_hotpool) record_alloc(block, count * size);
   return block;
@@ -79,7 +104,7 @@ HOTPOOL_NOINLINE void* recorded_calloc(size_t count, size_t size) {
 HOTPOOL_NOINLINE void* pooled_malloc_refill(unsigned size_class, size_t size) {
   ThreadState* state = tls.pool_state;
   void* block = g_recycler.allocate_slow(state->cache, size_class);
-  if (!block) return recorded_malloc(size);  // the pool is out of memory
+  if (!block) return unsampled_malloc(size);  // the pool is out of memory
   state->stats.record_pooled_alloc(g_global, size_class, size, g_recycler.class_size(size_class));
   // The pooled paths keep no per-operation peak view; a refill is where a
   // class's live bytes grow (the cache ran dry), so the peak is sampled here,
@@ -97,7 +122,8 @@ HOTPOOL_NOINLINE void* pooled_bookkeeping(ThreadState* state, unsigned size_clas
 
 HOTPOOL_NOINLINE void* pooled_malloc(unsigned size_class, size_t size) {
   ThreadState* state = tls.pool_state;
-  if (HOTPOOL_UNLIKELY(state == nullptr)) return recorded_malloc(size);
+  if (HOTPOOL_UNLIKELY(state == nullptr)) return unsampled_malloc(size);
+  if (HOTPOOL_UNLIKELY(--state->sample_countdown == 0)) return sample_malloc(state, size);
   void* block = g_recycler.pop(state->cache, size_class);
   if (HOTPOOL_UNLIKELY(block == nullptr)) return pooled_malloc_refill(size_class, size);
   const bool publish = state->stats.add_pooled_alloc(size_class, size, g_recycler.class_size(size_class));
@@ -146,6 +172,21 @@ void* realloc_pooled(void* block, size_t size) {
   return moved;
 }
 
+// realloc of a sampled block: always a move, so that the free side of the
+// sample (lifetime, escape) is recorded.
+void* realloc_sampled(void* block, size_t size) {
+  if (size == 0) {
+    free(block);
+    return nullptr;
+  }
+  void* moved = malloc(size);
+  if (!moved) return nullptr;
+  const size_t old_size = sampled_usable_size(block);
+  std::memcpy(moved, block, old_size < size ? old_size : size);
+  free(block);
+  return moved;
+}
+
 }  // namespace
 
 // FAST PATH of every entry point: one relaxed load of the phase, then
@@ -166,6 +207,7 @@ HOTPOOL_EXPORT void free(void* block) {
   const Phase phase = g_phase.load(std::memory_order_relaxed);
   if (HOTPOOL_LIKELY(phase == Phase::Recording)) {
     if (g_recycler.contains(block)) return pooled_free(block);
+    if (HOTPOOL_UNLIKELY(is_sampled(block))) return sampled_free(block);
     return recorded_free(block);
   }
   if (HOTPOOL_UNLIKELY(bootstrap::owns(block))) return;  // static memory, never reused
@@ -193,6 +235,7 @@ HOTPOOL_EXPORT void* calloc(size_t count, size_t size) {
 HOTPOOL_EXPORT void* realloc(void* block, size_t size) {
   if (HOTPOOL_UNLIKELY(bootstrap::owns(block))) return realloc_from_bootstrap(block, size);
   if (g_recycler.contains(block)) return realloc_pooled(block, size);
+  if (HOTPOOL_UNLIKELY(is_sampled(block))) return realloc_sampled(block, size);
   const Phase phase = g_phase.load(std::memory_order_relaxed);
   if (HOTPOOL_UNLIKELY(phase == Phase::Booting)) {
     boot();
@@ -283,6 +326,7 @@ HOTPOOL_EXPORT void* pvalloc(size_t size) {
 HOTPOOL_EXPORT size_t malloc_usable_size(void* block) {
   if (HOTPOOL_UNLIKELY(bootstrap::owns(block))) return bootstrap::usable_size(block);
   if (g_recycler.contains(block)) return g_recycler.class_size(g_recycler.class_of_block(block));
+  if (is_sampled(block)) return sampled_usable_size(block);
   if (HOTPOOL_UNLIKELY(g_phase.load(std::memory_order_relaxed) == Phase::Booting)) {
     boot();
     if (!g_real.malloc_usable_size) return 0;

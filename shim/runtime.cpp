@@ -12,6 +12,8 @@
 
 #include "reporter/output.h"
 #include "reporter/report.h"
+#include "reporter/symbolize.h"
+#include "sampler.h"
 
 extern char** environ;
 extern char* program_invocation_name;
@@ -80,9 +82,11 @@ void before_fork() {
   g_report_lock.lock();
   g_registry.lock_for_fork();
   g_recycler.lock_all();
+  lock_samples();
 }
 
 void after_fork_parent() {
+  unlock_samples();
   g_recycler.unlock_all();
   g_registry.unlock_after_fork_parent();
   g_report_lock.unlock();
@@ -91,23 +95,28 @@ void after_fork_parent() {
 void after_fork_child() {
   g_forked_from = g_pid_before_fork;
   g_recycler.reset_locks_after_fork();
+  reset_sample_locks();
   // The other threads do not exist here: their cached blocks go back to
   // the depots, their counts to the retired sums.
   g_registry.reset_after_fork_child(tls.state, g_global, flush_dead_thread_cache);
   g_report_lock.reset_after_fork();
 }
 
-// Modes fixed and auto: reserve the region and decide what pools first.
-void start_recycler() {
-  // Address space is what a program with RLIMIT_AS runs out of first: take
-  // at most an eighth of its limit, so that it keeps the rest.
+// Address space is what a program with RLIMIT_AS runs out of first: take
+// at most an eighth of its limit for each region, so that it keeps the rest.
+size_t region_bytes() {
   size_t region = g_options.region;
   rlimit address_space{};
   if (getrlimit(RLIMIT_AS, &address_space) == 0 && address_space.rlim_cur != RLIM_INFINITY &&
       region > address_space.rlim_cur / 8) {
     region = address_space.rlim_cur / 8;
   }
-  const recycler::RecyclerConfig config{region, g_options.cache_bytes, g_options.decay, g_options.keep_empty,
+  return region;
+}
+
+// Modes fixed and auto: reserve the region and decide what pools first.
+void start_recycler() {
+  const recycler::RecyclerConfig config{region_bytes(), g_options.cache_bytes, g_options.decay, g_options.keep_empty,
                                         g_options.checks};
   // AT_RANDOM: 16 random bytes the kernel gives every process, no syscall.
   uint64_t key = 0x9e3779b97f4a7c15ull;
@@ -174,7 +183,14 @@ void build_class_table() {
 // Start-up at load time too, so that options are checked and a report is
 // written even for a program that never calls malloc.
 void boot_at_load() __attribute__((constructor));
-void boot_at_load() { boot(); }
+void boot_at_load() {
+  boot();
+  // Sampling starts here, not in boot(): it dlopen()s libunwind, which is
+  // safe from a constructor but not from whatever first called malloc.
+  if (g_phase.load(std::memory_order_acquire) != Phase::Recording || g_options.sample == 0) return;
+  ReentryGuard guard;
+  if (start_sampling(guard) && tls.state) tls.state->sample_countdown = next_sample_interval(*tls.state);
+}
 
 void exit_report() __attribute__((destructor));
 void exit_report() {
@@ -265,6 +281,8 @@ static ThreadState* attach_thread(const ReentryGuard& guard) {
   ThreadState* state = g_registry.acquire(guard);
   if (!state) return nullptr;
   const bool auto_mode = g_options.mode == Mode::Auto && g_pool_limit != 0;
+  state->sample_random = 0;
+  state->sample_countdown = next_sample_interval(*state);
   state->policy_window = kFirstPolicyWindow;
   state->policy_countdown = auto_mode ? kFirstPolicyWindow : kNever;
   tls.state = state;
@@ -364,6 +382,10 @@ void warn_invalid_pointer(const char* function, const void* block) {
   out.str(hex, 16).str(", not 16-byte aligned)\n");
 }
 
+const Options& current_options() { return g_options; }
+size_t sample_region_bytes() { return region_bytes(); }
+void write_warning(const char* line) { write_stderr_line(line); }
+
 Mode current_mode() {
   return g_phase.load(std::memory_order_acquire) == Phase::Recording ? g_options.mode : Mode::Off;
 }
@@ -409,10 +431,11 @@ void write_report(const char* reason) {
     }
   }
 
-  static char values[16][kMaxPath + 64];
-  static const char* names[16];
-  static const char* value_ptrs[16];
-  const unsigned count = option_count() < 16 ? option_count() : 16;
+  constexpr unsigned kMaxOptions = 32;
+  static char values[kMaxOptions][kMaxPath + 64];
+  static const char* names[kMaxOptions];
+  static const char* value_ptrs[kMaxOptions];
+  const unsigned count = option_count() < kMaxOptions ? option_count() : kMaxOptions;
   for (unsigned i = 0; i < count; ++i) {
     names[i] = option_info(i).name;
     format_option_value(g_options, i, values[i], sizeof(values[i]));
@@ -437,6 +460,17 @@ void write_report(const char* reason) {
   context.option_count = count;
   context.option_names = names;
   context.option_values = value_ptrs;
+  reporter::SamplingView sampling{};
+  if (sampling_active()) {
+    sampling.rate = sampling_rate();
+    sampling.short_ns = sampling_short_ns();
+    sampling.top = static_cast<unsigned>(g_options.top);
+    sampling.frames = 4;
+    sampling.depot = &g_stack_depot;
+    sampling.class_lifetimes = g_class_lifetimes;
+    sampling.symbolize = reporter::symbolize;
+    context.sampling = &sampling;
+  }
   {
     reporter::Output out(fd);
     if (json) reporter::write_json_report(g_snapshot, context, out);

@@ -92,6 +92,11 @@ inline bool misaligned(const void* block) { return reinterpret_cast<uintptr_t>(b
 
 // The effective mode (off when start-up could not enable recording).
 Mode current_mode();
+const Options& current_options();
+// Address space for the sample region (HOTPOOL_REGION, within RLIMIT_AS).
+size_t sample_region_bytes();
+// One line on stderr.
+void write_warning(const char* line);
 
 // Writes the report now ("exit" or "on-demand"). Never from a signal handler.
 void write_report(const char* reason);

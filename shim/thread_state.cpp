@@ -44,6 +44,7 @@ ThreadState* ThreadRegistry::acquire(const ReentryGuard&) {
   state->prev = nullptr;
   state->next = active_;
   state->destructor_rounds = 0;
+  state->ordinal = ++next_ordinal_;
   if (active_) active_->prev = state;
   active_ = state;
   if (++active_count_ > retired_.threads_at_once) retired_.threads_at_once = active_count_;

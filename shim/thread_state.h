@@ -27,6 +27,11 @@ struct ThreadState {
   ThreadState* prev;  // active list, or free list (next only)
   ThreadState* next;
   unsigned destructor_rounds;
+  uint32_t ordinal;            // 1, 2, ... in the order threads attached (sampled blocks name their thread)
+  // Sampling: allocations until the next sample, and the generator of the
+  // geometric intervals (seeded from the ordinal: runs are repeatable).
+  uint64_t sample_countdown;
+  uint64_t sample_random;
   // The auto policy's window over this thread's counts (mode auto only).
   uint64_t policy_countdown;  // allocations until the next evaluation
   uint64_t policy_window;     // the current window length
@@ -112,6 +117,7 @@ class ThreadRegistry {
   char* carve_next_ = nullptr;   // unused part of the last mmap'd chunk
   char* carve_end_ = nullptr;
   uint64_t active_count_ = 0;
+  uint32_t next_ordinal_ = 0;
   reporter::StatsSnapshot retired_{};
   reporter::PoolClassTotals retired_pools_[reporter::kMaxClasses]{};
 };

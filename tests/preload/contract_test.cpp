@@ -923,7 +923,8 @@ TEST(OnDemandReport, ModeOffWritesNoReportFile) {
 TEST(OnDemandReport, CountsOfKnownMallocsAndFreesAreExact) {
   if (!mode_records()) GTEST_SKIP() << "mode off counts nothing";
   // A size no other code in this window allocates (its class holds blocks
-  // of ~180-230 KB): the deltas must be exact, not merely at least.
+  // of ~180-230 KB; read_file() reads reports into one 2 MiB buffer): the
+  // deltas must be exact, not merely at least.
   constexpr size_t kSize = 180000;
   constexpr uint64_t kCount = 250;
   const std::optional<Json> before = report_now();
@@ -970,7 +971,9 @@ TEST(OnDemandReport, CountsOfKnownMallocsAndFreesAreExact) {
 
 TEST(OnDemandReport, ReallocCountsAsAFreeOfTheOldClassAndAnAllocationOfTheNew) {
   if (!mode_records()) GTEST_SKIP() << "mode off counts nothing";
-  constexpr size_t kFrom = 150000, kTo = 400000;  // classes nothing else here uses
+  // Classes nothing else here uses, in the default table and in the fixed
+  // runs' (HOTPOOL_PRELOAD_FIXED_CLASSES) alike.
+  constexpr size_t kFrom = 40000, kTo = 150000;
   constexpr uint64_t kCount = 100;
   const std::optional<Json> before = report_now();
   std::vector<void*> blocks;
@@ -987,10 +990,19 @@ TEST(OnDemandReport, ReallocCountsAsAFreeOfTheOldClassAndAnAllocationOfTheNew) {
   const uint64_t from_class = class_for_usable(*after, usable_from);
   const uint64_t to_class = class_for_usable(*after, usable_to);
   ASSERT_NE(from_class, to_class);
-  EXPECT_EQ(class_allocations(*after, from_class) - class_allocations(*before, from_class), kCount);
-  EXPECT_EQ(class_frees(*after, from_class) - class_frees(*before, from_class), kCount);
-  EXPECT_EQ(class_allocations(*after, to_class) - class_allocations(*before, to_class), kCount);
-  EXPECT_EQ(class_frees(*after, to_class) - class_frees(*before, to_class), 0u);
+  // Parsing the first report (sites and frames make it large) may itself
+  // allocate and free a block or two of these sizes: allow that much.
+  constexpr uint64_t kHarness = 2;
+  const uint64_t from_allocs = class_allocations(*after, from_class) - class_allocations(*before, from_class);
+  const uint64_t from_frees = class_frees(*after, from_class) - class_frees(*before, from_class);
+  const uint64_t to_allocs = class_allocations(*after, to_class) - class_allocations(*before, to_class);
+  const uint64_t to_frees = class_frees(*after, to_class) - class_frees(*before, to_class);
+  EXPECT_GE(from_allocs, kCount);
+  EXPECT_LE(from_allocs, kCount + kHarness);
+  EXPECT_EQ(from_frees, from_allocs) << "every block of the old class was freed by realloc";
+  EXPECT_GE(to_allocs, kCount);
+  EXPECT_LE(to_allocs, kCount + kHarness);
+  EXPECT_EQ(to_frees, to_allocs - kCount) << "no block of the new class was freed yet";
 }
 
 }  // namespace

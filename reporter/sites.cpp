@@ -1,0 +1,110 @@
+#include "sites.h"
+
+#include <sys/mman.h>
+
+namespace hotpool::reporter {
+
+unsigned lifetime_bucket(uint64_t ns) {
+  unsigned bucket = 0;
+  for (uint64_t bound = 256; bucket + 1 < kLifetimeBuckets && ns >= bound; bound *= 4) ++bucket;
+  return bucket;
+}
+
+uint64_t lifetime_bucket_low(unsigned bucket) {
+  if (bucket == 0) return 0;
+  uint64_t low = 256;
+  for (unsigned b = 1; b < bucket; ++b) low *= 4;
+  return low;
+}
+
+uint64_t histogram_median(const uint64_t* counts, unsigned buckets) {
+  uint64_t total = 0;
+  for (unsigned b = 0; b < buckets; ++b) total += counts[b];
+  if (total == 0) return 0;
+  uint64_t seen = 0;
+  for (unsigned b = 0; b < buckets; ++b) {
+    if ((seen + counts[b]) * 2 >= total) {
+      // Linear inside the bucket [low, 4 low) (the first one: [0, 256 ns)).
+      const double low = static_cast<double>(lifetime_bucket_low(b));
+      const double high = b == 0 ? 256.0 : low * 4;
+      const double fraction = (static_cast<double>(total) / 2 - static_cast<double>(seen)) / static_cast<double>(counts[b]);
+      return static_cast<uint64_t>(low + fraction * (high - low));
+    }
+    seen += counts[b];
+  }
+  return lifetime_bucket_low(buckets - 1);
+}
+
+void LifetimeStats::add(uint64_t lifetime_ns, bool is_short, bool is_temporary, Escape escape, uint64_t calls) {
+  frees.fetch_add(1, std::memory_order_relaxed);
+  if (is_short) short_lived.fetch_add(1, std::memory_order_relaxed);
+  if (is_temporary) temporary.fetch_add(1, std::memory_order_relaxed);
+  escapes[static_cast<unsigned>(escape)].fetch_add(1, std::memory_order_relaxed);
+  calls_between.fetch_add(calls, std::memory_order_relaxed);
+  histogram[lifetime_bucket(lifetime_ns)].fetch_add(1, std::memory_order_relaxed);
+}
+
+namespace {
+void* map_noreserve(size_t bytes) {
+  void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  return p == MAP_FAILED ? nullptr : p;
+}
+
+uint64_t hash_stack(const uintptr_t* ips, unsigned depth) {
+  uint64_t hash = 0xcbf29ce484222325ull ^ depth;
+  for (unsigned i = 0; i < depth; ++i) {
+    hash ^= ips[i];
+    hash *= 0x100000001b3ull;
+    hash ^= hash >> 29;
+  }
+  return hash;
+}
+}  // namespace
+
+bool StackDepot::init() {
+  arena_words_ = size_t{kSlots} * 24;  // room for every slot at an average depth of 23
+  slots_ = static_cast<std::atomic<uint64_t>*>(map_noreserve(kSlots * sizeof(uint64_t)));
+  sites_ = static_cast<SiteStats*>(map_noreserve(kSlots * sizeof(SiteStats)));
+  arena_ = static_cast<uintptr_t*>(map_noreserve(arena_words_ * sizeof(uintptr_t)));
+  if (!slots_ || !sites_ || !arena_) slots_ = nullptr;
+  return slots_ != nullptr;
+}
+
+uint32_t StackDepot::insert(const uintptr_t* ips, unsigned depth) {
+  if (!slots_ || depth == 0) return 0;
+  const uint64_t hash = hash_stack(ips, depth);
+  const uint64_t tag = (hash >> 32) << 32;
+  for (uint32_t probe = 0; probe < 64; ++probe) {
+    uint32_t index = static_cast<uint32_t>((hash + probe) & (kSlots - 1));
+    if (index == 0) continue;  // 0 means "no site"
+    uint64_t slot = slots_[index].load(std::memory_order_acquire);
+    if (slot == 0) {
+      // Claim space for the trace, then publish it with a CAS; a lost race
+      // leaves the claimed words unused (rare, bounded by the arena).
+      const size_t offset = arena_used_.fetch_add(depth + 1, std::memory_order_relaxed);
+      if (offset + depth + 1 > arena_words_) return 0;
+      arena_[offset] = tag | depth;
+      for (unsigned i = 0; i < depth; ++i) arena_[offset + 1 + i] = ips[i];
+      uint64_t expected = 0;
+      if (slots_[index].compare_exchange_strong(expected, offset + 1, std::memory_order_acq_rel)) return index;
+      slot = expected;  // someone else filled the slot: compare with theirs
+    }
+    const uintptr_t* stored = arena_ + (slot - 1);
+    if ((stored[0] >> 32 << 32) != tag || (stored[0] & 0xffffffffu) != depth) continue;
+    bool same = true;
+    for (unsigned i = 0; i < depth && same; ++i) same = stored[1 + i] == ips[i];
+    if (same) return index;
+  }
+  return 0;
+}
+
+unsigned StackDepot::stack(uint32_t id, const uintptr_t** ips) const {
+  if (!slots_ || id == 0 || id >= kSlots) return 0;
+  const uint64_t slot = slots_[id].load(std::memory_order_acquire);
+  if (slot == 0) return 0;
+  const uintptr_t* stored = arena_ + (slot - 1);
+  *ips = stored + 1;
+  return static_cast<unsigned>(stored[0] & 0xffffffffu);
+}
+
+}  // namespace hotpool::reporter

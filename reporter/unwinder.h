@@ -1,0 +1,63 @@
+// Stack capture with libunwind, for sampled allocations only.
+//
+// libunwind.so.8 is loaded with dlopen(RTLD_LOCAL) at start-up instead of
+// being linked: linked into a preloaded library, its _Unwind_* and
+// backtrace() symbols would enter the program's global scope and replace
+// libgcc's exception unwinder and glibc's backtrace() for the whole program.
+// Never called with a hotpool lock held: libunwind walks the loaded modules
+// under the loader's lock, and the loader may be inside malloc.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace hotpool::reporter {
+
+inline constexpr unsigned kMaxDepth = 64;
+
+// The frame of the function that called the allocator, as found again on the
+// stack while it is active: its caller's stack pointer at the call (the
+// frame's CFA) and the return address into the caller, stored at CFA - 8.
+struct FrameAnchor {
+  uintptr_t cfa;
+  uintptr_t return_address;
+};
+
+struct CapturedStack {
+  unsigned depth;                 // frames in ips, outermost last
+  uintptr_t ips[kMaxDepth];       // return addresses (the first: inside the allocating function)
+  FrameAnchor anchor;             // zero when the stack was too shallow
+};
+
+class Unwinder {
+ public:
+  // dlopen()s libunwind; false (and a disabled unwinder) if it is missing.
+  // `skip_low`..`skip_high` ranges: leading frames inside them (hotpool
+  // itself, the C++ runtime's operator new, libc's malloc wrappers) are
+  // not part of the allocation's stack.
+  bool load();
+  void set_skipped_ranges(const uintptr_t (*ranges)[2], unsigned count);
+  bool ready() const { return ready_; }
+
+  // Captures up to `depth` frames above the allocator. Returns false when
+  // unwinding failed at the first frame.
+  bool capture(unsigned depth, CapturedStack* out) const;
+
+ private:
+  bool skipped(uintptr_t ip) const;
+
+  bool ready_ = false;
+  void* init_local_ = nullptr;
+  void* step_ = nullptr;
+  void* get_reg_ = nullptr;
+  void* getcontext_ = nullptr;
+  uintptr_t skip_[8][2] = {};
+  unsigned skip_count_ = 0;
+};
+
+// The [low, high) text range of the loaded module containing `address`.
+bool module_range_of(const void* address, uintptr_t range[2]);
+// The same for the first loaded module whose path contains `name`.
+bool module_range_named(const char* name, uintptr_t range[2]);
+
+}  // namespace hotpool::reporter

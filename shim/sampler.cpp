@@ -1,0 +1,218 @@
+#include "sampler.h"
+
+#include <sched.h>
+#include <time.h>
+
+#include <atomic>
+
+#include <cmath>
+#include <cstring>
+
+namespace hotpool::shim {
+
+constinit recycler::PoolRegion g_sample_region{};
+constinit reporter::StackDepot g_stack_depot{};
+constinit reporter::LifetimeStats g_class_lifetimes[reporter::kMaxClasses]{};
+
+namespace {
+
+constexpr uint64_t kLive = 0x686f74706f6f6c21ull;   // "hotpool!"
+constexpr uint64_t kFreed = 0x667265656421ull;
+constexpr size_t kHeader = sizeof(SampleHeader);
+constexpr uint64_t kNever = ~uint64_t{0};
+
+constinit reporter::Unwinder g_unwinder{};
+
+// The fork gate. libunwind keeps locks of its own; a fork() while another
+// thread is inside it would leave them held forever in the child. So
+// before a fork no thread may be unwinding: each capture announces itself,
+// and the forking thread waits until none is in progress (sequentially
+// consistent, Dekker-style: one of the two always sees the other).
+constinit std::atomic<int> g_unwinding{0};
+constinit std::atomic<bool> g_fork_pending{false};
+__thread bool tls_unwinding __attribute__((tls_model("initial-exec")));
+constinit bool g_active = false;
+constinit uint64_t g_rate = 0;
+constinit unsigned g_depth = 0;
+constinit uint64_t g_short_ns = 0;
+constinit size_t g_limit = 0;  // largest request that can be sampled
+
+uint64_t now_ns() {
+  timespec now;
+  clock_gettime(CLOCK_MONOTONIC, &now);  // vDSO: no syscall
+  return static_cast<uint64_t>(now.tv_sec) * 1000000000u + static_cast<uint64_t>(now.tv_nsec);
+}
+
+void raise(reporter::AtomicCounter& counter, uint64_t value) {
+  uint64_t seen = counter.load(std::memory_order_relaxed);
+  while (value > seen && !counter.compare_exchange_weak(seen, value, std::memory_order_relaxed)) {
+  }
+}
+
+void lower(reporter::AtomicCounter& counter, uint64_t value) {
+  uint64_t seen = counter.load(std::memory_order_relaxed);
+  while ((seen == 0 || value < seen) && !counter.compare_exchange_weak(seen, value, std::memory_order_relaxed)) {
+  }
+}
+
+}  // namespace
+
+bool start_sampling(const ReentryGuard&) {
+  const Options& options = current_options();
+  g_rate = options.sample;
+  if (g_rate == 0) return false;
+  g_depth = static_cast<unsigned>(options.depth < reporter::kMaxDepth ? options.depth : reporter::kMaxDepth);
+  if (g_depth == 0) g_depth = 1;
+  g_short_ns = options.short_lived;
+  if (!g_unwinder.load()) {
+    write_warning("hotpool: libunwind.so.8 could not be loaded: no allocation sites or lifetimes (apt-get install libunwind8)");
+    return false;
+  }
+  // Leading frames in hotpool, the C++ runtime and libc are the allocator's.
+  uintptr_t ranges[3][2];
+  unsigned count = 0;
+  if (reporter::module_range_of(reinterpret_cast<void*>(&start_sampling), ranges[count])) ++count;
+  if (reporter::module_range_named("libstdc++", ranges[count])) ++count;
+  if (reporter::module_range_named("libc.so", ranges[count])) ++count;
+  g_unwinder.set_skipped_ranges(ranges, count);
+  if (!g_stack_depot.init() || !g_sample_region.init(g_classes, sample_region_bytes())) {
+    write_warning("hotpool: no memory for sampling; no allocation sites or lifetimes");
+    return false;
+  }
+  g_limit = g_classes.max_class_size() - kHeader;
+  g_active = true;
+  return true;
+}
+
+bool sampling_active() { return g_active; }
+uint64_t sampling_rate() { return g_rate; }
+uint64_t sampling_short_ns() { return g_short_ns; }
+
+uint64_t next_sample_interval(ThreadState& state) {
+  if (!g_active) return kNever;
+  if (g_rate <= 1) return 1;
+  if (state.sample_random == 0) state.sample_random = 0x9e3779b97f4a7c15ull * (state.ordinal + 1);
+  // xorshift64*, then the geometric interval with mean g_rate: each
+  // allocation is sampled with probability 1/g_rate, independently, so
+  // samples x g_rate estimates counts without bias.
+  uint64_t x = state.sample_random;
+  x ^= x >> 12;
+  x ^= x << 25;
+  x ^= x >> 27;
+  state.sample_random = x;
+  const double uniform = (static_cast<double>((x * 0x2545f4914f6cdd1dull) >> 11) + 0.5) / 9007199254740992.0;
+  const double p = 1.0 / static_cast<double>(g_rate);
+  return 1 + static_cast<uint64_t>(std::log(uniform) / std::log1p(-p));
+}
+
+void* sampled_allocate(ThreadState& state, size_t size) {
+  if (!g_active || size > g_limit) return nullptr;
+  const unsigned region_class = g_classes.class_of(size + kHeader);
+  recycler::ClassDepot& depot = g_sample_region.depot(region_class);
+  void* raw = nullptr;
+  if (!depot.ready() || depot.refill(&raw, 1, 0) != 1) return nullptr;
+  reporter::CapturedStack stack;
+  stack.depth = 0;
+  stack.anchor = reporter::FrameAnchor{0, 0};
+  g_unwinding.fetch_add(1, std::memory_order_seq_cst);
+  if (!g_fork_pending.load(std::memory_order_seq_cst)) {
+    // libunwind may allocate while it reads unwind tables.
+    ReentryGuard guard;
+    tls_unwinding = true;
+    g_unwinder.capture(g_depth, &stack);
+    tls_unwinding = false;
+  }
+  g_unwinding.fetch_sub(1, std::memory_order_seq_cst);
+  const uint32_t site = g_stack_depot.insert(stack.ips, stack.depth);
+  const size_t usable = g_classes.class_size(region_class) - kHeader;
+  const unsigned size_class = g_classes.class_of(usable);
+  state.stats.record_alloc(g_global, size_class, size, usable);
+  auto* header = static_cast<SampleHeader*>(raw);
+  header->site = site;
+  header->thread = state.ordinal;
+  header->requested = size;
+  header->alloc_ns = now_ns();
+  header->thread_ops = state.stats.ops.load(std::memory_order_relaxed);
+  header->anchor_cfa = stack.anchor.cfa;
+  header->anchor_return = stack.anchor.return_address;
+  header->state = kLive;
+  if (site) {
+    reporter::SiteStats& stats = g_stack_depot.site(site);
+    stats.allocs.fetch_add(1, std::memory_order_relaxed);
+    stats.bytes.fetch_add(size, std::memory_order_relaxed);
+    lower(stats.min_size, size);
+    raise(stats.max_size, size);
+  }
+  return static_cast<char*>(raw) + kHeader;
+}
+
+bool is_sampled(const void* block) { return g_sample_region.contains(block); }
+
+size_t sampled_usable_size(const void* block) {
+  const unsigned region_class = g_sample_region.class_of_block(block);
+  return g_classes.class_size(region_class) - kHeader;
+}
+
+void sampled_free(void* block) {
+  char* raw = static_cast<char*>(block) - kHeader;
+  const unsigned region_class = g_sample_region.class_of_block(block);
+  recycler::ClassDepot& depot = g_sample_region.depot(region_class);
+  if (!depot.is_block_start(raw)) recycler::fatal_pointer_error(depot.check_block(raw), block);
+  auto* header = reinterpret_cast<SampleHeader*>(raw);
+  if (header->state != kLive) recycler::fatal_pointer_error("double free of a sampled block", block);
+  header->state = kFreed;
+  const uint64_t now = now_ns();
+  ThreadState* state = tls.state;
+  const bool same_thread = state && state->ordinal == header->thread;
+  const uint64_t ops = state ? state->stats.ops.load(std::memory_order_relaxed) : 0;
+  // Frame-local: the allocating function is still active, i.e. its
+  // caller's return address still sits at its CFA - 8, above us on the stack.
+  bool frame_local = false;
+  if (same_thread && header->anchor_cfa) {
+    const auto here = reinterpret_cast<uintptr_t>(__builtin_frame_address(0));
+    const uintptr_t slot = header->anchor_cfa - sizeof(uintptr_t);
+    frame_local = here < slot && slot - here < (64u << 20) &&
+                  *reinterpret_cast<const uintptr_t*>(slot) == header->anchor_return;
+  }
+  const reporter::Escape escape = !same_thread ? reporter::Escape::CrossThread
+                                  : frame_local ? reporter::Escape::FrameLocal
+                                                : reporter::Escape::ThreadLocal;
+  const uint64_t lifetime = now - header->alloc_ns;
+  const bool is_short = lifetime <= g_short_ns;
+  const bool temporary = same_thread && ops == header->thread_ops;
+  const uint64_t calls = same_thread ? ops - header->thread_ops : 0;
+  const size_t usable = g_classes.class_size(region_class) - kHeader;
+  const unsigned size_class = g_classes.class_of(usable);
+  if (header->site) g_stack_depot.site(header->site).lifetimes.add(lifetime, is_short, temporary, escape, calls);
+  g_class_lifetimes[size_class].add(lifetime, is_short, temporary, escape, calls);
+  if (state) {
+    state->stats.record_free(g_global, size_class, usable);
+  } else if (g_registry.has_fallback()) {
+    SpinLockGuard lock(g_registry.fallback_lock());
+    g_registry.fallback().record_free(g_global, size_class, usable);
+  }
+  void* to_drain = raw;
+  depot.drain(&to_drain, 1, now);
+}
+
+void lock_samples() {
+  // No thread inside libunwind during the fork (but this one, if a signal
+  // handler that forks interrupted its own capture).
+  g_fork_pending.store(true, std::memory_order_seq_cst);
+  const int own = tls_unwinding ? 1 : 0;
+  for (unsigned spins = 0; g_unwinding.load(std::memory_order_seq_cst) > own; ++spins) {
+    if (spins < 64) __builtin_ia32_pause(); else sched_yield();
+  }
+  for (unsigned c = 0; c < g_sample_region.class_count(); ++c) g_sample_region.depot(c).lock().lock();
+}
+void unlock_samples() {
+  g_fork_pending.store(false, std::memory_order_seq_cst);
+  for (unsigned c = g_sample_region.class_count(); c-- > 0;) g_sample_region.depot(c).lock().unlock();
+}
+void reset_sample_locks() {
+  g_unwinding.store(tls_unwinding ? 1 : 0, std::memory_order_relaxed);
+  g_fork_pending.store(false, std::memory_order_seq_cst);
+  for (unsigned c = 0; c < g_sample_region.class_count(); ++c) g_sample_region.depot(c).lock().reset_after_fork();
+}
+
+}  // namespace hotpool::shim

@@ -1,0 +1,61 @@
+// Sampling: which allocations are followed from malloc to free, and where
+// their blocks live.
+//
+// A sampled block comes from a region of its own (a second pool region, no
+// thread caches), with a 64-byte header in front of what the program gets:
+// the site, the thread, the time, the allocating frame. free() recognises
+// such a block by its address, like a pooled one, without a lookup, and
+// reading the header is safe because the memory is hotpool's.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "recycler/pool.h"
+#include "reporter/sites.h"
+#include "reporter/unwinder.h"
+#include "runtime.h"
+
+namespace hotpool::shim {
+
+struct SampleHeader {
+  uint32_t site;             // StackDepot id (0: the stack could not be captured)
+  uint32_t thread;           // ThreadState::ordinal of the allocating thread
+  uint64_t requested;        // bytes the program asked for
+  uint64_t alloc_ns;         // monotonic time of the allocation
+  uint64_t thread_ops;       // the thread's allocator calls, this one included
+  uintptr_t anchor_cfa;      // the allocating frame (reporter::FrameAnchor)
+  uintptr_t anchor_return;
+  uint64_t state;            // kLive while allocated, kFreed after
+  uint64_t unused;
+};
+static_assert(sizeof(SampleHeader) == 64, "the header keeps blocks 16-byte aligned");
+
+extern recycler::PoolRegion g_sample_region;
+extern reporter::StackDepot g_stack_depot;
+extern reporter::LifetimeStats g_class_lifetimes[reporter::kMaxClasses];
+
+// Start-up (under the guard): the region, the depot, libunwind. False:
+// nothing is sampled.
+bool start_sampling(const ReentryGuard&);
+bool sampling_active();
+uint64_t sampling_rate();
+uint64_t sampling_short_ns();
+
+// The next interval: geometric with the configured mean (1 for SAMPLE=1,
+// "never" for SAMPLE=0).
+uint64_t next_sample_interval(ThreadState& state);
+
+// A sampled allocation: nullptr when it cannot be sampled (too large, the
+// region full); the caller then allocates as usual.
+void* sampled_allocate(ThreadState& state, size_t size);
+bool is_sampled(const void* block);
+void sampled_free(void* block);
+size_t sampled_usable_size(const void* block);
+
+// fork: the sample region's depot locks.
+void lock_samples();
+void unlock_samples();
+void reset_sample_locks();
+
+}  // namespace hotpool::shim
