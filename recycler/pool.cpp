@@ -57,7 +57,8 @@ void ClassGeometry::init(uint32_t block_size) {
   reciprocal = static_cast<uint64_t>(((static_cast<unsigned __int128>(1) << 64) / block_size) + 1);
 }
 
-bool ClassDepot::init(uint32_t block_size, char* area, size_t area_bytes) {
+bool ClassDepot::init(uint32_t block_size, char* area, size_t area_bytes, uint64_t marker_key) {
+  marker_key_ = marker_key;
   geometry_.init(block_size);
   area_ = area;
   slab_mask_ = geometry_.slab_bytes() - 1;
@@ -92,6 +93,17 @@ void ClassDepot::push(Slab*& list, Slab* slab, uint8_t which) {
   if (which == kEmpty && !slab->released) empty_bytes_ += geometry_.slab_bytes();
 }
 
+void ClassDepot::mark_free_blocks(Slab* slab) {
+  if (!marker_key_) return;
+  char* memory = slab_memory(slab);
+  const uint64_t* bits = bitmap(slab);
+  for (uint32_t i = 0; i < geometry_.blocks; ++i) {
+    if (!(bits[i / 64] & (uint64_t{1} << (i % 64)))) continue;
+    char* block = memory + size_t{i} * geometry_.size;
+    *reinterpret_cast<uint64_t*>(block) = marker_key_ ^ reinterpret_cast<uintptr_t>(block);
+  }
+}
+
 Slab* ClassDepot::carve_slab() {
   const size_t index = carved_slabs_.load(std::memory_order_relaxed);
   if (index == max_slabs_) return nullptr;
@@ -105,6 +117,7 @@ Slab* ClassDepot::carve_slab() {
   slab->free_blocks = geometry_.blocks;
   slab->list = kNone;
   slab->released = 0;
+  mark_free_blocks(slab);
   // Published after the metadata: check_block() reads the count lock-free.
   carved_slabs_.store(index + 1, std::memory_order_release);
   carved_bytes_.store((index + 1) << geometry_.slab_shift, std::memory_order_release);
@@ -126,7 +139,8 @@ unsigned ClassDepot::refill(void** out, unsigned want, uint64_t now_ns) {
     if (!slab) break;
     unlink(slab);
     if (slab->released) {
-      slab->released = 0;  // its pages fault back in, zero-filled
+      slab->released = 0;  // its pages fault back in, zero-filled: mark them again
+      mark_free_blocks(slab);
       const uint64_t committed =
           counters_.committed_bytes.fetch_add(geometry_.slab_bytes(), std::memory_order_relaxed) +
           geometry_.slab_bytes();
@@ -224,7 +238,7 @@ const Slab* ClassDepot::slab_of(const void* block) const {
   return &slabs_[offset >> geometry_.slab_shift];
 }
 
-bool PoolRegion::init(const SizeClassTable& classes, size_t region_bytes) {
+bool PoolRegion::init(const SizeClassTable& classes, size_t region_bytes, uint64_t marker_key) {
   const unsigned sized = classes.count() - 1;
   if (sized == 0) return false;
   // Every class's area must hold at least a few slabs of its largest class.
@@ -244,7 +258,7 @@ bool PoolRegion::init(const SizeClassTable& classes, size_t region_bytes) {
   class_count_ = sized;
   for (unsigned c = 0; c < sized; ++c) {
     if (!depots_[c].init(static_cast<uint32_t>(classes.class_size(c)), base_ + (size_t{c} << shift),
-                         size_t{1} << shift)) {
+                         size_t{1} << shift, marker_key)) {
       return false;
     }
   }

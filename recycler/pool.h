@@ -64,7 +64,10 @@ class ClassDepot {
  public:
   // Sets up the class's area [area, area + area_bytes) and its metadata.
   // Returns false if the metadata mapping fails (the class then never pools).
-  bool init(uint32_t block_size, char* area, size_t area_bytes);
+  // `marker_key`: when non-zero, every block of a new (or reused released)
+  // slab gets its free marker (key ^ address) in its first word, so that a
+  // free() of a block never handed out is recognised as a double free.
+  bool init(uint32_t block_size, char* area, size_t area_bytes, uint64_t marker_key = 0);
 
   // Hands out up to `want` blocks (fewer when the area is exhausted).
   unsigned refill(void** out, unsigned want, uint64_t now_ns);
@@ -103,6 +106,7 @@ class ClassDepot {
   void unlink(Slab* slab);
   void push(Slab*& list, Slab* slab, uint8_t which);
   Slab* carve_slab();
+  void mark_free_blocks(Slab* slab);
   uint64_t* bitmap(const Slab* slab) const { return bitmaps_ + (slab - slabs_) * geometry_.bitmap_words; }
   char* slab_memory(const Slab* slab) const { return area_ + ((slab - slabs_) << geometry_.slab_shift); }
 
@@ -114,6 +118,7 @@ class ClassDepot {
   std::atomic<size_t> carved_bytes_{0};  // carved_slabs_ << slab_shift, for is_block_start
   size_t slab_mask_ = 0;                 // slab bytes - 1
   size_t block_span_ = 0;                // blocks * size: the used part of a slab
+  uint64_t marker_key_ = 0;
   Slab* slabs_ = nullptr;       // metadata, [max_slabs_]
   uint64_t* bitmaps_ = nullptr; // [max_slabs_ * bitmap_words]
   Slab* partial_ = nullptr;     // some blocks free
@@ -128,7 +133,7 @@ class PoolRegion {
   // Reserves `region_bytes` of address space (rounded so that every class
   // gets a power-of-two area) without committing memory. False if the
   // reservation fails; nothing is pooled then.
-  bool init(const SizeClassTable& classes, size_t region_bytes);
+  bool init(const SizeClassTable& classes, size_t region_bytes, uint64_t marker_key = 0);
 
   bool contains(const void* p) const {
     return static_cast<uintptr_t>(static_cast<const char*>(p) - base_) < bytes_;

@@ -19,7 +19,7 @@ bool Recycler::init(const SizeClassTable& classes, const RecyclerConfig& config,
   config_ = config;
   key_ = key | 1;  // never zero: a zeroed first word is never a marker
   for (unsigned c = 0; c + 1 < classes.count(); ++c) class_size_[c] = classes.class_size(c);
-  return region_.init(classes, config.region_bytes);
+  return region_.init(classes, config.region_bytes, config.checks ? key_ : 0);
 }
 
 void Recycler::set_pooled(unsigned size_class, bool on) {
@@ -93,6 +93,15 @@ void Recycler::deallocate_uncached(void* block) {
   ClassDepot& depot = region_.depot(size_class);
   if (config_.checks) {
     if (const char* problem = depot.check_block(block)) fatal_pointer_error(problem, block);
+    uint64_t& first_word = *static_cast<uint64_t*>(block);
+    const uint64_t marker = key_ ^ reinterpret_cast<uintptr_t>(block);
+    if (first_word == marker) {
+      // Freed before: in the depot (drain aborts), or in some thread's cache.
+      if (depot.holds_free(block)) fatal_pointer_error("double free of a pooled block (it is back in the pool's depot)", block);
+      quarantine_once();
+      return;
+    }
+    first_word = marker;
   }
   depot.drain(&block, 1, monotonic_ns());  // aborts on a block already free there
 }
@@ -109,6 +118,10 @@ void Recycler::confirm_double_free(ThreadCache& cache, unsigned size_class, void
   // Neither here nor in the depot: most likely it sits in another thread's
   // cache after a free there. Never hand it out twice: keep it out of every
   // cache (a leak of one block) and say so once.
+  quarantine_once();
+}
+
+void Recycler::quarantine_once() {
   if (!warned_quarantine_.exchange(true, std::memory_order_relaxed)) {
     static const char message[] =
         "hotpool: a pooled block was freed twice, probably by two threads; it is quarantined (never reused)\n";

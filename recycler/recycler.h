@@ -138,6 +138,7 @@ class Recycler {
   // A block carrying its free marker: abort if this thread's cache or the
   // depot holds it; else quarantine it (never cached again).
   void confirm_double_free(ThreadCache& cache, unsigned size_class, void* block);
+  void quarantine_once();
   uint32_t capacity_for(unsigned size_class) const;
   void maybe_decay(unsigned size_class, uint64_t now_ns);
 

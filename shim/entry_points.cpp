@@ -103,7 +103,13 @@ HOTPOOL_NOINLINE void* recorded_calloc(size_t count, size_t size) {
 // tail call, so the function needs no stack frame.
 HOTPOOL_NOINLINE void* pooled_malloc_refill(unsigned size_class, size_t size) {
   ThreadState* state = tls.pool_state;
-  void* block = g_recycler.allocate_slow(state->cache, size_class);
+  void* block;
+  {
+    // The depot's lock is held in there: a signal handler that allocates
+    // meanwhile must not come back into the pool, but go to the real allocator.
+    ReentryGuard guard;
+    block = g_recycler.allocate_slow(state->cache, size_class);
+  }
   if (!block) return unsampled_malloc(size);  // the pool is out of memory
   state->stats.record_pooled_alloc(g_global, size_class, size, g_recycler.class_size(size_class));
   // The pooled paths keep no per-operation peak view; a refill is where a

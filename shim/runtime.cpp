@@ -322,6 +322,7 @@ static HOTPOOL_NOINLINE void pooled_free_uncached(void* block) {
 }
 
 static HOTPOOL_NOINLINE void pooled_free_full_bin(ThreadState* state, unsigned size_class, void* block) {
+  ReentryGuard guard;  // a depot lock is held in there (see pooled_malloc_refill)
   g_recycler.drain_and_push(state->cache, size_class, block);
   state->stats.publish_if_due(g_global, size_class);
 }

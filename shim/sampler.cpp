@@ -1,5 +1,6 @@
 #include "sampler.h"
 
+#include <pthread.h>
 #include <sched.h>
 #include <time.h>
 
@@ -110,17 +111,25 @@ void* sampled_allocate(ThreadState& state, size_t size) {
   const unsigned region_class = g_classes.class_of(size + kHeader);
   recycler::ClassDepot& depot = g_sample_region.depot(region_class);
   void* raw = nullptr;
-  if (!depot.ready() || depot.refill(&raw, 1, 0) != 1) return nullptr;
+  {
+    ReentryGuard guard;  // the depot's lock: see pooled_malloc_refill
+    if (!depot.ready() || depot.refill(&raw, 1, 0) != 1) return nullptr;
+  }
   reporter::CapturedStack stack;
   stack.depth = 0;
   stack.anchor = reporter::FrameAnchor{0, 0};
   g_unwinding.fetch_add(1, std::memory_order_seq_cst);
   if (!g_fork_pending.load(std::memory_order_seq_cst)) {
     // libunwind may allocate while it reads unwind tables.
+    // ...and may read files: read() is a cancellation point, and malloc is
+    // not, so cancellation waits until the capture is done.
     ReentryGuard guard;
+    int cancel_state;
+    pthread_setcancelstate(PTHREAD_CANCEL_DISABLE, &cancel_state);
     tls_unwinding = true;
     g_unwinder.capture(g_depth, &stack);
     tls_unwinding = false;
+    pthread_setcancelstate(cancel_state, nullptr);
   }
   g_unwinding.fetch_sub(1, std::memory_order_seq_cst);
   const uint32_t site = g_stack_depot.insert(stack.ips, stack.depth);
@@ -192,6 +201,7 @@ void sampled_free(void* block) {
     g_registry.fallback().record_free(g_global, size_class, usable);
   }
   void* to_drain = raw;
+  ReentryGuard guard;
   depot.drain(&to_drain, 1, now);
 }
 

@@ -238,7 +238,30 @@ TEST_F(RecyclerDeathTest, DoubleFreeAfterTheBlockMovedToTheDepot) {
   recycler_->deallocate(*cache_, block);
   recycler_->flush(*cache_);
   EXPECT_DEATH(recycler_->deallocate(*cache_, block), "hotpool: double free of a pooled block \\(it is back in the pool's depot\\)");
-  EXPECT_DEATH(recycler_->deallocate_uncached(block), "hotpool: double free: the block is already free in the pool");
+  EXPECT_DEATH(recycler_->deallocate_uncached(block), "hotpool: double free of a pooled block \\(it is back in the pool's depot\\)");
+}
+
+TEST_F(RecyclerDeathTest, FreeOfABlockNeverHandedOutAborts) {
+  // Blocks of a new slab carry their free marker until they are handed out,
+  // so freeing one still in the depot, or one still in a cache, is caught.
+  char* block = static_cast<char*>(recycler_->allocate(*cache_, cls(48)));
+  char* in_cache = block - 48;                                   // refilled, not handed out
+  char* in_depot = block + 48 * 100;                             // same slab, still in the depot
+  EXPECT_DEATH(recycler_->deallocate(*cache_, in_cache), "hotpool: double free of a pooled block \\(it is in this thread's cache\\)");
+  EXPECT_DEATH(recycler_->deallocate(*cache_, in_depot), "hotpool: double free of a pooled block \\(it is back in the pool's depot\\)");
+}
+
+TEST_F(RecyclerTest, ASecondFreeFromAThreadWithoutCacheIsQuarantined) {
+  // The first free put the block in this cache; a thread without a cache
+  // (not attached yet, or exited) frees it again: never handed out twice.
+  void* block = recycler_->allocate(*cache_, cls(48));
+  recycler_->deallocate(*cache_, block);
+  testing::internal::CaptureStderr();
+  recycler_->deallocate_uncached(block);
+  EXPECT_NE(testing::internal::GetCapturedStderr().find("hotpool: a pooled block was freed twice"), std::string::npos);
+  EXPECT_EQ(depot(48).counters().depot_free_bytes.load() % 48, 0u);
+  std::set<void*> handed_out;
+  for (int i = 0; i < 500; ++i) EXPECT_TRUE(handed_out.insert(recycler_->allocate(*cache_, cls(48))).second);
 }
 
 TEST_F(RecyclerDeathTest, DoubleFreeIsCaughtEvenWithChecksOffOnceInTheDepot) {
