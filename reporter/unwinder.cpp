@@ -2,19 +2,12 @@
 
 #include <dlfcn.h>
 #include <link.h>
-#include <libunwind.h>
 
 #include <cstring>
 
 namespace hotpool::reporter {
 
 namespace {
-// libunwind's local-only entry points (what unw_* map to under
-// UNW_LOCAL_ONLY), resolved from the dlopen()ed library.
-using InitLocal = int (*)(unw_cursor_t*, unw_context_t*);
-using Step = int (*)(unw_cursor_t*);
-using GetReg = int (*)(unw_cursor_t*, unw_regnum_t, unw_word_t*);
-using GetContext = int (*)(unw_context_t*);
 
 struct RangeQuery {
   uintptr_t address;
@@ -58,17 +51,8 @@ bool module_range_named(const char* name, uintptr_t range[2]) {
 bool Unwinder::load() {
   void* library = dlopen("libunwind.so.8", RTLD_NOW | RTLD_LOCAL);
   if (!library) return false;
-  init_local_ = dlsym(library, "_ULx86_64_init_local");
-  step_ = dlsym(library, "_ULx86_64_step");
-  get_reg_ = dlsym(library, "_ULx86_64_get_reg");
-  getcontext_ = dlsym(library, "_Ux86_64_getcontext");
-  ready_ = init_local_ && step_ && get_reg_ && getcontext_;
-  // Per-thread caches: the global cache is guarded by a lock that a fork()
-  // in another thread could leave held forever in the child.
-  using SetCachingPolicy = int (*)(unw_addr_space_t, unw_caching_policy_t);
-  auto set_policy = reinterpret_cast<SetCachingPolicy>(dlsym(library, "_ULx86_64_set_caching_policy"));
-  auto* address_space = static_cast<unw_addr_space_t*>(dlsym(library, "_ULx86_64_local_addr_space"));
-  if (!set_policy || !address_space || set_policy(*address_space, UNW_CACHE_PER_THREAD) != 0) ready_ = false;
+  backtrace_ = dlsym(library, "unw_backtrace");
+  ready_ = backtrace_ != nullptr;
   return ready_;
 }
 
@@ -88,35 +72,31 @@ bool Unwinder::skipped(uintptr_t ip) const {
 
 bool Unwinder::capture(unsigned depth, CapturedStack* out) const {
   out->depth = 0;
-  out->anchor = FrameAnchor{0, 0};
   if (!ready_) return false;
   if (depth > kMaxDepth) depth = kMaxDepth;
-  unw_context_t context;
-  unw_cursor_t cursor;
-  if (reinterpret_cast<GetContext>(getcontext_)(&context) != 0) return false;
-  if (reinterpret_cast<InitLocal>(init_local_)(&cursor, &context) != 0) return false;
-  const auto step = reinterpret_cast<Step>(step_);
-  const auto get_reg = reinterpret_cast<GetReg>(get_reg_);
-  // Leading frames in hotpool, the C++ runtime or libc: not the program's.
-  bool leading = true;
-  bool want_anchor = true;
-  while (step(&cursor) > 0) {
-    unw_word_t ip = 0, sp = 0;
-    get_reg(&cursor, UNW_REG_IP, &ip);
-    get_reg(&cursor, UNW_REG_SP, &sp);
-    if (ip == 0) break;
-    if (leading && skipped(ip)) continue;
-    if (!leading && want_anchor) {
-      // The level above the allocating function: its SP is the allocating
-      // frame's CFA, its IP the allocating frame's return address.
-      out->anchor = FrameAnchor{sp, ip};
-      want_anchor = false;
-    }
-    leading = false;
-    if (out->depth < depth) out->ips[out->depth++] = ip;
-    else if (!want_anchor) break;
-  }
+  // Room for the allocator's own leading frames, which are dropped.
+  constexpr unsigned kLeading = 12;
+  void* raw[kMaxDepth + kLeading];
+  using Backtrace = int (*)(void**, int);
+  const int got = reinterpret_cast<Backtrace>(backtrace_)(raw, static_cast<int>(depth + kLeading));
+  int first = 0;
+  while (first < got && skipped(reinterpret_cast<uintptr_t>(raw[first]))) ++first;
+  for (int i = first; i < got && out->depth < depth; ++i) out->ips[out->depth++] = reinterpret_cast<uintptr_t>(raw[i]);
   return out->depth > 0;
+}
+
+bool allocating_frame_active(const uintptr_t* allocation, unsigned allocation_depth, const CapturedStack& now) {
+  if (allocation_depth < 2) return false;
+  // Find the frame of now that returns where the allocating function was
+  // called from (allocation.ips[1]), and check the callers beyond agree.
+  for (unsigned j = 1; j < now.depth; ++j) {
+    if (now.ips[j] != allocation[1]) continue;
+    bool same = true;
+    for (unsigned k = 2; k < allocation_depth && j + k - 1 < now.depth && same; ++k)
+      same = now.ips[j + k - 1] == allocation[k];
+    if (same) return true;
+  }
+  return false;
 }
 
 }  // namespace hotpool::reporter

@@ -15,19 +15,18 @@ namespace hotpool::reporter {
 
 inline constexpr unsigned kMaxDepth = 64;
 
-// The frame of the function that called the allocator, as found again on the
-// stack while it is active: its caller's stack pointer at the call (the
-// frame's CFA) and the return address into the caller, stored at CFA - 8.
-struct FrameAnchor {
-  uintptr_t cfa;
-  uintptr_t return_address;
+struct CapturedStack {
+  unsigned depth;            // frames in ips, outermost last
+  uintptr_t ips[kMaxDepth];  // return addresses (the first: inside the allocating function)
 };
 
-struct CapturedStack {
-  unsigned depth;                 // frames in ips, outermost last
-  uintptr_t ips[kMaxDepth];       // return addresses (the first: inside the allocating function)
-  FrameAnchor anchor;             // zero when the stack was too shallow
-};
+// True when the function that made an allocation (whose stack was
+// `allocation`) is still active in `now`, a stack captured later on the
+// same thread: the allocating function's callers, allocation[1..], are the
+// outer end of `now` below some frame. Return addresses name call sites, so the same
+// function called again from the same site in between reads as the same
+// activation: the one case this cannot tell apart.
+bool allocating_frame_active(const uintptr_t* allocation, unsigned allocation_depth, const CapturedStack& now);
 
 class Unwinder {
  public:
@@ -39,18 +38,16 @@ class Unwinder {
   void set_skipped_ranges(const uintptr_t (*ranges)[2], unsigned count);
   bool ready() const { return ready_; }
 
-  // Captures up to `depth` frames above the allocator. Returns false when
-  // unwinding failed at the first frame.
+  // Captures up to `depth` frames above the allocator, with libunwind's
+  // unw_backtrace (its per-thread trace cache: no lock, no signal mask
+  // change). Returns false when nothing was captured.
   bool capture(unsigned depth, CapturedStack* out) const;
 
  private:
   bool skipped(uintptr_t ip) const;
 
   bool ready_ = false;
-  void* init_local_ = nullptr;
-  void* step_ = nullptr;
-  void* get_reg_ = nullptr;
-  void* getcontext_ = nullptr;
+  void* backtrace_ = nullptr;
   uintptr_t skip_[8][2] = {};
   unsigned skip_count_ = 0;
 };

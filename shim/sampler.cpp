@@ -56,6 +56,26 @@ void lower(reporter::AtomicCounter& counter, uint64_t value) {
   }
 }
 
+// The stack of this call, above hotpool, the C++ runtime and libc; empty
+// while a fork is pending (see the fork gate).
+void capture_stack(reporter::CapturedStack* stack) {
+  stack->depth = 0;
+  g_unwinding.fetch_add(1, std::memory_order_seq_cst);
+  if (!g_fork_pending.load(std::memory_order_seq_cst)) {
+    // libunwind may allocate while it reads unwind tables, and may read
+    // files: read() is a cancellation point, and malloc is not, so
+    // cancellation waits until the capture is done.
+    ReentryGuard guard;
+    int cancel_state;
+    pthread_setcancelstate(PTHREAD_CANCEL_DISABLE, &cancel_state);
+    tls_unwinding = true;
+    g_unwinder.capture(g_depth, stack);
+    tls_unwinding = false;
+    pthread_setcancelstate(cancel_state, nullptr);
+  }
+  g_unwinding.fetch_sub(1, std::memory_order_seq_cst);
+}
+
 }  // namespace
 
 bool start_sampling(const ReentryGuard&) {
@@ -116,22 +136,7 @@ void* sampled_allocate(ThreadState& state, size_t size) {
     if (!depot.ready() || depot.refill(&raw, 1, 0) != 1) return nullptr;
   }
   reporter::CapturedStack stack;
-  stack.depth = 0;
-  stack.anchor = reporter::FrameAnchor{0, 0};
-  g_unwinding.fetch_add(1, std::memory_order_seq_cst);
-  if (!g_fork_pending.load(std::memory_order_seq_cst)) {
-    // libunwind may allocate while it reads unwind tables.
-    // ...and may read files: read() is a cancellation point, and malloc is
-    // not, so cancellation waits until the capture is done.
-    ReentryGuard guard;
-    int cancel_state;
-    pthread_setcancelstate(PTHREAD_CANCEL_DISABLE, &cancel_state);
-    tls_unwinding = true;
-    g_unwinder.capture(g_depth, &stack);
-    tls_unwinding = false;
-    pthread_setcancelstate(cancel_state, nullptr);
-  }
-  g_unwinding.fetch_sub(1, std::memory_order_seq_cst);
+  capture_stack(&stack);
   const uint32_t site = g_stack_depot.insert(stack.ips, stack.depth);
   const size_t usable = g_classes.class_size(region_class) - kHeader;
   const unsigned size_class = g_classes.class_of(usable);
@@ -142,8 +147,6 @@ void* sampled_allocate(ThreadState& state, size_t size) {
   header->requested = size;
   header->alloc_ns = now_ns();
   header->thread_ops = state.stats.ops.load(std::memory_order_relaxed);
-  header->anchor_cfa = stack.anchor.cfa;
-  header->anchor_return = stack.anchor.return_address;
   header->state = kLive;
   if (site) {
     reporter::SiteStats& stats = g_stack_depot.site(site);
@@ -174,14 +177,15 @@ void sampled_free(void* block) {
   ThreadState* state = tls.state;
   const bool same_thread = state && state->ordinal == header->thread;
   const uint64_t ops = state ? state->stats.ops.load(std::memory_order_relaxed) : 0;
-  // Frame-local: the allocating function is still active, i.e. its
-  // caller's return address still sits at its CFA - 8, above us on the stack.
+  // Frame-local: the allocating function is still active, i.e. its callers
+  // (the site's stack beyond its first frame) are the outer end of ours.
   bool frame_local = false;
-  if (same_thread && header->anchor_cfa) {
-    const auto here = reinterpret_cast<uintptr_t>(__builtin_frame_address(0));
-    const uintptr_t slot = header->anchor_cfa - sizeof(uintptr_t);
-    frame_local = here < slot && slot - here < (64u << 20) &&
-                  *reinterpret_cast<const uintptr_t*>(slot) == header->anchor_return;
+  if (same_thread && header->site) {
+    const uintptr_t* allocation = nullptr;
+    const unsigned depth = g_stack_depot.stack(header->site, &allocation);
+    reporter::CapturedStack current;
+    capture_stack(&current);
+    frame_local = reporter::allocating_frame_active(allocation, depth, current);
   }
   const reporter::Escape escape = !same_thread ? reporter::Escape::CrossThread
                                   : frame_local ? reporter::Escape::FrameLocal

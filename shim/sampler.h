@@ -3,7 +3,7 @@
 //
 // A sampled block comes from a region of its own (a second pool region, no
 // thread caches), with a 64-byte header in front of what the program gets:
-// the site, the thread, the time, the allocating frame. free() recognises
+// the site, the thread, the time. free() recognises
 // such a block by its address, like a pooled one, without a lookup, and
 // reading the header is safe because the memory is hotpool's.
 #pragma once
@@ -24,10 +24,8 @@ struct SampleHeader {
   uint64_t requested;        // bytes the program asked for
   uint64_t alloc_ns;         // monotonic time of the allocation
   uint64_t thread_ops;       // the thread's allocator calls, this one included
-  uintptr_t anchor_cfa;      // the allocating frame (reporter::FrameAnchor)
-  uintptr_t anchor_return;
   uint64_t state;            // kLive while allocated, kFreed after
-  uint64_t unused;
+  uint64_t unused[3];
 };
 static_assert(sizeof(SampleHeader) == 64, "the header keeps blocks 16-byte aligned");
 

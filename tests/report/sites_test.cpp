@@ -1,0 +1,193 @@
+// Allocation sites, lifetimes and escape classes, checked against programs
+// whose patterns are known exactly (sites_program.cpp).
+#include <fcntl.h>
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <sstream>
+#include <string>
+#include <vector>
+
+extern char** environ;
+
+namespace {
+
+namespace fs = std::filesystem;
+using Json = nlohmann::json;
+
+std::string slurp(const fs::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::stringstream text;
+  text << in.rdbuf();
+  return text.str();
+}
+
+// The line of `// SITE: name` in sites_program.cpp.
+unsigned site_line(const std::string& name) {
+  std::istringstream source(slurp(HOTPOOL_SITES_SOURCE));
+  std::string line;
+  for (unsigned number = 1; std::getline(source, line); ++number)
+    if (line.find("// SITE: " + name) != std::string::npos) return number;
+  return 0;
+}
+
+class SitesTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = fs::temp_directory_path() / ("hotpool-sites-test-" + std::to_string(getpid()) + "-" +
+                                        ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    fs::remove_all(dir_);
+    fs::create_directories(dir_);
+  }
+  void TearDown() override {
+    if (!HasFailure()) fs::remove_all(dir_);
+  }
+
+  Json run(const std::vector<std::string>& args, const std::vector<std::string>& options) {
+    std::vector<std::string> env;
+    for (char** entry = environ; *entry; ++entry)
+      if (std::strncmp(*entry, "HOTPOOL_", 8) != 0 && std::strncmp(*entry, "LD_PRELOAD=", 11) != 0) env.push_back(*entry);
+    env.push_back("LD_PRELOAD=" HOTPOOL_LIBRARY);
+    env.push_back("HOTPOOL_OUTPUT=" + (dir_ / "r.%p.json").string());
+    for (const std::string& option : options) env.push_back(option);
+    std::vector<std::string> argv = {HOTPOOL_SITES_PROGRAM};
+    argv.insert(argv.end(), args.begin(), args.end());
+    std::vector<char*> envp, argp;
+    for (std::string& e : env) envp.push_back(e.data());
+    envp.push_back(nullptr);
+    for (std::string& a : argv) argp.push_back(a.data());
+    argp.push_back(nullptr);
+    posix_spawn_file_actions_t actions;
+    posix_spawn_file_actions_init(&actions);
+    posix_spawn_file_actions_addopen(&actions, 1, (dir_ / "stdout").c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    pid_t pid;
+    EXPECT_EQ(posix_spawn(&pid, argp[0], &actions, nullptr, argp.data(), envp.data()), 0);
+    posix_spawn_file_actions_destroy(&actions);
+    int status = 0;
+    waitpid(pid, &status, 0);
+    EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    return Json::parse(slurp(dir_ / ("r." + std::to_string(pid) + ".json")));
+  }
+
+  // Sums the figures of the sites whose first frame is `function` at the
+  // line of the SITE marker `marker`.
+  static std::map<std::string, uint64_t> site(const Json& report, const std::string& function,
+                                               const std::string& marker) {
+    std::map<std::string, uint64_t> sum;
+    const unsigned line = site_line(marker);
+    for (const Json& row : report["sites"]) {
+      const Json& frame = row["frames"][0];
+      if (frame["function"].get<std::string>().find(function) == std::string::npos) continue;
+      if (frame["line"].get<unsigned>() != line) continue;  // another allocation in the same function
+      EXPECT_NE(frame["file"].get<std::string>().find("sites_program.cpp"), std::string::npos);
+      for (const char* key : {"sampled_allocations", "estimated_allocations", "sampled_frees", "temporary",
+                              "frame_local", "thread_local", "cross_thread", "live_at_exit", "short_lived"})
+        sum[key] += row[key].get<uint64_t>();
+      sum["sites"] += 1;
+    }
+    EXPECT_GE(sum["sites"], 1u) << "no site in " << function << " at sites_program.cpp:" << line;
+    return sum;
+  }
+
+  fs::path dir_;
+};
+
+constexpr uint64_t kCount = 2000;
+
+TEST_F(SitesTest, EveryPatternIsClassifiedAndAttributedToItsFunctionAndLine) {
+  const Json report = run({"patterns", std::to_string(kCount)}, {"HOTPOOL_SAMPLE=1", "HOTPOOL_MODE=profile"});
+  EXPECT_EQ(report["sampling"]["rate"], 1);
+
+  auto frame_local = site(report, "frame_local_site", "frame_local");
+  EXPECT_EQ(frame_local["sampled_allocations"], kCount);
+  EXPECT_EQ(frame_local["frame_local"], kCount);
+  EXPECT_EQ(frame_local["temporary"], 0u) << "another allocation came in between";
+
+  auto temporary = site(report, "temporary_site", "temporary");
+  EXPECT_EQ(temporary["sampled_allocations"], kCount);
+  EXPECT_EQ(temporary["temporary"], kCount);
+  EXPECT_EQ(temporary["frame_local"], kCount);
+
+  auto thread_local_ = site(report, "make_block", "thread_local");
+  EXPECT_EQ(thread_local_["sites"], 2u) << "two call sites of make_block";
+  EXPECT_EQ(thread_local_["sampled_allocations"], 2 * kCount);
+  EXPECT_EQ(thread_local_["thread_local"], 2 * kCount);
+  EXPECT_EQ(thread_local_["frame_local"], 0u);
+  EXPECT_EQ(thread_local_["cross_thread"], 0u);
+
+  auto cross = site(report, "produce", "cross_thread");
+  EXPECT_EQ(cross["sampled_allocations"], kCount);
+  EXPECT_EQ(cross["cross_thread"], kCount);
+
+  auto leak = site(report, "leak_site", "leak");
+  EXPECT_EQ(leak["sampled_allocations"], kCount);
+  EXPECT_EQ(leak["live_at_exit"], kCount);
+  EXPECT_EQ(leak["sampled_frees"], 0u);
+}
+
+TEST_F(SitesTest, EverySampledCountEqualsTheExactCount) {
+  // HOTPOOL_SAMPLE=1: the sites' sampled allocations add up to the exact
+  // per-class counts of those classes' allocations from the patterns.
+  const Json report = run({"patterns", std::to_string(kCount)}, {"HOTPOOL_SAMPLE=1", "HOTPOOL_MODE=profile"});
+  uint64_t sampled = 0;
+  for (const Json& row : report["sites"]) sampled += row["sampled_allocations"].get<uint64_t>();
+  // Missing are only allocations too large to sample (above the largest
+  // class) and the few the process made before hotpool's constructor ran.
+  uint64_t large = 0;
+  for (const Json& row : report["classes"])
+    if (row["large"].get<bool>()) large = row["allocations"].get<uint64_t>();
+  const uint64_t total = report["totals"]["allocations"].get<uint64_t>();
+  EXPECT_LE(sampled + large, total);
+  EXPECT_LE(total - (sampled + large), 8u);
+}
+
+TEST_F(SitesTest, EstimatesAtTheDefaultRateAreWithinFivePercent) {
+  constexpr uint64_t kAllocations = 3000000;
+  const Json report = run({"shares", std::to_string(kAllocations)}, {"HOTPOOL_MODE=profile"});
+  EXPECT_GT(report["sampling"]["rate"].get<uint64_t>(), 1u);
+  for (auto [function, marker, share] : {std::tuple{"small_share", "share30", 0.3}, std::tuple{"large_share", "share70", 0.7}}) {
+    auto figures = site(report, function, marker);
+    const double exact = share * kAllocations;
+    const double estimate = static_cast<double>(figures["estimated_allocations"]);
+    EXPECT_NEAR(estimate / exact, 1.0, 0.05) << function << ": " << estimate << " estimated, " << exact << " exact";
+  }
+}
+
+TEST_F(SitesTest, TextReportShowsSitesLifetimesAndTheTuneLine) {
+  std::vector<std::string> env_text = {"HOTPOOL_SAMPLE=1", "HOTPOOL_MODE=profile"};
+  run({"patterns", "500"}, env_text);  // JSON, to check it ran
+  // The same run as text: only the names differ.
+  const fs::path text_report = dir_ / "text.txt";
+  env_text.push_back("HOTPOOL_OUTPUT=" + text_report.string());
+  std::vector<std::string> env;
+  for (char** entry = environ; *entry; ++entry)
+    if (std::strncmp(*entry, "HOTPOOL_", 8) != 0 && std::strncmp(*entry, "LD_PRELOAD=", 11) != 0) env.push_back(*entry);
+  env.push_back("LD_PRELOAD=" HOTPOOL_LIBRARY);
+  for (const std::string& option : env_text) env.push_back(option);
+  std::vector<char*> envp;
+  for (std::string& e : env) envp.push_back(e.data());
+  envp.push_back(nullptr);
+  std::string program = HOTPOOL_SITES_PROGRAM, arg1 = "patterns", arg2 = "500";
+  char* argp[] = {program.data(), arg1.data(), arg2.data(), nullptr};
+  pid_t pid;
+  ASSERT_EQ(posix_spawn(&pid, argp[0], nullptr, nullptr, argp, envp.data()), 0);
+  int status = 0;
+  waitpid(pid, &status, 0);
+  const std::string text = slurp(text_report);
+  EXPECT_NE(text.find("  lifetimes from "), std::string::npos) << text;
+  EXPECT_NE(text.find("  hot sites, short-lived first"), std::string::npos);
+  EXPECT_NE(text.find("frame_local_site"), std::string::npos);
+  EXPECT_NE(text.find("sites_program.cpp:" + std::to_string(site_line("frame_local"))), std::string::npos);
+  EXPECT_NE(text.find("a stack or small-buffer candidate"), std::string::npos);
+  EXPECT_NE(text.find("  live at exit"), std::string::npos);
+  EXPECT_NE(text.find("leak_site"), std::string::npos);
+  EXPECT_NE(text.find("  tune: export HOTPOOL_CLASSES="), std::string::npos);
+}
+
+}  // namespace
