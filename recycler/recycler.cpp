@@ -28,8 +28,12 @@ void Recycler::set_pooled(unsigned size_class, bool on) {
 }
 
 uint32_t Recycler::capacity_for(unsigned size_class) const {
-  size_t blocks = config_.cache_bytes / class_size_[size_class];
-  if (blocks < 2) blocks = 2;
+  // HOTPOOL_CACHE bytes' worth of blocks, at most kBinSlots; at least 4 for
+  // classes up to 256 KiB (a refill then brings 2), 2 above.
+  const size_t size = class_size_[size_class];
+  size_t blocks = config_.cache_bytes / size;
+  const size_t floor = size <= (size_t{256} << 10) ? 4 : 2;
+  if (blocks < floor) blocks = floor;
   if (blocks > kBinSlots) blocks = kBinSlots;
   return static_cast<uint32_t>(blocks);
 }
@@ -159,7 +163,8 @@ void AutoPolicy::init(const uint8_t* block_class_of, unsigned classes) {
   mapped_ = block_class_of != nullptr;
 }
 
-void AutoPolicy::evaluate(const uint64_t* allocs, const uint64_t* frees, unsigned classes, Recycler& recycler) {
+void AutoPolicy::evaluate(const uint64_t* allocs, const uint64_t* frees, unsigned classes, Recycler& recycler,
+                          const int8_t* sampled_short) {
   if (!mapped_) init(nullptr, 0);
   uint64_t total = 0;
   for (unsigned c = 0; c < classes; ++c) total += allocs[c];
@@ -167,7 +172,11 @@ void AutoPolicy::evaluate(const uint64_t* allocs, const uint64_t* frees, unsigne
   for (unsigned c = 0; c < classes; ++c) {
     if (allocs[c] == 0) continue;  // this thread has no say on a class it did not use
     const bool hot = allocs[c] >= kMinCount && static_cast<double>(allocs[c]) >= kMinShare * static_cast<double>(total);
-    const bool short_lived = static_cast<double>(frees[c]) >= kMinChurn * static_cast<double>(allocs[c]);
+    // Sampled lifetimes when there are enough (they see blocks freed by
+    // other threads too); else this thread's frees keeping up.
+    const bool short_lived = sampled_short && sampled_short[c] >= 0
+                                 ? sampled_short[c] == 1
+                                 : static_cast<double>(frees[c]) >= kMinChurn * static_cast<double>(allocs[c]);
     const int heat = heat_[c].load(std::memory_order_relaxed);
     int next = hot && short_lived ? heat + 2 : heat - 1;
     if (next > kHeatMax) next = kHeatMax;

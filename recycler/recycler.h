@@ -22,7 +22,7 @@ inline constexpr unsigned kBinSlots = 64;
 
 struct RecyclerConfig {
   size_t region_bytes;      // address space reserved for pools
-  size_t cache_bytes;       // per thread, per class (at most kBinSlots blocks)
+  size_t cache_bytes;       // per thread, per class (2 to kBinSlots blocks)
   uint64_t decay_ns;        // wholly free slabs idle this long go back to the OS
   size_t keep_empty_bytes;  // per class: wholly free slabs kept beyond that go back at once
   bool checks;              // double-free and invalid-pointer checks
@@ -157,8 +157,9 @@ class Recycler {
 // with hysteresis.
 //   hot:   at least kMinShare of the window's allocations, and at least
 //          kMinCount of them;
-//   short-lived: frees in the window at least kMinChurn of allocations
-//          (blocks come back about as fast as they go out).
+//   short-lived: most of the class's sampled blocks lived at most
+//          HOTPOOL_SHORT (when at least kMinSamples were freed), else frees in
+//          the window at least kMinChurn of allocations.
 // A hot, short-lived class gains 2; one that the thread used but that is
 // cold or long-lived loses 1; classes the thread did not use don't move.
 //
@@ -172,12 +173,16 @@ class AutoPolicy {
   static constexpr double kMinShare = 0.01;
   static constexpr uint64_t kMinCount = 64;
   static constexpr double kMinChurn = 0.75;
+  static constexpr uint64_t kMinSamples = 16;
   static constexpr int kHeatOn = 4;
   static constexpr int kHeatMax = 16;
 
   // block_class_of[q] for every sized class q; identity if not given.
   void init(const uint8_t* block_class_of, unsigned classes);
-  void evaluate(const uint64_t* allocs, const uint64_t* frees, unsigned classes, Recycler& recycler);
+  // sampled_short[c]: 1 when class c's sampled blocks are mostly
+  // short-lived, 0 when not, -1 when too few were sampled (nullptr: none).
+  void evaluate(const uint64_t* allocs, const uint64_t* frees, unsigned classes, Recycler& recycler,
+                const int8_t* sampled_short = nullptr);
   int heat(unsigned size_class) const { return heat_[size_class].load(std::memory_order_relaxed); }
 
  private:

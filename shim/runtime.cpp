@@ -305,7 +305,26 @@ void evaluate_policy(ThreadState& state) {
     state.policy_allocs[c] = now_allocs;
     state.policy_frees[c] = now_frees;
   }
-  g_policy.evaluate(allocs, frees, classes, g_recycler);
+  // Is each class short-lived? The sampled lifetimes say so when enough of
+  // its blocks were sampled; otherwise the policy looks at this thread's
+  // frees, unless the blocks leave this thread (a producer frees nothing):
+  // then the class's live bytes across all threads staying below a quarter
+  // of what this window allocated says its blocks come back.
+  int8_t verdict[reporter::kMaxClasses];
+  for (unsigned c = 0; c < classes; ++c) {
+    const reporter::LifetimeStats& life = g_class_lifetimes[c];
+    const uint64_t freed = life.frees.load(std::memory_order_relaxed);
+    if (freed >= recycler::AutoPolicy::kMinSamples) {
+      verdict[c] = life.short_lived.load(std::memory_order_relaxed) * 2 >= freed ? 1 : 0;
+    } else if (frees[c] * 4 < allocs[c] * 3 && allocs[c]) {
+      const int64_t live = g_global.live[c].load(std::memory_order_relaxed) + state.stats.classes[c].live_delta;
+      const uint64_t window_bytes = allocs[c] * g_classes.class_size(c);
+      verdict[c] = live >= 0 && static_cast<uint64_t>(live) * 4 < window_bytes ? 1 : -1;
+    } else {
+      verdict[c] = -1;
+    }
+  }
+  g_policy.evaluate(allocs, frees, classes, g_recycler, verdict);
   if (state.policy_window < kLongestPolicyWindow) state.policy_window *= 2;
   state.policy_countdown = state.policy_window;
 }
