@@ -110,6 +110,7 @@ HOTPOOL_NOINLINE void* pooled_malloc_refill(unsigned size_class, size_t size) {
     ReentryGuard guard;
     block = g_recycler.allocate_slow(state->cache, size_class);
   }
+  if (HOTPOOL_UNLIKELY(state->deferred_count)) free_deferred(*state);
   if (!block) return unsampled_malloc(size);  // the pool is out of memory
   state->stats.record_pooled_alloc(g_global, size_class, size, g_recycler.class_size(size_class));
   // The pooled paths keep no per-operation peak view; a refill is where a

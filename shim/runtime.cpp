@@ -66,6 +66,7 @@ void on_thread_exit(void* arg) {
     pthread_setspecific(g_thread_key, state);
     return;
   }
+  free_deferred(*state);
   tls.state = nullptr;
   tls.pool_state = nullptr;
   tls.status = ThreadStatus::TornDown;
@@ -282,6 +283,7 @@ static ThreadState* attach_thread(const ReentryGuard& guard) {
   if (!state) return nullptr;
   const bool auto_mode = g_options.mode == Mode::Auto && g_pool_limit != 0;
   state->sample_random = 0;
+  state->deferred_count = 0;
   state->sample_countdown = next_sample_interval(*state);
   state->policy_window = kFirstPolicyWindow;
   state->policy_countdown = auto_mode ? kFirstPolicyWindow : kNever;
@@ -341,9 +343,20 @@ static HOTPOOL_NOINLINE void pooled_free_uncached(void* block) {
 }
 
 static HOTPOOL_NOINLINE void pooled_free_full_bin(ThreadState* state, unsigned size_class, void* block) {
-  ReentryGuard guard;  // a depot lock is held in there (see pooled_malloc_refill)
-  g_recycler.drain_and_push(state->cache, size_class, block);
-  state->stats.publish_if_due(g_global, size_class);
+  {
+    ReentryGuard guard;  // a depot lock is held in there (see pooled_malloc_refill)
+    g_recycler.drain_and_push(state->cache, size_class, block);
+    state->stats.publish_if_due(g_global, size_class);
+  }
+  free_deferred(*state);
+}
+
+static HOTPOOL_NOINLINE void defer_free(ThreadState* state, void* block) {
+  if (state->deferred_count < ThreadState::kDeferredFrees) state->deferred_frees[state->deferred_count++] = block;
+}
+
+void free_deferred(ThreadState& state) {
+  while (state.deferred_count && !tls.in_hotpool) pooled_free(state.deferred_frees[--state.deferred_count]);
 }
 
 static HOTPOOL_NOINLINE void publish_class(ThreadState* state, unsigned size_class) {
@@ -351,8 +364,10 @@ static HOTPOOL_NOINLINE void publish_class(ThreadState* state, unsigned size_cla
 }
 
 void pooled_free(void* block) {
-  ThreadState* state = tls.state;
+  ThreadLocal& local = tls;
+  ThreadState* state = local.state;
   if (HOTPOOL_UNLIKELY(state == nullptr)) return pooled_free_uncached(block);
+  if (HOTPOOL_UNLIKELY(local.in_hotpool)) return defer_free(state, block);
   const unsigned size_class = g_recycler.class_of_block(block);
   // An invalid or double free aborts there, or is quarantined (not counted).
   if (HOTPOOL_UNLIKELY(!g_recycler.validate_and_mark(size_class, block)))

@@ -78,6 +78,8 @@ HOTPOOL_ALWAYS_INLINE void record_free(size_t usable) {
 // guard says: validation (HOTPOOL_CHECKS), two counters, the cache's push;
 // without a thread state, straight to the depot.
 HOTPOOL_NOINLINE void pooled_free(void* block);
+// Pooled frees deferred while the thread was inside hotpool, done now.
+void free_deferred(ThreadState& state);
 
 // True when a call made in `phase` should be recorded: hotpool is recording
 // and the call does not come from inside hotpool.

@@ -32,6 +32,12 @@ struct ThreadState {
   // geometric intervals (seeded from the ordinal: runs are repeatable).
   uint64_t sample_countdown;
   uint64_t sample_random;
+  // Pooled blocks freed while this thread was inside hotpool (a signal
+  // handler that interrupted a cache drain): cached here, not in the bin
+  // being rearranged, until the slow path is over. Full: the block leaks.
+  static constexpr unsigned kDeferredFrees = 16;
+  void* deferred_frees[kDeferredFrees];
+  unsigned deferred_count;
   // The auto policy's window over this thread's counts (mode auto only).
   uint64_t policy_countdown;  // allocations until the next evaluation
   uint64_t policy_window;     // the current window length

@@ -1,0 +1,318 @@
+// Signals under libhotpool.so: a handler that allocates, run every ~50 µs
+// by an interval timer while the interrupted thread allocates too; and
+// fork() from a handler that interrupted malloc (glibc's tst-mallocfork2).
+//
+// malloc is not async-signal-safe, but glibc's own tests and real programs
+// (profilers, crash handlers, servers that fork from SIGCHLD/SIGUSR1) do
+// this. The requirement is relative: no deadlock and no crash under hotpool
+// where there is none without it. So every scenario runs first on plain
+// glibc, in a process of its own; if glibc itself fails it, the test is
+// skipped. Then the same scenario runs under hotpool, bounded by a
+// deadline that kills it (a deadlock shows as "timed out").
+#include <errno.h>
+#include <malloc.h>
+#include <signal.h>
+#include <sys/prctl.h>
+#include <sys/time.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstring>
+
+#include <gtest/gtest.h>
+
+#include "torture.h"
+
+namespace {
+
+using torture::describe;
+using torture::mode_pools;
+using torture::opaque;
+using torture::Preload;
+using torture::run_scenario;
+using torture::say;
+using torture::ScenarioRun;
+
+double now_seconds() {
+  timespec now;
+  clock_gettime(CLOCK_MONOTONIC, &now);
+  return static_cast<double>(now.tv_sec) + static_cast<double>(now.tv_nsec) * 1e-9;
+}
+
+// The sizes are chosen so that the handler and the interrupted code share
+// hotpool's classes (320 and 640 in both HOTPOOL_CLASSES of mode fixed and
+// the default table of mode auto) but not glibc's tcache bins (16-byte
+// granular): on glibc the handler's balanced malloc/free pairs are served
+// by tcache bins that the main loop never touches, which is what lets glibc
+// pass; under hotpool they meet the main loop in the same thread cache.
+constexpr size_t kMainSizes[] = {264, 520, 40, 3000};  // classes 320, 640, 48, 4K
+constexpr size_t kHandlerSizes[] = {296, 600, 24};     // classes 320, 640, 32
+constexpr size_t kMainBatch = 256;
+
+// Whether the classes the handler and main share are pooled now.
+void say_pooled() {
+  say("pooled=%d", torture::served_by_pool(264, 320) && torture::served_by_pool(600, 640) ? 1 : 0);
+}
+
+// Warms the main loop's classes (mode auto pools them after a few thousand
+// allocations) and primes the handler's sizes outside the handler, so that
+// glibc serves the handler from tcache from the first signal on.
+void warm_up() {
+  static void* blocks[kMainBatch];
+  for (int round = 0; round < 120; ++round) {
+    for (size_t i = 0; i < kMainBatch; ++i) blocks[i] = malloc(opaque(kMainSizes[i % 4]));
+    for (size_t i = 0; i < kMainBatch; ++i) free(blocks[i]);
+  }
+  torture::warm_until_pooled(264, 320);
+  torture::warm_until_pooled(520, 640);
+  for (size_t size : kHandlerSizes) free(malloc(opaque(size)));
+}
+
+// One batch of the main loop: kMainBatch blocks of the main sizes, each
+// filled, then checked and freed. Returns the number of corrupted blocks.
+// The batches make the thread cache refill from and drain to the depots
+// all the time: the slow paths that take hotpool's locks.
+unsigned main_batch(uint64_t round, bool full_fill) {
+  static unsigned char* blocks[kMainBatch];
+  static size_t sizes[kMainBatch];
+  unsigned corrupted = 0;
+  for (size_t i = 0; i < kMainBatch; ++i) {
+    sizes[i] = kMainSizes[(i + round) % 4];
+    blocks[i] = static_cast<unsigned char*>(malloc(opaque(sizes[i])));
+    if (!blocks[i]) continue;
+    std::memset(blocks[i], static_cast<int>(i & 0xff), full_fill ? sizes[i] : 16);
+  }
+  for (size_t i = 0; i < kMainBatch; ++i) {
+    if (!blocks[i]) {
+      ++corrupted;
+      continue;
+    }
+    const size_t checked = full_fill ? sizes[i] : 16;
+    for (size_t k = 0; k < checked; k += 7) {
+      if (blocks[i][k] != (i & 0xff)) {
+        ++corrupted;
+        break;
+      }
+    }
+    free(blocks[i]);
+  }
+  return corrupted;
+}
+
+// The scenarios stop after a fixed time; hotpool's run gets twice glibc's
+// time and a little more before it counts as hung.
+double hotpool_deadline(const ScenarioRun& glibc) { return 2 * glibc.seconds + 1.0; }
+
+// ---------------------------------------------------------------------------
+// An interval timer whose handler allocates
+
+// Lock-free atomics: async-signal-safe.
+std::atomic<long> g_ticks{0};
+std::atomic<long> g_handler_corrupted{0};
+
+void allocating_handler(int) {
+  const int saved_errno = errno;
+  unsigned char* blocks[3];
+  for (int i = 0; i < 3; ++i) {
+    blocks[i] = static_cast<unsigned char*>(malloc(opaque(kHandlerSizes[i])));
+    if (blocks[i]) std::memset(blocks[i], 0xa5, kHandlerSizes[i]);
+  }
+  for (int i = 2; i >= 0; --i) {
+    if (!blocks[i] || blocks[i][0] != 0xa5 || blocks[i][kHandlerSizes[i] - 1] != 0xa5) ++g_handler_corrupted;
+    free(blocks[i]);
+  }
+  ++g_ticks;
+  errno = saved_errno;
+}
+
+constexpr double kTimerSeconds = 0.4;
+
+TORTURE_SCENARIO(itimer_malloc) {
+  warm_up();
+  say_pooled();
+  struct sigaction action = {};
+  action.sa_handler = allocating_handler;
+  action.sa_flags = SA_RESTART;
+  sigaction(SIGALRM, &action, nullptr);
+  const itimerval every_50us = {{0, 50}, {0, 50}};
+  setitimer(ITIMER_REAL, &every_50us, nullptr);
+  say("timer=started");
+  const double end = now_seconds() + kTimerSeconds;
+  uint64_t rounds = 0, corrupted = 0;
+  while (now_seconds() < end) corrupted += main_batch(rounds++, true);
+  const itimerval stop = {};
+  setitimer(ITIMER_REAL, &stop, nullptr);
+  say("ticks=%ld rounds=%llu corrupted=%llu handler_corrupted=%ld", g_ticks.load(),
+      static_cast<unsigned long long>(rounds), static_cast<unsigned long long>(corrupted),
+      g_handler_corrupted.load());
+  return corrupted || g_handler_corrupted ? 3 : 0;
+}
+
+TEST(SignalHandler, ItimerHandlerThatMallocsEvery50usNeverHangsOrCorruptsTheLoopItInterrupts) {
+  const ScenarioRun glibc = run_scenario("itimer_malloc", Preload::No, {}, kTimerSeconds + 4);
+  if (glibc.status != "exit 0") {
+    GTEST_SKIP() << "plain glibc fails this scenario itself: " << describe(glibc);
+  }
+  ASSERT_GE(glibc.number("ticks"), 200u) << "the timer hardly fired: " << describe(glibc);
+
+  const ScenarioRun hotpool = run_scenario("itimer_malloc", Preload::Yes, {}, hotpool_deadline(glibc));
+  EXPECT_EQ(hotpool.status, "exit 0")
+      << (hotpool.timed_out ? "hotpool deadlocked where glibc did not. " : "")
+      << (hotpool.said("timer=started") ? "" : "It never started its timer. ") << describe(hotpool);
+  if (mode_pools()) {
+    EXPECT_EQ(hotpool.value("pooled"), "1") << "the handler's classes must be pooled for this test to mean "
+                                               "anything: "
+                                            << describe(hotpool);
+  }
+  if (hotpool.status == "exit 0") {
+    EXPECT_GE(hotpool.number("ticks"), 200u) << describe(hotpool);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// fork() from a handler that interrupted malloc (glibc's tst-mallocfork2):
+// a sender process sends SIGUSR1 over and over; the handler forks, the
+// child _exits at once, the handler waits for it. fork() runs hotpool's
+// atfork handlers, which take its locks: the interrupted malloc may hold one.
+
+std::atomic<long> g_forks{0};
+std::atomic<long> g_fork_failures{0};
+
+void forking_handler(int) {
+  const int saved_errno = errno;
+  const pid_t child = fork();
+  if (child == 0) _exit(0);
+  if (child < 0) {
+    ++g_fork_failures;
+  } else {
+    int status = 0;
+    while (waitpid(child, &status, 0) < 0 && errno == EINTR) {
+    }
+    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) ++g_fork_failures;
+  }
+  ++g_forks;
+  errno = saved_errno;
+}
+
+constexpr int kForks = 2000;
+constexpr double kForkSeconds = 0.8;
+
+TORTURE_SCENARIO(fork_in_handler) {
+  warm_up();
+  say_pooled();
+  struct sigaction action = {};
+  action.sa_handler = forking_handler;
+  sigaction(SIGUSR1, &action, nullptr);
+
+  // The sender starts with SIGUSR1 blocked here, so that no handler runs
+  // inside the fork() that creates it (that is another test).
+  sigset_t usr1;
+  sigemptyset(&usr1);
+  sigaddset(&usr1, SIGUSR1);
+  sigprocmask(SIG_BLOCK, &usr1, nullptr);
+  const pid_t parent = getpid();
+  const pid_t sender = fork();
+  if (sender == 0) {
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (getppid() != parent) _exit(0);
+    for (;;) {
+      if (kill(parent, SIGUSR1) != 0) _exit(0);
+      usleep(300);  // leaves the main loop time to run between handlers
+    }
+  }
+  sigprocmask(SIG_UNBLOCK, &usr1, nullptr);
+  say("sender=started");
+
+  const double end = now_seconds() + kForkSeconds;
+  uint64_t rounds = 0, corrupted = 0;
+  while (g_forks < kForks && now_seconds() < end) corrupted += main_batch(rounds++, false);
+  sigprocmask(SIG_BLOCK, &usr1, nullptr);
+  kill(sender, SIGKILL);
+  waitpid(sender, nullptr, 0);
+  say("forks=%ld fork_failures=%ld rounds=%llu corrupted=%llu", g_forks.load(),
+      g_fork_failures.load(), static_cast<unsigned long long>(rounds),
+      static_cast<unsigned long long>(corrupted));
+  return corrupted || g_fork_failures ? 3 : 0;
+}
+
+TEST(SignalHandler, ForkFromAHandlerThatInterruptedMallocNeverHangs) {
+  const ScenarioRun glibc = run_scenario("fork_in_handler", Preload::No, {}, kForkSeconds + 4);
+  if (glibc.status != "exit 0") {
+    GTEST_SKIP() << "plain glibc fails this scenario itself: " << describe(glibc);
+  }
+  ASSERT_GE(glibc.number("forks"), 50u) << "too few signals arrived: " << describe(glibc);
+
+  const ScenarioRun hotpool = run_scenario("fork_in_handler", Preload::Yes, {}, hotpool_deadline(glibc));
+  EXPECT_EQ(hotpool.status, "exit 0") << (hotpool.timed_out ? "hotpool deadlocked where glibc did not. " : "")
+                                      << describe(hotpool);
+  if (mode_pools()) {
+    EXPECT_EQ(hotpool.value("pooled"), "1") << describe(hotpool);
+  }
+  if (hotpool.status == "exit 0") {
+    EXPECT_GE(hotpool.number("forks"), 50u) << describe(hotpool);
+  }
+}
+
+// The same, while the interrupted thread forks too: the handler's fork()
+// may now interrupt the main thread's fork() between its atfork prepare
+// and parent handlers, where hotpool holds all its locks.
+TORTURE_SCENARIO(fork_in_handler_while_forking) {
+  warm_up();
+  struct sigaction action = {};
+  action.sa_handler = forking_handler;
+  sigaction(SIGUSR1, &action, nullptr);
+  sigset_t usr1;
+  sigemptyset(&usr1);
+  sigaddset(&usr1, SIGUSR1);
+  sigprocmask(SIG_BLOCK, &usr1, nullptr);
+  const pid_t parent = getpid();
+  const pid_t sender = fork();
+  if (sender == 0) {
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (getppid() != parent) _exit(0);
+    for (;;) {
+      if (kill(parent, SIGUSR1) != 0) _exit(0);
+      usleep(300);  // leaves the main loop time to run between handlers
+    }
+  }
+  sigprocmask(SIG_UNBLOCK, &usr1, nullptr);
+  say("sender=started");
+  const double end = now_seconds() + kForkSeconds;
+  uint64_t rounds = 0, corrupted = 0, own_forks = 0, own_failures = 0;
+  while (g_forks < kForks && now_seconds() < end) {
+    corrupted += main_batch(rounds++, false);
+    const pid_t child = fork();
+    if (child == 0) _exit(0);
+    if (child < 0) {
+      ++own_failures;
+      continue;
+    }
+    int status = 0;
+    while (waitpid(child, &status, 0) < 0 && errno == EINTR) {
+    }
+    ++own_forks;
+  }
+  sigprocmask(SIG_BLOCK, &usr1, nullptr);
+  kill(sender, SIGKILL);
+  waitpid(sender, nullptr, 0);
+  say("forks=%ld own_forks=%llu fork_failures=%ld corrupted=%llu", g_forks.load(),
+      static_cast<unsigned long long>(own_forks), g_fork_failures.load() + static_cast<long>(own_failures),
+      static_cast<unsigned long long>(corrupted));
+  return corrupted || g_fork_failures || own_failures ? 3 : 0;
+}
+
+TEST(SignalHandler, ForkFromAHandlerThatInterruptedForkNeverHangs) {
+  const ScenarioRun glibc = run_scenario("fork_in_handler_while_forking", Preload::No, {}, kForkSeconds + 4);
+  if (glibc.status != "exit 0") {
+    GTEST_SKIP() << "plain glibc fails this scenario itself: " << describe(glibc);
+  }
+  ASSERT_GE(glibc.number("forks"), 50u) << "too few signals arrived: " << describe(glibc);
+
+  const ScenarioRun hotpool = run_scenario("fork_in_handler_while_forking", Preload::Yes, {}, hotpool_deadline(glibc));
+  EXPECT_EQ(hotpool.status, "exit 0") << (hotpool.timed_out ? "hotpool deadlocked where glibc did not. " : "")
+                                      << describe(hotpool);
+}
+
+}  // namespace
