@@ -142,7 +142,8 @@ Recommendation recommend(const StatsSnapshot& stats, const SamplingView* view) {
   for (unsigned c = 0; c < stats.class_count; ++c) total += stats.classes[c].allocs;
   for (unsigned c = 0; c + 1 < stats.class_count && total; ++c) {
     const ClassTotals& row = stats.classes[c];
-    if (row.allocs * 100 < total) continue;
+    // Hot: a share of the allocations, and enough of them to be worth a pool.
+    if (row.allocs * 100 < total || row.allocs < 1000) continue;
     double short_share = row.allocs ? (row.frees >= row.allocs * 3 / 4 ? 1.0 : 0.0) : 0.0;
     if (view && view->class_lifetimes) {
       const LifetimeStats& life = view->class_lifetimes[c];
@@ -173,8 +174,9 @@ void write_duration(Output& out, uint64_t ns) {
 
 void write_text_sampling(const StatsSnapshot& stats, const SamplingView& view, Output& out) {
   const unsigned count = collect_sites(view);
-  uint64_t samples = 0, sampled_frees = 0;
-  for (unsigned i = 0; i < count; ++i) samples += g_rows[i].allocs, sampled_frees += g_rows[i].frees;
+  uint64_t samples = 0;
+  for (unsigned i = 0; i < count; ++i) samples += g_rows[i].allocs;
+  if (samples == 0) return;
   const bool estimated = view.rate > 1;
   out.str("  lifetimes from ").count(samples).str(" sampled allocations");
   if (estimated) out.str(" (1 in ").u64(view.rate).str(" on average; figures marked ~ are estimates: samples x ").u64(view.rate).ch(')');
@@ -289,10 +291,15 @@ void write_json_sampling(const StatsSnapshot& stats, const SamplingView* view, O
     out.ch('}');
   }
   out.str(first ? "]" : "\n  ]");
+  // The sites with the most samples, at most kJsonSites of them, and at
+  // most kJsonFrames frames each: symbolizing costs milliseconds a frame.
+  constexpr unsigned kJsonSites = 256, kJsonFrames = 16;
   const unsigned count = collect_sites(*view);
-  out.str(",\n  \"sites\": [");
-  for (unsigned i = 0; i < count; ++i) {
-    const SiteRow& row = g_rows[i];
+  static unsigned order[kJsonSites];
+  const unsigned shown = top_rows(count, kJsonSites, [](const SiteRow& r) { return r.allocs; }, order);
+  out.str(",\n  \"sites_total\": ").u64(count).str(",\n  \"sites\": [");
+  for (unsigned i = 0; i < shown; ++i) {
+    const SiteRow& row = g_rows[order[i]];
     out.str(i ? ",\n" : "\n").str("    {\"id\": ").u64(row.id)
         .str(", \"sampled_allocations\": ").u64(row.allocs)
         .str(", \"estimated_allocations\": ").u64(row.allocs * view->rate)
@@ -312,7 +319,7 @@ void write_json_sampling(const StatsSnapshot& stats, const SamplingView* view, O
     out.str(", \"advice\": ").json_string(advice(row)).str(", \"frames\": [");
     const uintptr_t* ips = nullptr;
     const unsigned depth = view->depot->stack(row.id, &ips);
-    for (unsigned f = 0; f < depth; ++f) {
+    for (unsigned f = 0; f < depth && f < kJsonFrames; ++f) {
       Symbol symbol;
       view->symbolize(ips[f], &symbol);
       out.str(f ? ", " : "").str("{\"function\": ").json_string(symbol.function)
@@ -321,7 +328,7 @@ void write_json_sampling(const StatsSnapshot& stats, const SamplingView* view, O
     }
     out.str("]}");
   }
-  out.str(count ? "\n  ]" : "]");
+  out.str(shown ? "\n  ]" : "]");
 }
 
 }  // namespace

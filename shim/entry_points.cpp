@@ -365,6 +365,20 @@ void* __libc_valloc(size_t size) HOTPOOL_ALIAS(valloc);
 void* __libc_pvalloc(size_t size) HOTPOOL_ALIAS(pvalloc);
 }
 
+// pipe2, for libunwind's sake only. libunwind 1.6 keeps a pipe to validate
+// addresses while it unwinds, opened on the lowest free descriptors, and
+// reopens it whenever it finds it closed. Descriptors 3 and 4 the program
+// did not open are visible to it (subprocess's pass_fds checks, a close(0)
+// then pipe...), and a program that closes them and opens a file there
+// would get libunwind's validation bytes in its file. So the pipe libunwind
+// asks for is moved to the top of the descriptor range. Every other caller
+// gets the real pipe2, after one compare of the return address.
+HOTPOOL_EXPORT int pipe2(int fds[2], int flags) {
+  const int status = real_pipe2(fds, flags);
+  if (status == 0 && called_from_unwinder(__builtin_return_address(0))) move_to_high_descriptors(fds);
+  return status;
+}
+
 HOTPOOL_EXPORT void hotpool_report(void) { write_report("on-demand"); }
 
 HOTPOOL_EXPORT const char* hotpool_mode(void) {

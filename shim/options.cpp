@@ -80,8 +80,11 @@ struct Warner {
   void warn(std::initializer_list<const char*> parts) {
     char line[512] = "hotpool: ";
     size_t used = std::strlen(line);
+    // What the environment holds is echoed, so control characters become
+    // '?': a warning stays one line whatever the value.
     for (const char* part : parts) {
-      for (; *part && used + 1 < sizeof(line); ++part) line[used++] = *part;
+      for (; *part && used + 1 < sizeof(line); ++part)
+        line[used++] = static_cast<unsigned char>(*part) < 0x20 || *part == 0x7f ? '?' : *part;
     }
     line[used] = '\0';
     ++count;

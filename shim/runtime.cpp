@@ -414,7 +414,7 @@ void warn_invalid_pointer(const char* function, const void* block) {
   char hex[16];
   uintptr_t value = reinterpret_cast<uintptr_t>(block);
   for (int i = 15; i >= 0; --i, value >>= 4) hex[i] = "0123456789abcdef"[value & 15];
-  out.str(hex, 16).str(", not 16-byte aligned)\n");
+  out.str(hex, 16).str(", not 8-byte aligned)\n");
 }
 
 const Options& current_options() { return g_options; }

@@ -87,10 +87,11 @@ HOTPOOL_ALWAYS_INLINE bool recording(Phase phase) {
   return phase == Phase::Recording && !tls.in_hotpool;
 }
 
-// A pointer that no malloc returned (not 16-byte aligned) passed to free or
+// A pointer that no malloc returned (not even 8-byte aligned: jemalloc
+// gives 8-byte alignment to blocks of 8 bytes or less) passed to free or
 // realloc: one line, then the real allocator's own verdict (glibc aborts).
 HOTPOOL_NOINLINE void warn_invalid_pointer(const char* function, const void* block);
-inline bool misaligned(const void* block) { return reinterpret_cast<uintptr_t>(block) & 15; }
+inline bool misaligned(const void* block) { return reinterpret_cast<uintptr_t>(block) & 7; }
 
 // The effective mode (off when start-up could not enable recording).
 Mode current_mode();
@@ -99,6 +100,11 @@ const Options& current_options();
 size_t sample_region_bytes();
 // One line on stderr.
 void write_warning(const char* line);
+
+// The pipe2 interposed for libunwind (see entry_points.cpp).
+int real_pipe2(int fds[2], int flags);
+bool called_from_unwinder(const void* return_address);
+void move_to_high_descriptors(int fds[2]);
 
 // Writes the report now ("exit" or "on-demand"). Never from a signal handler.
 void write_report(const char* reason);

@@ -1,7 +1,12 @@
 #include "sampler.h"
 
 #include <pthread.h>
+#include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
 #include <sched.h>
+#include <sys/resource.h>
+#include <unistd.h>
 #include <time.h>
 
 #include <atomic>
@@ -23,6 +28,7 @@ constexpr size_t kHeader = sizeof(SampleHeader);
 constexpr uint64_t kNever = ~uint64_t{0};
 
 constinit reporter::Unwinder g_unwinder{};
+constinit uintptr_t g_unwinder_range[2] = {0, 0};  // libunwind's text, for pipe2
 
 // The fork gate. libunwind keeps locks of its own; a fork() while another
 // thread is inside it would leave them held forever in the child. So
@@ -96,6 +102,8 @@ bool start_sampling(const ReentryGuard&) {
   if (reporter::module_range_named("libstdc++", ranges[count])) ++count;
   if (reporter::module_range_named("libc.so", ranges[count])) ++count;
   g_unwinder.set_skipped_ranges(ranges, count);
+  // Before the first capture: libunwind opens its pipe as it initializes.
+  reporter::module_range_named("libunwind.so", g_unwinder_range);
   if (!g_stack_depot.init() || !g_sample_region.init(g_classes, sample_region_bytes())) {
     write_warning("hotpool: no memory for sampling; no allocation sites or lifetimes");
     return false;
@@ -103,6 +111,35 @@ bool start_sampling(const ReentryGuard&) {
   g_limit = g_classes.max_class_size() - kHeader;
   g_active = true;
   return true;
+}
+
+int real_pipe2(int fds[2], int flags) {
+  // Resolved on first use: the program may call pipe2 before hotpool boots.
+  static std::atomic<int (*)(int*, int)> next{nullptr};
+  auto call = next.load(std::memory_order_acquire);
+  if (!call) {
+    call = reinterpret_cast<int (*)(int*, int)>(dlsym(RTLD_NEXT, "pipe2"));
+    next.store(call, std::memory_order_release);
+  }
+  return call ? call(fds, flags) : (errno = ENOSYS, -1);
+}
+
+bool called_from_unwinder(const void* return_address) {
+  const auto address = reinterpret_cast<uintptr_t>(return_address);
+  return address >= g_unwinder_range[0] && address < g_unwinder_range[1];
+}
+
+void move_to_high_descriptors(int fds[2]) {
+  rlimit limit{};
+  int floor = 1000;
+  if (getrlimit(RLIMIT_NOFILE, &limit) == 0 && limit.rlim_cur != RLIM_INFINITY && limit.rlim_cur > 64)
+    floor = static_cast<int>(limit.rlim_cur) - 32;
+  for (int i = 0; i < 2; ++i) {
+    const int high = fcntl(fds[i], F_DUPFD_CLOEXEC, floor);
+    if (high < 0) continue;  // keep the low one rather than none
+    close(fds[i]);
+    fds[i] = high;
+  }
 }
 
 bool sampling_active() { return g_active; }

@@ -1,0 +1,125 @@
+#include "reporter/sites.h"
+#include "reporter/unwinder.h"
+
+#include <gtest/gtest.h>
+
+#include <memory>
+#include <set>
+#include <thread>
+#include <vector>
+
+namespace hotpool::reporter {
+namespace {
+
+TEST(Lifetimes, BucketsArePowersOfFourFrom256ns) {
+  EXPECT_EQ(lifetime_bucket(0), 0u);
+  EXPECT_EQ(lifetime_bucket(255), 0u);
+  EXPECT_EQ(lifetime_bucket(256), 1u);
+  EXPECT_EQ(lifetime_bucket(1023), 1u);
+  EXPECT_EQ(lifetime_bucket(1024), 2u);
+  EXPECT_EQ(lifetime_bucket(1000000000ull), kLifetimeBuckets - 2);  // [256 ms, 1.07 s)
+  EXPECT_EQ(lifetime_bucket(~0ull), kLifetimeBuckets - 1);
+  for (unsigned b = 1; b < kLifetimeBuckets; ++b) {
+    EXPECT_EQ(lifetime_bucket(lifetime_bucket_low(b)), b);
+    EXPECT_EQ(lifetime_bucket(lifetime_bucket_low(b) - 1), b - 1);
+  }
+}
+
+TEST(Lifetimes, MedianInterpolatesInsideItsBucket) {
+  uint64_t counts[kLifetimeBuckets] = {};
+  EXPECT_EQ(histogram_median(counts, kLifetimeBuckets), 0u);
+  counts[2] = 10;  // all in [1024, 4096)
+  const uint64_t median = histogram_median(counts, kLifetimeBuckets);
+  EXPECT_GE(median, 1024u);
+  EXPECT_LT(median, 4096u);
+  counts[0] = 100;  // now most below 256 ns
+  EXPECT_LT(histogram_median(counts, kLifetimeBuckets), 256u);
+}
+
+TEST(Lifetimes, AddCountsEveryClassification) {
+  auto stats = std::make_unique<LifetimeStats>();
+  stats->add(100, true, true, Escape::FrameLocal, 0);
+  stats->add(5000000, false, false, Escape::CrossThread, 0);
+  stats->add(300, true, false, Escape::ThreadLocal, 7);
+  EXPECT_EQ(stats->frees.load(), 3u);
+  EXPECT_EQ(stats->short_lived.load(), 2u);
+  EXPECT_EQ(stats->temporary.load(), 1u);
+  EXPECT_EQ(stats->escapes[0].load(), 1u);
+  EXPECT_EQ(stats->escapes[1].load(), 1u);
+  EXPECT_EQ(stats->escapes[2].load(), 1u);
+  EXPECT_EQ(stats->calls_between.load(), 7u);
+  EXPECT_EQ(stats->histogram[0].load(), 1u);
+  EXPECT_EQ(stats->histogram[1].load(), 1u);
+}
+
+TEST(StackDepot, DeduplicatesAndKeepsStacks) {
+  auto depot = std::make_unique<StackDepot>();
+  ASSERT_TRUE(depot->init());
+  const uintptr_t a[] = {0x1000, 0x2000, 0x3000};
+  const uintptr_t b[] = {0x1000, 0x2000, 0x3001};
+  const uint32_t id_a = depot->insert(a, 3);
+  const uint32_t id_b = depot->insert(b, 3);
+  EXPECT_NE(id_a, 0u);
+  EXPECT_NE(id_b, 0u);
+  EXPECT_NE(id_a, id_b);
+  EXPECT_EQ(depot->insert(a, 3), id_a);
+  EXPECT_NE(depot->insert(a, 2), id_a) << "a prefix is another stack";
+  const uintptr_t* ips = nullptr;
+  ASSERT_EQ(depot->stack(id_b, &ips), 3u);
+  EXPECT_EQ(ips[2], 0x3001u);
+  EXPECT_EQ(depot->insert(a, 0), 0u);
+  EXPECT_EQ(depot->stack(0, &ips), 0u);
+}
+
+TEST(StackDepot, ConcurrentInsertsAgreeOnIds) {
+  auto depot = std::make_unique<StackDepot>();
+  ASSERT_TRUE(depot->init());
+  constexpr int kStacks = 2000;
+  std::vector<std::vector<uint32_t>> ids(4, std::vector<uint32_t>(kStacks));
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < kStacks; ++i) {
+        const uintptr_t stack[] = {static_cast<uintptr_t>(i) * 16 + 1, 0x77, static_cast<uintptr_t>(i)};
+        ids[t][i] = depot->insert(stack, 3);
+      }
+    });
+  }
+  for (auto& thread : threads) thread.join();
+  std::set<uint32_t> distinct;
+  for (int i = 0; i < kStacks; ++i) {
+    ASSERT_NE(ids[0][i], 0u);
+    for (int t = 1; t < 4; ++t) ASSERT_EQ(ids[t][i], ids[0][i]) << "stack " << i;
+    distinct.insert(ids[0][i]);
+  }
+  EXPECT_EQ(distinct.size(), static_cast<size_t>(kStacks));
+}
+
+TEST(FrameActivity, TheAllocatingFunctionIsActiveWhileItsCallersAreTheOuterStack) {
+  // Allocation in F (returns to 0xf1), F called from C at 0xc1, C from main at 0xa1.
+  const uintptr_t allocation[] = {0xf1, 0xc1, 0xa1};
+  CapturedStack free_in_f{};  // free called from F (0xf2), F still called from C at 0xc1
+  free_in_f.depth = 3;
+  free_in_f.ips[0] = 0xf2, free_in_f.ips[1] = 0xc1, free_in_f.ips[2] = 0xa1;
+  EXPECT_TRUE(allocating_frame_active(allocation, 3, free_in_f));
+
+  CapturedStack deeper{};  // F -> G -> free
+  deeper.depth = 4;
+  deeper.ips[0] = 0x91, deeper.ips[1] = 0xf3, deeper.ips[2] = 0xc1, deeper.ips[3] = 0xa1;
+  EXPECT_TRUE(allocating_frame_active(allocation, 3, deeper));
+
+  CapturedStack in_caller{};  // F returned; C frees (called from C at 0xc2)
+  in_caller.depth = 2;
+  in_caller.ips[0] = 0xc2, in_caller.ips[1] = 0xa1;
+  EXPECT_FALSE(allocating_frame_active(allocation, 3, in_caller));
+
+  CapturedStack other_path{};  // the same return address into C, but C called from elsewhere
+  other_path.depth = 3;
+  other_path.ips[0] = 0xf2, other_path.ips[1] = 0xc1, other_path.ips[2] = 0xb1;
+  EXPECT_FALSE(allocating_frame_active(allocation, 3, other_path));
+
+  EXPECT_FALSE(allocating_frame_active(allocation, 1, free_in_f)) << "no callers known";
+}
+
+}  // namespace
+}  // namespace hotpool::reporter
