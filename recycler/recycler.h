@@ -96,9 +96,11 @@ class Recycler {
   // quarantines the block).
   bool validate_and_mark(unsigned size_class, void* block) {
     if (!config_.checks) return true;
+    // The block start first: only then is the first word an aligned word.
+    if (HOTPOOL_RECYCLER_UNLIKELY(!region_.depot(size_class).is_block_start(block))) return false;
     uint64_t& first_word = *static_cast<uint64_t*>(block);
     const uint64_t marker = key_ ^ reinterpret_cast<uintptr_t>(block);
-    if (HOTPOOL_RECYCLER_UNLIKELY(!region_.depot(size_class).is_block_start(block) || first_word == marker)) return false;
+    if (HOTPOOL_RECYCLER_UNLIKELY(first_word == marker)) return false;
     first_word = marker;
     return true;
   }
