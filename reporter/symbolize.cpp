@@ -48,7 +48,7 @@ CacheEntry* cache_slot(uintptr_t address) {
 void symbolize_uncached(uintptr_t return_address, Symbol* out);
 }  // namespace
 
-void symbolize(uintptr_t return_address, Symbol* out) {
+void symbolize_cached(uintptr_t return_address, Symbol* out) {
   CacheEntry* entry = cache_slot(return_address);
   if (entry && entry->address == return_address) {
     *out = entry->symbol;
@@ -81,3 +81,10 @@ void symbolize_uncached(uintptr_t return_address, Symbol* out) {
 }  // namespace
 
 }  // namespace hotpool::reporter
+
+// The entry point of libhotpool-symbolize.so, which libhotpool.so loads
+// with dlopen() at its first report (see shim/symbolizer_loader.cpp).
+extern "C" __attribute__((visibility("default"))) void hotpool_symbolize_address(uintptr_t return_address,
+                                                                                  hotpool::reporter::Symbol* out) {
+  hotpool::reporter::symbolize_cached(return_address, out);
+}

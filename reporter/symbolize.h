@@ -19,7 +19,12 @@ struct Symbol {
 
 // `return_address` as captured: the symbol is looked up at the call
 // instruction (return_address - 1). Results are cached per address; the
-// report's lock serializes calls.
-void symbolize(uintptr_t return_address, Symbol* out);
+// report's lock serializes calls. Lives in libhotpool-symbolize.so (Boost
+// and the C++ runtime are loaded only when a report needs them).
+void symbolize_cached(uintptr_t return_address, Symbol* out);
+
+extern "C" {
+using SymbolizeFunction = void (*)(uintptr_t, Symbol*);
+}
 
 }  // namespace hotpool::reporter

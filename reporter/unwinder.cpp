@@ -48,11 +48,18 @@ bool module_range_named(const char* name, uintptr_t range[2]) {
   return query.found;
 }
 
-bool Unwinder::load() {
-  void* library = dlopen("libunwind.so.8", RTLD_NOW | RTLD_LOCAL);
-  if (!library) return false;
-  backtrace_ = dlsym(library, "unw_backtrace");
-  ready_ = backtrace_ != nullptr;
+bool Unwinder::load(bool use_libunwind) {
+  if (use_libunwind) {
+    void* library = dlopen("libunwind.so.8", RTLD_NOW | RTLD_LOCAL);
+    if (!library) return false;
+    backtrace_ = dlsym(library, "unw_backtrace");
+    ready_ = backtrace_ != nullptr;
+    return ready_;
+  }
+  // libgcc_s is loaded already (libhotpool.so needs it).
+  gcc_backtrace_ = dlsym(RTLD_DEFAULT, "_Unwind_Backtrace");
+  gcc_get_ip_ = dlsym(RTLD_DEFAULT, "_Unwind_GetIP");
+  ready_ = gcc_backtrace_ && gcc_get_ip_;
   return ready_;
 }
 
@@ -70,6 +77,23 @@ bool Unwinder::skipped(uintptr_t ip) const {
   return false;
 }
 
+namespace {
+struct GccTrace {
+  void** frames;
+  int capacity;
+  int count;
+  uintptr_t (*get_ip)(void*);
+};
+
+// _Unwind_Trace_Fn: one call per frame, innermost first.
+int gcc_frame(void* context, void* arg) {
+  auto* trace = static_cast<GccTrace*>(arg);
+  if (trace->count == trace->capacity) return 5;  // _URC_END_OF_STACK
+  trace->frames[trace->count++] = reinterpret_cast<void*>(trace->get_ip(context));
+  return 0;  // _URC_NO_REASON
+}
+}  // namespace
+
 bool Unwinder::capture(unsigned depth, CapturedStack* out) const {
   out->depth = 0;
   if (!ready_) return false;
@@ -77,8 +101,16 @@ bool Unwinder::capture(unsigned depth, CapturedStack* out) const {
   // Room for the allocator's own leading frames, which are dropped.
   constexpr unsigned kLeading = 12;
   void* raw[kMaxDepth + kLeading];
-  using Backtrace = int (*)(void**, int);
-  const int got = reinterpret_cast<Backtrace>(backtrace_)(raw, static_cast<int>(depth + kLeading));
+  int got;
+  if (backtrace_) {
+    using Backtrace = int (*)(void**, int);
+    got = reinterpret_cast<Backtrace>(backtrace_)(raw, static_cast<int>(depth + kLeading));
+  } else {
+    GccTrace trace{raw, static_cast<int>(depth + kLeading), 0, reinterpret_cast<uintptr_t (*)(void*)>(gcc_get_ip_)};
+    using Backtrace = int (*)(int (*)(void*, void*), void*);
+    reinterpret_cast<Backtrace>(gcc_backtrace_)(gcc_frame, &trace);
+    got = trace.count;
+  }
   int first = 0;
   while (first < got && skipped(reinterpret_cast<uintptr_t>(raw[first]))) ++first;
   for (int i = first; i < got && out->depth < depth; ++i) out->ips[out->depth++] = reinterpret_cast<uintptr_t>(raw[i]);

@@ -30,11 +30,13 @@ bool allocating_frame_active(const uintptr_t* allocation, unsigned allocation_de
 
 class Unwinder {
  public:
-  // dlopen()s libunwind; false (and a disabled unwinder) if it is missing.
+  // use_libunwind: dlopen()s libunwind (unw_backtrace); else libgcc's
+  // _Unwind_Backtrace, which the C++ runtime's exceptions use. False (and a
+  // disabled unwinder) if the one asked for is missing.
   // `skip_low`..`skip_high` ranges: leading frames inside them (hotpool
   // itself, the C++ runtime's operator new, libc's malloc wrappers) are
   // not part of the allocation's stack.
-  bool load();
+  bool load(bool use_libunwind);
   void set_skipped_ranges(const uintptr_t (*ranges)[2], unsigned count);
   bool ready() const { return ready_; }
 
@@ -47,7 +49,9 @@ class Unwinder {
   bool skipped(uintptr_t ip) const;
 
   bool ready_ = false;
-  void* backtrace_ = nullptr;
+  void* backtrace_ = nullptr;  // unw_backtrace, or null for libgcc
+  void* gcc_backtrace_ = nullptr;
+  void* gcc_get_ip_ = nullptr;
   uintptr_t skip_[8][2] = {};
   unsigned skip_count_ = 0;
 };

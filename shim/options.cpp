@@ -12,6 +12,7 @@ constexpr size_t kPrefixLen = sizeof(kPrefix) - 1;
 const OptionInfo kOptionInfo[] = {
 #define HOTPOOL_OPTION(field, Type, name, def, desc) {"HOTPOOL_" name, Type##TypeName, def, desc},
 #define ModeTypeName "mode"
+#define UnwinderTypeName "unwinder"
 #define PathTypeName "path"
 #define BoolTypeName "bool"
 #define SizeTypeName "size"
@@ -20,6 +21,7 @@ const OptionInfo kOptionInfo[] = {
 #include "options.inc"
 #undef DurationTypeName
 #undef ModeTypeName
+#undef UnwinderTypeName
 #undef PathTypeName
 #undef BoolTypeName
 #undef SizeTypeName
@@ -181,6 +183,16 @@ bool parse_duration(const char* text, uint64_t* out_ns) {
   return true;
 }
 
+const char* unwinder_name(Unwinder unwinder) { return unwinder == Unwinder::Libgcc ? "libgcc" : "libunwind"; }
+
+bool parse_unwinder(const char* text, Unwinder* out) {
+  size_t len;
+  text = trim(text, &len);
+  for (Unwinder unwinder : {Unwinder::Libgcc, Unwinder::Libunwind})
+    if (equals_ignoring_case(text, len, unwinder_name(unwinder))) return *out = unwinder, true;
+  return false;
+}
+
 bool parse_mode(const char* text, Mode* out) {
   size_t len;
   text = trim(text, &len);
@@ -196,6 +208,7 @@ unsigned parse_options(const char* const* envp, Options* out, WarningSink sink, 
   Warner warner{sink, context};
   auto parse_path_value = [](const char* text, char (*field)[kMaxPath]) { return parse_path(text, *field); };
   auto parse_mode_value = [](const char* text, Mode* field) { return parse_mode(text, field); };
+  auto parse_unwinder_value = [](const char* text, Unwinder* field) { return parse_unwinder(text, field); };
   auto parse_bool_value = [](const char* text, bool* field) { return parse_bool(text, field); };
   auto parse_size_value = [](const char* text, size_t* field) { return parse_size(text, field); };
   auto parse_list_value = [](const char* text, SizeList* field) { return parse_size_list(text, field); };
@@ -206,6 +219,7 @@ unsigned parse_options(const char* const* envp, Options* out, WarningSink sink, 
 #define HOTPOOL_OPTION(field, Type, name, def, desc) \
   (void)parse_##Type##_default(def, &out->field);
 #define parse_Mode_default parse_mode_value
+#define parse_Unwinder_default parse_unwinder_value
 #define parse_Path_default parse_path_value
 #define parse_Bool_default parse_bool_value
 #define parse_Size_default parse_size_value
@@ -215,6 +229,7 @@ unsigned parse_options(const char* const* envp, Options* out, WarningSink sink, 
 #undef HOTPOOL_OPTION
 
   const char* expected_Mode = "one of off, profile, fixed, auto";
+  const char* expected_Unwinder = "libgcc or libunwind";
   const char* expected_Path = "a path shorter than 512 bytes";
   const char* expected_Bool = "a boolean (1/0, true/false, yes/no, on/off)";
   const char* expected_Size = "a size (a number with an optional K, M or G suffix)";
@@ -246,6 +261,7 @@ unsigned parse_options(const char* const* envp, Options* out, WarningSink sink, 
     }
   }
 #undef parse_Mode_default
+#undef parse_Unwinder_default
 #undef parse_Path_default
 #undef parse_Bool_default
 #undef parse_Size_default
@@ -289,6 +305,7 @@ void format_option_value(const Options& options, unsigned index, char* buf, size
   };
   auto put_size = [&](size_t value) { put_scaled(value, {{1u << 30, "G"}, {1u << 20, "M"}, {1u << 10, "K"}}, ""); };
   auto format_Mode = [&](Mode mode) { put(mode_name(mode)); };
+  auto format_Unwinder = [&](Unwinder unwinder) { put(unwinder_name(unwinder)); };
   auto format_Path = [&](const char* path) { put(path); };
   auto format_Bool = [&](bool value) { put(value ? "on" : "off"); };
   auto format_Size = [&](size_t value) { put_size(value); };

@@ -12,6 +12,8 @@ namespace hotpool::shim {
 
 enum class Mode : uint8_t { Off, Profile, Fixed, Auto };
 const char* mode_name(Mode mode);
+enum class Unwinder : uint8_t { Libgcc, Libunwind };
+const char* unwinder_name(Unwinder unwinder);
 
 inline constexpr unsigned kMaxListedClasses = 126;
 inline constexpr size_t kMaxPath = 512;
@@ -24,6 +26,7 @@ struct SizeList {
 struct Options {
 #define HOTPOOL_OPTION(field, Type, name, def, desc) Type##Value field;
   using ModeValue = Mode;
+  using UnwinderValue = Unwinder;
   using PathValue = char[kMaxPath];
   using BoolValue = bool;
   using SizeValue = size_t;
@@ -47,13 +50,14 @@ bool parse_bool(const char* text, bool* out);
 bool parse_size(const char* text, size_t* out);         // 64, 4K, 1M, 2G, 1KiB…
 bool parse_size_list(const char* text, SizeList* out);  // comma-separated sizes
 bool parse_mode(const char* text, Mode* out);
+bool parse_unwinder(const char* text, Unwinder* out);
 bool parse_duration(const char* text, uint64_t* out_ns);  // 250ns, 10us, 5ms, 2s; bare = ms
 
 // Introspection of the table, for help text, verbose output, the JSON
 // report and the README.
 struct OptionInfo {
   const char* name;         // "HOTPOOL_MODE"
-  const char* type;         // "mode", "bool", "size", "size list", "path", "duration"
+  const char* type;         // "mode", "unwinder", "bool", "size", "size list", "path", "duration"
   const char* default_text;
   const char* description;
 };

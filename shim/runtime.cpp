@@ -13,6 +13,7 @@
 #include "reporter/output.h"
 #include "reporter/report.h"
 #include "reporter/symbolize.h"
+#include "symbolizer_loader.h"
 #include "sampler.h"
 
 extern char** environ;
@@ -503,7 +504,7 @@ void write_report(const char* reason) {
     sampling.frames = 4;
     sampling.depot = &g_stack_depot;
     sampling.class_lifetimes = g_class_lifetimes;
-    sampling.symbolize = reporter::symbolize;
+    sampling.symbolize = symbolize;
     context.sampling = &sampling;
   }
   {

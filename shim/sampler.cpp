@@ -91,8 +91,11 @@ bool start_sampling(const ReentryGuard&) {
   g_depth = static_cast<unsigned>(options.depth < reporter::kMaxDepth ? options.depth : reporter::kMaxDepth);
   if (g_depth == 0) g_depth = 1;
   g_short_ns = options.short_lived;
-  if (!g_unwinder.load()) {
-    write_warning("hotpool: libunwind.so.8 could not be loaded: no allocation sites or lifetimes (apt-get install libunwind8)");
+  const bool use_libunwind = options.unwinder == Unwinder::Libunwind;
+  if (!g_unwinder.load(use_libunwind)) {
+    write_warning(use_libunwind
+                      ? "hotpool: libunwind.so.8 could not be loaded: no allocation sites or lifetimes (apt-get install libunwind8)"
+                      : "hotpool: libgcc's unwinder is missing: no allocation sites or lifetimes");
     return false;
   }
   // Leading frames in hotpool, the C++ runtime and libc are the allocator's.

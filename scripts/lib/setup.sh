@@ -27,3 +27,10 @@ hotpool_build() {
   cmake -S "$HOTPOOL_ROOT" -B "$HOTPOOL_BUILD" -DCMAKE_BUILD_TYPE="${HOTPOOL_BUILD_TYPE:-RelWithDebInfo}" >/dev/null
   cmake --build "$HOTPOOL_BUILD" -j"$(nproc)" "$@"
 }
+
+# CPython's regression suite, which the cpython CTest tests run with and
+# without hotpool (tests/cpython); a missing suite fails them.
+HOTPOOL_CPYTHON_PACKAGES=(libpython3.11-testsuite)
+# What scripts/torture needs besides HOTPOOL_PACKAGES: the CPython suite,
+# stress-ng, jemalloc to stack on, clang with libFuzzer (libclang-rt).
+HOTPOOL_TORTURE_PACKAGES=("${HOTPOOL_CPYTHON_PACKAGES[@]}" stress-ng libjemalloc2 clang libclang-rt-14-dev)
