@@ -10,6 +10,9 @@
 #   BENCH_RUNS       runs asked for with --runs (empty: the suite's default)
 #   BENCH_QUICK      1 with --quick: fewer runs, smaller inputs
 #   BENCH_CALLGRIND  0 with --no-callgrind
+#   BENCH_COMMIT     the source the build was made from ("abc1234" or "abc1234 + local changes")
+#   BENCH_MICRO      the micro benchmark program (bench/micro/allocator_bench.cpp)
+#   BENCH_DEMO_SERVER  the demo_server workload
 
 bench_log() { printf '%s\n' "$*" >&2; }
 bench_die() { printf 'scripts/bench: %s\n' "$*" >&2; exit 1; }
@@ -28,6 +31,23 @@ bench_measure() {
   fi
 }
 
+# bench_try VAR ERRORS [stopwatch options] -- PROGRAM ARGS...: as
+# bench_measure, but a program that fails does not stop the benchmark: the
+# status field of VAR's line tells, and the file ERRORS keeps its stderr.
+bench_try() {
+  local -n _try_result=$1
+  local errors=$2
+  shift 2
+  _try_result=$("$BENCH_CPUTIME" "$@" 2>"$errors") || bench_die "the stopwatch failed: $(cat "$errors")"
+}
+
+# bench_status_text STATUS: "exit status N", or "killed by signal N" for 128+N.
+bench_status_text() {
+  if (($1 > 128)); then printf 'killed by signal %d (%s)\n' $(($1 - 128)) "$(kill -l $(($1 - 128)) 2>/dev/null || echo '?')"
+  else printf 'exit status %d\n' "$1"
+  fi
+}
+
 # bench_field LINE NAME: the value of NAME=value in a stopwatch line.
 bench_field() {
   local field
@@ -43,6 +63,9 @@ bench_median() {
     if (NR == 0) exit 1
     if (NR % 2) printf "%.6f\n", v[(NR + 1) / 2]; else printf "%.6f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
 }
+# bench_elapsed SECONDS_SINCE: "m:ss" since a $SECONDS value, for progress lines.
+bench_elapsed() { local s=$((SECONDS - $1)); printf '%d:%02d\n' $((s / 60)) $((s % 60)); }
+
 bench_min() { printf '%s\n' "$@" | sort -g | head -n 1; }
 bench_max() { printf '%s\n' "$@" | sort -g | tail -n 1; }
 
@@ -99,8 +122,7 @@ bench_callgrind() {
 bench_environment() {
   local cpu commit build_type
   cpu=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)
-  commit=$(git -C "$BENCH_ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
-  git -C "$BENCH_ROOT" diff --quiet HEAD -- 2>/dev/null || commit+=" + local changes"
+  commit=${BENCH_COMMIT:-unknown}
   build_type=$(awk -F= '/^CMAKE_BUILD_TYPE:/ { print $2 }' "$BENCH_BUILD_DIR/CMakeCache.txt")
   printf '%s, %s CPUs, Linux %s; hotpool %s, %s build\n' "${cpu:-unknown CPU}" "$(nproc)" "$(uname -r)" \
     "$commit" "${build_type:-unknown}"
