@@ -176,6 +176,7 @@ void* realloc_pooled(void* block, size_t size) {
   if (!moved) return nullptr;  // errno is ENOMEM; the old block stays valid
   std::memcpy(moved, block, old_size < size ? old_size : size);
   free(block);
+  if (is_sampled(moved)) sampled_restamp(moved);  // allocated, as counted, after the free
   return moved;
 }
 
@@ -186,11 +187,17 @@ void* realloc_sampled(void* block, size_t size) {
     free(block);
     return nullptr;
   }
+  // The old block's free is recorded first (a realloc frees, then
+  // allocates), its memory released after the copy.
+  sampled_free_record(block);
   void* moved = malloc(size);
-  if (!moved) return nullptr;
+  if (!moved) {
+    sampled_revive(block);  // ENOMEM: the old block stays valid (its free was counted once)
+    return nullptr;
+  }
   const size_t old_size = sampled_usable_size(block);
   std::memcpy(moved, block, old_size < size ? old_size : size);
-  free(block);
+  sampled_free_release(block);
   return moved;
 }
 

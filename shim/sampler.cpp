@@ -205,7 +205,11 @@ size_t sampled_usable_size(const void* block) {
   return g_classes.class_size(region_class) - kHeader;
 }
 
-void sampled_free(void* block) {
+// The free of a sampled block, in two steps: the bookkeeping (lifetime,
+// escape class, counts), then giving the memory back. realloc does the
+// first before it allocates the new block (a realloc is a free, then an
+// allocation, as heaptrack counts it too) and the second after the copy.
+void sampled_free_record(void* block) {
   char* raw = static_cast<char*>(block) - kHeader;
   const unsigned region_class = g_sample_region.class_of_block(block);
   recycler::ClassDepot& depot = g_sample_region.depot(region_class);
@@ -244,9 +248,26 @@ void sampled_free(void* block) {
     SpinLockGuard lock(g_registry.fallback_lock());
     g_registry.fallback().record_free(g_global, size_class, usable);
   }
-  void* to_drain = raw;
+}
+
+void sampled_free_release(void* block) {
+  void* raw = static_cast<char*>(block) - kHeader;
   ReentryGuard guard;
-  depot.drain(&to_drain, 1, now);
+  g_sample_region.depot(g_sample_region.class_of_block(block)).drain(&raw, 1, now_ns());
+}
+
+void sampled_free(void* block) {
+  sampled_free_record(block);
+  sampled_free_release(block);
+}
+
+void sampled_revive(void* block) {
+  reinterpret_cast<SampleHeader*>(static_cast<char*>(block) - kHeader)->state = kLive;
+}
+
+void sampled_restamp(void* block) {
+  auto* header = reinterpret_cast<SampleHeader*>(static_cast<char*>(block) - kHeader);
+  if (ThreadState* state = tls.state) header->thread_ops = state->stats.ops.load(std::memory_order_relaxed);
 }
 
 void lock_samples() {

@@ -49,6 +49,14 @@ uint64_t next_sample_interval(ThreadState& state);
 void* sampled_allocate(ThreadState& state, size_t size);
 bool is_sampled(const void* block);
 void sampled_free(void* block);
+// realloc's two halves of sampled_free (see sampler.cpp).
+void sampled_free_record(void* block);
+void sampled_free_release(void* block);
+// A sampled block that realloc allocated before it freed the old block:
+// count its thread's calls from after that free.
+void sampled_restamp(void* block);
+// A realloc that failed after sampled_free_record(): the block is live again.
+void sampled_revive(void* block);
 size_t sampled_usable_size(const void* block);
 
 // fork: the sample region's depot locks.

@@ -93,6 +93,14 @@ NOINLINE void cross_thread_sites(int count) {
   pthread_join(thread, nullptr);
 }
 
+NOINLINE void realloc_site() {
+  char* block = static_cast<char*>(std::malloc(32));  // SITE: realloc_from
+  block[0] = 1;
+  block = static_cast<char*>(std::realloc(block, 5000));  // SITE: realloc_to
+  block[0] = 2;
+  std::free(block);
+}
+
 NOINLINE void small_share() {
   void* block = std::malloc(64);  // SITE: share30
   g_sink = block;
@@ -117,6 +125,7 @@ int main(int argc, char** argv) {
       temporary_site();
       thread_local_site();
       leak_site();
+      realloc_site();
     }
     cross_thread_sites(count);
   } else {

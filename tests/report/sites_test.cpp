@@ -125,6 +125,15 @@ TEST_F(SitesTest, EveryPatternIsClassifiedAndAttributedToItsFunctionAndLine) {
   EXPECT_EQ(cross["sampled_allocations"], kCount);
   EXPECT_EQ(cross["cross_thread"], kCount);
 
+  // realloc frees, then allocates (as heaptrack counts it): both blocks are
+  // temporary, freed before their thread's next allocator call.
+  auto realloc_from = site(report, "realloc_site", "realloc_from");
+  auto realloc_to = site(report, "realloc_site", "realloc_to");
+  EXPECT_EQ(realloc_from["sampled_allocations"], kCount);
+  EXPECT_EQ(realloc_from["temporary"], kCount);
+  EXPECT_EQ(realloc_to["sampled_allocations"], kCount);
+  EXPECT_EQ(realloc_to["temporary"], kCount);
+
   auto leak = site(report, "leak_site", "leak");
   EXPECT_EQ(leak["sampled_allocations"], kCount);
   EXPECT_EQ(leak["live_at_exit"], kCount);
