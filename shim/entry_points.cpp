@@ -76,7 +76,6 @@ HOTPOOL_NOINLINE void* recorded_malloc(size_t size) {
 }
 
 HOTPOOL_NOINLINE void recorded_free(void* block) {
-  if (HOTPOOL_UNLIKELY(bootstrap::owns(block))) return;  // static memory, never reused
   if (HOTPOOL_LIKELY(block != nullptr) && !tls.in_hotpool) {
     if (HOTPOOL_UNLIKELY(misaligned(block))) warn_invalid_pointer("free", block);
     else record_free(g_real.usable_size(block));
@@ -206,26 +205,27 @@ void* realloc_sampled(void* block, size_t size) {
 // FAST PATH of every entry point: one relaxed load of the phase, then
 // Recording: the real call and record_alloc / record_free; Off: the real
 // call alone; Booting (first call of the process): start-up.
+// Mode off is tested first: there hotpool is a load, a compare and a jump.
 HOTPOOL_EXPORT void* malloc(size_t size) {
   const Phase phase = g_phase.load(std::memory_order_relaxed);
+  if (phase == Phase::Off) return g_real.malloc(size);
   if (HOTPOOL_LIKELY(phase == Phase::Recording)) {
     const int size_class = pooled_class(size);
     if (size_class >= 0) return pooled_malloc(static_cast<unsigned>(size_class), size);
     return recorded_malloc(size);
   }
-  if (phase == Phase::Off) return g_real.malloc(size);
   return allocate_booting([=] { return malloc(size); }, size, 0, false);
 }
 
 HOTPOOL_EXPORT void free(void* block) {
   const Phase phase = g_phase.load(std::memory_order_relaxed);
+  if (HOTPOOL_UNLIKELY(bootstrap::owns(block))) return;  // static memory, never reused
+  if (phase == Phase::Off) return g_real.free(block);
   if (HOTPOOL_LIKELY(phase == Phase::Recording)) {
     if (g_recycler.contains(block)) return pooled_free(block);
     if (HOTPOOL_UNLIKELY(is_sampled(block))) return sampled_free(block);
     return recorded_free(block);
   }
-  if (HOTPOOL_UNLIKELY(bootstrap::owns(block))) return;  // static memory, never reused
-  if (phase == Phase::Off) return g_real.free(block);
   boot();
   if (g_real.free) g_real.free(block);  // else nothing to give it back to yet
 }

@@ -55,7 +55,8 @@ struct RealAllocator {
 // reused, so it is zero when handed out.
 namespace bootstrap {
 inline constexpr size_t kCapacity = 256 * 1024;
-extern char g_buffer[kCapacity];
+// Hidden: read PC-relative, not through the GOT, on every free.
+extern char g_buffer[kCapacity] __attribute__((visibility("hidden")));
 
 inline bool owns(const void* p) {
   return static_cast<uintptr_t>(static_cast<const char*>(p) - g_buffer) < kCapacity;

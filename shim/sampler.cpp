@@ -198,7 +198,6 @@ void* sampled_allocate(ThreadState& state, size_t size) {
   return static_cast<char*>(raw) + kHeader;
 }
 
-bool is_sampled(const void* block) { return g_sample_region.contains(block); }
 
 size_t sampled_usable_size(const void* block) {
   const unsigned region_class = g_sample_region.class_of_block(block);

@@ -47,7 +47,7 @@ uint64_t next_sample_interval(ThreadState& state);
 // A sampled allocation: nullptr when it cannot be sampled (too large, the
 // region full); the caller then allocates as usual.
 void* sampled_allocate(ThreadState& state, size_t size);
-bool is_sampled(const void* block);
+inline bool is_sampled(const void* block) { return g_sample_region.contains(block); }
 void sampled_free(void* block);
 // realloc's two halves of sampled_free (see sampler.cpp).
 void sampled_free_record(void* block);
