@@ -233,11 +233,6 @@ const char* ClassDepot::check_block(const void* block) const {
   return nullptr;
 }
 
-const Slab* ClassDepot::slab_of(const void* block) const {
-  const size_t offset = static_cast<size_t>(static_cast<const char*>(block) - area_);
-  return &slabs_[offset >> geometry_.slab_shift];
-}
-
 bool PoolRegion::init(const SizeClassTable& classes, size_t region_bytes, uint64_t marker_key) {
   const unsigned sized = classes.count() - 1;
   if (sized == 0) return false;

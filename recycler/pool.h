@@ -99,8 +99,6 @@ class ClassDepot {
   SpinLock& lock() { return lock_; }
   bool ready() const { return slabs_ != nullptr; }
 
-  // Test hooks: the metadata of block's slab.
-  const Slab* slab_of(const void* block) const;
 
  private:
   void unlink(Slab* slab);

@@ -85,13 +85,6 @@ void Recycler::maybe_decay(unsigned size_class, uint64_t now_ns) {
   region_.depot(size_class).release_empty(now_ns, config_.decay_ns, config_.keep_empty_bytes);
 }
 
-void* Recycler::allocate_uncached(unsigned size_class) {
-  void* block = nullptr;
-  if (region_.depot(size_class).refill(&block, 1, 0) == 0) return nullptr;
-  *static_cast<uint64_t*>(block) = 0;
-  return block;
-}
-
 void Recycler::deallocate_uncached(void* block) {
   const unsigned size_class = region_.class_of_block(block);
   ClassDepot& depot = region_.depot(size_class);

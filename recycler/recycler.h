@@ -119,8 +119,8 @@ class Recycler {
   // size a bin used for the first time), then push.
   void drain_and_push(ThreadCache& cache, unsigned size_class, void* block) __attribute__((noinline));
 
-  // For threads without a cache (after their teardown): straight to the depot.
-  void* allocate_uncached(unsigned size_class);
+  // For threads without a cache (not attached, or torn down): a free goes
+  // straight to the depot (their allocations go to the real allocator).
   void deallocate_uncached(void* block);
 
   // Thread exit, fork child: every cached block back to its depot.
