@@ -88,19 +88,8 @@ bool all_bytes_are(const void* p, size_t n, unsigned char value) {
   return true;
 }
 
-// A pattern that differs per position and per seed, so a block that moved
-// or overlapped another is noticed.
-void fill_pattern(void* p, size_t n, unsigned seed) {
-  auto* bytes = static_cast<unsigned char*>(p);
-  for (size_t i = 0; i < n; ++i) bytes[i] = static_cast<unsigned char>((i * 131 + seed * 7 + 1) & 0xff);
-}
-
-size_t first_pattern_mismatch(const void* p, size_t n, unsigned seed) {
-  const auto* bytes = static_cast<const unsigned char*>(p);
-  for (size_t i = 0; i < n; ++i)
-    if (bytes[i] != static_cast<unsigned char>((i * 131 + seed * 7 + 1) & 0xff)) return i;
-  return SIZE_MAX;
-}
+using preload_test::fill_pattern;
+using preload_test::first_pattern_mismatch;
 
 size_t round_up(size_t value, size_t multiple) { return (value + multiple - 1) / multiple * multiple; }
 

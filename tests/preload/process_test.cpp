@@ -48,17 +48,8 @@ using preload_test::read_report;
 using preload_test::report_now;
 using preload_test::wait_for_child;
 
-void fill_pattern(void* p, size_t n, uint64_t seed) {
-  auto* bytes = static_cast<unsigned char*>(p);
-  for (size_t i = 0; i < n; ++i) bytes[i] = static_cast<unsigned char>((i * 131 + seed * 7 + 1) & 0xff);
-}
-
-bool pattern_intact(const void* p, size_t n, uint64_t seed) {
-  const auto* bytes = static_cast<const unsigned char*>(p);
-  for (size_t i = 0; i < n; ++i)
-    if (bytes[i] != static_cast<unsigned char>((i * 131 + seed * 7 + 1) & 0xff)) return false;
-  return true;
-}
+using preload_test::fill_pattern;
+using preload_test::pattern_intact;
 
 uint64_t totals_field(const Json& report, const char* key) { return report["totals"][key].get<uint64_t>(); }
 

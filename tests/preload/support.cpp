@@ -123,6 +123,10 @@ std::string read_file(const std::string& path, bool* found) {
   return text;
 }
 
+unsigned char pattern_byte(size_t i, uint64_t seed) {
+  return static_cast<unsigned char>((i * 131 + seed * 7 + 1) & 0xff);
+}
+
 size_t statm_field(int index) {
   FILE* statm = fopen("/proc/self/statm", "r");
   if (!statm) return 0;
@@ -229,6 +233,18 @@ int run_all_tests(int argc, char** argv, unsigned per_test_seconds) {
   sigaction(SIGALRM, &action, nullptr);
   testing::UnitTest::GetInstance()->listeners().Append(new WatchdogListener);
   return RUN_ALL_TESTS();
+}
+
+void fill_pattern(void* block, size_t size, uint64_t seed) {
+  auto* bytes = static_cast<unsigned char*>(block);
+  for (size_t i = 0; i < size; ++i) bytes[i] = pattern_byte(i, seed);
+}
+
+size_t first_pattern_mismatch(const void* block, size_t size, uint64_t seed) {
+  const auto* bytes = static_cast<const unsigned char*>(block);
+  for (size_t i = 0; i < size; ++i)
+    if (bytes[i] != pattern_byte(i, seed)) return i;
+  return SIZE_MAX;
 }
 
 }  // namespace preload_test

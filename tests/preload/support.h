@@ -51,6 +51,15 @@ inline T opaque(T value) {
   return value;
 }
 
+// A pattern that differs per position and per seed, so that a block that
+// moved, overlapped another or was handed out twice is noticed.
+void fill_pattern(void* block, size_t size, uint64_t seed);
+// The first byte that differs from the pattern; SIZE_MAX when none does.
+size_t first_pattern_mismatch(const void* block, size_t size, uint64_t seed);
+inline bool pattern_intact(const void* block, size_t size, uint64_t seed) {
+  return first_pattern_mismatch(block, size, seed) == SIZE_MAX;
+}
+
 // In a forked child: SIGALRM back to its default action (the parent's
 // watchdog handler is inherited) and an alarm, so a deadlock kills the
 // child instead of hanging the suite.

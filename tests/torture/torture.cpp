@@ -204,17 +204,6 @@ void say(const char* format, ...) {
 // ---------------------------------------------------------------------------
 // Blocks
 
-void fill_pattern(void* block, size_t size, uint64_t seed) {
-  auto* bytes = static_cast<unsigned char*>(block);
-  for (size_t i = 0; i < size; ++i) bytes[i] = static_cast<unsigned char>((i * 131 + seed * 7 + 1) & 0xff);
-}
-
-bool pattern_intact(const void* block, size_t size, uint64_t seed) {
-  const auto* bytes = static_cast<const unsigned char*>(block);
-  for (size_t i = 0; i < size; ++i)
-    if (bytes[i] != static_cast<unsigned char>((i * 131 + seed * 7 + 1) & 0xff)) return false;
-  return true;
-}
 
 size_t count_duplicates(std::vector<void*> blocks) {
   std::sort(blocks.begin(), blocks.end());

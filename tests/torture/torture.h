@@ -80,8 +80,8 @@ void say(const char* format, ...) __attribute__((format(printf, 1, 2)));
 // ---------------------------------------------------------------------------
 // Blocks
 
-void fill_pattern(void* block, size_t size, uint64_t seed);
-bool pattern_intact(const void* block, size_t size, uint64_t seed);
+using preload_test::fill_pattern;
+using preload_test::pattern_intact;
 
 // The number of pointers that appear more than once in `blocks` (a block
 // handed out twice while live).
