@@ -45,7 +45,6 @@ constinit const char* g_pool_note = nullptr;     // why nothing pools, for the r
 
 constexpr uint64_t kFirstPolicyWindow = 4096;    // allocations; doubles up to:
 constexpr uint64_t kLongestPolicyWindow = 65536;
-constexpr uint64_t kNever = ~uint64_t{0};
 
 uint64_t monotonic_ns() {
   timespec now;

@@ -27,6 +27,9 @@ enum class Phase : uint8_t {
 };
 
 extern std::atomic<Phase> g_phase;
+
+// A countdown that never reaches zero (sampling or the policy switched off).
+inline constexpr uint64_t kNever = ~uint64_t{0};
 extern RealAllocator g_real;
 extern recycler::SizeClassTable g_classes;
 extern reporter::GlobalClassStats g_global;

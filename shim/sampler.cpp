@@ -25,7 +25,6 @@ namespace {
 constexpr uint64_t kLive = 0x686f74706f6f6c21ull;   // "hotpool!"
 constexpr uint64_t kFreed = 0x667265656421ull;
 constexpr size_t kHeader = sizeof(SampleHeader);
-constexpr uint64_t kNever = ~uint64_t{0};
 
 constinit reporter::Unwinder g_unwinder{};
 constinit uintptr_t g_unwinder_range[2] = {0, 0};  // libunwind's text, for pipe2

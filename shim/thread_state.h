@@ -97,13 +97,6 @@ class ThreadRegistry {
   // Sums everything into *out (pool counters of the thread caches too).
   void snapshot(reporter::StatsSnapshot* out, reporter::GlobalClassStats& global, const ReentryGuard&);
 
-  // Calls fn(state) for every active state, under the registry lock.
-  template <typename Fn>
-  void for_each_active(Fn fn) {
-    SpinLockGuard lock(lock_);
-    for (ThreadState* state = active_; state; state = state->next) fn(*state);
-  }
-
   // fork: hold the locks across fork(); in the child, every state but the
   // forking thread's belongs to a thread that does not exist there.
   void lock_for_fork() { lock_.lock(); fallback_lock_.lock(); }
