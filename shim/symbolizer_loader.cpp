@@ -4,6 +4,7 @@
 // function name when dladdr() knows it.
 #include <dlfcn.h>
 #include <limits.h>
+#include <link.h>
 
 #include <cstring>
 
@@ -35,19 +36,34 @@ void symbolize_with_dladdr(uintptr_t return_address, reporter::Symbol* out) {
     if (info.dli_sname) copy(out->function, sizeof(out->function), info.dli_sname);
   }
 }
+
+int count_module(dl_phdr_info*, size_t, void* data) {
+  ++*static_cast<unsigned*>(data);
+  return 0;
+}
 }  // namespace
 
 void symbolize(uintptr_t return_address, reporter::Symbol* out) {
   if (!g_tried) {
     g_tried = true;
+    // The modules loaded now are those the captured stacks can point into
+    // (but for unloaded ones); what the dlopen() below adds may take the
+    // place of an unloaded library, and must not be named for its frames.
+    // The loader appends new modules to the list it iterates.
+    unsigned modules = 0;
+    dl_iterate_phdr(count_module, &modules);
     Dl_info self{};
     char path[PATH_MAX];
     if (dladdr(reinterpret_cast<void*>(&symbolize), &self) && self.dli_fname) {
       copy(path, sizeof(path) - 32, self.dli_fname);
       char* slash = std::strrchr(path, '/');
       std::strcpy(slash ? slash + 1 : path, "libhotpool-symbolize.so");
-      if (void* module = dlopen(path, RTLD_NOW | RTLD_LOCAL))
+      if (void* module = dlopen(path, RTLD_NOW | RTLD_LOCAL)) {
+        auto known = reinterpret_cast<void (*)(unsigned)>(dlsym(module, "hotpool_symbolize_known_modules"));
         g_symbolize = reinterpret_cast<reporter::SymbolizeFunction>(dlsym(module, "hotpool_symbolize_address"));
+        if (known) known(modules);
+        else g_symbolize = nullptr;
+      }
     }
   }
   if (g_symbolize) g_symbolize(return_address, out);

@@ -4,6 +4,11 @@
 // SITE comment that the test looks for.
 //   sites_program patterns N   every pattern N times
 //   sites_program shares N     0.3 N and 0.7 N allocations from two sites
+//   sites_program threads T N  T threads alive at once, N allocations each
+//   sites_program recursion D N  N allocations at the bottom of a D-deep recursion
+//   sites_program dlopen LIB1 LIB2 N  N allocations in LIB1's function
+//                              (kept loaded) and in LIB2's (unloaded before exit)
+#include <dlfcn.h>
 #include <pthread.h>
 
 #include <cstdio>
@@ -113,6 +118,68 @@ NOINLINE void large_share() {
   std::free(block);
 }
 
+NOINLINE void thread_site() {
+  void* block = std::malloc(48);  // SITE: thread_site
+  g_sink = block;
+  std::free(block);
+}
+
+struct ThreadsRun {
+  pthread_barrier_t all_started;
+  int count;
+};
+
+void* thread_body(void* arg) {
+  auto* run = static_cast<ThreadsRun*>(arg);
+  thread_site();
+  pthread_barrier_wait(&run->all_started);  // every thread alive (and allocating) at once
+  for (int i = 1; i < run->count; ++i) thread_site();
+  return nullptr;
+}
+
+int run_threads(int threads, int count) {
+  ThreadsRun run;
+  run.count = count;
+  pthread_barrier_init(&run.all_started, nullptr, static_cast<unsigned>(threads));
+  std::vector<pthread_t> ids(static_cast<size_t>(threads));
+  pthread_attr_t attr;
+  pthread_attr_init(&attr);
+  pthread_attr_setstacksize(&attr, 256 * 1024);
+  for (pthread_t& id : ids)
+    if (pthread_create(&id, &attr, thread_body, &run) != 0) return 1;
+  for (pthread_t& id : ids) pthread_join(id, nullptr);
+  pthread_attr_destroy(&attr);
+  pthread_barrier_destroy(&run.all_started);
+  return 0;
+}
+
+NOINLINE void allocate_at_bottom() {
+  void* block = std::malloc(72);  // SITE: recursion_bottom
+  g_sink = block;
+  std::free(block);
+}
+
+NOINLINE int recurse(int depth) {
+  if (depth == 0) {
+    allocate_at_bottom();  // SITE: recursion_leaf
+    return 0;
+  }
+  const int below = recurse(depth - 1);  // SITE: recursion_call
+  return below + 1;  // not a tail call
+}
+
+using LibraryFunction = void (*)(int);
+
+NOINLINE int call_library(const char* path, bool unload, int count) {
+  void* library = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+  if (!library) return std::fprintf(stderr, "%s\n", dlerror()), 1;
+  auto function = reinterpret_cast<LibraryFunction>(dlsym(library, "sites_library_allocate"));
+  if (!function) return 1;
+  function(count);  // SITE: library_call
+  if (unload) dlclose(library);
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -128,6 +195,14 @@ int main(int argc, char** argv) {
       realloc_site();
     }
     cross_thread_sites(count);
+  } else if (std::strcmp(what, "threads") == 0) {
+    if (run_threads(count, argc > 3 ? std::atoi(argv[3]) : 100) != 0) return 1;
+  } else if (std::strcmp(what, "recursion") == 0) {
+    const int repeat = argc > 3 ? std::atoi(argv[3]) : 100;
+    for (int i = 0; i < repeat; ++i) recurse(count);
+  } else if (std::strcmp(what, "dlopen") == 0) {
+    const int repeat = argc > 4 ? std::atoi(argv[4]) : 100;
+    if (argc < 4 || call_library(argv[2], false, repeat) != 0 || call_library(argv[3], true, repeat) != 0) return 1;
   } else {
     // A deterministic interleaving: 3 of every 10 allocations from one site.
     for (int i = 0; i < count; ++i) (i % 10 < 3) ? small_share() : large_share();

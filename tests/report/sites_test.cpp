@@ -199,4 +199,73 @@ TEST_F(SitesTest, TextReportShowsSitesLifetimesAndTheTuneLine) {
   EXPECT_NE(text.find("  tune: export HOTPOOL_CLASSES="), std::string::npos);
 }
 
+// Hundreds of threads alive at once, each allocating from the same site:
+// one site, every allocation counted, each freed in its frame.
+TEST_F(SitesTest, HundredsOfThreadsAddUpToOneSiteWithExactCounts) {
+  constexpr uint64_t kThreads = 300, kEach = 100;
+  const Json report = run({"threads", std::to_string(kThreads), std::to_string(kEach)},
+                          {"HOTPOOL_SAMPLE=1", "HOTPOOL_MODE=profile"});
+  EXPECT_GE(report["totals"]["threads_seen"].get<uint64_t>(), kThreads + 1);
+  EXPECT_GE(report["totals"]["threads_at_once"].get<uint64_t>(), kThreads);
+  auto figures = site(report, "thread_site", "thread_site");
+  EXPECT_EQ(figures["sampled_allocations"], kThreads * kEach);
+  EXPECT_EQ(figures["frame_local"], kThreads * kEach);
+  EXPECT_EQ(figures["temporary"], kThreads * kEach);
+  EXPECT_EQ(figures["cross_thread"], 0u);
+}
+
+// A recursion much deeper than HOTPOOL_DEPTH: the stack is cut at that
+// many frames, innermost first, and the escape analysis still works on it.
+TEST_F(SitesTest, ARecursionDeeperThanTheDepthOptionKeepsItsInnermostFrames) {
+  constexpr unsigned kDepth = 6, kRecursion = 400;
+  constexpr uint64_t kRepeat = 50;
+  const Json report = run({"recursion", std::to_string(kRecursion), std::to_string(kRepeat)},
+                          {"HOTPOOL_SAMPLE=1", "HOTPOOL_MODE=profile", "HOTPOOL_DEPTH=" + std::to_string(kDepth)});
+  auto figures = site(report, "allocate_at_bottom", "recursion_bottom");
+  EXPECT_EQ(figures["sites"], 1u) << "every recursion has the same innermost frames";
+  EXPECT_EQ(figures["sampled_allocations"], kRepeat);
+  EXPECT_EQ(figures["frame_local"], kRepeat);
+  for (const Json& row : report["sites"]) {
+    const Json& frames = row["frames"];
+    if (frames[0]["function"].get<std::string>().find("allocate_at_bottom") == std::string::npos) continue;
+    ASSERT_EQ(frames.size(), kDepth);
+    for (unsigned f = 1; f < kDepth; ++f) {
+      EXPECT_NE(frames[f]["function"].get<std::string>().find("recurse"), std::string::npos) << frames[f];
+      EXPECT_EQ(frames[f]["line"].get<unsigned>(), site_line(f == 1 ? "recursion_leaf" : "recursion_call"))
+          << frames[f];
+    }
+  }
+}
+
+// Code loaded with dlopen(): a stripped library's function is named from
+// its dynamic symbols, with its module; a library unloaded before the
+// report leaves frames that cannot be named, and the report is still whole.
+TEST_F(SitesTest, DlopenedCodeIsNamedAndUnloadedCodeDoesNotBreakTheReport) {
+  constexpr uint64_t kRepeat = 200;
+  const Json report = run({"dlopen", HOTPOOL_SITES_LIBRARY_LOADED, HOTPOOL_SITES_LIBRARY_UNLOADED, std::to_string(kRepeat)},
+                          {"HOTPOOL_SAMPLE=1", "HOTPOOL_MODE=profile"});
+  const std::string loaded = fs::path(HOTPOOL_SITES_LIBRARY_LOADED).filename();
+  bool named = false, unloaded = false;
+  for (const Json& row : report["sites"]) {
+    const Json& frames = row["frames"];
+    if (frames.size() < 2 || frames[1]["function"].get<std::string>().find("call_library") == std::string::npos) continue;
+    // Frame 0 is inside the library, frame 1 the call in sites_program.
+    EXPECT_EQ(frames[1]["line"].get<unsigned>(), site_line("library_call")) << frames[1];
+    EXPECT_EQ(row["sampled_allocations"].get<uint64_t>(), kRepeat) << row;
+    EXPECT_EQ(row["live_at_exit"].get<uint64_t>(), 1u) << row;
+    if (frames[0]["module"] == loaded) {
+      named = true;
+      EXPECT_EQ(frames[0]["function"], "sites_library_allocate") << frames[0];
+      EXPECT_EQ(frames[0]["file"], "") << "the library is stripped";
+      EXPECT_GT(frames[0]["offset"].get<uint64_t>(), 0u);
+    } else {
+      unloaded = true;
+      EXPECT_EQ(frames[0]["function"], "??") << frames[0];
+    }
+  }
+  EXPECT_TRUE(named) << "no site in " << loaded;
+  EXPECT_TRUE(unloaded) << "no site in the unloaded library";
+}
+
 }  // namespace
+
