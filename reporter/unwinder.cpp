@@ -59,6 +59,7 @@ bool Unwinder::load(bool use_libunwind) {
   // libgcc_s is loaded already (libhotpool.so needs it).
   gcc_backtrace_ = dlsym(RTLD_DEFAULT, "_Unwind_Backtrace");
   gcc_get_ip_ = dlsym(RTLD_DEFAULT, "_Unwind_GetIP");
+  gcc_get_cfa_ = dlsym(RTLD_DEFAULT, "_Unwind_GetCFA");
   ready_ = gcc_backtrace_ && gcc_get_ip_;
   return ready_;
 }
@@ -80,15 +81,18 @@ bool Unwinder::skipped(uintptr_t ip) const {
 namespace {
 struct GccTrace {
   void** frames;
+  uintptr_t* cfas;
   int capacity;
   int count;
   uintptr_t (*get_ip)(void*);
+  uintptr_t (*get_cfa)(void*);
 };
 
 // _Unwind_Trace_Fn: one call per frame, innermost first.
 int gcc_frame(void* context, void* arg) {
   auto* trace = static_cast<GccTrace*>(arg);
   if (trace->count == trace->capacity) return 5;  // _URC_END_OF_STACK
+  trace->cfas[trace->count] = trace->get_cfa ? trace->get_cfa(context) : 0;
   trace->frames[trace->count++] = reinterpret_cast<void*>(trace->get_ip(context));
   return 0;  // _URC_NO_REASON
 }
@@ -96,23 +100,30 @@ int gcc_frame(void* context, void* arg) {
 
 bool Unwinder::capture(unsigned depth, CapturedStack* out) const {
   out->depth = 0;
+  out->cfa = 0;
   if (!ready_) return false;
   if (depth > kMaxDepth) depth = kMaxDepth;
   // Room for the allocator's own leading frames, which are dropped.
   constexpr unsigned kLeading = 12;
   void* raw[kMaxDepth + kLeading];
+  uintptr_t cfas[kMaxDepth + kLeading] = {};
   int got;
   if (backtrace_) {
     using Backtrace = int (*)(void**, int);
     got = reinterpret_cast<Backtrace>(backtrace_)(raw, static_cast<int>(depth + kLeading));
   } else {
-    GccTrace trace{raw, static_cast<int>(depth + kLeading), 0, reinterpret_cast<uintptr_t (*)(void*)>(gcc_get_ip_)};
+    GccTrace trace{raw, cfas, static_cast<int>(depth + kLeading), 0, reinterpret_cast<uintptr_t (*)(void*)>(gcc_get_ip_),
+                   reinterpret_cast<uintptr_t (*)(void*)>(gcc_get_cfa_)};
     using Backtrace = int (*)(int (*)(void*, void*), void*);
     reinterpret_cast<Backtrace>(gcc_backtrace_)(gcc_frame, &trace);
     got = trace.count;
   }
   int first = 0;
   while (first < got && skipped(reinterpret_cast<uintptr_t>(raw[first]))) ++first;
+  // libgcc reports with each return address the canonical frame address of
+  // the frame it returns from (the address above the slot that holds it):
+  // the allocating function's own is the one that comes with its caller's.
+  if (first + 1 < got) out->cfa = cfas[first + 1];
   for (int i = first; i < got && out->depth < depth; ++i) out->ips[out->depth++] = reinterpret_cast<uintptr_t>(raw[i]);
   return out->depth > 0;
 }

@@ -17,6 +17,7 @@ inline constexpr unsigned kMaxDepth = 64;
 
 struct CapturedStack {
   unsigned depth;            // frames in ips, outermost last
+  uintptr_t cfa;             // the allocating function's canonical frame address, 0 if unknown
   uintptr_t ips[kMaxDepth];  // return addresses (the first: inside the allocating function)
 };
 
@@ -52,6 +53,7 @@ class Unwinder {
   void* backtrace_ = nullptr;  // unw_backtrace, or null for libgcc
   void* gcc_backtrace_ = nullptr;
   void* gcc_get_ip_ = nullptr;
+  void* gcc_get_cfa_ = nullptr;
   uintptr_t skip_[8][2] = {};
   unsigned skip_count_ = 0;
 };

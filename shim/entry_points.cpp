@@ -70,6 +70,9 @@ HOTPOOL_NOINLINE void* sample_malloc(ThreadState* state, size_t size) {
 
 HOTPOOL_NOINLINE void* recorded_malloc(size_t size) {
   ThreadState* state = tls.pool_state;
+  // A thread's first allocation attaches it first, so that it can be
+  // sampled too (HOTPOOL_SAMPLE=1: every allocation is).
+  if (HOTPOOL_UNLIKELY(state == nullptr)) state = attach_current_thread();
   if (HOTPOOL_LIKELY(state != nullptr) && HOTPOOL_UNLIKELY(--state->sample_countdown == 0))
     return sample_malloc(state, size);
   return unsampled_malloc(size);
@@ -85,6 +88,7 @@ HOTPOOL_NOINLINE void recorded_free(void* block) {
 
 HOTPOOL_NOINLINE void* recorded_calloc(size_t count, size_t size) {
   ThreadState* state = tls.pool_state;
+  if (HOTPOOL_UNLIKELY(state == nullptr)) state = attach_current_thread();
   if (HOTPOOL_LIKELY(state != nullptr) && HOTPOOL_UNLIKELY(--state->sample_countdown == 0)) {
     size_t bytes;
     if (__builtin_mul_overflow(count, size, &bytes)) return errno = ENOMEM, nullptr;

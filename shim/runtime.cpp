@@ -190,7 +190,10 @@ void boot_at_load() {
   // safe from a constructor but not from whatever first called malloc.
   if (g_phase.load(std::memory_order_acquire) != Phase::Recording || g_options.sample == 0) return;
   ReentryGuard guard;
-  if (start_sampling(guard) && tls.state) tls.state->sample_countdown = next_sample_interval(*tls.state);
+  if (start_sampling(guard) && tls.state) {
+    tls.state->sample_countdown = next_sample_interval(*tls.state);
+    find_thread_stack(*tls.state);
+  }
 }
 
 void exit_report() __attribute__((destructor));
@@ -284,6 +287,8 @@ static ThreadState* attach_thread(const ReentryGuard& guard) {
   const bool auto_mode = g_options.mode == Mode::Auto && g_pool_limit != 0;
   state->sample_random = 0;
   state->deferred_count = 0;
+  state->stack_low = state->stack_high = 0;
+  if (sampling_active()) find_thread_stack(*state);
   state->sample_countdown = next_sample_interval(*state);
   state->policy_window = kFirstPolicyWindow;
   state->policy_countdown = auto_mode ? kFirstPolicyWindow : kNever;
@@ -390,6 +395,18 @@ void record_alloc_slow(unsigned size_class, size_t requested, size_t usable) {
   if (!g_registry.has_fallback()) return;  // start-up found no memory at all: count nothing
   SpinLockGuard lock(g_registry.fallback_lock());
   g_registry.fallback().record_alloc(g_global, size_class, requested, usable);
+}
+
+ThreadState* attach_current_thread() {
+  ThreadLocal& local = tls;
+  if (local.status != ThreadStatus::NotAttached || local.in_hotpool ||
+      g_phase.load(std::memory_order_relaxed) != Phase::Recording)
+    return nullptr;
+  {
+    ReentryGuard guard;
+    if (!attach_thread(guard)) local.status = ThreadStatus::TornDown;  // no memory for a state: the fallback
+  }
+  return local.pool_state;
 }
 
 void record_free_slow(unsigned size_class, size_t usable) {

@@ -47,6 +47,9 @@ HOTPOOL_NOINLINE void boot();
 HOTPOOL_NOINLINE void* allocate_while_booting(size_t size, size_t alignment, bool zero);
 
 HOTPOOL_NOINLINE void record_alloc_slow(unsigned size_class, size_t requested, size_t usable);
+// The calling thread's state, attaching it if this is its first recorded
+// call; null inside hotpool, after teardown or without memory for a state.
+HOTPOOL_NOINLINE ThreadState* attach_current_thread();
 
 // Mode auto: every policy window of a thread's allocations, its counts are
 // shown to the policy (a countdown; in other modes it never reaches zero).

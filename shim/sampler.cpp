@@ -81,7 +81,46 @@ void capture_stack(reporter::CapturedStack* stack) {
   g_unwinding.fetch_sub(1, std::memory_order_seq_cst);
 }
 
+// Whether the function that made a sampled allocation is still active on
+// this thread, from its frame alone, without unwinding: while it is, its
+// frame lies above ours on this stack and the slot below its canonical
+// frame address still holds its return address; once it has returned,
+// the slot is below us or holds something else (the same function called
+// again from the same call site, at the same depth, reads as the same
+// activation: so it does in allocating_frame_active too). -1: cannot tell
+// this way (no frame address; the allocation or this free on another stack
+// than the thread's own, e.g. a signal stack or a coroutine's).
+int frame_still_active(const ThreadState& state, const SampleHeader& header) {
+#if defined(__x86_64__)
+  const uintptr_t cfa = header.frame_cfa;
+  if (!cfa || !header.caller_return || !state.stack_high) return -1;
+  const auto here = reinterpret_cast<uintptr_t>(__builtin_frame_address(0));
+  if (here < state.stack_low || here >= state.stack_high || cfa <= state.stack_low || cfa > state.stack_high) return -1;
+  const uintptr_t slot = cfa - sizeof(uintptr_t);  // the return address, pushed by the call
+  if (slot <= here) return 0;                       // popped: the function returned
+  return *reinterpret_cast<const uintptr_t*>(slot) == header.caller_return ? 1 : 0;
+#else
+  (void)state;
+  (void)header;
+  return -1;
+#endif
+}
+
 }  // namespace
+
+void find_thread_stack(ThreadState& state) {
+  // Under the recursion guard (attach_thread): for the main thread, glibc
+  // reads /proc/self/maps with stdio.
+  pthread_attr_t attr;
+  if (pthread_getattr_np(pthread_self(), &attr) != 0) return;
+  void* low = nullptr;
+  size_t size = 0;
+  if (pthread_attr_getstack(&attr, &low, &size) == 0 && low && size) {
+    state.stack_low = reinterpret_cast<uintptr_t>(low);
+    state.stack_high = state.stack_low + size;
+  }
+  pthread_attr_destroy(&attr);
+}
 
 bool start_sampling(const ReentryGuard&) {
   const Options& options = current_options();
@@ -187,6 +226,8 @@ void* sampled_allocate(ThreadState& state, size_t size) {
   header->alloc_ns = now_ns();
   header->thread_ops = state.stats.ops.load(std::memory_order_relaxed);
   header->state = kLive;
+  header->frame_cfa = stack.cfa;
+  header->caller_return = stack.depth > 1 ? stack.ips[1] : 0;
   if (site) {
     reporter::SiteStats& stats = g_stack_depot.site(site);
     stats.allocs.fetch_add(1, std::memory_order_relaxed);
@@ -222,7 +263,10 @@ void sampled_free_record(void* block) {
   // Frame-local: the allocating function is still active, i.e. its callers
   // (the site's stack beyond its first frame) are the outer end of ours.
   bool frame_local = false;
-  if (same_thread && header->site) {
+  const int active = same_thread ? frame_still_active(*state, *header) : 0;
+  if (active >= 0) {
+    frame_local = active;
+  } else if (same_thread && header->site) {
     const uintptr_t* allocation = nullptr;
     const unsigned depth = g_stack_depot.stack(header->site, &allocation);
     reporter::CapturedStack current;

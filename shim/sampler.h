@@ -25,7 +25,9 @@ struct SampleHeader {
   uint64_t alloc_ns;         // monotonic time of the allocation
   uint64_t thread_ops;       // the thread's allocator calls, this one included
   uint64_t state;            // kLive while allocated, kFreed after
-  uint64_t unused[3];
+  uintptr_t frame_cfa;       // the allocating function's frame (its CFA), 0 if unknown
+  uintptr_t caller_return;   // its return address, stored just below frame_cfa while it is active
+  uint64_t unused;
 };
 static_assert(sizeof(SampleHeader) == 64, "the header keeps blocks 16-byte aligned");
 
@@ -36,6 +38,8 @@ extern reporter::LifetimeStats g_class_lifetimes[reporter::kMaxClasses];
 // Start-up (under the guard): the region, the depot, libunwind. False:
 // nothing is sampled.
 bool start_sampling(const ReentryGuard&);
+// The bounds of the calling thread's stack into state (under the guard).
+void find_thread_stack(ThreadState& state);
 bool sampling_active();
 uint64_t sampling_rate();
 uint64_t sampling_short_ns();

@@ -32,6 +32,10 @@ struct ThreadState {
   // geometric intervals (seeded from the ordinal: runs are repeatable).
   uint64_t sample_countdown;
   uint64_t sample_random;
+  // The thread's stack, [low, high) (0, 0 if unknown): where the frame of a
+  // sampled allocation may be looked at (see sampled_free_record).
+  uintptr_t stack_low;
+  uintptr_t stack_high;
   // Pooled blocks freed while this thread was inside hotpool (a signal
   // handler that interrupted a cache drain): cached here, not in the bin
   // being rearranged, until the slow path is over. Full: the block leaks.
