@@ -106,6 +106,31 @@ int frame_still_active(const ThreadState& state, const SampleHeader& header) {
 #endif
 }
 
+// The allocating function's canonical frame address when the unwinder gave
+// return addresses only (libunwind): the stack is read upwards from `from`
+// (above this call's own copies of the addresses) for the slot of the
+// allocating function's call into the allocator (ips[0]), then for the
+// slot above it that holds its own return address (ips[1]): the word
+// below its CFA. Reads stay on the thread's stack; 0 if not found within
+// 128 KiB.
+uintptr_t find_frame_cfa(const reporter::CapturedStack& stack, const ThreadState& state, uintptr_t from) {
+#if defined(__x86_64__)
+  if (stack.depth < 2 || !state.stack_high || from < state.stack_low || from >= state.stack_high) return 0;
+  const auto* word = reinterpret_cast<const uintptr_t*>((from + 7) & ~uintptr_t{7});
+  const auto* end = reinterpret_cast<const uintptr_t*>(state.stack_high);
+  constexpr ptrdiff_t kWords = 16384;
+  if (end - word > kWords) end = word + kWords;
+  while (word < end && *word != stack.ips[0]) ++word;
+  for (++word; word < end; ++word)
+    if (*word == stack.ips[1]) return reinterpret_cast<uintptr_t>(word) + sizeof(uintptr_t);
+#else
+  (void)stack;
+  (void)state;
+  (void)from;
+#endif
+  return 0;
+}
+
 }  // namespace
 
 void find_thread_stack(ThreadState& state) {
@@ -215,6 +240,7 @@ void* sampled_allocate(ThreadState& state, size_t size) {
   }
   reporter::CapturedStack stack;
   capture_stack(&stack);
+  if (!stack.cfa) stack.cfa = find_frame_cfa(stack, state, reinterpret_cast<uintptr_t>(&stack + 1));
   const uint32_t site = g_stack_depot.insert(stack.ips, stack.depth);
   const size_t usable = g_classes.class_size(region_class) - kHeader;
   const unsigned size_class = g_classes.class_of(usable);
