@@ -9,6 +9,7 @@
 #                    sampling (HOTPOOL_SAMPLE unset), JSON report written at
 #                    exit (HOTPOOL_OUTPUT=...json), as a profiling run would
 #   hotpool-every    the same with HOTPOOL_SAMPLE=1: every allocation sampled
+#   hotpool-every-libunwind  the same with HOTPOOL_UNWINDER=libunwind
 #   heaptrack        heaptrack -o FILE PROGRAM ARGS (Debian heaptrack): the
 #                    whole run, the program, heaptrack_interpret and zstd
 #   hotpool-noreport hotpool-default with HOTPOOL_REPORT=off: how much of
@@ -43,7 +44,7 @@
 # tables are printed.
 
 PROFILE_WORKLOADS=(clang-format python3 sqlite3)
-PROFILE_CONFIGS=(none hotpool-default hotpool-every heaptrack hotpool-noreport)
+PROFILE_CONFIGS=(none hotpool-default hotpool-every hotpool-every-libunwind heaptrack hotpool-noreport)
 PROFILE_TARGET_DEFAULT=1.05
 PROFILE_TARGET_EVERY=1.5
 PROFILE_HEAPTRACK_BEFORE="2.2 on clang-format"
@@ -118,6 +119,7 @@ suite_profile() {
     printf 'default_sample\t%s\n' "$PROFILE_DEFAULT_SAMPLE"
     printf 'target.hotpool-default\t%s\n' "$PROFILE_TARGET_DEFAULT"
     printf 'target.hotpool-every\t%s\n' "$PROFILE_TARGET_EVERY"
+    printf 'target.hotpool-every-libunwind\t%s\n' "$PROFILE_TARGET_EVERY"
     printf 'target.heaptrack\t%s\n' "$PROFILE_HEAPTRACK_BEFORE"
     printf 'count_target_percent\t%s\n' "$PROFILE_COUNT_TARGET_PERCENT"
   } >"$meta_tsv"
@@ -128,6 +130,7 @@ suite_profile() {
     "none=no preload"
     "hotpool-default=hotpool profile, default sampling (1 in $PROFILE_DEFAULT_SAMPLE)"
     "hotpool-every=hotpool profile, HOTPOOL_SAMPLE=1"
+    "hotpool-every-libunwind=hotpool profile, HOTPOOL_SAMPLE=1 HOTPOOL_UNWINDER=libunwind"
     "heaptrack=heaptrack $(dpkg-query -W -f='${Version}' heaptrack 2>/dev/null | sed 's/-[^-]*$//')"
     "hotpool-noreport=hotpool profile, default sampling, HOTPOOL_REPORT=off"
   )
@@ -185,6 +188,9 @@ profile_options() {
     hotpool-every)
       _profile_options=(--preload "$BENCH_LIBRARY" --env HOTPOOL_MODE=profile --env HOTPOOL_SAMPLE=1
                         --env "HOTPOOL_OUTPUT=$reports/$workload.$config.json") ;;
+    hotpool-every-libunwind)
+      _profile_options=(--preload "$BENCH_LIBRARY" --env HOTPOOL_MODE=profile --env HOTPOOL_SAMPLE=1
+                        --env HOTPOOL_UNWINDER=libunwind --env "HOTPOOL_OUTPUT=$reports/$workload.$config.json") ;;
     hotpool-noreport)
       _profile_options=(--preload "$BENCH_LIBRARY" --env HOTPOOL_MODE=profile --env HOTPOOL_REPORT=off) ;;
     heaptrack)
