@@ -3,7 +3,7 @@
 // lives in a function of its own; the line of each malloc is marked with a
 // SITE comment that the test looks for.
 //   sites_program patterns N   every pattern N times
-//   sites_program shares N     0.3 N and 0.7 N allocations from two sites
+//   sites_program shares N     0.01 N, 0.29 N and 0.7 N allocations from three sites
 //   sites_program threads T N  T threads alive at once, N allocations each
 //   sites_program recursion D N  N allocations at the bottom of a D-deep recursion
 //   sites_program dlopen LIB1 LIB2 N  N allocations in LIB1's function
@@ -106,8 +106,14 @@ NOINLINE void realloc_site() {
   std::free(block);
 }
 
+NOINLINE void rare_share() {
+  void* block = std::malloc(96);  // SITE: share1
+  g_sink = block;
+  std::free(block);
+}
+
 NOINLINE void small_share() {
-  void* block = std::malloc(64);  // SITE: share30
+  void* block = std::malloc(64);  // SITE: share29
   g_sink = block;
   std::free(block);
 }
@@ -204,8 +210,14 @@ int main(int argc, char** argv) {
     const int repeat = argc > 4 ? std::atoi(argv[4]) : 100;
     if (argc < 4 || call_library(argv[2], false, repeat) != 0 || call_library(argv[3], true, repeat) != 0) return 1;
   } else {
-    // A deterministic interleaving: 3 of every 10 allocations from one site.
-    for (int i = 0; i < count; ++i) (i % 10 < 3) ? small_share() : large_share();
+    // A deterministic interleaving: of every 100 allocations, 1 from one
+    // site, 29 from another, 70 from a third.
+    for (int i = 0; i < count; ++i) {
+      const int slot = i % 100;
+      if (slot == 0) rare_share();
+      else if (slot < 30) small_share();
+      else large_share();
+    }
   }
   std::printf("done\n");
   return 0;
