@@ -86,25 +86,61 @@ struct GccTrace {
   int count;
   uintptr_t (*get_ip)(void*);
   uintptr_t (*get_cfa)(void*);
+  const TraceCache* cache;  // the previous capture, or null
+  unsigned scan;            // cache->cfas[scan] is the first not below this frame's
 };
+
+// Whether the previous capture's frames from `at` outwards are still
+// this thread's: every return address still in its slot, every slot on
+// the thread's stack above `floor`, in order.
+bool cached_frames_intact(const TraceCache& cache, unsigned at, uintptr_t floor) {
+  for (unsigned j = at; j < cache.count; ++j) {
+    const uintptr_t cfa = cache.cfas[j];
+    if (cfa <= floor || cfa > cache.stack_high || cfa - sizeof(uintptr_t) < cache.stack_low) return false;
+    if (*reinterpret_cast<const uintptr_t*>(cfa - sizeof(uintptr_t)) != cache.ips[j]) return false;
+    floor = cfa;
+  }
+  return true;
+}
 
 // _Unwind_Trace_Fn: one call per frame, innermost first.
 int gcc_frame(void* context, void* arg) {
   auto* trace = static_cast<GccTrace*>(arg);
   if (trace->count == trace->capacity) return 5;  // _URC_END_OF_STACK
-  trace->cfas[trace->count] = trace->get_cfa ? trace->get_cfa(context) : 0;
-  trace->frames[trace->count++] = reinterpret_cast<void*>(trace->get_ip(context));
+  const uintptr_t cfa = trace->get_cfa ? trace->get_cfa(context) : 0;
+  const uintptr_t ip = trace->get_ip(context);
+  if (ip == 0) return 5;  // the outermost frame's "return address": no frame
+  trace->cfas[trace->count] = cfa;
+  trace->frames[trace->count++] = reinterpret_cast<void*>(ip);
+  if (const TraceCache* cache = trace->cache; cache && cfa) {
+    // Both captures list frames outwards, CFAs rising: one pass over the
+    // previous one finds where this frame would be in it.
+    while (trace->scan < cache->count && cache->cfas[trace->scan] < cfa) ++trace->scan;
+    const unsigned at = trace->scan;
+    // A truncated previous capture serves only if it fills this one.
+    const bool long_enough =
+        !cache->truncated || trace->count + (cache->count - at - 1) >= static_cast<unsigned>(trace->capacity);
+    if (at < cache->count && cache->cfas[at] == cfa && cache->ips[at] == ip && long_enough &&
+        cached_frames_intact(*cache, at + 1, cfa)) {
+      // The same frame, called from the same, unchanged frames: the rest
+      // of the stack is the previous capture's.
+      for (unsigned j = at + 1; j < cache->count && trace->count < trace->capacity; ++j) {
+        trace->cfas[trace->count] = cache->cfas[j];
+        trace->frames[trace->count++] = reinterpret_cast<void*>(cache->ips[j]);
+      }
+      return 5;
+    }
+  }
   return 0;  // _URC_NO_REASON
 }
 }  // namespace
 
-bool Unwinder::capture(unsigned depth, CapturedStack* out) const {
+bool Unwinder::capture(unsigned depth, CapturedStack* out, TraceCache* cache) const {
   out->depth = 0;
   out->cfa = 0;
   if (!ready_) return false;
   if (depth > kMaxDepth) depth = kMaxDepth;
-  // Room for the allocator's own leading frames, which are dropped.
-  constexpr unsigned kLeading = 12;
+  constexpr unsigned kLeading = kLeadingFrames;
   void* raw[kMaxDepth + kLeading];
   uintptr_t cfas[kMaxDepth + kLeading] = {};
   int got;
@@ -112,11 +148,29 @@ bool Unwinder::capture(unsigned depth, CapturedStack* out) const {
     using Backtrace = int (*)(void**, int);
     got = reinterpret_cast<Backtrace>(backtrace_)(raw, static_cast<int>(depth + kLeading));
   } else {
-    GccTrace trace{raw, cfas, static_cast<int>(depth + kLeading), 0, reinterpret_cast<uintptr_t (*)(void*)>(gcc_get_ip_),
-                   reinterpret_cast<uintptr_t (*)(void*)>(gcc_get_cfa_)};
+    const bool cached = cache && gcc_get_cfa_ && cache->stack_high;
+    // With a cache the whole stack is kept (up to kMaxDepth frames), not
+    // only what this capture reports: a later capture that rejoins it
+    // deeper down than this one did can still take its outer frames.
+    GccTrace trace{raw,
+                   cfas,
+                   static_cast<int>(cached ? kMaxDepth + kLeading : depth + kLeading),
+                   0,
+                   reinterpret_cast<uintptr_t (*)(void*)>(gcc_get_ip_),
+                   reinterpret_cast<uintptr_t (*)(void*)>(gcc_get_cfa_),
+                   cached && cache->count ? cache : nullptr,
+                   0};
     using Backtrace = int (*)(int (*)(void*, void*), void*);
     reinterpret_cast<Backtrace>(gcc_backtrace_)(gcc_frame, &trace);
     got = trace.count;
+    if (cached) {
+      cache->count = static_cast<unsigned>(got);
+      cache->truncated = got == trace.capacity;
+      for (int i = 0; i < got; ++i) {
+        cache->ips[i] = reinterpret_cast<uintptr_t>(raw[i]);
+        cache->cfas[i] = cfas[i];
+      }
+    }
   }
   int first = 0;
   while (first < got && skipped(reinterpret_cast<uintptr_t>(raw[first]))) ++first;

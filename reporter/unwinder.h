@@ -15,6 +15,22 @@ namespace hotpool::reporter {
 
 inline constexpr unsigned kMaxDepth = 64;
 
+// Room in a capture for the allocator's own leading frames, which are dropped.
+inline constexpr unsigned kLeadingFrames = 12;
+
+// A thread's previous capture (libgcc's unwinder), kept so that the next
+// one can stop where it rejoins it: the frames outside the one where the
+// two stacks meet are the same when each of their return addresses is
+// still in its slot (the word below the CFA that comes with it). Reads of
+// those slots stay inside [stack_low, stack_high), the thread's stack.
+struct TraceCache {
+  unsigned count;
+  bool truncated;  // the stack went on beyond ips[count - 1]
+  uintptr_t stack_low, stack_high;
+  uintptr_t ips[kMaxDepth + kLeadingFrames];
+  uintptr_t cfas[kMaxDepth + kLeadingFrames];  // with ips[i]: the address above the slot holding it
+};
+
 struct CapturedStack {
   unsigned depth;            // frames in ips, outermost last
   uintptr_t cfa;             // the allocating function's canonical frame address, 0 if unknown
@@ -44,7 +60,10 @@ class Unwinder {
   // Captures up to `depth` frames above the allocator, with libunwind's
   // unw_backtrace (its per-thread trace cache: no lock, no signal mask
   // change). Returns false when nothing was captured.
-  bool capture(unsigned depth, CapturedStack* out) const;
+  // `cache` (libgcc only, may be null): the thread's previous capture,
+  // used and then replaced; never shared between threads or with a signal
+  // handler that interrupts the capture.
+  bool capture(unsigned depth, CapturedStack* out, TraceCache* cache = nullptr) const;
 
  private:
   bool skipped(uintptr_t ip) const;

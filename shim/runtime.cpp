@@ -288,6 +288,8 @@ static ThreadState* attach_thread(const ReentryGuard& guard) {
   state->sample_random = 0;
   state->deferred_count = 0;
   state->stack_low = state->stack_high = 0;
+  state->trace_cache.count = 0;
+  state->trace_cache.stack_low = state->trace_cache.stack_high = 0;
   if (sampling_active()) find_thread_stack(*state);
   state->sample_countdown = next_sample_interval(*state);
   state->policy_window = kFirstPolicyWindow;

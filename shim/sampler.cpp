@@ -73,9 +73,14 @@ void capture_stack(reporter::CapturedStack* stack) {
     ReentryGuard guard;
     int cancel_state;
     pthread_setcancelstate(PTHREAD_CANCEL_DISABLE, &cancel_state);
+    // The thread's trace cache, unless this capture interrupted another
+    // one on this thread (a signal handler that allocates).
+    ThreadState* state = tls.state;
+    reporter::TraceCache* cache = state && !tls_unwinding ? &state->trace_cache : nullptr;
+    const bool nested = tls_unwinding;
     tls_unwinding = true;
-    g_unwinder.capture(g_depth, stack);
-    tls_unwinding = false;
+    g_unwinder.capture(g_depth, stack, cache);
+    tls_unwinding = nested;
     pthread_setcancelstate(cancel_state, nullptr);
   }
   g_unwinding.fetch_sub(1, std::memory_order_seq_cst);
@@ -144,6 +149,9 @@ void find_thread_stack(ThreadState& state) {
     state.stack_low = reinterpret_cast<uintptr_t>(low);
     state.stack_high = state.stack_low + size;
   }
+  state.trace_cache.count = 0;
+  state.trace_cache.stack_low = state.stack_low;
+  state.trace_cache.stack_high = state.stack_high;
   pthread_attr_destroy(&attr);
 }
 

@@ -15,6 +15,7 @@
 #include "recycler/recycler.h"
 #include "recycler/spin_lock.h"
 #include "reporter/class_stats.h"
+#include "reporter/unwinder.h"
 
 namespace hotpool::shim {
 
@@ -36,6 +37,7 @@ struct ThreadState {
   // sampled allocation may be looked at (see sampled_free_record).
   uintptr_t stack_low;
   uintptr_t stack_high;
+  reporter::TraceCache trace_cache;  // the last stack captured (libgcc's unwinder)
   // Pooled blocks freed while this thread was inside hotpool (a signal
   // handler that interrupted a cache drain): cached here, not in the bin
   // being rearranged, until the slow path is over. Full: the block leaks.

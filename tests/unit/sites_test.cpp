@@ -123,3 +123,63 @@ TEST(FrameActivity, TheAllocatingFunctionIsActiveWhileItsCallersAreTheOuterStack
 
 }  // namespace
 }  // namespace hotpool::reporter
+
+namespace unwinding {
+
+using hotpool::reporter::CapturedStack;
+using hotpool::reporter::TraceCache;
+using hotpool::reporter::Unwinder;
+
+struct Captures {
+  CapturedStack full, cached;
+};
+
+// Captures the stack twice, without and with the trace cache, at the
+// bottom of a recursion of `depth` calls (noinline, not tail calls).
+__attribute__((noinline)) unsigned recurse_and_capture(const Unwinder& unwinder, TraceCache& cache, unsigned depth,
+                                                       unsigned frames, Captures& out) {
+  if (depth == 0) {
+    // From one call site, so that both stacks are the same.
+    for (int with_cache = 0; with_cache < 2; ++with_cache)
+      unwinder.capture(frames, with_cache ? &out.cached : &out.full, with_cache ? &cache : nullptr);
+    return 0;
+  }
+  const unsigned below = recurse_and_capture(unwinder, cache, depth - 1, frames, out);
+  asm volatile("" ::: "memory");
+  return below + 1;
+}
+
+// Frames 0 and 1 are inside Unwinder::capture and at its call (the
+// compiler may duplicate either): the stacks are compared from frame 2.
+void expect_same(const CapturedStack& a, const CapturedStack& b, unsigned depth) {
+  ASSERT_EQ(a.depth, b.depth) << "recursion " << depth;
+  for (unsigned i = 2; i < a.depth; ++i) EXPECT_EQ(a.ips[i], b.ips[i]) << "frame " << i << ", recursion " << depth;
+}
+
+// The cache takes the outer frames of the previous capture where the new
+// one rejoins it: the result must be what a full unwind gives, whether the
+// stack got deeper, shallower, or deeper than what a capture keeps.
+TEST(TraceCache, CachedCapturesEqualFullUnwinds) {
+  Unwinder unwinder;
+  ASSERT_TRUE(unwinder.load(false));
+  pthread_attr_t attr;
+  ASSERT_EQ(pthread_getattr_np(pthread_self(), &attr), 0);
+  void* low = nullptr;
+  size_t size = 0;
+  ASSERT_EQ(pthread_attr_getstack(&attr, &low, &size), 0);
+  pthread_attr_destroy(&attr);
+  auto cache = std::make_unique<TraceCache>();
+  cache->count = 0;
+  cache->stack_low = reinterpret_cast<uintptr_t>(low);
+  cache->stack_high = cache->stack_low + size;
+  for (unsigned frames : {4u, 24u}) {
+    for (unsigned depth : {0u, 3u, 10u, 3u, 40u, 100u, 1u, 100u, 99u, 0u}) {
+      Captures captures;
+      recurse_and_capture(unwinder, *cache, depth, frames, captures);
+      expect_same(captures.full, captures.cached, depth);
+      EXPECT_GE(captures.full.depth, frames < depth ? frames : depth);
+    }
+  }
+}
+
+}  // namespace unwinding
