@@ -213,10 +213,7 @@ bool has_debug_file(const Module& module, const ElfFile& file) {
 void examine(Module& module) {
   module.examined = true;
   const ElfFile file(module.path.c_str());
-  if (!file.valid()) {
-    module.embedded = true;  // not ours to read: Boost knows best
-    return;
-  }
+  if (!file.valid()) return;  // no file (the vDSO) or not ELF: nothing for Boost to read either
   module.embedded = file.section(".symtab") || file.section(".debug_info") || file.section(".gnu_debugdata");
   module.debug_file = !module.embedded && has_debug_file(module, file);
 }
