@@ -643,11 +643,12 @@ def profile_cost(meta, micro_dir):
     elif "callgrind_note" in meta:
         notes.append(f"callgrind: {meta['callgrind_note']}.")
     print()
-    print("A sampled allocation captures its stack (libunwind, up to HOTPOOL_DEPTH frames) at the "
-          "allocation and again at the free (to tell whether the allocating frame is still active); "
-          "the per-pair cost covers both. The micro pair runs in a shallow stack (Google Benchmark's "
-          "loop); clang-format's stacks are deeper. The exit report symbolizes the frames of every "
-          "reported site.")
+    print("A sampled allocation captures its stack (HOTPOOL_UNWINDER: libgcc's unwinder by default, "
+          "up to HOTPOOL_DEPTH frames; a capture stops where it rejoins the thread's previous stack) "
+          "at the allocation; its free tells whether the allocating frame is still active from that "
+          "frame's return-address slot, and captures the stack again only where that is unknown. "
+          "The micro pair runs in a shallow stack (Google Benchmark's loop); clang-format's stacks "
+          "are deeper. The exit report symbolizes the frames of every reported site.")
     if notes:
         print()
         print(" ".join(notes))
