@@ -40,6 +40,7 @@ class SizeClassTable {
   // Byte size of class c; 0 for the large class.
   size_t class_size(unsigned c) const { return c < count_ - 1 ? sizes_[c] : 0; }
   size_t max_class_size() const { return sizes_[count_ - 2]; }
+  const uint32_t* sizes() const { return sizes_; }  // [count() - 1]: the sized classes
 
   // FAST PATH: the smallest class whose size is >= size; the large class when
   // none is. One compare and one table load for sizes up to 64 KiB.

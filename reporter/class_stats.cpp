@@ -42,6 +42,7 @@ void ThreadClassStats::reset() {
                              &row.usable_bytes, &row.freed_bytes, &peak_seen[c]})
       counter->store(0, std::memory_order_relaxed);
     row.live_delta = 0;
+    pooled_folded[c] = 0;
   }
   total_peak_seen.store(0, std::memory_order_relaxed);
   total_live_delta = 0;

@@ -78,6 +78,7 @@ struct ThreadClassStats {
   Counter peak_seen[kMaxClasses];  // this thread's view of each class's peak live bytes
   Counter total_peak_seen;
   int64_t total_live_delta;
+  int64_t pooled_folded[kMaxClasses];  // pooled_allocs - pooled_frees already in live_delta
 
   // FAST PATH (real allocator): the class's line plus two read-mostly
   // global loads for the peak view; one predictable branch to publish.
@@ -105,32 +106,47 @@ struct ThreadClassStats {
     if (__builtin_expect(delta < -kFlushBytes || total_delta < -kFlushBytes, 0)) publish(global, c);
   }
 
-  // FAST PATH (pool): two counters and the live deltas, no call: true when
-  // the deltas are due for publishing (publish_if_due). No per-operation
-  // peak view: peaks of pooled blocks are taken when deltas are published,
-  // every kFlushBytes, so they may read low by that much per thread.
-  __attribute__((always_inline)) bool add_pooled_alloc(unsigned c, size_t requested, size_t size) {
+  // FAST PATH (pool): counts only, no live bytes: a pooled block's bytes
+  // are its class's size, so the live bytes of pooled blocks follow from
+  // the counts. fold_pooled() brings them into the live deltas; the caller
+  // does so every so many pooled operations, at each refill (where the
+  // peak is taken) and before publishing all.
+  __attribute__((always_inline)) void add_pooled_alloc(unsigned c, size_t requested) {
     ClassCounters& row = classes[c];
     bump(ops, 1);
     bump(row.pooled_allocs, 1);
     bump(row.requested_bytes, requested);
-    const int64_t delta = row.live_delta += static_cast<int64_t>(size);
-    const int64_t total_delta = total_live_delta += static_cast<int64_t>(size);
-    return delta > kFlushBytes || total_delta > kFlushBytes;
   }
-  __attribute__((always_inline)) bool add_pooled_free(unsigned c, size_t size) {
+  __attribute__((always_inline)) void add_pooled_free(unsigned c) {
     ClassCounters& row = classes[c];
     bump(ops, 1);
     bump(row.pooled_frees, 1);
-    const int64_t delta = row.live_delta -= static_cast<int64_t>(size);
-    const int64_t total_delta = total_live_delta -= static_cast<int64_t>(size);
-    return delta < -kFlushBytes || total_delta < -kFlushBytes;
+  }
+  // Class c's pooled blocks (of `size` bytes) counted since the last fold,
+  // into its live delta and the total's.
+  void fold_pooled(unsigned c, uint64_t size) {
+    ClassCounters& row = classes[c];
+    const int64_t net = static_cast<int64_t>(row.pooled_allocs.load(std::memory_order_relaxed) -
+                                             row.pooled_frees.load(std::memory_order_relaxed));
+    const int64_t change = (net - pooled_folded[c]) * static_cast<int64_t>(size);
+    pooled_folded[c] = net;
+    row.live_delta += change;
+    total_live_delta += change;
+  }
+  // The same for classes [0, count) with sizes[c] bytes.
+  template <typename Size>
+  void fold_pooled_all(const Size* sizes, unsigned count) {
+    for (unsigned c = 0; c < count && c < kMaxClasses; ++c) fold_pooled(c, sizes[c]);
   }
   void record_pooled_alloc(GlobalClassStats& global, unsigned c, size_t requested, size_t size) {
-    if (add_pooled_alloc(c, requested, size)) publish(global, c);
+    add_pooled_alloc(c, requested);
+    fold_pooled(c, size);
+    publish_if_due(global, c);
   }
   void record_pooled_free(GlobalClassStats& global, unsigned c, size_t size) {
-    if (add_pooled_free(c, size)) publish(global, c);
+    add_pooled_free(c);
+    fold_pooled(c, size);
+    publish_if_due(global, c);
   }
   // Raises this thread's view of class c's peak (and the total's) to the
   // live bytes now: published plus this thread's unpublished delta.

@@ -101,7 +101,7 @@ HOTPOOL_NOINLINE void* recorded_calloc(size_t count, size_t size) {
 }
 
 // FAST PATH (pooled class, checked by the caller): a TLS load, the thread
-// cache's pop, two counters and the policy countdown, without a call: every
+// cache's pop, three counters and the bookkeeping countdown, without a call: every
 // slow part (refill, publishing counts, the policy, no thread state) is a
 // tail call, so the function needs no stack frame.
 HOTPOOL_NOINLINE void* pooled_malloc_refill(unsigned size_class, size_t size) {
@@ -124,9 +124,8 @@ HOTPOOL_NOINLINE void* pooled_malloc_refill(unsigned size_class, size_t size) {
   return block;
 }
 
-HOTPOOL_NOINLINE void* pooled_bookkeeping(ThreadState* state, unsigned size_class, void* block) {
-  state->stats.publish_if_due(g_global, size_class);
-  if (state->policy_countdown == 0) evaluate_policy(*state);
+HOTPOOL_NOINLINE void* pooled_malloc_bookkeeping(ThreadState* state, void* block) {
+  pooled_bookkeeping(*state);
   return block;
 }
 
@@ -136,8 +135,8 @@ HOTPOOL_NOINLINE void* pooled_malloc(unsigned size_class, size_t size) {
   if (HOTPOOL_UNLIKELY(--state->sample_countdown == 0)) return sample_malloc(state, size);
   void* block = g_recycler.pop(state->cache, size_class);
   if (HOTPOOL_UNLIKELY(block == nullptr)) return pooled_malloc_refill(size_class, size);
-  const bool publish = state->stats.add_pooled_alloc(size_class, size, g_recycler.class_size(size_class));
-  if (HOTPOOL_UNLIKELY(publish | (--state->policy_countdown == 0))) return pooled_bookkeeping(state, size_class, block);
+  state->stats.add_pooled_alloc(size_class, size);
+  if (HOTPOOL_UNLIKELY(--state->bookkeeping_countdown == 0)) return pooled_malloc_bookkeeping(state, block);
   return block;
 }
 

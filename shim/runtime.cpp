@@ -294,6 +294,7 @@ static ThreadState* attach_thread(const ReentryGuard& guard) {
   state->sample_countdown = next_sample_interval(*state);
   state->policy_window = kFirstPolicyWindow;
   state->policy_countdown = auto_mode ? kFirstPolicyWindow : kNever;
+  state->bookkeeping_countdown = kBookkeepingOps;
   tls.state = state;
   tls.status = ThreadStatus::Attached;
   pthread_setspecific(g_thread_key, state);
@@ -353,6 +354,7 @@ static HOTPOOL_NOINLINE void pooled_free_full_bin(ThreadState* state, unsigned s
   {
     ReentryGuard guard;  // a depot lock is held in there (see pooled_malloc_refill)
     g_recycler.drain_and_push(state->cache, size_class, block);
+    state->stats.fold_pooled(size_class, g_recycler.class_size(size_class));
     state->stats.publish_if_due(g_global, size_class);
   }
   free_deferred(*state);
@@ -366,8 +368,17 @@ void free_deferred(ThreadState& state) {
   while (state.deferred_count && !tls.in_hotpool) pooled_free(state.deferred_frees[--state.deferred_count]);
 }
 
-static HOTPOOL_NOINLINE void publish_class(ThreadState* state, unsigned size_class) {
-  state->stats.publish(g_global, size_class);
+void pooled_bookkeeping(ThreadState& state) {
+  state.bookkeeping_countdown = kBookkeepingOps;
+  const unsigned classes = g_classes.count() - 1;  // the large class never pools
+  state.stats.fold_pooled_all(g_classes.sizes(), classes);
+  for (unsigned c = 0; c < classes; ++c) state.stats.publish_if_due(g_global, c);
+  // The policy's window is counted in allocations elsewhere; here, in
+  // rounds of pooled operations.
+  if (state.policy_countdown != kNever) {
+    if (state.policy_countdown <= kBookkeepingOps) evaluate_policy(state);
+    else state.policy_countdown -= kBookkeepingOps;
+  }
 }
 
 void pooled_free(void* block) {
@@ -379,10 +390,10 @@ void pooled_free(void* block) {
   // An invalid or double free aborts there, or is quarantined (not counted).
   if (HOTPOOL_UNLIKELY(!g_recycler.validate_and_mark(size_class, block)))
     return g_recycler.deallocate_unmarked(state->cache, size_class, block);
-  const bool publish = state->stats.add_pooled_free(size_class, g_recycler.class_size(size_class));
+  state->stats.add_pooled_free(size_class);
   if (HOTPOOL_UNLIKELY(!g_recycler.push(state->cache, size_class, block)))
     return pooled_free_full_bin(state, size_class, block);
-  if (HOTPOOL_UNLIKELY(publish)) return publish_class(state, size_class);
+  if (HOTPOOL_UNLIKELY(--state->bookkeeping_countdown == 0)) return pooled_bookkeeping(*state);
 }
 
 void record_alloc_slow(unsigned size_class, size_t requested, size_t usable) {

@@ -30,6 +30,8 @@ extern std::atomic<Phase> g_phase;
 
 // A countdown that never reaches zero (sampling or the policy switched off).
 inline constexpr uint64_t kNever = ~uint64_t{0};
+// Pooled operations between two rounds of pooled_bookkeeping.
+inline constexpr uint64_t kBookkeepingOps = 256;
 extern RealAllocator g_real;
 extern recycler::SizeClassTable g_classes;
 extern reporter::GlobalClassStats g_global;
@@ -47,6 +49,9 @@ HOTPOOL_NOINLINE void boot();
 HOTPOOL_NOINLINE void* allocate_while_booting(size_t size, size_t alignment, bool zero);
 
 HOTPOOL_NOINLINE void record_alloc_slow(unsigned size_class, size_t requested, size_t usable);
+// Every kBookkeepingOps pooled operations of a thread: its pooled blocks'
+// live bytes into its deltas (published when due), the policy's window.
+HOTPOOL_NOINLINE void pooled_bookkeeping(ThreadState& state);
 // The calling thread's state, attaching it if this is its first recorded
 // call; null inside hotpool, after teardown or without memory for a state.
 HOTPOOL_NOINLINE ThreadState* attach_current_thread();

@@ -62,6 +62,8 @@ void add_cache_counters(const recycler::ThreadCache& cache, unsigned classes, re
 }
 
 void ThreadRegistry::retire_locked(ThreadState* state, reporter::GlobalClassStats& global) {
+  // Pooled blocks' live bytes are folded in lazily (see add_pooled_alloc).
+  state->stats.fold_pooled_all(retired_.class_size, retired_.class_count);
   state->stats.publish_all(global);
   retired_.add(state->stats);
   state->stats.reset();

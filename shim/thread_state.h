@@ -46,6 +46,10 @@ struct ThreadState {
   unsigned deferred_count;
   // The auto policy's window over this thread's counts (mode auto only).
   uint64_t policy_countdown;  // allocations until the next evaluation
+  // Pooled allocations and frees until pooled_bookkeeping: the pooled
+  // blocks' live bytes folded into the counts' deltas and published, and
+  // the policy's window advanced.
+  uint64_t bookkeeping_countdown;
   uint64_t policy_window;     // the current window length
   uint64_t policy_allocs[reporter::kMaxClasses];  // counts at the last evaluation
   uint64_t policy_frees[reporter::kMaxClasses];
