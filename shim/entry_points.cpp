@@ -5,6 +5,7 @@
 // operators (all variants: sized, aligned, nothrow, array) call malloc,
 // aligned_alloc and free through the PLT, so they arrive here; a test
 // checks every variant is counted.
+#include <dlfcn.h>
 #include <errno.h>
 #include <malloc.h>
 #include <unistd.h>
@@ -373,6 +374,15 @@ void* __libc_realloc(void* block, size_t size) HOTPOOL_ALIAS(realloc);
 void* __libc_memalign(size_t alignment, size_t size) HOTPOOL_ALIAS(memalign);
 void* __libc_valloc(size_t size) HOTPOOL_ALIAS(valloc);
 void* __libc_pvalloc(size_t size) HOTPOOL_ALIAS(pvalloc);
+}
+
+// dlopen: only a dlopen with RTLD_DEEPBIND needs hotpool (deepbind.cpp);
+// every other goes to the real one by a tail call, so that it sees its
+// real caller (whose RUNPATH it searches).
+HOTPOOL_EXPORT void* dlopen(const char* file, int mode) {
+  if (HOTPOOL_UNLIKELY((mode & RTLD_DEEPBIND) != 0) && g_phase.load(std::memory_order_relaxed) == Phase::Recording)
+    return dlopen_deepbind(file, mode, __builtin_return_address(0));
+  return real_dlopen()(file, mode);
 }
 
 // pipe2, for libunwind's sake only. libunwind 1.6 keeps a pipe to validate

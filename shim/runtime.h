@@ -112,6 +112,10 @@ size_t sample_region_bytes();
 // One line on stderr.
 void write_warning(const char* line);
 
+// dlopen with RTLD_DEEPBIND, for `caller` (deepbind.cpp); the real dlopen.
+void* dlopen_deepbind(const char* file, int mode, const void* caller);
+void* (*real_dlopen())(const char*, int);
+
 // The pipe2 interposed for libunwind (see entry_points.cpp).
 int real_pipe2(int fds[2], int flags);
 bool called_from_unwinder(const void* return_address);

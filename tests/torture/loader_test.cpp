@@ -180,6 +180,18 @@ TORTURE_SCENARIO(deepbind) {
     lib_free(grown);
   }
   dlclose(library);
+
+  // Bare names are searched as dlopen searches them for this program; a
+  // missing library fails as it does without hotpool.
+  void* by_name = dlopen("libm.so.6", RTLD_NOW | RTLD_DEEPBIND);
+  say("bare_name=%d", by_name ? 1 : 0);
+  if (!by_name) ++failures;
+  else dlclose(by_name);
+  dlerror();
+  void* missing = dlopen("libhotpool-no-such-library.so", RTLD_NOW | RTLD_DEEPBIND);
+  const char* error = dlerror();
+  say("missing=%d error=%d", missing ? 1 : 0, error ? 1 : 0);
+  if (missing || !error) ++failures;
   say("done failures=%d", failures);
   return failures ? 3 : 0;
 }
@@ -189,6 +201,14 @@ TEST(Deepbind, BlocksCrossTheBoundaryOfADeepboundLibraryInBothDirections) {
   if (mode_pools()) {
     ASSERT_EQ(run.value("pooled"), "1") << describe(run);
   }
+  const char* mode = std::getenv("HOTPOOL_MODE");
+  if (mode && std::string(mode) != "off") {
+    // Where hotpool hands out blocks of its own, the library's malloc
+    // family is hotpool's (its other symbols stay deep-bound).
+    EXPECT_NE(run.value("library_malloc").find("libhotpool"), std::string::npos) << describe(run);
+  }
+  EXPECT_EQ(run.value("bare_name"), "1") << describe(run);
+  EXPECT_EQ(run.value("missing"), "0") << describe(run);
   EXPECT_EQ(run.status, "exit 0")
       << "a library opened with RTLD_DEEPBIND binds malloc/free to " << run.value("library_malloc")
       << " while the program's are " << run.value("program_malloc") << "; the last step it started was "
