@@ -39,6 +39,7 @@ uint32_t Recycler::capacity_for(unsigned size_class) const {
 }
 
 void* Recycler::allocate_slow(ThreadCache& cache, unsigned size_class) {
+  const CancellationOff cancellation_off;  // the bin and the depot change together
   Bin& bin = cache.bins[size_class];
   if (bin.count) return pop(cache, size_class);
   if (bin.capacity == 0) bin.capacity = capacity_for(size_class);
@@ -61,6 +62,7 @@ void Recycler::deallocate_unmarked(ThreadCache& cache, unsigned size_class, void
 }
 
 void Recycler::drain_and_push(ThreadCache& cache, unsigned size_class, void* block) {
+  const CancellationOff cancellation_off;  // the bin and the depot change together
   Bin& bin = cache.bins[size_class];
   if (bin.capacity == 0) {
     bin.capacity = capacity_for(size_class);
@@ -128,6 +130,7 @@ void Recycler::quarantine_once() {
 }
 
 void Recycler::flush(ThreadCache& cache) {
+  const CancellationOff cancellation_off;
   const uint64_t now = monotonic_ns();
   for (unsigned c = 0; c < region_.class_count(); ++c) {
     Bin& bin = cache.bins[c];

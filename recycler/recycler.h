@@ -108,7 +108,12 @@ class Recycler {
   bool push(ThreadCache& cache, unsigned size_class, void* block) {
     Bin& bin = cache.bins[size_class];
     if (HOTPOOL_RECYCLER_UNLIKELY(bin.count >= bin.capacity)) return false;
-    bin.slots[bin.count++] = block;
+    // The slot before the count: an asynchronous cancellation between the
+    // two stores must not leave a stale slot counted in (pop's order is
+    // safe as it is: stopped between its steps, a block is only lost).
+    bin.slots[bin.count] = block;
+    asm volatile("" ::: "memory");
+    ++bin.count;
     return true;
   }
   void* allocate_slow(ThreadCache& cache, unsigned size_class) __attribute__((noinline));

@@ -3,6 +3,7 @@
 // that may take the loader's lock (dlsym, dlopen, unwinding).
 #pragma once
 
+#include <pthread.h>
 #include <sched.h>
 
 #include <atomic>
@@ -26,6 +27,34 @@ class SpinLock {
   std::atomic<bool> locked_{false};
 };
 
+// The calling thread's cancellation disabled for a scope: an asynchronous
+// cancellation (PTHREAD_CANCEL_ASYNCHRONOUS) may stop a thread at any
+// instruction, and must not stop it with a lock held (every other thread
+// would wait for it forever) or halfway through moving blocks between its
+// cache and a depot (a block in both would be handed out twice). One
+// requested meanwhile takes effect at the end of the scope. Slow paths only.
+// The type goes to deferred too: glibc 2.36's cancellation signal, sent
+// while the type was asynchronous and the state enabled, cancels on arrival
+// if the type is still asynchronous, whatever the state by then.
+class CancellationOff {
+ public:
+  CancellationOff() {
+    pthread_setcancelstate(PTHREAD_CANCEL_DISABLE, &state_);
+    pthread_setcanceltype(PTHREAD_CANCEL_DEFERRED, &type_);
+  }
+  ~CancellationOff() {
+    pthread_setcanceltype(type_, nullptr);
+    pthread_setcancelstate(state_, nullptr);
+  }
+  CancellationOff(const CancellationOff&) = delete;
+  CancellationOff& operator=(const CancellationOff&) = delete;
+
+ private:
+  int state_ = PTHREAD_CANCEL_ENABLE;
+  int type_ = PTHREAD_CANCEL_DEFERRED;
+};
+
+// Holds the lock with the thread's cancellation off (see CancellationOff).
 class SpinLockGuard {
  public:
   explicit SpinLockGuard(SpinLock& lock) : lock_(lock) { lock_.lock(); }
@@ -34,6 +63,7 @@ class SpinLockGuard {
   SpinLockGuard& operator=(const SpinLockGuard&) = delete;
 
  private:
+  CancellationOff cancellation_off_;  // constructed first, destroyed last: around the lock
   SpinLock& lock_;
 };
 

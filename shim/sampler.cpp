@@ -64,15 +64,15 @@ void lower(reporter::AtomicCounter& counter, uint64_t value) {
 // The stack of this call, above hotpool, the C++ runtime and libc; empty
 // while a fork is pending (see the fork gate).
 void capture_stack(reporter::CapturedStack* stack) {
+  // The unwinder may allocate while it reads unwind tables, and may read
+  // files: read() is a cancellation point, and malloc is not; and a thread
+  // cancelled while counted in g_unwinding would hold every fork back. So
+  // cancellation waits until the capture is done.
+  const recycler::CancellationOff cancellation_off;
   stack->depth = 0;
   g_unwinding.fetch_add(1, std::memory_order_seq_cst);
   if (!g_fork_pending.load(std::memory_order_seq_cst)) {
-    // libunwind may allocate while it reads unwind tables, and may read
-    // files: read() is a cancellation point, and malloc is not, so
-    // cancellation waits until the capture is done.
     ReentryGuard guard;
-    int cancel_state;
-    pthread_setcancelstate(PTHREAD_CANCEL_DISABLE, &cancel_state);
     // The thread's trace cache, unless this capture interrupted another
     // one on this thread (a signal handler that allocates).
     ThreadState* state = tls.state;
@@ -81,7 +81,6 @@ void capture_stack(reporter::CapturedStack* stack) {
     tls_unwinding = true;
     g_unwinder.capture(g_depth, stack, cache);
     tls_unwinding = nested;
-    pthread_setcancelstate(cancel_state, nullptr);
   }
   g_unwinding.fetch_sub(1, std::memory_order_seq_cst);
 }
