@@ -142,11 +142,11 @@ void Recycler::flush(ThreadCache& cache) {
 size_t Recycler::trim() { return region_.ready() ? region_.trim(monotonic_ns()) : 0; }
 
 void Recycler::lock_all() {
-  for (unsigned c = 0; c < region_.class_count(); ++c) region_.depot(c).lock().lock();
+  for (unsigned c = 0; c < region_.class_count(); ++c) region_.depot(c).lock().lock_for_fork();
 }
 
 void Recycler::unlock_all() {
-  for (unsigned c = region_.class_count(); c-- > 0;) region_.depot(c).lock().unlock();
+  for (unsigned c = region_.class_count(); c-- > 0;) region_.depot(c).lock().unlock_after_fork_parent();
 }
 
 void Recycler::reset_locks_after_fork() {

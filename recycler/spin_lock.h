@@ -7,24 +7,61 @@
 #include <sched.h>
 
 #include <atomic>
+#include <cstdint>
 
 namespace hotpool::recycler {
+
+// The calling thread's nesting of fork() calls in progress: 1 inside the
+// atfork handlers of a fork(), 2 in those of a fork() from a signal handler
+// that interrupted the first, ... (the prepare handler raises it, the
+// parent and child handlers lower it).
+inline thread_local unsigned tls_fork_depth __attribute__((tls_model("initial-exec"))) = 0;
 
 class SpinLock {
  public:
   void lock() {
-    while (locked_.exchange(true, std::memory_order_acquire)) {
-      for (unsigned spins = 0; locked_.load(std::memory_order_relaxed); ++spins) {
+    const uintptr_t me = caller();
+    uintptr_t expected = 0;
+    while (!owner_.compare_exchange_weak(expected, me, std::memory_order_acquire, std::memory_order_relaxed)) {
+      for (unsigned spins = 0; owner_.load(std::memory_order_relaxed) != 0; ++spins) {
         if (spins < 64) __builtin_ia32_pause(); else sched_yield();
       }
+      expected = 0;
     }
   }
-  void unlock() { locked_.store(false, std::memory_order_release); }
-  // In a fork child only one thread exists: whoever held the lock is gone.
-  void reset_after_fork() { locked_.store(false, std::memory_order_relaxed); }
+  void unlock() { owner_.store(0, std::memory_order_release); }
+
+  // The atfork handlers. A fork() from a signal handler may have
+  // interrupted this very thread while it held the lock (or while an outer
+  // fork() held it): the prepare handler then leaves it as it is instead
+  // of waiting for itself, and the parent handler releases only what its
+  // own prepare took.
+  void lock_for_fork() {
+    if (held_by_caller()) return;
+    lock();
+    fork_depth_ = tls_fork_depth;
+  }
+  void unlock_after_fork_parent() {
+    if (!held_by_caller() || fork_depth_ != tls_fork_depth) return;
+    fork_depth_ = 0;
+    unlock();
+  }
+  // In the child only the forking thread exists: a lock that another thread
+  // held, or that this fork's prepare took, is free; one that this thread
+  // held before (the code the signal handler interrupted, which goes on
+  // when the handler returns) stays held.
+  void reset_after_fork() {
+    if (held_by_caller() && fork_depth_ != tls_fork_depth) return;
+    fork_depth_ = 0;
+    owner_.store(0, std::memory_order_relaxed);
+  }
 
  private:
-  std::atomic<bool> locked_{false};
+  static uintptr_t caller() { return static_cast<uintptr_t>(pthread_self()); }
+  bool held_by_caller() const { return owner_.load(std::memory_order_relaxed) == caller(); }
+
+  std::atomic<uintptr_t> owner_{0};  // pthread_self() of the holder, 0 when free
+  unsigned fork_depth_ = 0;          // the tls_fork_depth of the prepare that took it, 0 if none
 };
 
 // The calling thread's cancellation disabled for a scope: an asynchronous

@@ -78,9 +78,13 @@ void flush_dead_thread_cache(ThreadState& state) {
   if (g_recycler.ready()) g_recycler.flush(state.cache);
 }
 
+// Every hotpool lock across fork(), but those this thread holds already: a
+// fork() from a signal handler may have interrupted it in a slow path (or
+// in another fork()); see SpinLock::lock_for_fork.
 void before_fork() {
+  ++recycler::tls_fork_depth;
   g_pid_before_fork = static_cast<int>(getpid());
-  g_report_lock.lock();
+  g_report_lock.lock_for_fork();
   g_registry.lock_for_fork();
   g_recycler.lock_all();
   lock_samples();
@@ -90,7 +94,8 @@ void after_fork_parent() {
   unlock_samples();
   g_recycler.unlock_all();
   g_registry.unlock_after_fork_parent();
-  g_report_lock.unlock();
+  g_report_lock.unlock_after_fork_parent();
+  --recycler::tls_fork_depth;
 }
 
 void after_fork_child() {
@@ -101,6 +106,7 @@ void after_fork_child() {
   // the depots, their counts to the retired sums.
   g_registry.reset_after_fork_child(tls.state, g_global, flush_dead_thread_cache);
   g_report_lock.reset_after_fork();
+  --recycler::tls_fork_depth;
 }
 
 // Address space is what a program with RLIMIT_AS runs out of first: take

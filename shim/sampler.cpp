@@ -37,6 +37,7 @@ constinit uintptr_t g_unwinder_range[2] = {0, 0};  // libunwind's text, for pipe
 constinit std::atomic<int> g_unwinding{0};
 constinit std::atomic<bool> g_fork_pending{false};
 __thread bool tls_unwinding __attribute__((tls_model("initial-exec")));
+__thread bool tls_counted __attribute__((tls_model("initial-exec")));  // in g_unwinding, or about to be
 constinit bool g_active = false;
 constinit uint64_t g_rate = 0;
 constinit unsigned g_depth = 0;
@@ -70,6 +71,10 @@ void capture_stack(reporter::CapturedStack* stack) {
   // cancellation waits until the capture is done.
   const recycler::CancellationOff cancellation_off;
   stack->depth = 0;
+  // Marked before it counts: a fork() from a signal handler arriving in
+  // between must not wait for this thread (see lock_samples).
+  tls_counted = true;
+  std::atomic_signal_fence(std::memory_order_seq_cst);
   g_unwinding.fetch_add(1, std::memory_order_seq_cst);
   if (!g_fork_pending.load(std::memory_order_seq_cst)) {
     ReentryGuard guard;
@@ -83,6 +88,8 @@ void capture_stack(reporter::CapturedStack* stack) {
     tls_unwinding = nested;
   }
   g_unwinding.fetch_sub(1, std::memory_order_seq_cst);
+  std::atomic_signal_fence(std::memory_order_seq_cst);
+  tls_counted = false;
 }
 
 // Whether the function that made a sampled allocation is still active on
@@ -349,19 +356,20 @@ void lock_samples() {
   // No thread inside libunwind during the fork (but this one, if a signal
   // handler that forks interrupted its own capture).
   g_fork_pending.store(true, std::memory_order_seq_cst);
-  const int own = tls_unwinding ? 1 : 0;
+  const int own = tls_counted ? 1 : 0;
   for (unsigned spins = 0; g_unwinding.load(std::memory_order_seq_cst) > own; ++spins) {
     if (spins < 64) __builtin_ia32_pause(); else sched_yield();
   }
-  for (unsigned c = 0; c < g_sample_region.class_count(); ++c) g_sample_region.depot(c).lock().lock();
+  for (unsigned c = 0; c < g_sample_region.class_count(); ++c) g_sample_region.depot(c).lock().lock_for_fork();
 }
 void unlock_samples() {
-  g_fork_pending.store(false, std::memory_order_seq_cst);
-  for (unsigned c = g_sample_region.class_count(); c-- > 0;) g_sample_region.depot(c).lock().unlock();
+  // Still pending for an outer fork() this one's handler interrupted.
+  if (recycler::tls_fork_depth == 1) g_fork_pending.store(false, std::memory_order_seq_cst);
+  for (unsigned c = g_sample_region.class_count(); c-- > 0;) g_sample_region.depot(c).lock().unlock_after_fork_parent();
 }
 void reset_sample_locks() {
-  g_unwinding.store(tls_unwinding ? 1 : 0, std::memory_order_relaxed);
-  g_fork_pending.store(false, std::memory_order_seq_cst);
+  g_unwinding.store(tls_counted ? 1 : 0, std::memory_order_relaxed);
+  if (recycler::tls_fork_depth == 1) g_fork_pending.store(false, std::memory_order_seq_cst);
   for (unsigned c = 0; c < g_sample_region.class_count(); ++c) g_sample_region.depot(c).lock().reset_after_fork();
 }
 

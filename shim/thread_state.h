@@ -109,8 +109,8 @@ class ThreadRegistry {
 
   // fork: hold the locks across fork(); in the child, every state but the
   // forking thread's belongs to a thread that does not exist there.
-  void lock_for_fork() { lock_.lock(); fallback_lock_.lock(); }
-  void unlock_after_fork_parent() { fallback_lock_.unlock(); lock_.unlock(); }
+  void lock_for_fork() { lock_.lock_for_fork(); fallback_lock_.lock_for_fork(); }
+  void unlock_after_fork_parent() { fallback_lock_.unlock_after_fork_parent(); lock_.unlock_after_fork_parent(); }
   void reset_after_fork_child(ThreadState* survivor, reporter::GlobalClassStats& global,
                               void (*on_dead_thread)(ThreadState&));
 
