@@ -131,10 +131,19 @@ HOTPOOL_NOINLINE void* pooled_malloc_bookkeeping(ThreadState* state, void* block
 }
 
 HOTPOOL_NOINLINE void* pooled_malloc(unsigned size_class, size_t size) {
-  ThreadState* state = tls.pool_state;
+  ThreadLocal& local = tls;
+  ThreadState* state = local.pool_state;
   if (HOTPOOL_UNLIKELY(state == nullptr)) return unsampled_malloc(size);
   if (HOTPOOL_UNLIKELY(--state->sample_countdown == 0)) return sample_malloc(state, size);
+  // The pop reads the bin's count, then its slot, then writes the count: a
+  // signal handler that allocates or frees in between would see the bin
+  // half-changed. While pool_state is null it goes to the real allocator
+  // (and defers its frees of pooled blocks) instead: two TLS stores.
+  local.pool_state = nullptr;
+  asm volatile("" ::: "memory");
   void* block = g_recycler.pop(state->cache, size_class);
+  asm volatile("" ::: "memory");
+  local.pool_state = state;
   if (HOTPOOL_UNLIKELY(block == nullptr)) return pooled_malloc_refill(size_class, size);
   state->stats.add_pooled_alloc(size_class, size);
   if (HOTPOOL_UNLIKELY(--state->bookkeeping_countdown == 0)) return pooled_malloc_bookkeeping(state, block);

@@ -374,7 +374,17 @@ void free_deferred(ThreadState& state) {
   while (state.deferred_count && !tls.in_hotpool) pooled_free(state.deferred_frees[--state.deferred_count]);
 }
 
+static void pooled_bookkeeping_locked(ThreadState& state);
+
 void pooled_bookkeeping(ThreadState& state) {
+  {
+    ReentryGuard guard;  // a signal handler's allocations meanwhile: the real allocator
+    pooled_bookkeeping_locked(state);
+  }
+  if (HOTPOOL_UNLIKELY(state.deferred_count)) free_deferred(state);
+}
+
+static void pooled_bookkeeping_locked(ThreadState& state) {
   state.bookkeeping_countdown = kBookkeepingOps;
   const unsigned classes = g_classes.count() - 1;  // the large class never pools
   state.stats.fold_pooled_all(g_classes.sizes(), classes);
@@ -387,18 +397,31 @@ void pooled_bookkeeping(ThreadState& state) {
   }
 }
 
+// pool_state is null: not attached or torn down (straight to the depot),
+// or inside hotpool, or a signal handler that interrupted a pooled fast
+// path of this thread (kept until the thread is out: free_deferred).
+static HOTPOOL_NOINLINE void pooled_free_gated(void* block) {
+  ThreadState* state = tls.state;
+  if (state == nullptr) return pooled_free_uncached(block);
+  defer_free(state, block);
+}
+
 void pooled_free(void* block) {
   ThreadLocal& local = tls;
-  ThreadState* state = local.state;
-  if (HOTPOOL_UNLIKELY(state == nullptr)) return pooled_free_uncached(block);
-  if (HOTPOOL_UNLIKELY(local.in_hotpool)) return defer_free(state, block);
+  ThreadState* state = local.pool_state;
+  if (HOTPOOL_UNLIKELY(state == nullptr)) return pooled_free_gated(block);
   const unsigned size_class = g_recycler.class_of_block(block);
   // An invalid or double free aborts there, or is quarantined (not counted).
   if (HOTPOOL_UNLIKELY(!g_recycler.validate_and_mark(size_class, block)))
     return g_recycler.deallocate_unmarked(state->cache, size_class, block);
   state->stats.add_pooled_free(size_class);
-  if (HOTPOOL_UNLIKELY(!g_recycler.push(state->cache, size_class, block)))
-    return pooled_free_full_bin(state, size_class, block);
+  // The push as the pop in pooled_malloc: out of a signal handler's reach.
+  local.pool_state = nullptr;
+  asm volatile("" ::: "memory");
+  const bool pushed = g_recycler.push(state->cache, size_class, block);
+  asm volatile("" ::: "memory");
+  local.pool_state = state;
+  if (HOTPOOL_UNLIKELY(!pushed)) return pooled_free_full_bin(state, size_class, block);
   if (HOTPOOL_UNLIKELY(--state->bookkeeping_countdown == 0)) return pooled_bookkeeping(*state);
 }
 
