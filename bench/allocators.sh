@@ -9,6 +9,8 @@
 #   mimalloc       Debian libmimalloc2.0
 #   hotpool-auto   libhotpool.so, HOTPOOL_MODE=auto (the default)
 #   hotpool-fixed  libhotpool.so, HOTPOOL_MODE=fixed, HOTPOOL_CLASSES from the caller
+#   hotpool-fixed-nochecks  the same with HOTPOOL_CHECKS=off: what the
+#                  hardening checks (double/invalid free detection) cost
 #
 # An allocator whose package cannot be installed is left out of the run,
 # with a note in the table (bench_allocator_missing).
@@ -55,6 +57,7 @@ bench_allocator_label() {
       printf '%s %s\n' "$1" "$version" ;;
     hotpool-auto) printf 'hotpool auto\n' ;;
     hotpool-fixed) printf 'hotpool fixed\n' ;;
+    hotpool-fixed-nochecks) printf 'hotpool fixed, HOTPOOL_CHECKS=off\n' ;;
     *) printf '%s\n' "$1" ;;
   esac
 }
@@ -71,6 +74,9 @@ bench_allocator_options() {
     hotpool-fixed)
       _options=(--preload "$BENCH_LIBRARY" --env HOTPOOL_MODE=fixed --env "HOTPOOL_CLASSES=${3:?hotpool-fixed needs HOTPOOL_CLASSES}"
                 --env HOTPOOL_REPORT=off) ;;
+    hotpool-fixed-nochecks)
+      _options=(--preload "$BENCH_LIBRARY" --env HOTPOOL_MODE=fixed --env "HOTPOOL_CLASSES=${3:?hotpool-fixed needs HOTPOOL_CLASSES}"
+                --env HOTPOOL_CHECKS=off --env HOTPOOL_REPORT=off) ;;
     *) bench_die "unknown allocator '$2'" ;;
   esac
 }

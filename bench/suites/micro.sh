@@ -9,7 +9,8 @@
 # its policy has seen a few thousand short-lived allocations of it: the
 # benchmark's own warm-up and iteration-count probing give it that) and
 # fixed, with HOTPOOL_CLASSES set to exactly the sizes under test, pooled
-# from the first call.
+# from the first call; fixed once more with HOTPOOL_CHECKS=off, to show what
+# the hardening checks cost.
 
 MICRO_SIZES=16,32,64,128,256,512,1K,4K,16K,32K,64K,256K
 MICRO_QUICK_SIZES=16,64,256,4K,64K
@@ -21,7 +22,7 @@ suite_micro() {
     bench_die "suite micro: $BENCH_MICRO was not built (is Google Benchmark, Debian libbenchmark-dev, installed?)"
 
   local -a allocators
-  mapfile -t allocators < <(bench_allocators_require glibc jemalloc tcmalloc mimalloc hotpool-auto hotpool-fixed)
+  mapfile -t allocators < <(bench_allocators_require glibc jemalloc tcmalloc mimalloc hotpool-auto hotpool-fixed hotpool-fixed-nochecks)
   local work=$BENCH_DATA/micro start=$SECONDS
   rm -rf "$work"
   mkdir -p "$work"
