@@ -230,6 +230,35 @@ TEST_F(ReportTest, SymlinkedOutputIsNotFollowed) {
   EXPECT_NE(result.err.find("hotpool: pid "), std::string::npos) << "the report falls back to stderr";
 }
 
+// The report carries hotpool's own options and nothing else of the
+// environment: not in JSON, not in text, not with HOTPOOL_VERBOSE, not even
+// an unknown HOTPOOL_ name's value beyond its one warning line.
+TEST_F(ReportTest, NoEnvironmentContentsButHotpoolOptionsReachTheReport) {
+  const std::string canary = "c4n4ry-s3cr3t-7f1d";
+  const std::vector<std::string> secrets = {"SECRET_TOKEN=" + canary, "DATABASE_URL=postgres://user:" + canary + "@host/db"};
+  for (const char* format : {"json", "txt"}) {
+    std::vector<std::string> env = secrets;
+    env.push_back("HOTPOOL_MODE=auto");
+    env.push_back("HOTPOOL_SAMPLE=1");
+    env.push_back("HOTPOOL_VERBOSE=on");
+    env.push_back(std::string("HOTPOOL_OUTPUT=") + (dir_ / (std::string("r.report.") + format)).string());
+    const RunResult result = run_program({"known"}, env);
+    ASSERT_EQ(result.status, 0) << result.err;
+    const std::vector<fs::path> found = reports();
+    ASSERT_FALSE(found.empty());
+    for (const fs::path& report : found) {
+      const std::string text = slurp(report);
+      EXPECT_FALSE(text.empty()) << report;
+      EXPECT_EQ(text.find(canary), std::string::npos) << report << " carries the environment";
+      EXPECT_EQ(text.find("SECRET_TOKEN"), std::string::npos) << report;
+      EXPECT_EQ(text.find("DATABASE_URL"), std::string::npos) << report;
+    }
+    EXPECT_EQ(result.err.find(canary), std::string::npos) << result.err;
+    EXPECT_EQ(result.out.find(canary), std::string::npos);
+    for (const fs::path& report : found) fs::remove(report);
+  }
+}
+
 TEST_F(ReportTest, UnwritableOutputFallsBackToStderr) {
   const RunResult result = run_program({"known"}, {"HOTPOOL_MODE=profile", "HOTPOOL_OUTPUT=/nonexistent-dir/r.json"});
   EXPECT_EQ(result.status, 0);
