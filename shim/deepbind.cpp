@@ -3,9 +3,20 @@
 // bind to libc's, not to the preloaded libhotpool.so. A block hotpool
 // handed out (from a pool, or a sampled one) that such a library frees
 // would then reach glibc's free, which aborts. So after a dlopen with
-// RTLD_DEEPBIND, the GOT slots of the malloc family in every object that
-// dlopen loaded are pointed at hotpool's functions, the binding a normal
-// dlopen gives; the library's other symbols keep their deep binding.
+// RTLD_DEEPBIND, every GOT slot of the malloc family that the loader bound
+// to libc's definition is pointed at the function the global scope
+// defines (hotpool's), the binding a normal dlopen gives; the library's
+// other symbols keep their deep binding. dlopen and dlmopen are among the
+// names, so that a deep-bound library's own deep-bound dlopen comes here
+// too.
+//
+// Every object of the base namespace is looked at, not only what this
+// dlopen loaded: a slot is rewritten only when it holds libc's definition
+// (or, for a lazily bound JUMP_SLOT, still its PLT stub), so the walk is
+// idempotent, catches objects deep-bound before (while hotpool booted,
+// through a path hotpool does not see), and leaves alone objects that a
+// concurrent dlopen in another thread is still relocating
+// (_dl_find_object knows an object only once it is relocated).
 //
 // dlopen looks at its caller to search the caller's RUNPATH (and to pick
 // its namespace): as hotpool's dlopen calls the real one, a bare file name
@@ -15,8 +26,10 @@
 // as it was.
 #include <dlfcn.h>
 #include <elf.h>
+#include <gnu/lib-names.h>
 #include <link.h>
 #include <malloc.h>
+#include <sys/auxv.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -26,38 +39,107 @@
 
 #include "runtime.h"
 
+// glibc's own names for its allocator, which hotpool exports as aliases
+// (entry_points.cpp); no header declares them.
+extern "C" {
+void* __libc_malloc(size_t size);
+void __libc_free(void* block);
+void* __libc_calloc(size_t count, size_t size);
+void* __libc_realloc(void* block, size_t size);
+void* __libc_memalign(size_t alignment, size_t size);
+void* __libc_valloc(size_t size);
+void* __libc_pvalloc(size_t size);
+}
+
 namespace hotpool::shim {
 
 namespace {
 
 using DlopenFunction = void* (*)(const char*, int);
+using DlmopenFunction = void* (*)(Lmid_t, const char*, int);
 
 void* missing_dlopen(const char*, int) { return nullptr; }
+void* missing_dlmopen(Lmid_t, const char*, int) { return nullptr; }
 
-int count_object(dl_phdr_info*, size_t, void* data) {
-  ++*static_cast<unsigned*>(data);
-  return 0;
-}
+#if defined(__x86_64__)
+constexpr bool kPatchable = true;
+constexpr unsigned kJumpSlot = R_X86_64_JUMP_SLOT;
+constexpr unsigned kGlobDat = R_X86_64_GLOB_DAT;
+constexpr unsigned kAbsolute64 = R_X86_64_64;
+constexpr unsigned kMachine = EM_X86_64;
+#else
+// Other architectures: no relocation types known here, nothing patched.
+constexpr bool kPatchable = false;
+constexpr unsigned kJumpSlot = ~0u, kGlobDat = ~0u, kAbsolute64 = ~0u;
+constexpr unsigned kMachine = EM_NONE;
+#endif
 
-struct Replacement {
-  const char* name;
-  void* function;
+// The names whose slots are rewritten. Taking the address of these
+// functions here goes through libhotpool.so's own GOT, so it yields what
+// the global scope defines: hotpool's functions (or a definition that
+// comes before hotpool's in the global scope, which is then what every
+// normally bound object uses too).
+constexpr unsigned kTargets = 21;
+const char* const kTargetNames[kTargets] = {
+    "malloc",         "free",           "calloc",         "realloc",        "reallocarray",
+    "posix_memalign", "aligned_alloc",  "memalign",       "valloc",         "pvalloc",
+    "malloc_usable_size", "malloc_trim", "__libc_malloc", "__libc_free",   "__libc_calloc",
+    "__libc_realloc", "__libc_memalign", "__libc_valloc", "__libc_pvalloc", "dlopen",
+    "dlmopen",
 };
 
+void* global_definition(unsigned target) {
+  static void* const definitions[kTargets] = {
+      reinterpret_cast<void*>(&::malloc),          reinterpret_cast<void*>(&::free),
+      reinterpret_cast<void*>(&::calloc),          reinterpret_cast<void*>(&::realloc),
+      reinterpret_cast<void*>(&::reallocarray),    reinterpret_cast<void*>(&::posix_memalign),
+      reinterpret_cast<void*>(&::aligned_alloc),   reinterpret_cast<void*>(&::memalign),
+      reinterpret_cast<void*>(&::valloc),          reinterpret_cast<void*>(&::pvalloc),
+      reinterpret_cast<void*>(&::malloc_usable_size), reinterpret_cast<void*>(&::malloc_trim),
+      reinterpret_cast<void*>(&::__libc_malloc),   reinterpret_cast<void*>(&::__libc_free),
+      reinterpret_cast<void*>(&::__libc_calloc),   reinterpret_cast<void*>(&::__libc_realloc),
+      reinterpret_cast<void*>(&::__libc_memalign), reinterpret_cast<void*>(&::__libc_valloc),
+      reinterpret_cast<void*>(&::__libc_pvalloc),  reinterpret_cast<void*>(&::dlopen),
+      reinterpret_cast<void*>(&::dlmopen),
+  };
+  return definitions[target];
+}
+
+// libc's definitions of the names (the base namespace's libc), resolved
+// once: what a deep-bound slot holds. glibc has one address per name
+// (dlopen@GLIBC_2.2.5 and dlopen@@GLIBC_2.34 are the same function).
+constinit std::atomic<bool> g_libc_ready{false};
+constinit std::atomic<void*> g_libc_definitions[kTargets]{};
+
+bool resolve_libc_definitions() {
+  if (g_libc_ready.load(std::memory_order_acquire)) return true;
+  ReentryGuard guard;  // the loader allocates
+  void* libc = real_dlopen()(LIBC_SO, RTLD_LAZY | RTLD_NOLOAD);
+  if (!libc) return false;
+  // Threads racing here store the same addresses.
+  for (unsigned i = 0; i < kTargets; ++i)
+    g_libc_definitions[i].store(dlsym(libc, kTargetNames[i]), std::memory_order_relaxed);
+  dlclose(libc);
+  g_libc_ready.store(true, std::memory_order_release);
+  return true;
+}
+
+int target_of(const char* name) {
+  for (unsigned i = 0; i < kTargets; ++i)
+    if (name[0] == kTargetNames[i][0] && std::strcmp(name, kTargetNames[i]) == 0) return static_cast<int>(i);
+  return -1;
+}
+
 struct PatchWalk {
-  unsigned skip;        // objects loaded before the dlopen
-  unsigned index;
-  const Replacement* replacements;
-  unsigned count;
-  uintptr_t own_text;   // an address in libhotpool.so
+  uintptr_t own;          // an address in libhotpool.so
+  uintptr_t libc;         // an address in libc (its malloc)
+  uintptr_t loader_base;  // the dynamic loader's (AT_BASE)
+  uintptr_t libc_low;     // the lowest and highest of libc's definitions
+  uintptr_t libc_high;
   unsigned patched;
 };
 
-// Entries of the dynamic section hold addresses that the loader has
-// relocated in place, except where the section is read-only (the vDSO).
-uintptr_t dynamic_address(uintptr_t base, ElfW(Addr) value) { return value < base ? base + value : value; }
-
-bool contains_text(const dl_phdr_info* info, uintptr_t address) {
+bool contains(const dl_phdr_info* info, uintptr_t address) {
   for (int i = 0; i < info->dlpi_phnum; ++i) {
     const ElfW(Phdr)& header = info->dlpi_phdr[i];
     if (header.p_type != PT_LOAD) continue;
@@ -67,21 +149,37 @@ bool contains_text(const dl_phdr_info* info, uintptr_t address) {
   return false;
 }
 
+// Entries of the dynamic section hold addresses that the loader has
+// relocated in place, except where the section is read-only (the vDSO).
+uintptr_t dynamic_address(uintptr_t base, ElfW(Addr) value) { return value < base ? base + value : value; }
+
+// Writes a slot. Its page may be read-only: under PT_GNU_RELRO (the loader
+// protected the whole pages of it, rounding its end down), or in a
+// segment without write permission. Such a page is made writable for the
+// write and given its protection back. dl_iterate_phdr holds the loader's
+// list lock across the walk, so two walks never toggle a page at once.
 void write_slot(const dl_phdr_info* info, uintptr_t slot, void* function) {
-  auto* word = reinterpret_cast<void**>(slot);
-  if (__atomic_load_n(word, __ATOMIC_RELAXED) == function) return;
-  // Slots under PT_GNU_RELRO were made read-only once relocated.
-  bool relro = false;
+  const uintptr_t page_size = static_cast<uintptr_t>(getpagesize());
+  const uintptr_t page = slot & ~(page_size - 1);
+  bool read_only = false;
+  int protection = PROT_READ;
   for (int i = 0; i < info->dlpi_phnum; ++i) {
     const ElfW(Phdr)& header = info->dlpi_phdr[i];
     const uintptr_t start = info->dlpi_addr + header.p_vaddr;
-    if (header.p_type == PT_GNU_RELRO && slot >= start && slot < start + header.p_memsz) relro = true;
+    if (header.p_type == PT_GNU_RELRO) {
+      const uintptr_t first = start & ~(page_size - 1);
+      const uintptr_t end = (start + header.p_memsz) & ~(page_size - 1);
+      if (page >= first && page < end) read_only = true;
+    } else if (header.p_type == PT_LOAD && slot >= start && slot < start + header.p_memsz &&
+               !(header.p_flags & PF_W)) {
+      read_only = true;
+      protection = ((header.p_flags & PF_R) ? PROT_READ : 0) | ((header.p_flags & PF_X) ? PROT_EXEC : 0);
+    }
   }
-  const uintptr_t page_size = static_cast<uintptr_t>(getpagesize());
-  void* page = reinterpret_cast<void*>(slot & ~(page_size - 1));
-  if (relro && mprotect(page, page_size, PROT_READ | PROT_WRITE) != 0) return;
-  __atomic_store_n(word, function, __ATOMIC_RELEASE);
-  if (relro) mprotect(page, page_size, PROT_READ);
+  void* address = reinterpret_cast<void*>(page);
+  if (read_only && mprotect(address, page_size, PROT_READ | PROT_WRITE) != 0) return;
+  __atomic_store_n(reinterpret_cast<void**>(slot), function, __ATOMIC_RELEASE);
+  if (read_only) mprotect(address, page_size, protection);
 }
 
 void patch_relocations(const dl_phdr_info* info, const ElfW(Rela)* table, size_t bytes, const ElfW(Sym)* symbols,
@@ -89,33 +187,61 @@ void patch_relocations(const dl_phdr_info* info, const ElfW(Rela)* table, size_t
   if (!table || !symbols || !strings) return;
   for (size_t i = 0; i < bytes / sizeof(ElfW(Rela)); ++i) {
     const ElfW(Rela)& relocation = table[i];
-    const unsigned type = ELF64_R_TYPE(relocation.r_info);
-    if (type != R_X86_64_JUMP_SLOT && type != R_X86_64_GLOB_DAT) continue;
-    const ElfW(Sym)& symbol = symbols[ELF64_R_SYM(relocation.r_info)];
-    if (symbol.st_shndx != SHN_UNDEF || symbol.st_name >= strings_size) continue;  // its own definition: not ours
-    const char* name = strings + symbol.st_name;
-    for (unsigned r = 0; r < walk.count; ++r) {
-      if (std::strcmp(name, walk.replacements[r].name) != 0) continue;
-      write_slot(info, info->dlpi_addr + relocation.r_offset, walk.replacements[r].function);
-      ++walk.patched;
-      break;
-    }
+    const unsigned type = static_cast<unsigned>(ELF64_R_TYPE(relocation.r_info));
+    if (type != kJumpSlot && type != kGlobDat && type != kAbsolute64) continue;
+    const uintptr_t slot = info->dlpi_addr + relocation.r_offset;
+    if (slot % sizeof(void*) != 0) continue;  // a packed data word: left alone
+    // The slot's value first: most point neither near libc's allocator nor
+    // (lazily bound) into the object itself, and need no symbol lookup.
+    void* const value = __atomic_load_n(reinterpret_cast<void**>(slot), __ATOMIC_RELAXED);
+    const auto address = reinterpret_cast<uintptr_t>(value);
+    const bool near_libc = address >= walk.libc_low && address <= walk.libc_high;
+    // A lazily bound JUMP_SLOT not resolved yet points into the object's
+    // own PLT; resolved later, a deep-bound one would go to libc.
+    const bool unresolved = !near_libc && type == kJumpSlot && contains(info, address);
+    if (!near_libc && !unresolved) continue;
+    const size_t index = ELF64_R_SYM(relocation.r_info);
+    if (index == 0) continue;
+    const ElfW(Sym)& symbol = symbols[index];
+    if (symbol.st_shndx != SHN_UNDEF || symbol.st_name >= strings_size) continue;  // its own definition
+    const int target = target_of(strings + symbol.st_name);
+    if (target < 0) continue;
+    void* const ours = global_definition(static_cast<unsigned>(target));
+    if (value == ours) continue;
+    // Bound to libc's definition of this very name (an R_X86_64_64 only
+    // without addend).
+    const void* const libc = g_libc_definitions[target].load(std::memory_order_relaxed);
+    const bool to_libc = near_libc && libc && value == libc && (type != kAbsolute64 || relocation.r_addend == 0);
+    if (!to_libc && !unresolved) continue;
+    write_slot(info, slot, ours);
+    ++walk.patched;
   }
 }
 
 int patch_object(dl_phdr_info* info, size_t, void* data) {
   auto& walk = *static_cast<PatchWalk*>(data);
-  if (walk.index++ < walk.skip) return 0;
-  if (contains_text(info, walk.own_text)) return 0;
+  // Not hotpool, libc (whose own calls of malloc already come to hotpool)
+  // nor the loader.
+  if (walk.loader_base && info->dlpi_addr == walk.loader_base) return 0;
+  if (contains(info, walk.own) || contains(info, walk.libc)) return 0;
   const ElfW(Dyn)* dynamic = nullptr;
-  for (int i = 0; i < info->dlpi_phnum; ++i)
-    if (info->dlpi_phdr[i].p_type == PT_DYNAMIC)
-      dynamic = reinterpret_cast<const ElfW(Dyn)*>(info->dlpi_addr + info->dlpi_phdr[i].p_vaddr);
-  if (!dynamic) return 0;
+  uintptr_t first_load = 0;
+  for (int i = 0; i < info->dlpi_phnum; ++i) {
+    const ElfW(Phdr)& header = info->dlpi_phdr[i];
+    if (header.p_type == PT_DYNAMIC) dynamic = reinterpret_cast<const ElfW(Dyn)*>(info->dlpi_addr + header.p_vaddr);
+    if (header.p_type == PT_LOAD && !first_load) first_load = info->dlpi_addr + header.p_vaddr;
+  }
+  if (!dynamic || !first_load) return 0;
+  // Only objects the loader has finished relocating (another thread may be
+  // in the middle of a dlopen; its relocations and RELRO are its own).
+  dl_find_object found;
+  if (_dl_find_object(reinterpret_cast<void*>(first_load), &found) != 0 || !found.dlfo_link_map ||
+      found.dlfo_link_map->l_addr != info->dlpi_addr)
+    return 0;
   const uintptr_t base = info->dlpi_addr;
   const ElfW(Sym)* symbols = nullptr;
   const char* strings = nullptr;
-  size_t strings_size = 0, rela_bytes = 0, plt_bytes = 0;
+  size_t strings_size = 0, rela_bytes = 0, plt_bytes = 0, relative_count = 0;
   const ElfW(Rela)* rela = nullptr;
   const ElfW(Rela)* plt = nullptr;
   bool plt_is_rela = true;
@@ -126,15 +252,41 @@ int patch_object(dl_phdr_info* info, size_t, void* data) {
       case DT_STRSZ: strings_size = entry->d_un.d_val; break;
       case DT_RELA: rela = reinterpret_cast<const ElfW(Rela)*>(dynamic_address(base, entry->d_un.d_ptr)); break;
       case DT_RELASZ: rela_bytes = entry->d_un.d_val; break;
+      case DT_RELACOUNT: relative_count = entry->d_un.d_val; break;
       case DT_JMPREL: plt = reinterpret_cast<const ElfW(Rela)*>(dynamic_address(base, entry->d_un.d_ptr)); break;
       case DT_PLTRELSZ: plt_bytes = entry->d_un.d_val; break;
       case DT_PLTREL: plt_is_rela = entry->d_un.d_val == DT_RELA; break;
       default: break;
     }
   }
+  // DT_RELACOUNT: the table starts with that many relative relocations
+  // (most of a large library's), which name no symbol.
+  if (rela && relative_count * sizeof(ElfW(Rela)) <= rela_bytes) {
+    rela += relative_count;
+    rela_bytes -= relative_count * sizeof(ElfW(Rela));
+  }
   patch_relocations(info, rela, rela_bytes, symbols, strings, strings_size, walk);
   if (plt_is_rela) patch_relocations(info, plt, plt_bytes, symbols, strings, strings_size, walk);
   return 0;
+}
+
+// Points the deep-bound malloc-family slots of every object at the global
+// definitions. Allocates nothing.
+void patch_deep_bound_slots() {
+  if (!kPatchable || !g_libc_ready.load(std::memory_order_acquire)) return;
+  PatchWalk walk{reinterpret_cast<uintptr_t>(&patch_deep_bound_slots),
+                 reinterpret_cast<uintptr_t>(g_libc_definitions[0].load(std::memory_order_relaxed)),
+                 static_cast<uintptr_t>(getauxval(AT_BASE)), ~uintptr_t{0}, 0, 0};
+  if (!walk.libc) return;
+  for (const std::atomic<void*>& definition : g_libc_definitions) {
+    const auto address = reinterpret_cast<uintptr_t>(definition.load(std::memory_order_relaxed));
+    if (!address) continue;
+    if (address < walk.libc_low) walk.libc_low = address;
+    if (address > walk.libc_high) walk.libc_high = address;
+  }
+  // A cancellation in the middle would leave a RELRO page writable.
+  recycler::CancellationOff cancellation_off;
+  dl_iterate_phdr(patch_object, &walk);
 }
 
 // The caller's search path for a bare file name, as dlopen would search
@@ -165,6 +317,22 @@ bool find_for_caller(const void* caller, const char* file, char* out, size_t siz
   return found;
 }
 
+// The deep-bound open itself: by `dlopen`, or by `dlmopen` into the base
+// namespace when `by_dlmopen`.
+void* open_deep_bound(const char* file, int mode, const void* caller, bool by_dlmopen) {
+  if (!resolve_libc_definitions()) return by_dlmopen ? real_dlmopen()(LM_ID_BASE, file, mode) : real_dlopen()(file, mode);
+  char path[4096];
+  const char* name = file;
+  if (file && !std::strchr(file, '/')) {
+    ReentryGuard guard;  // dlinfo and the search allocate
+    if (find_for_caller(caller, file, path, sizeof(path))) name = path;
+  }
+  void* handle = by_dlmopen ? real_dlmopen()(LM_ID_BASE, name, mode) : real_dlopen()(name, mode);
+  if (!handle) return nullptr;  // dlerror() tells why, as the real call left it
+  patch_deep_bound_slots();
+  return handle;
+}
+
 }  // namespace
 
 DlopenFunction real_dlopen() {
@@ -179,38 +347,23 @@ DlopenFunction real_dlopen() {
   return call;
 }
 
-void* dlopen_deepbind(const char* file, int mode, const void* caller) {
-  DlopenFunction real = real_dlopen();
-  static const Replacement replacements[] = {
-      {"malloc", reinterpret_cast<void*>(&::malloc)},
-      {"free", reinterpret_cast<void*>(&::free)},
-      {"calloc", reinterpret_cast<void*>(&::calloc)},
-      {"realloc", reinterpret_cast<void*>(&::realloc)},
-      {"reallocarray", reinterpret_cast<void*>(&::reallocarray)},
-      {"posix_memalign", reinterpret_cast<void*>(&::posix_memalign)},
-      {"aligned_alloc", reinterpret_cast<void*>(&::aligned_alloc)},
-      {"memalign", reinterpret_cast<void*>(&::memalign)},
-      {"valloc", reinterpret_cast<void*>(&::valloc)},
-      {"pvalloc", reinterpret_cast<void*>(&::pvalloc)},
-      {"malloc_usable_size", reinterpret_cast<void*>(&::malloc_usable_size)},
-      {"malloc_trim", reinterpret_cast<void*>(&::malloc_trim)},
-  };
-  char path[4096];
-  const char* name = file;
-  unsigned before = 0;
-  {
-    ReentryGuard guard;  // dlinfo and the search allocate
-    if (file && !std::strchr(file, '/') && find_for_caller(caller, file, path, sizeof(path))) name = path;
-    dl_iterate_phdr(count_object, &before);
+DlmopenFunction real_dlmopen() {
+  static std::atomic<DlmopenFunction> next{nullptr};
+  DlmopenFunction call = next.load(std::memory_order_acquire);
+  if (!call) {
+    call = reinterpret_cast<DlmopenFunction>(dlsym(RTLD_NEXT, "dlmopen"));
+    if (!call) call = missing_dlmopen;
+    next.store(call, std::memory_order_release);
   }
-  void* handle = real(name, mode);
-  if (!handle) return nullptr;
-  // The loader appends what it loads to the list it iterates: the objects
-  // after the first `before` are this dlopen's.
-  PatchWalk walk{before, 0, replacements, sizeof(replacements) / sizeof(replacements[0]),
-                 reinterpret_cast<uintptr_t>(&dlopen_deepbind), 0};
-  dl_iterate_phdr(patch_object, &walk);
-  return handle;
+  return call;
+}
+
+void* dlopen_deepbind(const char* file, int mode, const void* caller) {
+  return open_deep_bound(file, mode, caller, false);
+}
+
+void* dlmopen_deepbind(const char* file, int mode, const void* caller) {
+  return open_deep_bound(file, mode, caller, true);
 }
 
 }  // namespace hotpool::shim

@@ -385,13 +385,32 @@ void* __libc_valloc(size_t size) HOTPOOL_ALIAS(valloc);
 void* __libc_pvalloc(size_t size) HOTPOOL_ALIAS(pvalloc);
 }
 
-// dlopen: only a dlopen with RTLD_DEEPBIND needs hotpool (deepbind.cpp);
-// every other goes to the real one by a tail call, so that it sees its
-// real caller (whose RUNPATH it searches).
-HOTPOOL_EXPORT void* dlopen(const char* file, int mode) {
-  if (HOTPOOL_UNLIKELY((mode & RTLD_DEEPBIND) != 0) && g_phase.load(std::memory_order_relaxed) == Phase::Recording)
-    return dlopen_deepbind(file, mode, __builtin_return_address(0));
+// dlopen and dlmopen: only a deep-bound open into the base namespace needs
+// hotpool (deepbind.cpp), and only while it records; every other call goes
+// to the real function by a tail call, so that it sees its real caller
+// (whose RPATH and RUNPATH it searches, whose namespace it uses). The
+// optimize attribute keeps that tail call in an unoptimized build too.
+#define HOTPOOL_TAIL_CALLS __attribute__((optimize("O2")))
+
+namespace {
+
+bool deep_bound_open(int mode) {
+  if (HOTPOOL_LIKELY((mode & RTLD_DEEPBIND) == 0)) return false;
+  if (HOTPOOL_UNLIKELY(g_phase.load(std::memory_order_acquire) == Phase::Booting)) boot();
+  return g_phase.load(std::memory_order_acquire) == Phase::Recording;
+}
+
+}  // namespace
+
+HOTPOOL_EXPORT HOTPOOL_TAIL_CALLS void* dlopen(const char* file, int mode) {
+  if (HOTPOOL_UNLIKELY(deep_bound_open(mode))) return dlopen_deepbind(file, mode, __builtin_return_address(0));
   return real_dlopen()(file, mode);
+}
+
+HOTPOOL_EXPORT HOTPOOL_TAIL_CALLS void* dlmopen(Lmid_t namespace_id, const char* file, int mode) {
+  if (HOTPOOL_UNLIKELY(namespace_id == LM_ID_BASE && deep_bound_open(mode)))
+    return dlmopen_deepbind(file, mode, __builtin_return_address(0));
+  return real_dlmopen()(namespace_id, file, mode);
 }
 
 // pipe2, for libunwind's sake only. libunwind 1.6 keeps a pipe to validate

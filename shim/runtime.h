@@ -112,9 +112,12 @@ size_t sample_region_bytes();
 // One line on stderr.
 void write_warning(const char* line);
 
-// dlopen with RTLD_DEEPBIND, for `caller` (deepbind.cpp); the real dlopen.
+// dlopen, and dlmopen into the base namespace, with RTLD_DEEPBIND, for
+// `caller` (deepbind.cpp); the real dlopen and dlmopen.
 void* dlopen_deepbind(const char* file, int mode, const void* caller);
+void* dlmopen_deepbind(const char* file, int mode, const void* caller);
 void* (*real_dlopen())(const char*, int);
+void* (*real_dlmopen())(long, const char*, int);
 
 // The pipe2 interposed for libunwind (see entry_points.cpp).
 int real_pipe2(int fds[2], int flags);
