@@ -18,14 +18,17 @@
 // concurrent dlopen in another thread is still relocating
 // (_dl_find_object knows an object only once it is relocated).
 //
-// dlopen looks at its caller to search the caller's RUNPATH (and to pick
-// its namespace): as hotpool's dlopen calls the real one, a bare file name
-// opened with RTLD_DEEPBIND is first searched for in the caller's search
-// path (dlinfo RTLD_DI_SERINFO) and opened by its path. Every other dlopen
-// goes straight to the real one, by a tail call that leaves its caller
-// as it was.
+// dlopen looks at its caller to search the caller's RPATH and RUNPATH and
+// to expand $ORIGIN: as hotpool's dlopen calls the real one, a bare file
+// name opened with RTLD_DEEPBIND that is not loaded yet is first searched
+// for in the directories of the caller's search path that hotpool's own
+// lacks (dlinfo RTLD_DI_SERINFO) and opened by its path, and $ORIGIN is
+// expanded here to the caller's directory. Every other dlopen goes
+// straight to the real one, by a tail call that leaves its caller as it
+// was.
 #include <dlfcn.h>
 #include <elf.h>
+#include <fcntl.h>
 #include <gnu/lib-names.h>
 #include <link.h>
 #include <malloc.h>
@@ -289,32 +292,133 @@ void patch_deep_bound_slots() {
   dl_iterate_phdr(patch_object, &walk);
 }
 
-// The caller's search path for a bare file name, as dlopen would search
-// it for that caller; the path found, into `out`, or false.
-bool find_for_caller(const void* caller, const char* file, char* out, size_t size) {
-  Dl_info info;
-  void* map = nullptr;
-  if (!dladdr1(caller, &info, &map, RTLD_DL_LINKMAP) || !map) return false;
+// Search paths ----------------------------------------------------------
+
+// The search path dlopen uses for a bare name called from `map`, in a
+// malloc'd block (under the guard: the real allocator's), or null.
+Dl_serinfo* search_path(void* map, const ReentryGuard&) {
   Dl_serinfo probe;
-  if (dlinfo(map, RTLD_DI_SERINFOSIZE, &probe) != 0 || probe.dls_size < sizeof(Dl_serinfo)) return false;
-  auto* paths = static_cast<Dl_serinfo*>(std::malloc(probe.dls_size));  // under the guard: the real malloc
-  if (!paths) return false;
-  bool found = false;
+  if (dlinfo(map, RTLD_DI_SERINFOSIZE, &probe) != 0 || probe.dls_size < sizeof(Dl_serinfo)) return nullptr;
+  auto* paths = static_cast<Dl_serinfo*>(std::malloc(probe.dls_size));
+  if (!paths) return nullptr;
   paths->dls_size = probe.dls_size;
   paths->dls_cnt = probe.dls_cnt;
-  if (dlinfo(map, RTLD_DI_SERINFOSIZE, paths) == 0 && dlinfo(map, RTLD_DI_SERINFO, paths) == 0) {
-    for (unsigned i = 0; i < paths->dls_cnt && !found; ++i) {
-      const char* directory = paths->dls_serpath[i].dls_name;
+  if (dlinfo(map, RTLD_DI_SERINFOSIZE, paths) != 0 || dlinfo(map, RTLD_DI_SERINFO, paths) != 0) {
+    std::free(paths);
+    return nullptr;
+  }
+  return paths;
+}
+
+// Whether `path` is a file the loader would take (an ELF object of this
+// machine and class); it skips others and searches on.
+bool loadable(const char* path) {
+  const int fd = open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return false;
+  ElfW(Ehdr) header;
+  const bool read_all = read(fd, &header, sizeof(header)) == static_cast<ssize_t>(sizeof(header));
+  close(fd);
+  return read_all && std::memcmp(header.e_ident, ELFMAG, SELFMAG) == 0 &&
+         header.e_ident[EI_CLASS] == (sizeof(void*) == 8 ? ELFCLASS64 : ELFCLASS32) && header.e_machine == kMachine;
+}
+
+// For a bare file name: the path dlopen would open for `caller`, looked for
+// in the directories of the caller's search path that hotpool's lacks (the
+// caller's RPATH or RUNPATH, and the LD_LIBRARY_PATH before a RUNPATH).
+// The directories both paths end with (the system ones) are left to the
+// real dlopen, which reads ld.so.cache before them. False if not found.
+bool find_for_caller(const void* caller, const char* file, char* out, size_t size, const ReentryGuard& guard) {
+  Dl_info info;
+  void* caller_map = nullptr;
+  void* own_map = nullptr;
+  if (!dladdr1(caller, &info, &caller_map, RTLD_DL_LINKMAP) || !caller_map) return false;
+  if (!dladdr1(reinterpret_cast<void*>(&patch_deep_bound_slots), &info, &own_map, RTLD_DL_LINKMAP) || !own_map ||
+      own_map == caller_map)
+    return false;
+  Dl_serinfo* theirs = search_path(caller_map, guard);
+  Dl_serinfo* ours = search_path(own_map, guard);
+  bool found = false;
+  if (theirs && ours) {
+    unsigned common = 0;
+    while (common < theirs->dls_cnt && common < ours->dls_cnt &&
+           std::strcmp(theirs->dls_serpath[theirs->dls_cnt - 1 - common].dls_name,
+                       ours->dls_serpath[ours->dls_cnt - 1 - common].dls_name) == 0)
+      ++common;
+    const size_t file_length = std::strlen(file);
+    for (unsigned i = 0; i + common < theirs->dls_cnt && !found; ++i) {
+      const char* directory = theirs->dls_serpath[i].dls_name;
       const size_t length = std::strlen(directory);
-      if (length + 1 + std::strlen(file) + 1 > size) continue;
+      if (length + 1 + file_length + 1 > size) continue;
       std::memcpy(out, directory, length);
       out[length] = '/';
-      std::strcpy(out + length + 1, file);
-      found = access(out, F_OK) == 0;
+      std::memcpy(out + length + 1, file, file_length + 1);
+      found = loadable(out);
     }
   }
-  std::free(paths);
+  std::free(theirs);
+  std::free(ours);
   return found;
+}
+
+// The caller's directory, as the loader takes it for $ORIGIN: that of the
+// file the object was loaded from, the program's from /proc/self/exe.
+bool origin_of(const void* caller, char* out, size_t size) {
+  Dl_info info;
+  link_map* map = nullptr;
+  if (!dladdr1(caller, &info, reinterpret_cast<void**>(&map), RTLD_DL_LINKMAP) || !map) return false;
+  if (map->l_name && map->l_name[0]) {
+    size_t length = 0;
+    if (map->l_name[0] != '/') {  // relative to the working directory
+      if (!getcwd(out, size)) return false;
+      length = std::strlen(out);
+      out[length++] = '/';
+    }
+    const size_t name_length = std::strlen(map->l_name);
+    if (length + name_length + 1 > size) return false;
+    std::memcpy(out + length, map->l_name, name_length + 1);
+  } else {
+    const ssize_t length = readlink("/proc/self/exe", out, size - 1);
+    if (length <= 0) return false;
+    out[length] = '\0';
+  }
+  char* slash = std::strrchr(out, '/');
+  if (!slash) return false;
+  slash[slash == out ? 1 : 0] = '\0';
+  return true;
+}
+
+// A file name with a slash may hold $ORIGIN or ${ORIGIN}, which dlopen
+// expands to its caller's directory: `file` with them expanded into `out`.
+// False if there is none (or it does not fit). $LIB and $PLATFORM do not
+// depend on the caller: the real dlopen expands them.
+bool expand_origin(const void* caller, const char* file, char* out, size_t size) {
+  char origin[4096];
+  bool expanded = false;
+  size_t used = 0;
+  for (const char* at = file; *at;) {
+    size_t token = 0;
+    if (at[0] == '$') {
+      const char next = at[7];
+      const bool name_goes_on = (next >= 'A' && next <= 'Z') || (next >= 'a' && next <= 'z') ||
+                                (next >= '0' && next <= '9') || next == '_';
+      if (std::strncmp(at + 1, "ORIGIN", 6) == 0 && !name_goes_on) token = 7;
+      else if (std::strncmp(at + 1, "{ORIGIN}", 8) == 0) token = 9;
+    }
+    if (!token) {
+      if (used + 1 >= size) return false;
+      out[used++] = *at++;
+      continue;
+    }
+    if (!expanded && !origin_of(caller, origin, sizeof(origin))) return false;
+    expanded = true;
+    const size_t length = std::strlen(origin);
+    if (used + length >= size) return false;
+    std::memcpy(out + used, origin, length);
+    used += length;
+    at += token;
+  }
+  out[used] = '\0';
+  return expanded;
 }
 
 // The deep-bound open itself: by `dlopen`, or by `dlmopen` into the base
@@ -324,8 +428,14 @@ void* open_deep_bound(const char* file, int mode, const void* caller, bool by_dl
   char path[4096];
   const char* name = file;
   if (file && !std::strchr(file, '/')) {
-    ReentryGuard guard;  // dlinfo and the search allocate
-    if (find_for_caller(caller, file, path, sizeof(path))) name = path;
+    ReentryGuard guard;  // dlopen, dlinfo and the search allocate
+    // A name already loaded is matched before any search, whoever asks.
+    if (void* loaded = real_dlopen()(file, RTLD_LAZY | RTLD_NOLOAD)) dlclose(loaded);
+    else if (find_for_caller(caller, file, path, sizeof(path), guard)) name = path;
+  } else if (file && std::strchr(file, '$') && !getauxval(AT_SECURE)) {
+    // (A secure process gets the real dlopen's checks of $ORIGIN instead.)
+    ReentryGuard guard;
+    if (expand_origin(caller, file, path, sizeof(path))) name = path;
   }
   void* handle = by_dlmopen ? real_dlmopen()(LM_ID_BASE, name, mode) : real_dlopen()(name, mode);
   if (!handle) return nullptr;  // dlerror() tells why, as the real call left it

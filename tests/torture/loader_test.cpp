@@ -4,8 +4,8 @@
 // deadlock, blocks must cross the library boundary in both directions and
 // outlive the library); and libraries opened with RTLD_DEEPBIND, whose
 // malloc/free must pair up with the program's: with their dependencies,
-// lazily bound, opened by a deep-bound library, by dlmopen, from two
-// threads at once; and one that never allocates.
+// lazily bound, opened by a deep-bound library, by dlmopen, by bare name;
+// and one that never allocates.
 #include <dlfcn.h>
 #include <malloc.h>
 
@@ -378,6 +378,31 @@ TORTURE_SCENARIO(deepbind_threads) {
   return failures ? 3 : 0;
 }
 
+// Bare names: found through this program's RUNPATH (dlopen searches the
+// caller's), deep-bound or not, and through ld.so.cache; $ORIGIN: this
+// program's directory.
+TORTURE_SCENARIO(deepbind_search) {
+  void* plain = dlopen(TORTURE_DEEPBIND_PLAIN_NAME, RTLD_NOW | RTLD_LOCAL);
+  say("plain_by_runpath=%d", plain ? 1 : 0);
+  void* deep = dlopen(TORTURE_DEEPBIND_HELPER_NAME, RTLD_NOW | RTLD_LOCAL | RTLD_DEEPBIND);
+  say("deep_by_runpath=%d", deep ? 1 : 0);
+  if (!deep) say("error=%s", dlerror());
+  void* cached = dlopen("libresolv.so.2", RTLD_NOW | RTLD_LOCAL | RTLD_DEEPBIND);
+  say("deep_by_cache=%d", cached ? 1 : 0);
+  // $ORIGIN is this program's directory, where the helpers are built.
+  void* by_origin = dlopen("$ORIGIN/" TORTURE_DEEPBIND_PLAIN_NAME, RTLD_NOW | RTLD_LOCAL | RTLD_DEEPBIND);
+  say("deep_by_origin=%d", by_origin ? 1 : 0);
+  if (!by_origin) say("error=%s", dlerror());
+  if (deep) {
+    auto lib_free = deepbind::find<deepbind::Free>(deep, "deepbind_free");
+    if (!lib_free || deepbind::library_frees("library", lib_free) != 0) return 3;
+  }
+  for (void* library : {plain, deep, cached, by_origin})
+    if (library) dlclose(library);
+  say("done");
+  return plain && deep && cached && by_origin ? 0 : 3;
+}
+
 TEST(Deepbind, BlocksCrossTheBoundaryOfADeepboundLibraryInBothDirections) {
   const ScenarioRun run = run_scenario("deepbind", Preload::Yes, {}, 10);
   if (mode_pools()) {
@@ -444,6 +469,17 @@ TEST(Deepbind, TwoThreadsLoadAndUnloadDeepboundLibrariesAtOnce) {
   if (mode_pools()) {
     ASSERT_EQ(run.value("pooled"), "1") << describe(run);
   }
+  EXPECT_EQ(run.status, "exit 0") << describe(run);
+}
+
+TEST(Deepbind, FileNamesAreResolvedAsDlopenResolvesThemForItsCaller) {
+  const ScenarioRun glibc = run_scenario("deepbind_search", Preload::No, {}, 10);
+  ASSERT_EQ(glibc.status, "exit 0") << "without hotpool: " << describe(glibc);
+  const ScenarioRun run = run_scenario("deepbind_search", Preload::Yes, {}, 10);
+  EXPECT_EQ(run.value("plain_by_runpath"), "1") << describe(run);
+  EXPECT_EQ(run.value("deep_by_runpath"), "1") << describe(run);
+  EXPECT_EQ(run.value("deep_by_cache"), "1") << describe(run);
+  EXPECT_EQ(run.value("deep_by_origin"), "1") << describe(run);
   EXPECT_EQ(run.status, "exit 0") << describe(run);
 }
 
