@@ -29,6 +29,8 @@ constinit ThreadRegistry g_registry{};
 constinit recycler::Recycler g_recycler{};
 constinit size_t g_pool_limit = 0;
 
+static void pooled_free_uncached(void* block);
+
 namespace {
 
 constinit std::atomic<bool> g_boot_started{false};
@@ -66,10 +68,13 @@ void on_thread_exit(void* arg) {
     pthread_setspecific(g_thread_key, state);
     return;
   }
-  free_deferred(*state);
   tls.state = nullptr;
   tls.pool_state = nullptr;
   tls.status = ThreadStatus::TornDown;
+  // Frees a signal handler deferred and no slow path took since (under
+  // this guard free_deferred would do nothing): straight to the depots, as
+  // the frees of a thread without a state.
+  while (state->deferred_count) pooled_free_uncached(state->deferred_frees[--state->deferred_count]);
   if (g_recycler.ready()) g_recycler.flush(state->cache);
   g_registry.retire(state, g_global, guard);
 }
@@ -371,7 +376,19 @@ static HOTPOOL_NOINLINE void defer_free(ThreadState* state, void* block) {
 }
 
 void free_deferred(ThreadState& state) {
-  while (state.deferred_count && !tls.in_hotpool) pooled_free(state.deferred_frees[--state.deferred_count]);
+  // Only with the pool open: pooled_free would defer the block again.
+  ThreadLocal& local = tls;
+  while (state.deferred_count && local.pool_state == &state) {
+    // Taken with the pool closed, as the fast paths' pop: a signal handler
+    // that came in between and went through a slow path would free the
+    // same entry (free_deferred there too).
+    local.pool_state = nullptr;
+    asm volatile("" ::: "memory");
+    void* block = state.deferred_frees[--state.deferred_count];
+    asm volatile("" ::: "memory");
+    local.pool_state = &state;
+    pooled_free(block);
+  }
 }
 
 static void pooled_bookkeeping_locked(ThreadState& state);

@@ -59,7 +59,10 @@ enum class ThreadStatus : uint8_t { NotAttached = 0, Attached, TornDown };
 
 struct ThreadLocal {
   ThreadState* state;       // non-null exactly while Attached
-  ThreadState* pool_state;  // state, but null while in_hotpool: one test for the pooled fast path
+  // state, but null while in_hotpool, and while the pooled fast paths pop
+  // from or push to the thread cache (a signal handler arriving then stays
+  // out of it): one test for the pooled fast paths.
+  ThreadState* pool_state;
   ThreadStatus status;
   bool in_hotpool;          // the recursion guard
 };
@@ -70,21 +73,28 @@ extern __thread ThreadLocal tls __attribute__((tls_model("initial-exec")));
 // straight to the real allocator, unrecorded: dlsym, pthread_setspecific,
 // pthread_atfork, snprintf... can then call malloc safely. Functions that must
 // only run under the guard take it as a parameter.
+// The pool opens again at the end (pool_state back to state) unless the
+// guard was nested, or began while a pooled fast path had it closed (in a
+// signal handler that interrupted the pop or the push, e.g. freeing a
+// sampled block): the interrupted code reopens it.
 class ReentryGuard {
  public:
-  ReentryGuard() : was_set_(tls.in_hotpool) {
+  ReentryGuard()
+      : was_set_(tls.in_hotpool),
+        reopen_(!tls.in_hotpool && (tls.pool_state != nullptr || tls.state == nullptr)) {
     tls.in_hotpool = true;
     tls.pool_state = nullptr;
   }
   ~ReentryGuard() {
     tls.in_hotpool = was_set_;
-    if (!was_set_) tls.pool_state = tls.state;
+    if (reopen_) tls.pool_state = tls.state;
   }
   ReentryGuard(const ReentryGuard&) = delete;
   ReentryGuard& operator=(const ReentryGuard&) = delete;
 
  private:
   bool was_set_;
+  bool reopen_;
 };
 
 // All ThreadStates: the active ones (for reports), the free ones (for reuse)
