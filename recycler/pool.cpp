@@ -129,8 +129,12 @@ Slab* ClassDepot::carve_slab() {
 }
 
 unsigned ClassDepot::refill(void** out, unsigned want, uint64_t now_ns) {
-  (void)now_ns;
   SpinLockGuard guard(lock_);
+  return refill_locked(out, want, now_ns);
+}
+
+unsigned ClassDepot::refill_locked(void** out, unsigned want, uint64_t now_ns) {
+  (void)now_ns;
   unsigned taken = 0;
   while (taken < want) {
     // Fuller slabs first: a partial slab before an empty one, so that empty
@@ -165,6 +169,10 @@ unsigned ClassDepot::refill(void** out, unsigned want, uint64_t now_ns) {
 
 void ClassDepot::drain(void* const* blocks, unsigned count, uint64_t now_ns) {
   SpinLockGuard guard(lock_);
+  drain_locked(blocks, count, now_ns);
+}
+
+void ClassDepot::drain_locked(void* const* blocks, unsigned count, uint64_t now_ns) {
   for (unsigned i = 0; i < count; ++i) {
     const size_t offset = static_cast<size_t>(static_cast<char*>(blocks[i]) - area_);
     Slab* slab = &slabs_[offset >> geometry_.slab_shift];

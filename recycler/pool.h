@@ -73,6 +73,12 @@ class ClassDepot {
   unsigned refill(void** out, unsigned want, uint64_t now_ns);
   // Takes blocks back. Aborts on a block that is already free in the depot.
   void drain(void* const* blocks, unsigned count, uint64_t now_ns);
+  // The same with lock() held by the caller, which then updates what holds
+  // the blocks on its side (a thread cache's bin) before it unlocks: a
+  // fork() in between would give the child a bin that disagrees with the
+  // depot (a block in both, or in neither).
+  unsigned refill_locked(void** out, unsigned want, uint64_t now_ns);
+  void drain_locked(void* const* blocks, unsigned count, uint64_t now_ns);
   // True when the depot holds `block` as free (under the lock).
   bool holds_free(const void* block);
   // Gives wholly free slabs back to the OS: those idle for at least

@@ -45,13 +45,18 @@ void* Recycler::allocate_slow(ThreadCache& cache, unsigned size_class) {
   if (bin.capacity == 0) bin.capacity = capacity_for(size_class);
   // Refill half the bin: the other half is room for frees before a drain.
   const unsigned want = bin.capacity / 2 ? bin.capacity / 2 : 1;
-  const unsigned got = region_.depot(size_class).refill(bin.slots, want, 0);
+  ClassDepot& depot = region_.depot(size_class);
+  unsigned got;
+  {
+    SpinLockGuard guard(depot.lock());  // the bin's count with the depot (see refill_locked)
+    got = depot.refill_locked(bin.slots, want, 0);
+    bin.count = got;
+  }
   bump_counter(bin.refills);
   if (got == 0) {
     bump_counter(bin.misses);
     return nullptr;
   }
-  bin.count = got;
   return pop(cache, size_class);
 }
 
@@ -70,9 +75,13 @@ void Recycler::drain_and_push(ThreadCache& cache, unsigned size_class, void* blo
     // Give the depot the older half; keep the recently freed, cache-warm half.
     const unsigned give = bin.count - bin.capacity / 2;
     const uint64_t now = monotonic_ns();
-    region_.depot(size_class).drain(bin.slots, give, now);
-    std::memmove(bin.slots, bin.slots + give, (bin.count - give) * sizeof(void*));
-    bin.count -= give;
+    {
+      ClassDepot& depot = region_.depot(size_class);
+      SpinLockGuard guard(depot.lock());  // the bin with the depot (see drain_locked)
+      depot.drain_locked(bin.slots, give, now);
+      std::memmove(bin.slots, bin.slots + give, (bin.count - give) * sizeof(void*));
+      bin.count -= give;
+    }
     bump_counter(bin.drains);
     maybe_decay(size_class, now);
   }
@@ -134,7 +143,10 @@ void Recycler::flush(ThreadCache& cache) {
   const uint64_t now = monotonic_ns();
   for (unsigned c = 0; c < region_.class_count(); ++c) {
     Bin& bin = cache.bins[c];
-    if (bin.count) region_.depot(c).drain(bin.slots, bin.count, now);
+    if (bin.count == 0) continue;
+    ClassDepot& depot = region_.depot(c);
+    SpinLockGuard guard(depot.lock());  // the bin with the depot (see drain_locked)
+    depot.drain_locked(bin.slots, bin.count, now);
     bin.count = 0;
   }
 }
