@@ -151,6 +151,16 @@ void Recycler::flush(ThreadCache& cache) {
   }
 }
 
+void Recycler::flush_after_fork(ThreadCache& cache) {
+  const CancellationOff cancellation_off;
+  const uint64_t now = monotonic_ns();
+  for (unsigned c = 0; c < region_.class_count(); ++c) {
+    Bin& bin = cache.bins[c];
+    if (bin.count && !region_.depot(c).lock().held_before_this_fork()) region_.depot(c).drain(bin.slots, bin.count, now);
+    bin.count = 0;
+  }
+}
+
 size_t Recycler::trim() { return region_.ready() ? region_.trim(monotonic_ns()) : 0; }
 
 void Recycler::lock_all() {

@@ -128,8 +128,14 @@ class Recycler {
   // straight to the depot (their allocations go to the real allocator).
   void deallocate_uncached(void* block);
 
-  // Thread exit, fork child: every cached block back to its depot.
+  // Thread exit: every cached block back to its depot.
   void flush(ThreadCache& cache);
+  // Fork child, for a thread that does not exist there: the same, but for
+  // the classes whose depot the forking thread held before the fork (a
+  // signal handler's fork() that interrupted a refill or a drain): those
+  // blocks are left out (the depot is the interrupted code's until it is
+  // done; waiting for it would deadlock), and so lost to the child.
+  void flush_after_fork(ThreadCache& cache);
   // malloc_trim: every wholly free slab back to the OS. Returns bytes.
   size_t trim();
 

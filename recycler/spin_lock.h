@@ -51,10 +51,15 @@ class SpinLock {
   // held before (the code the signal handler interrupted, which goes on
   // when the handler returns) stays held.
   void reset_after_fork() {
-    if (held_by_caller() && fork_depth_ != tls_fork_depth) return;
+    if (held_before_this_fork()) return;
     fork_depth_ = 0;
     owner_.store(0, std::memory_order_relaxed);
   }
+  // In the atfork handlers: true when this thread held the lock before this
+  // fork() began (the code its signal handler interrupted, or an outer
+  // fork()). What the lock guards may be halfway through a change then, and
+  // the lock stays held until that code is done with it.
+  bool held_before_this_fork() const { return held_by_caller() && fork_depth_ != tls_fork_depth; }
 
  private:
   static uintptr_t caller() { return static_cast<uintptr_t>(pthread_self()); }

@@ -59,6 +59,12 @@ void write_stderr_line(const char* line, void* = nullptr) {
   out.str(line).ch('\n');
 }
 
+// The state of this thread while on_thread_exit hands it back (tls.state
+// is null by then): a fork() from a signal handler that interrupted that
+// must not take it for a state of a thread that is gone (see
+// after_fork_child).
+__thread ThreadState* tls_exiting_state __attribute__((tls_model("initial-exec")));
+
 void on_thread_exit(void* arg) {
   auto* state = static_cast<ThreadState*>(arg);
   ReentryGuard guard;
@@ -68,6 +74,8 @@ void on_thread_exit(void* arg) {
     pthread_setspecific(g_thread_key, state);
     return;
   }
+  tls_exiting_state = state;
+  std::atomic_signal_fence(std::memory_order_seq_cst);
   tls.state = nullptr;
   tls.pool_state = nullptr;
   tls.status = ThreadStatus::TornDown;
@@ -77,10 +85,12 @@ void on_thread_exit(void* arg) {
   while (state->deferred_count) pooled_free_uncached(state->deferred_frees[--state->deferred_count]);
   if (g_recycler.ready()) g_recycler.flush(state->cache);
   g_registry.retire(state, g_global, guard);
+  std::atomic_signal_fence(std::memory_order_seq_cst);
+  tls_exiting_state = nullptr;
 }
 
 void flush_dead_thread_cache(ThreadState& state) {
-  if (g_recycler.ready()) g_recycler.flush(state.cache);
+  if (g_recycler.ready()) g_recycler.flush_after_fork(state.cache);
 }
 
 // Every hotpool lock across fork(), but those this thread holds already: a
@@ -108,8 +118,11 @@ void after_fork_child() {
   g_recycler.reset_locks_after_fork();
   reset_sample_locks();
   // The other threads do not exist here: their cached blocks go back to
-  // the depots, their counts to the retired sums.
-  g_registry.reset_after_fork_child(tls.state, g_global, flush_dead_thread_cache);
+  // the depots, their counts to the retired sums. This thread's state is
+  // its own even while it exits (the handler that forked interrupted
+  // on_thread_exit, which goes on in the child).
+  ThreadState* survivor = tls.state ? tls.state : tls_exiting_state;
+  g_registry.reset_after_fork_child(survivor, g_global, flush_dead_thread_cache);
   g_report_lock.reset_after_fork();
   --recycler::tls_fork_depth;
 }

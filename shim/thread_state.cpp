@@ -112,7 +112,18 @@ void ThreadRegistry::snapshot(reporter::StatsSnapshot* out, reporter::GlobalClas
 
 void ThreadRegistry::reset_after_fork_child(ThreadState* survivor, reporter::GlobalClassStats& global,
                                             void (*on_dead_thread)(ThreadState&)) {
-  // Called with both locks held (taken before fork).
+  // Called with both locks held: taken by this fork's prepare handler, or
+  // held before it by the code a signal handler that forked interrupted
+  // (a thread starting or exiting, a report). Then the lists may be
+  // halfway through a change that code finishes when the handler returns:
+  // they stay as they are, and the states of the threads that are gone
+  // here stay in the active list (their counts still add up in the report,
+  // their cached blocks are not reused).
+  if (lock_.held_before_this_fork()) {
+    fallback_lock_.reset_after_fork();
+    lock_.reset_after_fork();
+    return;
+  }
   for (ThreadState* state = active_; state;) {
     ThreadState* next = state->next;
     if (state != survivor) {

@@ -1,16 +1,19 @@
 // Signals under libhotpool.so: a handler that allocates, run every ~50 µs
 // by an interval timer while the interrupted thread allocates too; and
-// fork() from a handler that interrupted malloc (glibc's tst-mallocfork2).
+// fork() from a handler that interrupted malloc (glibc's tst-mallocfork2),
+// also while a second thread holds pooled blocks in its thread cache.
 //
 // malloc is not async-signal-safe, but glibc's own tests and real programs
 // (profilers, crash handlers, servers that fork from SIGCHLD/SIGUSR1) do
 // this. The requirement is relative: no deadlock and no crash under hotpool
-// where there is none without it. So every scenario runs first on plain
-// glibc, in a process of its own; if glibc itself fails it, the test is
-// skipped. Then the same scenario runs under hotpool, bounded by a
-// deadline that kills it (a deadlock shows as "timed out").
+// where there is none without it. So every single-threaded scenario runs
+// first on plain glibc, in a process of its own; if glibc itself fails it,
+// the test is skipped. Then the same scenario runs under hotpool, bounded
+// by a deadline that kills it (a deadlock shows as "timed out"). The
+// scenarios with a second thread run in the pooling modes only (see there).
 #include <errno.h>
 #include <malloc.h>
+#include <pthread.h>
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/time.h>
@@ -199,15 +202,14 @@ void forking_handler(int) {
 constexpr int kForks = 2000;
 constexpr double kForkSeconds = 0.8;
 
-TORTURE_SCENARIO(fork_in_handler) {
-  warm_up();
-  say_pooled();
+// Installs forking_handler and starts the sender. SIGUSR1 is blocked while
+// the sender is forked, so that no handler runs inside that fork() (that is
+// another test), and stays blocked: the caller unblocks it once it is ready
+// (threads it creates meanwhile inherit the mask and never take it).
+pid_t start_usr1_sender() {
   struct sigaction action = {};
   action.sa_handler = forking_handler;
   sigaction(SIGUSR1, &action, nullptr);
-
-  // The sender starts with SIGUSR1 blocked here, so that no handler runs
-  // inside the fork() that creates it (that is another test).
   sigset_t usr1;
   sigemptyset(&usr1);
   sigaddset(&usr1, SIGUSR1);
@@ -222,15 +224,33 @@ TORTURE_SCENARIO(fork_in_handler) {
       usleep(300);  // leaves the main loop time to run between handlers
     }
   }
-  sigprocmask(SIG_UNBLOCK, &usr1, nullptr);
+  return sender;
+}
+
+void set_usr1_blocked(bool blocked) {
+  sigset_t usr1;
+  sigemptyset(&usr1);
+  sigaddset(&usr1, SIGUSR1);
+  sigprocmask(blocked ? SIG_BLOCK : SIG_UNBLOCK, &usr1, nullptr);
+}
+
+void stop_sender(pid_t sender) {
+  set_usr1_blocked(true);
+  kill(sender, SIGKILL);
+  waitpid(sender, nullptr, 0);
+}
+
+TORTURE_SCENARIO(fork_in_handler) {
+  warm_up();
+  say_pooled();
+  const pid_t sender = start_usr1_sender();
+  set_usr1_blocked(false);
   say("sender=started");
 
   const double end = now_seconds() + kForkSeconds;
   uint64_t rounds = 0, corrupted = 0;
   while (g_forks < kForks && now_seconds() < end) corrupted += main_batch(rounds++, false);
-  sigprocmask(SIG_BLOCK, &usr1, nullptr);
-  kill(sender, SIGKILL);
-  waitpid(sender, nullptr, 0);
+  stop_sender(sender);
   say("forks=%ld fork_failures=%ld rounds=%llu corrupted=%llu", g_forks.load(),
       g_fork_failures.load(), static_cast<unsigned long long>(rounds),
       static_cast<unsigned long long>(corrupted));
@@ -260,24 +280,8 @@ TEST(SignalHandler, ForkFromAHandlerThatInterruptedMallocNeverHangs) {
 // and parent handlers, where hotpool holds all its locks.
 TORTURE_SCENARIO(fork_in_handler_while_forking) {
   warm_up();
-  struct sigaction action = {};
-  action.sa_handler = forking_handler;
-  sigaction(SIGUSR1, &action, nullptr);
-  sigset_t usr1;
-  sigemptyset(&usr1);
-  sigaddset(&usr1, SIGUSR1);
-  sigprocmask(SIG_BLOCK, &usr1, nullptr);
-  const pid_t parent = getpid();
-  const pid_t sender = fork();
-  if (sender == 0) {
-    prctl(PR_SET_PDEATHSIG, SIGKILL);
-    if (getppid() != parent) _exit(0);
-    for (;;) {
-      if (kill(parent, SIGUSR1) != 0) _exit(0);
-      usleep(300);  // leaves the main loop time to run between handlers
-    }
-  }
-  sigprocmask(SIG_UNBLOCK, &usr1, nullptr);
+  const pid_t sender = start_usr1_sender();
+  set_usr1_blocked(false);
   say("sender=started");
   const double end = now_seconds() + kForkSeconds;
   uint64_t rounds = 0, corrupted = 0, own_forks = 0, own_failures = 0;
@@ -294,9 +298,7 @@ TORTURE_SCENARIO(fork_in_handler_while_forking) {
     }
     ++own_forks;
   }
-  sigprocmask(SIG_BLOCK, &usr1, nullptr);
-  kill(sender, SIGKILL);
-  waitpid(sender, nullptr, 0);
+  stop_sender(sender);
   say("forks=%ld own_forks=%llu fork_failures=%ld corrupted=%llu", g_forks.load(),
       static_cast<unsigned long long>(own_forks), g_fork_failures.load() + static_cast<long>(own_failures),
       static_cast<unsigned long long>(corrupted));
@@ -313,6 +315,72 @@ TEST(SignalHandler, ForkFromAHandlerThatInterruptedForkNeverHangs) {
   const ScenarioRun hotpool = run_scenario("fork_in_handler_while_forking", Preload::Yes, {}, hotpool_deadline(glibc));
   EXPECT_EQ(hotpool.status, "exit 0") << (hotpool.timed_out ? "hotpool deadlocked where glibc did not. " : "")
                                       << describe(hotpool);
+}
+
+// The same with a second thread whose thread cache holds pooled blocks of
+// the main loop's classes. In the child of the handler's fork() that thread
+// is gone and its cached blocks go back to the depots; the handler may have
+// interrupted the main loop inside one of those depots (a refill or a
+// drain, its lock held), and that depot must wait until the interrupted
+// code, which goes on in the child too, is done with it.
+//
+// Modes fixed and auto only: a process with a second thread makes glibc's
+// fork() take malloc's arena locks, and a handler that interrupted glibc's
+// own malloc then deadlocks in glibc (fork() is not async-signal-safe in
+// POSIX.1-2008 TC2; glibc 2.34's _Fork is). With the main loop's classes
+// pooled, the loop never enters glibc's malloc, so the only locks at stake
+// are hotpool's. There is no plain-glibc run to compare with, for the same
+// reason.
+
+int g_park[2] = {-1, -1};
+
+void* cache_filler(void*) {
+  // Enough blocks of each class that every bin keeps some after its last
+  // drain; SIGUSR1 stays blocked here (inherited).
+  constexpr int kBlocks = 4 * 48;
+  static void* blocks[kBlocks];
+  for (int i = 0; i < kBlocks; ++i) blocks[i] = malloc(opaque(kMainSizes[i % 4]));
+  for (int i = 0; i < kBlocks; ++i) free(blocks[i]);
+  char byte;
+  while (read(g_park[0], &byte, 1) < 0 && errno == EINTR) {
+  }
+  return nullptr;
+}
+
+TORTURE_SCENARIO(fork_in_handler_with_a_thread) {
+  warm_up();
+  say_pooled();
+  if (pipe(g_park) != 0) return 2;
+  const pid_t sender = start_usr1_sender();
+  pthread_t filler;
+  if (pthread_create(&filler, nullptr, cache_filler, nullptr) != 0) return 2;
+  set_usr1_blocked(false);
+  say("sender=started");
+
+  const double end = now_seconds() + kForkSeconds;
+  uint64_t rounds = 0, corrupted = 0;
+  while (g_forks < kForks && now_seconds() < end) corrupted += main_batch(rounds++, false);
+  stop_sender(sender);
+  const ssize_t woken = write(g_park[1], "x", 1);
+  pthread_join(filler, nullptr);
+  say("forks=%ld fork_failures=%ld rounds=%llu corrupted=%llu", g_forks.load(), g_fork_failures.load(),
+      static_cast<unsigned long long>(rounds), static_cast<unsigned long long>(corrupted));
+  return corrupted || g_fork_failures || woken != 1 ? 3 : 0;
+}
+
+TEST(SignalHandler, ForkFromAHandlerThatInterruptedMallocWhileAnotherThreadCachesBlocksNeverHangs) {
+  if (!mode_pools()) {
+    GTEST_SKIP() << "mode " << torture::mode_under_test()
+                 << ": every allocation is glibc's, whose fork() deadlocks by itself when a handler interrupted "
+                    "its malloc in a process with threads";
+  }
+  // A deadline well beyond the scenario's 0.8 s of signals: only a hang reaches it.
+  const ScenarioRun hotpool = run_scenario("fork_in_handler_with_a_thread", Preload::Yes, {}, kForkSeconds + 20);
+  EXPECT_EQ(hotpool.status, "exit 0") << (hotpool.timed_out ? "hotpool deadlocked. " : "") << describe(hotpool);
+  EXPECT_EQ(hotpool.value("pooled"), "1") << describe(hotpool);
+  if (hotpool.status == "exit 0") {
+    EXPECT_GE(hotpool.number("forks"), 50u) << describe(hotpool);
+  }
 }
 
 }  // namespace
