@@ -163,8 +163,11 @@ void Recycler::flush_after_fork(ThreadCache& cache) {
 
 size_t Recycler::trim() { return region_.ready() ? region_.trim(monotonic_ns()) : 0; }
 
-void Recycler::lock_all() {
-  for (unsigned c = 0; c < region_.class_count(); ++c) region_.depot(c).lock().lock_for_fork();
+bool Recycler::try_lock_all() {
+  for (unsigned c = 0; c < region_.class_count(); ++c) {
+    if (!region_.depot(c).lock().try_lock_for_fork()) return false;
+  }
+  return true;
 }
 
 void Recycler::unlock_all() {

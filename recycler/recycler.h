@@ -139,8 +139,10 @@ class Recycler {
   // malloc_trim: every wholly free slab back to the OS. Returns bytes.
   size_t trim();
 
-  // fork: hold every depot lock across fork().
-  void lock_all();
+  // fork: hold every depot lock across fork() (false: one stayed busy;
+  // unlock_all() then releases those that were taken, see
+  // SpinLock::try_lock_for_fork).
+  bool try_lock_all();
   void unlock_all();
   void reset_locks_after_fork();
 

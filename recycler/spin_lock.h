@@ -36,10 +36,26 @@ class SpinLock {
   // fork() held it): the prepare handler then leaves it as it is instead
   // of waiting for itself, and the parent handler releases only what its
   // own prepare took.
-  void lock_for_fork() {
-    if (held_by_caller()) return;
-    lock();
-    fork_depth_ = tls_fork_depth;
+  //
+  // The prepare handler takes the locks in one order, but such a thread
+  // holds one of them out of that order while it waits for the others, and
+  // a second thread's fork() may hold those and wait for the one it holds.
+  // So the prepare handler does not wait for long: false when the lock
+  // stays busy; the caller then releases what it took (as the parent
+  // handler does) and starts again.
+  bool try_lock_for_fork() {
+    if (held_by_caller()) return true;
+    const uintptr_t me = caller();
+    for (unsigned spins = 0;; ++spins) {
+      uintptr_t expected = 0;
+      if (owner_.load(std::memory_order_relaxed) == 0 &&
+          owner_.compare_exchange_weak(expected, me, std::memory_order_acquire, std::memory_order_relaxed)) {
+        fork_depth_ = tls_fork_depth;
+        return true;
+      }
+      if (spins >= kForkSpins) return false;
+      if (spins < 64) __builtin_ia32_pause(); else sched_yield();
+    }
   }
   void unlock_after_fork_parent() {
     if (!held_by_caller() || fork_depth_ != tls_fork_depth) return;
@@ -62,6 +78,11 @@ class SpinLock {
   bool held_before_this_fork() const { return held_by_caller() && fork_depth_ != tls_fork_depth; }
 
  private:
+  // A holder that is not stuck leaves within this: slow paths hold a lock
+  // for microseconds (an mmap or madvise at most), and the yields let a
+  // holder that was preempted run.
+  static constexpr unsigned kForkSpins = 64 + 256;
+
   static uintptr_t caller() { return static_cast<uintptr_t>(pthread_self()); }
   bool held_by_caller() const { return owner_.load(std::memory_order_relaxed) == caller(); }
 

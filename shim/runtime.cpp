@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <sched.h>
 #include <sys/auxv.h>
 #include <sys/resource.h>
 #include <time.h>
@@ -95,21 +96,36 @@ void flush_dead_thread_cache(ThreadState& state) {
 
 // Every hotpool lock across fork(), but those this thread holds already: a
 // fork() from a signal handler may have interrupted it in a slow path (or
-// in another fork()); see SpinLock::lock_for_fork.
-void before_fork() {
-  ++recycler::tls_fork_depth;
-  g_pid_before_fork = static_cast<int>(getpid());
-  g_report_lock.lock_for_fork();
-  g_registry.lock_for_fork();
-  g_recycler.lock_all();
-  lock_samples();
+// in another fork()); see SpinLock::try_lock_for_fork. All or none: when a
+// lock stays busy, what this prepare took goes back and it starts again
+// (another thread's fork() may hold the others and wait for the one this
+// thread holds).
+bool lock_everything_for_fork() {
+  return g_report_lock.try_lock_for_fork() && g_registry.try_lock_for_fork() && g_recycler.try_lock_all() &&
+         try_lock_samples();
 }
 
-void after_fork_parent() {
+// What this fork's prepare took, and only that (locks held before it stay).
+void unlock_everything_after_fork() {
   unlock_samples();
   g_recycler.unlock_all();
   g_registry.unlock_after_fork_parent();
   g_report_lock.unlock_after_fork_parent();
+}
+
+void before_fork() {
+  ++recycler::tls_fork_depth;
+  g_pid_before_fork = static_cast<int>(getpid());
+  begin_fork_samples();
+  while (!lock_everything_for_fork()) {
+    unlock_everything_after_fork();
+    sched_yield();
+  }
+}
+
+void after_fork_parent() {
+  unlock_everything_after_fork();
+  end_fork_samples();
   --recycler::tls_fork_depth;
 }
 

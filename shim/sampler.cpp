@@ -35,14 +35,27 @@ constinit uintptr_t g_unwinder_range[2] = {0, 0};  // libunwind's text, for pipe
 // and the forking thread waits until none is in progress (sequentially
 // consistent, Dekker-style: one of the two always sees the other).
 constinit std::atomic<int> g_unwinding{0};
-constinit std::atomic<bool> g_fork_pending{false};
+// fork() calls between the start of their prepare handler and the end of
+// their parent (or child) handler, in any thread.
+constinit std::atomic<int> g_fork_pending{0};
 __thread bool tls_unwinding __attribute__((tls_model("initial-exec")));
-__thread bool tls_counted __attribute__((tls_model("initial-exec")));  // in g_unwinding, or about to be
+// This thread's captures in g_unwinding, or about to be: more than one when
+// a signal handler's capture interrupted another.
+__thread unsigned tls_counted __attribute__((tls_model("initial-exec")));
 constinit bool g_active = false;
 constinit uint64_t g_rate = 0;
 constinit unsigned g_depth = 0;
 constinit uint64_t g_short_ns = 0;
 constinit size_t g_limit = 0;  // largest request that can be sampled
+
+// Both counters are set to 0 in a fork child (only the forking thread is
+// left), which may still be inside a capture or a fork() that counted
+// itself before: its decrement then stops at 0.
+void decrement_to_zero(std::atomic<int>& counter) {
+  int seen = counter.load(std::memory_order_seq_cst);
+  while (seen > 0 && !counter.compare_exchange_weak(seen, seen - 1, std::memory_order_seq_cst)) {
+  }
+}
 
 uint64_t now_ns() {
   timespec now;
@@ -72,11 +85,11 @@ void capture_stack(reporter::CapturedStack* stack) {
   const recycler::CancellationOff cancellation_off;
   stack->depth = 0;
   // Marked before it counts: a fork() from a signal handler arriving in
-  // between must not wait for this thread (see lock_samples).
-  tls_counted = true;
+  // between must not wait for this thread (see begin_fork_samples).
+  ++tls_counted;
   std::atomic_signal_fence(std::memory_order_seq_cst);
   g_unwinding.fetch_add(1, std::memory_order_seq_cst);
-  if (!g_fork_pending.load(std::memory_order_seq_cst)) {
+  if (g_fork_pending.load(std::memory_order_seq_cst) == 0) {
     ReentryGuard guard;
     // The thread's trace cache, unless this capture interrupted another
     // one on this thread (a signal handler that allocates).
@@ -87,9 +100,9 @@ void capture_stack(reporter::CapturedStack* stack) {
     g_unwinder.capture(g_depth, stack, cache);
     tls_unwinding = nested;
   }
-  g_unwinding.fetch_sub(1, std::memory_order_seq_cst);
+  decrement_to_zero(g_unwinding);
   std::atomic_signal_fence(std::memory_order_seq_cst);
-  tls_counted = false;
+  --tls_counted;
 }
 
 // Whether the function that made a sampled allocation is still active on
@@ -352,24 +365,38 @@ void sampled_restamp(void* block) {
   if (ThreadState* state = tls.state) header->thread_ops = state->stats.ops.load(std::memory_order_relaxed);
 }
 
-void lock_samples() {
+void begin_fork_samples() {
   // No thread inside libunwind during the fork (but this one, if a signal
-  // handler that forks interrupted its own capture).
-  g_fork_pending.store(true, std::memory_order_seq_cst);
-  const int own = tls_counted ? 1 : 0;
+  // handler that forks interrupted its own capture). Waited for before any
+  // lock is taken: a capturing thread whose signal handler forks must get
+  // the locks to finish.
+  g_fork_pending.fetch_add(1, std::memory_order_seq_cst);
+  const int own = static_cast<int>(tls_counted);
   for (unsigned spins = 0; g_unwinding.load(std::memory_order_seq_cst) > own; ++spins) {
     if (spins < 64) __builtin_ia32_pause(); else sched_yield();
   }
-  for (unsigned c = 0; c < g_sample_region.class_count(); ++c) g_sample_region.depot(c).lock().lock_for_fork();
+}
+bool try_lock_samples() {
+  for (unsigned c = 0; c < g_sample_region.class_count(); ++c) {
+    if (!g_sample_region.depot(c).lock().try_lock_for_fork()) return false;
+  }
+  return true;
 }
 void unlock_samples() {
-  // Still pending for an outer fork() this one's handler interrupted.
-  if (recycler::tls_fork_depth == 1) g_fork_pending.store(false, std::memory_order_seq_cst);
   for (unsigned c = g_sample_region.class_count(); c-- > 0;) g_sample_region.depot(c).lock().unlock_after_fork_parent();
 }
+void end_fork_samples() {
+  // A count, not a flag: other threads' fork() calls may be pending too,
+  // and so may an outer fork() of this thread that this one's signal
+  // handler interrupted.
+  decrement_to_zero(g_fork_pending);
+}
 void reset_sample_locks() {
-  g_unwinding.store(tls_counted ? 1 : 0, std::memory_order_relaxed);
-  if (recycler::tls_fork_depth == 1) g_fork_pending.store(false, std::memory_order_seq_cst);
+  // Only this thread is left, and no capture or fork() of it needs
+  // waiting for here: a capture or an outer fork() that its handler
+  // interrupted goes on and uncounts itself (decrement_to_zero).
+  g_unwinding.store(0, std::memory_order_seq_cst);
+  g_fork_pending.store(0, std::memory_order_seq_cst);
   for (unsigned c = 0; c < g_sample_region.class_count(); ++c) g_sample_region.depot(c).lock().reset_after_fork();
 }
 

@@ -63,9 +63,16 @@ void sampled_restamp(void* block);
 void sampled_revive(void* block);
 size_t sampled_usable_size(const void* block);
 
-// fork: the sample region's depot locks.
-void lock_samples();
+// fork: no thread may be unwinding across it (libunwind and libgcc's
+// unwinder keep locks of their own), and the sample region's depot locks
+// are held. In the prepare handler: begin_fork_samples() once, then
+// try_lock_samples() (false: a lock stayed busy, unlock_samples() releases
+// the others); in the parent handler unlock_samples() and
+// end_fork_samples(); in the child reset_sample_locks().
+void begin_fork_samples();
+bool try_lock_samples();
 void unlock_samples();
+void end_fork_samples();
 void reset_sample_locks();
 
 }  // namespace hotpool::shim

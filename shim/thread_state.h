@@ -119,7 +119,7 @@ class ThreadRegistry {
 
   // fork: hold the locks across fork(); in the child, every state but the
   // forking thread's belongs to a thread that does not exist there.
-  void lock_for_fork() { lock_.lock_for_fork(); fallback_lock_.lock_for_fork(); }
+  bool try_lock_for_fork() { return lock_.try_lock_for_fork() && fallback_lock_.try_lock_for_fork(); }
   void unlock_after_fork_parent() { fallback_lock_.unlock_after_fork_parent(); lock_.unlock_after_fork_parent(); }
   void reset_after_fork_child(ThreadState* survivor, reporter::GlobalClassStats& global,
                               void (*on_dead_thread)(ThreadState&));

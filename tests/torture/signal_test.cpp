@@ -1,7 +1,8 @@
 // Signals under libhotpool.so: a handler that allocates, run every ~50 µs
 // by an interval timer while the interrupted thread allocates too; and
 // fork() from a handler that interrupted malloc (glibc's tst-mallocfork2),
-// also while a second thread holds pooled blocks in its thread cache.
+// also while a second thread holds pooled blocks in its thread cache or
+// forks too.
 //
 // malloc is not async-signal-safe, but glibc's own tests and real programs
 // (profilers, crash handlers, servers that fork from SIGCHLD/SIGUSR1) do
@@ -380,6 +381,68 @@ TEST(SignalHandler, ForkFromAHandlerThatInterruptedMallocWhileAnotherThreadCache
   EXPECT_EQ(hotpool.value("pooled"), "1") << describe(hotpool);
   if (hotpool.status == "exit 0") {
     EXPECT_GE(hotpool.number("forks"), 50u) << describe(hotpool);
+  }
+}
+
+// The same while the second thread forks too, over and over: its fork()
+// takes hotpool's locks one by one in the prepare handler and may be
+// waiting for the depot lock the interrupted main loop holds, while the
+// handler's fork() waits for a lock that thread took first.
+
+std::atomic<bool> g_stop_forking{false};
+std::atomic<long> g_thread_forks{0};
+std::atomic<long> g_thread_fork_failures{0};
+
+void* forking_thread(void*) {
+  while (!g_stop_forking.load()) {
+    const pid_t child = fork();
+    if (child == 0) _exit(0);
+    if (child < 0) {
+      ++g_thread_fork_failures;
+      continue;
+    }
+    int status = 0;
+    while (waitpid(child, &status, 0) < 0 && errno == EINTR) {
+    }
+    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) ++g_thread_fork_failures;
+    ++g_thread_forks;
+  }
+  return nullptr;
+}
+
+TORTURE_SCENARIO(fork_in_handler_while_a_thread_forks) {
+  warm_up();
+  say_pooled();
+  const pid_t sender = start_usr1_sender();
+  pthread_t forker;
+  if (pthread_create(&forker, nullptr, forking_thread, nullptr) != 0) return 2;
+  set_usr1_blocked(false);
+  say("sender=started");
+
+  const double end = now_seconds() + kForkSeconds;
+  uint64_t rounds = 0, corrupted = 0;
+  while (g_forks < kForks && now_seconds() < end) corrupted += main_batch(rounds++, false);
+  stop_sender(sender);
+  g_stop_forking = true;
+  pthread_join(forker, nullptr);
+  say("forks=%ld thread_forks=%ld fork_failures=%ld rounds=%llu corrupted=%llu", g_forks.load(),
+      g_thread_forks.load(), g_fork_failures.load() + g_thread_fork_failures.load(),
+      static_cast<unsigned long long>(rounds), static_cast<unsigned long long>(corrupted));
+  return corrupted || g_fork_failures || g_thread_fork_failures ? 3 : 0;
+}
+
+TEST(SignalHandler, ForkFromAHandlerThatInterruptedMallocWhileAnotherThreadForksNeverHangs) {
+  if (!mode_pools()) {
+    GTEST_SKIP() << "mode " << torture::mode_under_test()
+                 << ": every allocation is glibc's, whose fork() deadlocks by itself when a handler interrupted "
+                    "its malloc in a process with threads";
+  }
+  const ScenarioRun hotpool = run_scenario("fork_in_handler_while_a_thread_forks", Preload::Yes, {}, kForkSeconds + 20);
+  EXPECT_EQ(hotpool.status, "exit 0") << (hotpool.timed_out ? "hotpool deadlocked. " : "") << describe(hotpool);
+  EXPECT_EQ(hotpool.value("pooled"), "1") << describe(hotpool);
+  if (hotpool.status == "exit 0") {
+    EXPECT_GE(hotpool.number("forks"), 50u) << describe(hotpool);
+    EXPECT_GE(hotpool.number("thread_forks"), 1u) << describe(hotpool);
   }
 }
 
