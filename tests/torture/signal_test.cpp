@@ -105,7 +105,19 @@ unsigned main_batch(uint64_t round, bool full_fill) {
   return corrupted;
 }
 
-// The scenarios stop after a fixed time. The deadline only tells a hang
+// How long a scenario's loop runs: at least `seconds`, and on until
+// `wanted` signals were handled, but never past kLongestSeconds. A loaded
+// machine handles fewer signals per second: it gets more time for them, up
+// to that bound, and the assertions ask only for a few (10) of them (not
+// for a rate).
+constexpr double kLongestSeconds = 3.0;
+
+bool keep_running(double start, double seconds, long handled, long wanted) {
+  const double elapsed = now_seconds() - start;
+  return elapsed < kLongestSeconds && (elapsed < seconds || handled < wanted);
+}
+
+// The scenarios stop after a bounded time. The deadline only tells a hang
 // from a slow run: hotpool's run gets twice glibc's time and 10 s more
 // (a loaded machine may slow one run and not the other).
 double hotpool_deadline(const ScenarioRun& glibc) { return 2 * glibc.seconds + 10.0; }
@@ -133,6 +145,7 @@ void allocating_handler(int) {
 }
 
 constexpr double kTimerSeconds = 0.4;
+constexpr long kWantedTicks = 2000;
 
 TORTURE_SCENARIO(itimer_malloc) {
   warm_up();
@@ -144,9 +157,9 @@ TORTURE_SCENARIO(itimer_malloc) {
   const itimerval every_50us = {{0, 50}, {0, 50}};
   setitimer(ITIMER_REAL, &every_50us, nullptr);
   say("timer=started");
-  const double end = now_seconds() + kTimerSeconds;
+  const double start = now_seconds();
   uint64_t rounds = 0, corrupted = 0;
-  while (now_seconds() < end) corrupted += main_batch(rounds++, true);
+  while (keep_running(start, kTimerSeconds, g_ticks, kWantedTicks)) corrupted += main_batch(rounds++, true);
   const itimerval stop = {};
   setitimer(ITIMER_REAL, &stop, nullptr);
   say("ticks=%ld rounds=%llu corrupted=%llu handler_corrupted=%ld", g_ticks.load(),
@@ -156,11 +169,11 @@ TORTURE_SCENARIO(itimer_malloc) {
 }
 
 TEST(SignalHandler, ItimerHandlerThatMallocsEvery50usNeverHangsOrCorruptsTheLoopItInterrupts) {
-  const ScenarioRun glibc = run_scenario("itimer_malloc", Preload::No, {}, kTimerSeconds + 4);
+  const ScenarioRun glibc = run_scenario("itimer_malloc", Preload::No, {}, kLongestSeconds + 4);
   if (glibc.status != "exit 0") {
     GTEST_SKIP() << "plain glibc fails this scenario itself: " << describe(glibc);
   }
-  ASSERT_GE(glibc.number("ticks"), 200u) << "the timer hardly fired: " << describe(glibc);
+  ASSERT_GE(glibc.number("ticks"), 10u) << "the timer hardly fired: " << describe(glibc);
 
   const ScenarioRun hotpool = run_scenario("itimer_malloc", Preload::Yes, {}, hotpool_deadline(glibc));
   EXPECT_EQ(hotpool.status, "exit 0")
@@ -172,7 +185,7 @@ TEST(SignalHandler, ItimerHandlerThatMallocsEvery50usNeverHangsOrCorruptsTheLoop
                                             << describe(hotpool);
   }
   if (hotpool.status == "exit 0") {
-    EXPECT_GE(hotpool.number("ticks"), 200u) << describe(hotpool);
+    EXPECT_GE(hotpool.number("ticks"), 10u) << describe(hotpool);
   }
 }
 
@@ -208,8 +221,8 @@ void forking_handler(int) {
   errno = saved_errno;
 }
 
-constexpr int kForks = 2000;
 constexpr double kForkSeconds = 0.8;
+constexpr long kWantedForks = 200;
 
 // Installs forking_handler and starts the sender. SIGUSR1 is blocked while
 // the sender is forked, so that no handler runs inside that fork() (that is
@@ -263,9 +276,9 @@ TORTURE_SCENARIO(fork_in_handler) {
   set_usr1_blocked(false);
   say("sender=started");
 
-  const double end = now_seconds() + kForkSeconds;
+  const double start = now_seconds();
   uint64_t rounds = 0, corrupted = 0;
-  while (g_forks < kForks && now_seconds() < end) corrupted += main_batch(rounds++, false);
+  while (keep_running(start, kForkSeconds, g_forks, kWantedForks)) corrupted += main_batch(rounds++, false);
   stop_sender(sender);
   say("forks=%ld fork_failures=%ld rounds=%llu corrupted=%llu", g_forks.load(),
       g_fork_failures.load(), static_cast<unsigned long long>(rounds),
@@ -274,11 +287,11 @@ TORTURE_SCENARIO(fork_in_handler) {
 }
 
 TEST(SignalHandler, ForkFromAHandlerThatInterruptedMallocNeverHangs) {
-  const ScenarioRun glibc = run_scenario("fork_in_handler", Preload::No, {}, kForkSeconds + 4);
+  const ScenarioRun glibc = run_scenario("fork_in_handler", Preload::No, {}, kLongestSeconds + 4);
   if (glibc.status != "exit 0") {
     GTEST_SKIP() << "plain glibc fails this scenario itself: " << describe(glibc);
   }
-  ASSERT_GE(glibc.number("forks"), 50u) << "too few signals arrived: " << describe(glibc);
+  ASSERT_GE(glibc.number("forks"), 10u) << "too few signals arrived: " << describe(glibc);
 
   const ScenarioRun hotpool = run_scenario("fork_in_handler", Preload::Yes, {}, hotpool_deadline(glibc));
   EXPECT_EQ(hotpool.status, "exit 0") << (hotpool.timed_out ? "hotpool deadlocked where glibc did not. " : "")
@@ -287,7 +300,7 @@ TEST(SignalHandler, ForkFromAHandlerThatInterruptedMallocNeverHangs) {
     EXPECT_EQ(hotpool.value("pooled"), "1") << describe(hotpool);
   }
   if (hotpool.status == "exit 0") {
-    EXPECT_GE(hotpool.number("forks"), 50u) << describe(hotpool);
+    EXPECT_GE(hotpool.number("forks"), 10u) << describe(hotpool);
   }
 }
 
@@ -300,9 +313,9 @@ TORTURE_SCENARIO(fork_in_handler_while_forking) {
   if (sender < 0) return 2;
   set_usr1_blocked(false);
   say("sender=started");
-  const double end = now_seconds() + kForkSeconds;
+  const double start = now_seconds();
   uint64_t rounds = 0, corrupted = 0, own_forks = 0, own_failures = 0;
-  while (g_forks < kForks && now_seconds() < end) {
+  while (keep_running(start, kForkSeconds, g_forks, kWantedForks)) {
     corrupted += main_batch(rounds++, false);
     const pid_t child = fork();
     if (child == 0) _exit(0);
@@ -323,11 +336,11 @@ TORTURE_SCENARIO(fork_in_handler_while_forking) {
 }
 
 TEST(SignalHandler, ForkFromAHandlerThatInterruptedForkNeverHangs) {
-  const ScenarioRun glibc = run_scenario("fork_in_handler_while_forking", Preload::No, {}, kForkSeconds + 4);
+  const ScenarioRun glibc = run_scenario("fork_in_handler_while_forking", Preload::No, {}, kLongestSeconds + 4);
   if (glibc.status != "exit 0") {
     GTEST_SKIP() << "plain glibc fails this scenario itself: " << describe(glibc);
   }
-  ASSERT_GE(glibc.number("forks"), 50u) << "too few signals arrived: " << describe(glibc);
+  ASSERT_GE(glibc.number("forks"), 10u) << "too few signals arrived: " << describe(glibc);
 
   const ScenarioRun hotpool = run_scenario("fork_in_handler_while_forking", Preload::Yes, {}, hotpool_deadline(glibc));
   EXPECT_EQ(hotpool.status, "exit 0") << (hotpool.timed_out ? "hotpool deadlocked where glibc did not. " : "")
@@ -375,9 +388,9 @@ TORTURE_SCENARIO(fork_in_handler_with_a_thread) {
   set_usr1_blocked(false);
   say("sender=started");
 
-  const double end = now_seconds() + kForkSeconds;
+  const double start = now_seconds();
   uint64_t rounds = 0, corrupted = 0;
-  while (g_forks < kForks && now_seconds() < end) corrupted += main_batch(rounds++, false);
+  while (keep_running(start, kForkSeconds, g_forks, kWantedForks)) corrupted += main_batch(rounds++, false);
   stop_sender(sender);
   const ssize_t woken = write(g_park[1], "x", 1);
   pthread_join(filler, nullptr);
@@ -392,12 +405,12 @@ TEST(SignalHandler, ForkFromAHandlerThatInterruptedMallocWhileAnotherThreadCache
                  << ": every allocation is glibc's, whose fork() deadlocks by itself when a handler interrupted "
                     "its malloc in a process with threads";
   }
-  // A deadline well beyond the scenario's 0.8 s of signals: only a hang reaches it.
-  const ScenarioRun hotpool = run_scenario("fork_in_handler_with_a_thread", Preload::Yes, {}, kForkSeconds + 20);
+  // A deadline well beyond the scenario's longest run: only a hang reaches it.
+  const ScenarioRun hotpool = run_scenario("fork_in_handler_with_a_thread", Preload::Yes, {}, kLongestSeconds + 20);
   EXPECT_EQ(hotpool.status, "exit 0") << (hotpool.timed_out ? "hotpool deadlocked. " : "") << describe(hotpool);
   EXPECT_EQ(hotpool.value("pooled"), "1") << describe(hotpool);
   if (hotpool.status == "exit 0") {
-    EXPECT_GE(hotpool.number("forks"), 50u) << describe(hotpool);
+    EXPECT_GE(hotpool.number("forks"), 10u) << describe(hotpool);
   }
 }
 
@@ -437,9 +450,9 @@ TORTURE_SCENARIO(fork_in_handler_while_a_thread_forks) {
   set_usr1_blocked(false);
   say("sender=started");
 
-  const double end = now_seconds() + kForkSeconds;
+  const double start = now_seconds();
   uint64_t rounds = 0, corrupted = 0;
-  while (g_forks < kForks && now_seconds() < end) corrupted += main_batch(rounds++, false);
+  while (keep_running(start, kForkSeconds, g_forks, kWantedForks)) corrupted += main_batch(rounds++, false);
   stop_sender(sender);
   g_stop_forking = true;
   pthread_join(forker, nullptr);
@@ -455,11 +468,11 @@ TEST(SignalHandler, ForkFromAHandlerThatInterruptedMallocWhileAnotherThreadForks
                  << ": every allocation is glibc's, whose fork() deadlocks by itself when a handler interrupted "
                     "its malloc in a process with threads";
   }
-  const ScenarioRun hotpool = run_scenario("fork_in_handler_while_a_thread_forks", Preload::Yes, {}, kForkSeconds + 20);
+  const ScenarioRun hotpool = run_scenario("fork_in_handler_while_a_thread_forks", Preload::Yes, {}, kLongestSeconds + 20);
   EXPECT_EQ(hotpool.status, "exit 0") << (hotpool.timed_out ? "hotpool deadlocked. " : "") << describe(hotpool);
   EXPECT_EQ(hotpool.value("pooled"), "1") << describe(hotpool);
   if (hotpool.status == "exit 0") {
-    EXPECT_GE(hotpool.number("forks"), 50u) << describe(hotpool);
+    EXPECT_GE(hotpool.number("forks"), 10u) << describe(hotpool);
     EXPECT_GE(hotpool.number("thread_forks"), 1u) << describe(hotpool);
   }
 }
