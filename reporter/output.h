@@ -17,7 +17,14 @@ class Output {
 
   Output& str(const char* text);
   Output& str(const char* text, size_t len);
-  Output& ch(char c);
+  // Inline: reports write most of their bytes one or a few at a time.
+  Output& ch(char c) {
+    if (__builtin_expect(used_ < sizeof(buffer_), 1)) {
+      buffer_[used_++] = c;
+      return *this;
+    }
+    return str(&c, 1);
+  }
   Output& u64(uint64_t value);
   Output& i64(int64_t value);
   // value / divisor with `decimals` digits after the point, rounded.

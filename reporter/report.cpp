@@ -104,8 +104,7 @@ void write_frames(const SamplingView& view, uint32_t id, Output& out, const char
   const unsigned depth = view.depot->stack(id, &ips);
   out.str(indent);
   for (unsigned f = 0; f < depth && f < view.frames; ++f) {
-    Symbol symbol;
-    view.symbolize(ips[f], &symbol);
+    const Symbol& symbol = *view.symbolize(ips[f]);
     if (f) out.str(" <- ");
     out.str(symbol.function);
     if (symbol.file[0]) {
@@ -320,8 +319,7 @@ void write_json_sampling(const StatsSnapshot& stats, const SamplingView* view, O
     const uintptr_t* ips = nullptr;
     const unsigned depth = view->depot->stack(row.id, &ips);
     for (unsigned f = 0; f < depth && f < kJsonFrames; ++f) {
-      Symbol symbol;
-      view->symbolize(ips[f], &symbol);
+      const Symbol& symbol = *view->symbolize(ips[f]);
       out.str(f ? ", " : "").str("{\"function\": ").json_string(symbol.function)
           .str(", \"file\": ").json_string(symbol.file).str(", \"line\": ").u64(symbol.line)
           .str(", \"module\": ").json_string(symbol.module).str(", \"offset\": ").u64(symbol.offset).ch('}');

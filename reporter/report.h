@@ -22,7 +22,7 @@ struct SamplingView {
   unsigned frames;          // frames shown per site
   const StackDepot* depot;
   const LifetimeStats* class_lifetimes;  // [class_count], by block class
-  void (*symbolize)(uintptr_t return_address, Symbol* out);
+  const Symbol* (*symbolize)(uintptr_t return_address);  // valid until the next call
 };
 
 struct ReportContext {

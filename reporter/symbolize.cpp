@@ -322,17 +322,14 @@ void symbolize_uncached(uintptr_t return_address, Symbol* out) {
 }
 }  // namespace
 
-void symbolize_cached(uintptr_t return_address, Symbol* out) {
+const Symbol* symbolize_cached(uintptr_t return_address) {
   CacheEntry* entry = cache_slot(return_address);
-  if (entry && entry->address == return_address) {
-    *out = entry->symbol;
-    return;
-  }
+  if (entry && entry->address == return_address) return &entry->symbol;
+  static Symbol uncached;  // when the cache is full here (or has no memory)
+  Symbol* out = entry ? &entry->symbol : &uncached;
   symbolize_uncached(return_address, out);
-  if (entry) {
-    entry->symbol = *out;
-    entry->address = return_address;
-  }
+  if (entry) entry->address = return_address;
+  return out;
 }
 
 }  // namespace hotpool::reporter
@@ -345,9 +342,9 @@ extern "C" __attribute__((visibility("default"))) void hotpool_symbolize_known_m
   hotpool::reporter::g_known_modules = count;
 }
 
-extern "C" __attribute__((visibility("default"))) void hotpool_symbolize_address(uintptr_t return_address,
-                                                                                  hotpool::reporter::Symbol* out) {
+extern "C" __attribute__((visibility("default"))) const hotpool::reporter::Symbol* hotpool_symbolize_address(
+    uintptr_t return_address) {
   if (!hotpool::reporter::g_caller)
     hotpool::reporter::g_caller = reinterpret_cast<uintptr_t>(__builtin_return_address(0));
-  hotpool::reporter::symbolize_cached(return_address, out);
+  return hotpool::reporter::symbolize_cached(return_address);
 }

@@ -18,13 +18,16 @@ struct Symbol {
 };
 
 // `return_address` as captured: the symbol is looked up at the call
-// instruction (return_address - 1). Results are cached per address; the
-// report's lock serializes calls. Lives in libhotpool-symbolize.so (Boost
-// and the C++ runtime are loaded only when a report needs them).
-void symbolize_cached(uintptr_t return_address, Symbol* out);
+// instruction (return_address - 1). Results are cached per address and
+// returned in place (a Symbol is over 500 bytes, and a report looks up
+// tens of thousands of frames, most of them repeats): the pointer stays
+// valid until the next call. The report's lock serializes calls. Lives in
+// libhotpool-symbolize.so (Boost and the C++ runtime are loaded only when a
+// report needs them).
+const Symbol* symbolize_cached(uintptr_t return_address);
 
 extern "C" {
-using SymbolizeFunction = void (*)(uintptr_t, Symbol*);
+using SymbolizeFunction = const Symbol* (*)(uintptr_t);
 }
 
 }  // namespace hotpool::reporter

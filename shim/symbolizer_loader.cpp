@@ -24,7 +24,9 @@ void copy(char* out, size_t size, const char* text) {
   out[n] = '\0';
 }
 
-void symbolize_with_dladdr(uintptr_t return_address, reporter::Symbol* out) {
+const reporter::Symbol* symbolize_with_dladdr(uintptr_t return_address) {
+  static reporter::Symbol symbol;
+  reporter::Symbol* out = &symbol;
   *out = reporter::Symbol{};
   const uintptr_t call = return_address - 1;
   Dl_info info{};
@@ -35,6 +37,7 @@ void symbolize_with_dladdr(uintptr_t return_address, reporter::Symbol* out) {
     out->offset = call - reinterpret_cast<uintptr_t>(info.dli_fbase);
     if (info.dli_sname) copy(out->function, sizeof(out->function), info.dli_sname);
   }
+  return out;
 }
 
 int count_module(dl_phdr_info*, size_t, void* data) {
@@ -43,7 +46,7 @@ int count_module(dl_phdr_info*, size_t, void* data) {
 }
 }  // namespace
 
-void symbolize(uintptr_t return_address, reporter::Symbol* out) {
+const reporter::Symbol* symbolize(uintptr_t return_address) {
   if (!g_tried) {
     g_tried = true;
     // The modules loaded now are those the captured stacks can point into
@@ -66,8 +69,7 @@ void symbolize(uintptr_t return_address, reporter::Symbol* out) {
       }
     }
   }
-  if (g_symbolize) g_symbolize(return_address, out);
-  else symbolize_with_dladdr(return_address, out);
+  return g_symbolize ? g_symbolize(return_address) : symbolize_with_dladdr(return_address);
 }
 
 }  // namespace hotpool::shim

@@ -8,6 +8,7 @@
 
 namespace hotpool::shim {
 
-void symbolize(uintptr_t return_address, reporter::Symbol* out);
+// The symbol of a captured return address; valid until the next call.
+const reporter::Symbol* symbolize(uintptr_t return_address);
 
 }  // namespace hotpool::shim
