@@ -44,6 +44,10 @@ class SizeClassTable {
 
   // FAST PATH: the smallest class whose size is >= size; the large class when
   // none is. One compare and one table load for sizes up to 64 KiB.
+  // The direct table's part of class_of, for fast paths that test the
+  // limit themselves (and go elsewhere beyond it).
+  static bool direct(size_t size) { return size <= kDirectLookupLimit; }
+  unsigned class_of_direct(size_t size) const { return direct_[(size + kClassAlignment - 1) / kClassAlignment]; }
   unsigned class_of(size_t size) const {
     if (__builtin_expect(size <= kDirectLookupLimit, 1))
       return direct_[(size + kClassAlignment - 1) / kClassAlignment];

@@ -43,8 +43,9 @@ inline void bump(Counter& counter, uint64_t by) {
 }
 // Frees of blocks allocated before hotpool counted (or by the C library on
 // its own behalf) can make a view negative: such a view is no peak.
+// A peak never exceeds INT64_MAX, so one signed compare covers both.
 inline void raise_to(Counter& counter, int64_t value) {
-  if (value > 0 && static_cast<uint64_t>(value) > counter.load(std::memory_order_relaxed))
+  if (value > static_cast<int64_t>(counter.load(std::memory_order_relaxed)))
     counter.store(static_cast<uint64_t>(value), std::memory_order_relaxed);
 }
 
@@ -81,8 +82,11 @@ struct ThreadClassStats {
   int64_t pooled_folded[kMaxClasses];  // pooled_allocs - pooled_frees already in live_delta
 
   // FAST PATH (real allocator): the class's line plus two read-mostly
-  // global loads for the peak view; one predictable branch to publish.
-  __attribute__((always_inline)) void record_alloc(GlobalClassStats& global, unsigned c, size_t requested, size_t usable) {
+  // global loads for the peak view. True when class c is due to be
+  // published: the caller does so out of line (publish), so that its own
+  // fast path needs no call and no stack frame.
+  __attribute__((always_inline)) bool add_alloc(const GlobalClassStats& global, unsigned c, size_t requested,
+                                                size_t usable) {
     ClassCounters& row = classes[c];
     bump(ops, 1);
     bump(row.allocs, 1);
@@ -92,18 +96,25 @@ struct ThreadClassStats {
     const int64_t total_delta = total_live_delta += static_cast<int64_t>(usable);
     raise_to(peak_seen[c], global.live[c].load(std::memory_order_relaxed) + delta);
     raise_to(total_peak_seen, global.total_live.load(std::memory_order_relaxed) + total_delta);
-    if (__builtin_expect(delta > kFlushBytes || total_delta > kFlushBytes, 0)) publish(global, c);
+    return delta > kFlushBytes || total_delta > kFlushBytes;
+  }
+  void record_alloc(GlobalClassStats& global, unsigned c, size_t requested, size_t usable) {
+    if (__builtin_expect(add_alloc(global, c, requested, usable), 0)) publish(global, c);
   }
 
-  // FAST PATH (real allocator): one cache line, one predictable branch.
-  __attribute__((always_inline)) void record_free(GlobalClassStats& global, unsigned c, size_t usable) {
+  // FAST PATH (real allocator): one cache line; true when class c is due
+  // to be published (as add_alloc).
+  __attribute__((always_inline)) bool add_free(unsigned c, size_t usable) {
     ClassCounters& row = classes[c];
     bump(ops, 1);
     bump(row.frees, 1);
     bump(row.freed_bytes, usable);
     const int64_t delta = row.live_delta -= static_cast<int64_t>(usable);
     const int64_t total_delta = total_live_delta -= static_cast<int64_t>(usable);
-    if (__builtin_expect(delta < -kFlushBytes || total_delta < -kFlushBytes, 0)) publish(global, c);
+    return delta < -kFlushBytes || total_delta < -kFlushBytes;
+  }
+  void record_free(GlobalClassStats& global, unsigned c, size_t usable) {
+    if (__builtin_expect(add_free(c, usable), 0)) publish(global, c);
   }
 
   // FAST PATH (pool): counts only, no live bytes: a pooled block's bytes

@@ -2,6 +2,7 @@
 
 #include <dlfcn.h>
 #include <link.h>
+#include <sys/mman.h>
 
 #include <cstring>
 
@@ -48,6 +49,62 @@ bool module_range_named(const char* name, uintptr_t range[2]) {
   return query.found;
 }
 
+bool FrameTable::init() {
+  if (slots_) return true;
+  void* memory = mmap(nullptr, kSlots * sizeof(uint64_t), PROT_READ | PROT_WRITE,
+                      MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (memory == MAP_FAILED) return false;
+  slots_ = static_cast<uint64_t*>(memory);
+  return true;
+}
+
+namespace {
+constexpr unsigned kProbes = 8;
+unsigned first_slot(uintptr_t address) {
+  return static_cast<unsigned>((address * 0x9e3779b97f4a7c15ull) >> (64 - 16));
+}
+static_assert(FrameTable::kSlots == 1u << 16, "first_slot takes 16 bits");
+uint64_t load_slot(const uint64_t* slot) { return __atomic_load_n(slot, __ATOMIC_RELAXED); }
+}  // namespace
+
+uint16_t FrameTable::lookup(uintptr_t return_address) const {
+  if (!slots_ || (return_address & ~kAddressMask)) return kUnknown;
+  unsigned index = first_slot(return_address);
+  for (unsigned probe = 0; probe < kProbes; ++probe, index = (index + 1) & (kSlots - 1)) {
+    const uint64_t entry = load_slot(&slots_[index]);
+    if (entry == 0) return kUnknown;
+    if ((entry & kAddressMask) == return_address) return static_cast<uint16_t>(entry >> 48);
+  }
+  return kUnknown;
+}
+
+void FrameTable::learn(uintptr_t return_address, uint16_t words) {
+  if (!slots_ || return_address == 0 || (return_address & ~kAddressMask) || words == kUnknown) return;
+  const uint64_t wanted = return_address | (static_cast<uint64_t>(words) << 48);
+  unsigned index = first_slot(return_address);
+  for (unsigned probe = 0; probe < kProbes; ++probe, index = (index + 1) & (kSlots - 1)) {
+    uint64_t entry = load_slot(&slots_[index]);
+    if (entry == 0) {
+      if (__atomic_compare_exchange_n(&slots_[index], &entry, wanted, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+        return;
+      // Another thread took the slot meanwhile: entry is what it stored.
+    }
+    if ((entry & kAddressMask) != return_address) continue;
+    const uint16_t known = static_cast<uint16_t>(entry >> 48);
+    // A second distance makes the address varying, for good.
+    if (known != words && known != kVarying)
+      __atomic_store_n(&slots_[index], return_address | (uint64_t{kVarying} << 48), __ATOMIC_RELAXED);
+    return;
+  }
+  // Every probed slot is taken: not learned (libgcc walks such frames).
+}
+
+unsigned FrameTable::size() const {
+  unsigned used = 0;
+  for (unsigned i = 0; slots_ && i < kSlots; ++i) used += load_slot(&slots_[i]) != 0;
+  return used;
+}
+
 bool Unwinder::load(bool use_libunwind) {
   if (use_libunwind) {
     void* library = dlopen("libunwind.so.8", RTLD_NOW | RTLD_LOCAL);
@@ -60,7 +117,10 @@ bool Unwinder::load(bool use_libunwind) {
   gcc_backtrace_ = dlsym(RTLD_DEFAULT, "_Unwind_Backtrace");
   gcc_get_ip_ = dlsym(RTLD_DEFAULT, "_Unwind_GetIP");
   gcc_get_cfa_ = dlsym(RTLD_DEFAULT, "_Unwind_GetCFA");
+  gcc_get_ip_info_ = dlsym(RTLD_DEFAULT, "_Unwind_GetIPInfo");
+  gcc_get_gr_ = dlsym(RTLD_DEFAULT, "_Unwind_GetGR");
   ready_ = gcc_backtrace_ && gcc_get_ip_;
+  if (ready_ && gcc_get_cfa_ && gcc_get_ip_info_ && gcc_get_gr_) frames_.init();
   return ready_;
 }
 
@@ -88,6 +148,12 @@ struct GccTrace {
   uintptr_t (*get_cfa)(void*);
   const TraceCache* cache;  // the previous capture, or null
   unsigned scan;            // cache->cfas[scan] is the first not below this frame's
+  int (*get_ip_info)(void*, int*);  // null: no signal-frame test
+  uintptr_t (*get_gr)(void*, int);  // _Unwind_GetGR, for the frame pointer
+  uintptr_t* rbps;          // with each frame, its %rbp (when table is set)
+  FrameTable* table;        // signal frames are marked varying there
+  bool outermost;           // the walk ended at the stack's end (not cut short)
+  int walked;               // frames libgcc reported (the rest came from the cache)
 };
 
 // Whether the previous capture's frames from `at` outwards are still
@@ -109,7 +175,22 @@ int gcc_frame(void* context, void* arg) {
   if (trace->count == trace->capacity) return 5;  // _URC_END_OF_STACK
   const uintptr_t cfa = trace->get_cfa ? trace->get_cfa(context) : 0;
   const uintptr_t ip = trace->get_ip(context);
-  if (ip == 0) return 5;  // the outermost frame's "return address": no frame
+  if (ip == 0) {
+    trace->outermost = true;
+    return 5;  // the outermost frame's "return address": no frame
+  }
+  if (trace->table) {
+    // This frame's %rbp (DWARF register 6), to tell frame-pointer frames.
+    trace->rbps[trace->count] = trace->get_gr(context, 6);
+    // A frame interrupted by a signal: its CFA is restored from the signal
+    // frame's saved registers, at no fixed distance from the trampoline's.
+    int before_instruction = 0;
+    trace->get_ip_info(context, &before_instruction);
+    if (before_instruction) {
+      trace->table->learn(ip, FrameTable::kVarying);
+      if (trace->count) trace->table->learn(reinterpret_cast<uintptr_t>(trace->frames[trace->count - 1]), FrameTable::kVarying);
+    }
+  }
   trace->cfas[trace->count] = cfa;
   trace->frames[trace->count++] = reinterpret_cast<void*>(ip);
   if (const TraceCache* cache = trace->cache; cache && cfa) {
@@ -124,6 +205,7 @@ int gcc_frame(void* context, void* arg) {
         cached_frames_intact(*cache, at + 1, cfa)) {
       // The same frame, called from the same, unchanged frames: the rest
       // of the stack is the previous capture's.
+      trace->walked = trace->count;
       for (unsigned j = at + 1; j < cache->count && trace->count < trace->capacity; ++j) {
         trace->cfas[trace->count] = cache->cfas[j];
         trace->frames[trace->count++] = reinterpret_cast<void*>(cache->ips[j]);
@@ -135,37 +217,116 @@ int gcc_frame(void* context, void* arg) {
 }
 }  // namespace
 
-bool Unwinder::capture(unsigned depth, CapturedStack* out, TraceCache* cache) const {
+int Unwinder::replay(uintptr_t return_address, uintptr_t cfa, void** raw, uintptr_t* cfas, int capacity,
+                     const TraceCache& cache) const {
+  if (!replay_ok_.load(std::memory_order_relaxed) || !first_frame_.load(std::memory_order_relaxed)) return -1;
+  // Frame 0 is capture() itself, as in libgcc's walks: the same address
+  // as theirs (where capture() calls it).
+  raw[0] = reinterpret_cast<void*>(first_frame_.load(std::memory_order_relaxed));
+  cfas[0] = 0;
+  int count = 1;
+  uintptr_t ip = return_address;
+  for (;;) {
+    if (count == capacity) return count;
+    raw[count] = reinterpret_cast<void*>(ip);
+    cfas[count++] = cfa;
+    const uint16_t words = frames_.lookup(ip);
+    if (words == FrameTable::kOutermost) return count;
+    if (words == FrameTable::kUnknown || words == FrameTable::kVarying) return -1;
+    const uintptr_t next_cfa = cfa + uintptr_t{words} * sizeof(uintptr_t);
+    // The caller's return address is read from the thread's own stack,
+    // above the current frame, or not at all.
+    if (next_cfa > cache.stack_high || next_cfa - sizeof(uintptr_t) < cache.stack_low) return -1;
+    ip = *reinterpret_cast<const uintptr_t*>(next_cfa - sizeof(uintptr_t));
+    cfa = next_cfa;
+    // A null return address ends libgcc's walks, which then mark the frame
+    // before it outermost: met here, the distance was wrong.
+    if (ip == 0) return -1;
+  }
+}
+
+void Unwinder::learn(void* const* raw, const uintptr_t* cfas, const uintptr_t* rbps, int walked, int got,
+                     bool outermost_reached, uintptr_t return_address, uintptr_t cfa) const {
+  // Frame 1 is capture()'s caller, as replay() starts from it.
+  if (got < 2 || reinterpret_cast<uintptr_t>(raw[1]) != return_address || cfas[1] != cfa) {
+    replay_ok_.store(false, std::memory_order_relaxed);
+    return;
+  }
+  first_frame_.store(reinterpret_cast<uintptr_t>(raw[0]), std::memory_order_relaxed);
+  // The frames libgcc walked (those taken from the trace cache were
+  // learned when they were walked).
+  for (int i = 1; i < walked && i + 1 < got; ++i) {
+    const uintptr_t ip = reinterpret_cast<uintptr_t>(raw[i]);
+    const uintptr_t distance = cfas[i + 1] - cfas[i];
+    // A frame with a frame pointer (its CFA 16 bytes above %rbp): code
+    // built without one sets it up only when the frame's size varies
+    // (alloca, variable arrays); its distance is not learned.
+    const bool frame_pointer = cfas[i + 1] == rbps[i] + 16;
+    const bool usable = !frame_pointer && cfas[i] && cfas[i + 1] > cfas[i] && distance % sizeof(uintptr_t) == 0 &&
+                        distance / sizeof(uintptr_t) < FrameTable::kVarying;
+    frames_.learn(ip, usable ? static_cast<uint16_t>(distance / sizeof(uintptr_t)) : FrameTable::kVarying);
+  }
+  if (outermost_reached && walked == got) frames_.learn(reinterpret_cast<uintptr_t>(raw[got - 1]), FrameTable::kOutermost);
+}
+
+// Not inlined: replay() starts from this function's own return address and
+// CFA, which are libgcc's second frame.
+__attribute__((noinline)) bool Unwinder::capture(unsigned depth, CapturedStack* out, TraceCache* cache) const {
   out->depth = 0;
   out->cfa = 0;
   if (!ready_) return false;
   if (depth > kMaxDepth) depth = kMaxDepth;
   constexpr unsigned kLeading = kLeadingFrames;
   void* raw[kMaxDepth + kLeading];
-  uintptr_t cfas[kMaxDepth + kLeading] = {};
+  uintptr_t cfas[kMaxDepth + kLeading];  // filled up to got
   int got;
   if (backtrace_) {
     using Backtrace = int (*)(void**, int);
     got = reinterpret_cast<Backtrace>(backtrace_)(raw, static_cast<int>(depth + kLeading));
+    for (int i = 0; i < got; ++i) cfas[i] = 0;  // unknown
   } else {
     const bool cached = cache && gcc_get_cfa_ && cache->stack_high;
-    // With a cache the whole stack is kept (up to kMaxDepth frames), not
-    // only what this capture reports: a later capture that rejoins it
-    // deeper down than this one did can still take its outer frames.
-    GccTrace trace{raw,
-                   cfas,
-                   static_cast<int>(cached ? kMaxDepth + kLeading : depth + kLeading),
-                   0,
-                   reinterpret_cast<uintptr_t (*)(void*)>(gcc_get_ip_),
-                   reinterpret_cast<uintptr_t (*)(void*)>(gcc_get_cfa_),
-                   cached && cache->count ? cache : nullptr,
-                   0};
-    using Backtrace = int (*)(int (*)(void*, void*), void*);
-    reinterpret_cast<Backtrace>(gcc_backtrace_)(gcc_frame, &trace);
-    got = trace.count;
+    const int capacity = static_cast<int>(cached ? kMaxDepth + kLeading : depth + kLeading);
+    const uintptr_t own_return = reinterpret_cast<uintptr_t>(__builtin_return_address(0));
+    const uintptr_t own_cfa = reinterpret_cast<uintptr_t>(__builtin_dwarf_cfa());
+    // A replay costs a lookup per frame: it stops at what this capture
+    // reports (the trace cache then holds no more, and says so).
+    int limit = static_cast<int>(depth + kLeading);
+    got = cached ? replay(own_return, own_cfa, raw, cfas, limit, *cache) : -1;
+    if (got >= 0) {
+      replayed_.store(replayed_.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
+    } else {
+      // With a cache the whole stack is kept (up to kMaxDepth frames), not
+      // only what this capture reports: a later capture that rejoins it
+      // deeper down than this one did can still take its outer frames.
+      uintptr_t rbps[kMaxDepth + kLeading];
+      const bool learning = cached && frames_.ready();
+      GccTrace trace{raw,
+                     cfas,
+                     capacity,
+                     0,
+                     reinterpret_cast<uintptr_t (*)(void*)>(gcc_get_ip_),
+                     reinterpret_cast<uintptr_t (*)(void*)>(gcc_get_cfa_),
+                     cached && cache->count ? cache : nullptr,
+                     0,
+                     reinterpret_cast<int (*)(void*, int*)>(gcc_get_ip_info_),
+                     reinterpret_cast<uintptr_t (*)(void*, int)>(gcc_get_gr_),
+                     rbps,
+                     learning ? &frames_ : nullptr,
+                     false,
+                     0};
+      using Backtrace = int (*)(int (*)(void*, void*), void*);
+      const int status = reinterpret_cast<Backtrace>(gcc_backtrace_)(gcc_frame, &trace);
+      got = trace.count;
+      if (!trace.walked) trace.walked = got;
+      walked_.store(walked_.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
+      limit = capacity;
+      // _URC_END_OF_STACK: libgcc found no caller beyond the last frame.
+      if (learning) learn(raw, cfas, rbps, trace.walked, got, trace.outermost || status == 5, own_return, own_cfa);
+    }
     if (cached) {
       cache->count = static_cast<unsigned>(got);
-      cache->truncated = got == trace.capacity;
+      cache->truncated = got == limit;
       for (int i = 0; i < got; ++i) {
         cache->ips[i] = reinterpret_cast<uintptr_t>(raw[i]);
         cache->cfas[i] = cfas[i];

@@ -8,6 +8,7 @@
 // under the loader's lock, and the loader may be inside malloc.
 #pragma once
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 
@@ -45,6 +46,41 @@ struct CapturedStack {
 // activation: the one case this cannot tell apart.
 bool allocating_frame_active(const uintptr_t* allocation, unsigned allocation_depth, const CapturedStack& now);
 
+// What libgcc's walks taught about each return address: how far above
+// the stack pointer of its frame (after the call returned) that frame's
+// CFA lies, i.e. where the caller's return address is. Most call sites
+// have one such distance for good (the CFA is the stack pointer plus a
+// constant there); a frame that allocates on the stack (alloca, variable
+// arrays, realignment) or a signal frame has several, and is marked so,
+// when a walk sees a second one. A capture whose every return address has
+// a single known distance is replayed from the table: a hash lookup and a
+// load per frame, instead of libgcc's search and interpretation of the
+// unwind tables (some 1,000-2,000 instructions per frame). One table per
+// process, lock-free (one 64-bit word per address), in its own mmap'd
+// memory, never freed. Code unloaded by dlclose() and other code loaded
+// at the same address could meet stale entries: the walk then stops at an
+// address the table does not know, or names the new code's frames.
+class FrameTable {
+ public:
+  static constexpr unsigned kSlots = 1u << 16;
+  static constexpr uint64_t kAddressMask = (uint64_t{1} << 48) - 1;
+  static constexpr uint16_t kUnknown = 0;      // not in the table
+  static constexpr uint16_t kOutermost = 0xffff;  // libgcc's walk ended with this frame
+  static constexpr uint16_t kVarying = 0xfffe;    // more than one distance seen
+
+  bool init();  // false without memory (every lookup then says kUnknown)
+  bool ready() const { return slots_ != nullptr; }
+  // The distance in 8-byte words, or one of the markers above.
+  uint16_t lookup(uintptr_t return_address) const;
+  // Records what a walk saw (a distance in words, kOutermost or kVarying).
+  void learn(uintptr_t return_address, uint16_t words);
+  // Entries in use, for tests.
+  unsigned size() const;
+
+ private:
+  uint64_t* slots_ = nullptr;
+};
+
 class Unwinder {
  public:
   // use_libunwind: dlopen()s libunwind (unw_backtrace); else libgcc's
@@ -63,16 +99,38 @@ class Unwinder {
   // `cache` (libgcc only, may be null): the thread's previous capture,
   // used and then replaced; never shared between threads or with a signal
   // handler that interrupts the capture.
+  // With a cache, libgcc's walks are replayed from the frame table when it
+  // knows every frame (see FrameTable).
   bool capture(unsigned depth, CapturedStack* out, TraceCache* cache = nullptr) const;
+  // Captures replayed from the frame table and walked by libgcc (tests).
+  uint64_t replayed() const { return replayed_.load(std::memory_order_relaxed); }
+  uint64_t walked() const { return walked_.load(std::memory_order_relaxed); }
+  const FrameTable& frame_table() const { return frames_; }
 
  private:
   bool skipped(uintptr_t ip) const;
+  // The walk from capture()'s caller outwards, from the frame table:
+  // frames in raw[1..], their CFAs in cfas[1..]; -1 when the table does
+  // not know a frame (or replaying is off).
+  int replay(uintptr_t return_address, uintptr_t cfa, void** raw, uintptr_t* cfas, int capacity,
+             const TraceCache& cache) const;
+  void learn(void* const* raw, const uintptr_t* cfas, const uintptr_t* rbps, int walked, int got,
+             bool outermost_reached, uintptr_t return_address, uintptr_t cfa) const;
 
   bool ready_ = false;
   void* backtrace_ = nullptr;  // unw_backtrace, or null for libgcc
   void* gcc_backtrace_ = nullptr;
   void* gcc_get_ip_ = nullptr;
   void* gcc_get_cfa_ = nullptr;
+  void* gcc_get_ip_info_ = nullptr;
+  void* gcc_get_gr_ = nullptr;
+  mutable FrameTable frames_;
+  // Off for good when a walk's first frames disagree with what capture()
+  // sees of its own frame (the replay would start from the wrong place).
+  mutable std::atomic<bool> replay_ok_{true};
+  mutable std::atomic<uintptr_t> first_frame_{0};  // libgcc's frame 0: where capture() calls it
+  // Relaxed loads and stores, not read-modify-writes: approximate across threads.
+  mutable std::atomic<uint64_t> replayed_{0}, walked_{0};
   uintptr_t skip_[8][2] = {};
   unsigned skip_count_ = 0;
 };

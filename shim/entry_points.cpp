@@ -53,6 +53,8 @@ void* realloc_from_bootstrap(void* block, size_t size) {
 // their own, entered by a tail jump: the entry point itself then needs no
 // stack frame, and in mode off it is a load, two compares and a jump to the
 // real allocator.
+//
+// The generic path: any thread, attached or not, inside hotpool or not.
 HOTPOOL_NOINLINE void* unsampled_malloc(size_t size) {
   void* block = g_real.malloc(size);
   if (HOTPOOL_LIKELY(block != nullptr) && !tls.in_hotpool) record_alloc(block, size);
@@ -69,21 +71,80 @@ HOTPOOL_NOINLINE void* sample_malloc(ThreadState* state, size_t size) {
   return unsampled_malloc(size);
 }
 
-HOTPOOL_NOINLINE void* recorded_malloc(size_t size) {
-  ThreadState* state = tls.pool_state;
+// The rare ends of recorded_malloc's fast path, out of line so that the
+// fast path saves no more registers than the real call needs.
+HOTPOOL_NOINLINE void* recorded_malloc_publish(ThreadState* state, void* block, unsigned size_class) {
+  state->stats.publish(g_global, size_class);
+  count_for_policy(*state);
+  return block;
+}
+HOTPOOL_NOINLINE void* recorded_malloc_policy(ThreadState* state, void* block) {
+  evaluate_policy(*state);
+  return block;
+}
+HOTPOOL_NOINLINE void* recorded_malloc_generic(ThreadState* state, void* block, size_t size) {
+  const size_t usable = g_real.usable_size(block);
+  state->stats.record_alloc(g_global, g_classes.class_of(usable), size, usable);
+  count_for_policy(*state);
+  return block;
+}
+HOTPOOL_NOINLINE void* recorded_malloc_unattached(size_t size) {
   // A thread's first allocation attaches it first, so that it can be
   // sampled too (HOTPOOL_SAMPLE=1: every allocation is).
-  if (HOTPOOL_UNLIKELY(state == nullptr)) state = attach_current_thread();
-  if (HOTPOOL_LIKELY(state != nullptr) && HOTPOOL_UNLIKELY(--state->sample_countdown == 0))
-    return sample_malloc(state, size);
+  ThreadState* state = attach_current_thread();
+  if (state != nullptr && HOTPOOL_UNLIKELY(--state->sample_countdown == 0)) return sample_malloc(state, size);
   return unsampled_malloc(size);
 }
 
-HOTPOOL_NOINLINE void recorded_free(void* block) {
+// FAST PATH (Recording, not pooled): the thread state, the sample
+// countdown, the real call, then the block's usable size from glibc's
+// chunk header, its class from the direct table and the class's counters.
+// Everything rare (no state, a sample, a class beyond the direct table,
+// another real allocator, a publish, the policy's turn) is a tail call, so
+// the function saves only what lives across the real call.
+// pool_state is non-null only outside hotpool (the guard nulls it), so the
+// block is the program's and is recorded.
+HOTPOOL_NOINLINE void* recorded_malloc(size_t size) {
+  ThreadState* state = tls.pool_state;
+  if (HOTPOOL_UNLIKELY(state == nullptr)) return recorded_malloc_unattached(size);
+  if (HOTPOOL_UNLIKELY(--state->sample_countdown == 0)) return sample_malloc(state, size);
+  void* block = g_real.malloc(size);
+  if (HOTPOOL_UNLIKELY(block == nullptr)) return block;
+  const size_t usable = g_real.heap_usable_size(block);
+  if (HOTPOOL_UNLIKELY(!g_classes.direct(usable))) return recorded_malloc_generic(state, block, size);
+  const unsigned size_class = g_classes.class_of_direct(usable);
+  if (HOTPOOL_UNLIKELY(state->stats.add_alloc(g_global, size_class, size, usable)))
+    return recorded_malloc_publish(state, block, size_class);
+  if (HOTPOOL_UNLIKELY(--state->policy_countdown == 0)) return recorded_malloc_policy(state, block);
+  return block;
+}
+
+// The generic path of free: any thread, inside hotpool or not.
+HOTPOOL_NOINLINE void recorded_free_generic(void* block) {
   if (HOTPOOL_LIKELY(block != nullptr) && !tls.in_hotpool) {
     if (HOTPOOL_UNLIKELY(misaligned(block))) warn_invalid_pointer("free", block);
     else record_free(g_real.usable_size(block));
   }
+  g_real.free(block);
+}
+
+HOTPOOL_NOINLINE void recorded_free_publish(ThreadState* state, void* block, unsigned size_class) {
+  state->stats.publish(g_global, size_class);
+  g_real.free(block);
+}
+
+// FAST PATH (Recording, a block of the real allocator): as recorded_malloc,
+// without a stack frame at all: the counters, then a tail jump to the real
+// free. An attached thread outside hotpool, an aligned block of glibc's
+// heap in the direct table; anything else takes the generic path.
+HOTPOOL_NOINLINE void recorded_free(void* block) {
+  ThreadState* state = tls.pool_state;
+  if (HOTPOOL_UNLIKELY(state == nullptr || block == nullptr || misaligned(block))) return recorded_free_generic(block);
+  const size_t usable = g_real.heap_usable_size(block);
+  if (HOTPOOL_UNLIKELY(!g_classes.direct(usable))) return recorded_free_generic(block);
+  const unsigned size_class = g_classes.class_of_direct(usable);
+  if (HOTPOOL_UNLIKELY(state->stats.add_free(size_class, usable)))
+    return recorded_free_publish(state, block, size_class);
   g_real.free(block);
 }
 

@@ -3,6 +3,8 @@
 
 #include <gtest/gtest.h>
 
+#include <alloca.h>
+
 #include <memory>
 #include <set>
 #include <thread>
@@ -180,6 +182,71 @@ TEST(TraceCache, CachedCapturesEqualFullUnwinds) {
       EXPECT_GE(captures.full.depth, frames < depth ? frames : depth);
     }
   }
+}
+
+// A frame whose size depends on its argument (alloca): its caller's return
+// address lies at a different distance each time.
+__attribute__((noinline)) unsigned alloca_and_capture(const Unwinder& unwinder, TraceCache& cache, size_t bytes,
+                                                      unsigned frames, Captures& out) {
+  volatile char* buffer = static_cast<volatile char*>(alloca(bytes));
+  for (size_t i = 0; i < bytes; i += 64) buffer[i] = 0;  // as a variable array would be: all of it written
+  const unsigned below = recurse_and_capture(unwinder, cache, 3, frames, out);
+  asm volatile("" ::: "memory");
+  return below + buffer[0];
+}
+
+std::unique_ptr<TraceCache> thread_cache() {
+  pthread_attr_t attr;
+  EXPECT_EQ(pthread_getattr_np(pthread_self(), &attr), 0);
+  void* low = nullptr;
+  size_t size = 0;
+  EXPECT_EQ(pthread_attr_getstack(&attr, &low, &size), 0);
+  pthread_attr_destroy(&attr);
+  auto cache = std::make_unique<TraceCache>();
+  cache->count = 0;
+  cache->stack_low = reinterpret_cast<uintptr_t>(low);
+  cache->stack_high = cache->stack_low + size;
+  return cache;
+}
+
+// Once libgcc has walked a stack, the same stack is replayed from the frame
+// table: the result must be what a full unwind gives, for stacks seen before
+// and new ones, deeper than a capture keeps, through a frame of varying
+// size (alloca), and on another thread (the table is shared).
+TEST(FrameTable, ReplayedCapturesEqualFullUnwinds) {
+  Unwinder unwinder;
+  ASSERT_TRUE(unwinder.load(false));
+  auto cache = thread_cache();
+  for (int round = 0; round < 3; ++round) {
+    for (unsigned depth : {0u, 3u, 10u, 3u, 40u, 100u, 1u, 100u, 99u, 0u}) {
+      Captures captures;
+      cache->count = 0;  // no rejoining the previous capture: replayed or walked in full
+      recurse_and_capture(unwinder, *cache, depth, 24, captures);
+      expect_same(captures.full, captures.cached, depth);
+    }
+    for (size_t bytes : {16u, 4096u, 64u, 100000u, 16u, 2000u}) {
+      Captures captures;
+      cache->count = 0;
+      alloca_and_capture(unwinder, *cache, bytes, 24, captures);
+      expect_same(captures.full, captures.cached, static_cast<unsigned>(bytes));
+    }
+  }
+  EXPECT_GT(unwinder.replayed(), 20u) << "walked " << unwinder.walked();
+  EXPECT_GT(unwinder.walked(), 0u);
+  EXPECT_GT(unwinder.frame_table().size(), 5u);
+
+  const uint64_t replayed_before = unwinder.replayed();
+  std::thread other([&] {
+    auto own = thread_cache();
+    for (unsigned depth : {5u, 5u, 60u, 60u}) {
+      Captures captures;
+      own->count = 0;
+      recurse_and_capture(unwinder, *own, depth, 24, captures);
+      expect_same(captures.full, captures.cached, depth);
+    }
+  });
+  other.join();
+  EXPECT_GT(unwinder.replayed(), replayed_before);
 }
 
 }  // namespace unwinding
