@@ -248,7 +248,8 @@ int Unwinder::replay(uintptr_t return_address, uintptr_t cfa, void** raw, uintpt
 void Unwinder::learn(void* const* raw, const uintptr_t* cfas, const uintptr_t* rbps, int walked, int got,
                      bool outermost_reached, uintptr_t return_address, uintptr_t cfa) const {
   // Frame 1 is capture()'s caller, as replay() starts from it.
-  if (got < 2 || reinterpret_cast<uintptr_t>(raw[1]) != return_address || cfas[1] != cfa) {
+  if (got < 2) return;  // libgcc gave up at once: nothing to learn
+  if (reinterpret_cast<uintptr_t>(raw[1]) != return_address || cfas[1] != cfa) {
     replay_ok_.store(false, std::memory_order_relaxed);
     return;
   }
@@ -278,7 +279,7 @@ __attribute__((noinline)) bool Unwinder::capture(unsigned depth, CapturedStack* 
   if (depth > kMaxDepth) depth = kMaxDepth;
   constexpr unsigned kLeading = kLeadingFrames;
   void* raw[kMaxDepth + kLeading];
-  uintptr_t cfas[kMaxDepth + kLeading];  // filled up to got
+  uintptr_t cfas[kMaxDepth + kLeading] = {};  // filled up to got
   int got;
   if (backtrace_) {
     using Backtrace = int (*)(void**, int);
@@ -289,10 +290,9 @@ __attribute__((noinline)) bool Unwinder::capture(unsigned depth, CapturedStack* 
     const int capacity = static_cast<int>(cached ? kMaxDepth + kLeading : depth + kLeading);
     const uintptr_t own_return = reinterpret_cast<uintptr_t>(__builtin_return_address(0));
     const uintptr_t own_cfa = reinterpret_cast<uintptr_t>(__builtin_dwarf_cfa());
-    // A replay costs a lookup per frame: it stops at what this capture
-    // reports (the trace cache then holds no more, and says so).
-    int limit = static_cast<int>(depth + kLeading);
-    got = cached ? replay(own_return, own_cfa, raw, cfas, limit, *cache) : -1;
+    // The replay too goes to the capacity (the whole stack, with a cache):
+    // a libgcc walk that rejoins a truncated capture cannot take its frames.
+    got = cached ? replay(own_return, own_cfa, raw, cfas, capacity, *cache) : -1;
     if (got >= 0) {
       replayed_.store(replayed_.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
     } else {
@@ -320,13 +320,12 @@ __attribute__((noinline)) bool Unwinder::capture(unsigned depth, CapturedStack* 
       got = trace.count;
       if (!trace.walked) trace.walked = got;
       walked_.store(walked_.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
-      limit = capacity;
       // _URC_END_OF_STACK: libgcc found no caller beyond the last frame.
       if (learning) learn(raw, cfas, rbps, trace.walked, got, trace.outermost || status == 5, own_return, own_cfa);
     }
     if (cached) {
       cache->count = static_cast<unsigned>(got);
-      cache->truncated = got == limit;
+      cache->truncated = got == capacity;
       for (int i = 0; i < got; ++i) {
         cache->ips[i] = reinterpret_cast<uintptr_t>(raw[i]);
         cache->cfas[i] = cfas[i];
