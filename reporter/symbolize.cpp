@@ -13,6 +13,7 @@
 #include <boost/core/demangle.hpp>
 #include <boost/stacktrace/frame.hpp>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -106,7 +107,7 @@ class ElfFile {
 struct DynamicSymbol {
   uintptr_t start;  // link-time address
   uintptr_t size;
-  uint32_t name;    // offset in the names
+  uint32_t name;    // offset in the module's .dynstr
 };
 
 struct Module {
@@ -120,7 +121,12 @@ struct Module {
   bool rich = false;            // symbolized by Boost, else from .dynsym
   bool indexed = false;
   std::vector<DynamicSymbol> symbols;
-  std::string names;
+  // The module's file stays mapped once indexed: names are read from its
+  // .dynstr in place (a large library has tens of thousands of them, a
+  // report names a few).
+  std::unique_ptr<ElfFile> file;
+  const char* names = nullptr;
+  size_t names_size = 0;
 };
 
 std::vector<Module>* g_modules = nullptr;
@@ -221,26 +227,27 @@ void examine(Module& module) {
 // The module's function symbols from its .dynsym, sorted by address.
 void index_dynamic_symbols(Module& module) {
   module.indexed = true;
-  const ElfFile file(module.path.c_str());
-  const ElfW(Shdr)* dynsym = file.section(".dynsym");
-  const char* symbols = file.contents(dynsym);
-  const ElfW(Shdr)* strings = dynsym ? file.section(dynsym->sh_link) : nullptr;
-  const char* names = file.contents(strings);
+  auto file = std::make_unique<ElfFile>(module.path.c_str());
+  const ElfW(Shdr)* dynsym = file->section(".dynsym");
+  const char* symbols = file->contents(dynsym);
+  const ElfW(Shdr)* strings = dynsym ? file->section(dynsym->sh_link) : nullptr;
+  const char* names = file->contents(strings);
   if (!symbols || !names || dynsym->sh_entsize != sizeof(ElfW(Sym))) return;
   const size_t count = dynsym->sh_size / sizeof(ElfW(Sym));
+  module.symbols.reserve(count);
   for (size_t i = 0; i < count; ++i) {
     ElfW(Sym) symbol;
     std::memcpy(&symbol, symbols + i * sizeof(symbol), sizeof(symbol));
     const unsigned type = ELF64_ST_TYPE(symbol.st_info);
-    if ((type != STT_FUNC && type != STT_GNU_IFUNC) || symbol.st_shndx == SHN_UNDEF ||
-        symbol.st_name >= strings->sh_size || !memchr(names + symbol.st_name, '\0', strings->sh_size - symbol.st_name))
+    if ((type != STT_FUNC && type != STT_GNU_IFUNC) || symbol.st_shndx == SHN_UNDEF || symbol.st_name >= strings->sh_size)
       continue;
-    module.symbols.push_back({symbol.st_value, symbol.st_size, static_cast<uint32_t>(module.names.size())});
-    module.names.append(names + symbol.st_name);
-    module.names.push_back('\0');
+    module.symbols.push_back({symbol.st_value, symbol.st_size, static_cast<uint32_t>(symbol.st_name)});
   }
   std::sort(module.symbols.begin(), module.symbols.end(),
             [](const DynamicSymbol& a, const DynamicSymbol& b) { return a.start < b.start; });
+  module.names = names;
+  module.names_size = strings->sh_size;
+  module.file = std::move(file);
 }
 
 // Boost (libbacktrace) reads every module once it starts, so it starts
@@ -270,7 +277,9 @@ const char* dynamic_symbol(const Module& module, uintptr_t offset) {
   if (after == module.symbols.begin()) return nullptr;
   const DynamicSymbol& symbol = *(after - 1);
   if (offset >= symbol.start + (symbol.size ? symbol.size : 1)) return nullptr;
-  return module.names.c_str() + symbol.name;
+  // A name that runs off the end of .dynstr is no name.
+  const char* name = module.names + symbol.name;
+  return memchr(name, '\0', module.names_size - symbol.name) ? name : nullptr;
 }
 
 // Symbolizing is slow: each address once per process, in a table of our
