@@ -19,12 +19,22 @@ bool Recycler::init(const SizeClassTable& classes, const RecyclerConfig& config,
   config_ = config;
   key_ = key | 1;  // never zero: a zeroed first word is never a marker
   for (unsigned c = 0; c + 1 < classes.count(); ++c) class_size_[c] = classes.class_size(c);
+  for (size_t i = 0; i <= kDirectLookupLimit / kClassAlignment; ++i) {
+    direct_class_[i] = static_cast<uint8_t>(classes.class_of(i * kClassAlignment));
+    pooled_by_size_[i].store(0, std::memory_order_relaxed);
+  }
   return region_.init(classes, config.region_bytes, config.checks ? key_ : 0);
 }
 
 void Recycler::set_pooled(unsigned size_class, bool on) {
-  if (size_class < region_.class_count() && region_.depot(size_class).ready())
-    pooled_[size_class].store(on, std::memory_order_relaxed);
+  if (size_class >= region_.class_count() || !region_.depot(size_class).ready()) return;
+  pooled_[size_class].store(on, std::memory_order_relaxed);
+  static_assert(kMaxClasses < 255, "class + 1 fits a byte");
+  // Classes grow with the size: the class's entries are one run.
+  for (size_t i = 0; i <= kDirectLookupLimit / kClassAlignment && direct_class_[i] <= size_class; ++i) {
+    if (direct_class_[i] == size_class)
+      pooled_by_size_[i].store(on ? static_cast<uint8_t>(size_class + 1) : 0, std::memory_order_relaxed);
+  }
 }
 
 uint32_t Recycler::capacity_for(unsigned size_class) const {

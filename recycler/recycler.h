@@ -56,6 +56,13 @@ class Recycler {
 
   bool contains(const void* p) const { return region_.contains(p); }
   bool pooled(unsigned size_class) const { return pooled_[size_class].load(std::memory_order_relaxed); }
+  // FAST PATH of the entry points: for a request of `size` bytes within the
+  // direct class table (SizeClassTable::direct), its class plus one when
+  // that class is pooled, else 0: one load instead of the class lookup and
+  // the pooled flag's.
+  unsigned pooled_class_plus_one(size_t size) const {
+    return pooled_by_size_[(size + kClassAlignment - 1) / kClassAlignment].load(std::memory_order_relaxed);
+  }
   void set_pooled(unsigned size_class, bool on);
   size_t class_size(unsigned size_class) const { return class_size_[size_class]; }
   unsigned class_of_block(const void* p) const { return region_.class_of_block(p); }
@@ -162,6 +169,10 @@ class Recycler {
   uint64_t key_ = 0;
   size_t class_size_[kMaxClasses] = {};
   std::atomic<uint8_t> pooled_[kMaxClasses] = {};
+  // Per 16 bytes of request, up to the direct table's limit: the class
+  // (direct_class_) and, while it is pooled, the class plus one.
+  std::atomic<uint8_t> pooled_by_size_[kDirectLookupLimit / kClassAlignment + 1] = {};
+  uint8_t direct_class_[kDirectLookupLimit / kClassAlignment + 1] = {};
   std::atomic<uint64_t> last_decay_ns_[kMaxClasses] = {};
   std::atomic<bool> warned_quarantine_{false};
 };

@@ -219,6 +219,8 @@ HOTPOOL_NOINLINE void* pooled_calloc(unsigned size_class, size_t size) {
 // The class a request of `size` is pooled in, or -1 when it is not pooled.
 HOTPOOL_ALWAYS_INLINE int pooled_class(size_t size) {
   if (HOTPOOL_LIKELY(size <= g_pool_limit)) {
+    if (HOTPOOL_LIKELY(hotpool::recycler::SizeClassTable::direct(size)))
+      return static_cast<int>(g_recycler.pooled_class_plus_one(size)) - 1;
     const unsigned size_class = g_classes.class_of(size);
     if (g_recycler.pooled(size_class)) return static_cast<int>(size_class);
   }
