@@ -99,20 +99,39 @@ class SpinLock {
 // The type goes to deferred too: glibc 2.36's cancellation signal, sent
 // while the type was asynchronous and the state enabled, cancels on arrival
 // if the type is still asynchronous, whatever the state by then.
+//
+// Nested ones cost nothing: only the outermost of a thread calls into
+// glibc (a sampled allocation takes a lock, captures a stack and takes
+// another lock: four calls instead of twelve). The depth is counted after
+// the outermost has turned cancellation off and before it turns it back
+// on, so a signal handler that interrupts in between does the calls itself.
+inline thread_local unsigned tls_cancellation_off __attribute__((tls_model("initial-exec"))) = 0;
+
 class CancellationOff {
  public:
-  CancellationOff() {
-    pthread_setcancelstate(PTHREAD_CANCEL_DISABLE, &state_);
-    pthread_setcanceltype(PTHREAD_CANCEL_DEFERRED, &type_);
+  CancellationOff() : outer_(tls_cancellation_off == 0) {
+    if (outer_) {
+      pthread_setcancelstate(PTHREAD_CANCEL_DISABLE, &state_);
+      pthread_setcanceltype(PTHREAD_CANCEL_DEFERRED, &type_);
+    }
+    asm volatile("" ::: "memory");
+    ++tls_cancellation_off;
+    asm volatile("" ::: "memory");
   }
   ~CancellationOff() {
-    pthread_setcanceltype(type_, nullptr);
-    pthread_setcancelstate(state_, nullptr);
+    asm volatile("" ::: "memory");
+    --tls_cancellation_off;
+    asm volatile("" ::: "memory");
+    if (outer_) {
+      pthread_setcanceltype(type_, nullptr);
+      pthread_setcancelstate(state_, nullptr);
+    }
   }
   CancellationOff(const CancellationOff&) = delete;
   CancellationOff& operator=(const CancellationOff&) = delete;
 
  private:
+  bool outer_;
   int state_ = PTHREAD_CANCEL_ENABLE;
   int type_ = PTHREAD_CANCEL_DEFERRED;
 };

@@ -169,6 +169,26 @@ bool cached_frames_intact(const TraceCache& cache, unsigned at, uintptr_t floor)
   return true;
 }
 
+// Where a capture meets the thread's previous one (frames listed outwards,
+// CFAs rising: `scan` keeps one pass over the previous one): when the frame
+// at `count - 1` just recorded, (ip, cfa), is the previous capture's frame
+// at the same place, called from the same, unchanged frames, the rest of
+// the stack is the previous capture's: copied after it (count grows), true.
+// A truncated previous capture serves only if it fills this one.
+bool rejoin(const TraceCache& cache, unsigned& scan, uintptr_t ip, uintptr_t cfa, void** frames, uintptr_t* cfas,
+            int& count, int capacity) {
+  while (scan < cache.count && cache.cfas[scan] < cfa) ++scan;
+  const unsigned at = scan;
+  if (at >= cache.count || cache.cfas[at] != cfa || cache.ips[at] != ip) return false;
+  const bool long_enough = !cache.truncated || count + (cache.count - at - 1) >= static_cast<unsigned>(capacity);
+  if (!long_enough || !cached_frames_intact(cache, at + 1, cfa)) return false;
+  for (unsigned j = at + 1; j < cache.count && count < capacity; ++j) {
+    cfas[count] = cache.cfas[j];
+    frames[count++] = reinterpret_cast<void*>(cache.ips[j]);
+  }
+  return true;
+}
+
 // _Unwind_Trace_Fn: one call per frame, innermost first.
 int gcc_frame(void* context, void* arg) {
   auto* trace = static_cast<GccTrace*>(arg);
@@ -194,22 +214,9 @@ int gcc_frame(void* context, void* arg) {
   trace->cfas[trace->count] = cfa;
   trace->frames[trace->count++] = reinterpret_cast<void*>(ip);
   if (const TraceCache* cache = trace->cache; cache && cfa) {
-    // Both captures list frames outwards, CFAs rising: one pass over the
-    // previous one finds where this frame would be in it.
-    while (trace->scan < cache->count && cache->cfas[trace->scan] < cfa) ++trace->scan;
-    const unsigned at = trace->scan;
-    // A truncated previous capture serves only if it fills this one.
-    const bool long_enough =
-        !cache->truncated || trace->count + (cache->count - at - 1) >= static_cast<unsigned>(trace->capacity);
-    if (at < cache->count && cache->cfas[at] == cfa && cache->ips[at] == ip && long_enough &&
-        cached_frames_intact(*cache, at + 1, cfa)) {
-      // The same frame, called from the same, unchanged frames: the rest
-      // of the stack is the previous capture's.
-      trace->walked = trace->count;
-      for (unsigned j = at + 1; j < cache->count && trace->count < trace->capacity; ++j) {
-        trace->cfas[trace->count] = cache->cfas[j];
-        trace->frames[trace->count++] = reinterpret_cast<void*>(cache->ips[j]);
-      }
+    const int walked = trace->count;
+    if (rejoin(*cache, trace->scan, ip, cfa, trace->frames, trace->cfas, trace->count, trace->capacity)) {
+      trace->walked = walked;
       return 5;
     }
   }
@@ -226,10 +233,14 @@ int Unwinder::replay(uintptr_t return_address, uintptr_t cfa, void** raw, uintpt
   cfas[0] = 0;
   int count = 1;
   uintptr_t ip = return_address;
+  unsigned scan = 0;
   for (;;) {
     if (count == capacity) return count;
     raw[count] = reinterpret_cast<void*>(ip);
     cfas[count++] = cfa;
+    // Where the stack rejoins the thread's previous capture, the rest is
+    // that capture's: a compare per frame instead of a lookup.
+    if (cache.count && rejoin(cache, scan, ip, cfa, raw, cfas, count, capacity)) return count;
     const uint16_t words = frames_.lookup(ip);
     if (words == FrameTable::kOutermost) return count;
     if (words == FrameTable::kUnknown || words == FrameTable::kVarying) return -1;
@@ -279,7 +290,7 @@ __attribute__((noinline)) bool Unwinder::capture(unsigned depth, CapturedStack* 
   if (depth > kMaxDepth) depth = kMaxDepth;
   constexpr unsigned kLeading = kLeadingFrames;
   void* raw[kMaxDepth + kLeading];
-  uintptr_t cfas[kMaxDepth + kLeading] = {};  // filled up to got
+  uintptr_t cfas[kMaxDepth + kLeading];  // filled up to got
   int got;
   if (backtrace_) {
     using Backtrace = int (*)(void**, int);

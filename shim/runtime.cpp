@@ -85,12 +85,14 @@ void on_thread_exit(void* arg) {
   // the frees of a thread without a state.
   while (state->deferred_count) pooled_free_uncached(state->deferred_frees[--state->deferred_count]);
   if (g_recycler.ready()) g_recycler.flush(state->cache);
+  flush_sample_stash(*state, false);
   g_registry.retire(state, g_global, guard);
   std::atomic_signal_fence(std::memory_order_seq_cst);
   tls_exiting_state = nullptr;
 }
 
 void flush_dead_thread_cache(ThreadState& state) {
+  flush_sample_stash(state, true);
   if (g_recycler.ready()) g_recycler.flush_after_fork(state.cache);
 }
 
@@ -330,6 +332,7 @@ static ThreadState* attach_thread(const ReentryGuard& guard) {
   state->stack_low = state->stack_high = 0;
   state->trace_cache.count = 0;
   state->trace_cache.stack_low = state->trace_cache.stack_high = 0;
+  for (void*& raw : state->sample_stash) raw = nullptr;  // emptied when the state was given back
   if (sampling_active()) find_thread_stack(*state);
   state->sample_countdown = next_sample_interval(*state);
   state->policy_window = kFirstPolicyWindow;

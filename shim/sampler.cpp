@@ -263,7 +263,9 @@ void* sampled_allocate(ThreadState& state, size_t size) {
   void* raw = nullptr;
   {
     ReentryGuard guard;  // the depot's lock: see pooled_malloc_refill
-    if (!depot.ready() || depot.refill(&raw, 1, 0) != 1) return nullptr;
+    raw = state.sample_stash[region_class];
+    if (raw) state.sample_stash[region_class] = nullptr;
+    else if (!depot.ready() || depot.refill(&raw, 1, 0) != 1) return nullptr;
   }
   reporter::CapturedStack stack;
   capture_stack(&stack);
@@ -347,8 +349,31 @@ void sampled_free_record(void* block) {
 
 void sampled_free_release(void* block) {
   void* raw = static_cast<char*>(block) - kHeader;
+  const unsigned region_class = g_sample_region.class_of_block(block);
+  // Into this thread's stash when its slot is free, unless this free runs
+  // inside another hotpool call (a signal handler's): that call may be
+  // changing the stash.
+  const bool nested = tls.in_hotpool;
   ReentryGuard guard;
-  g_sample_region.depot(g_sample_region.class_of_block(block)).drain(&raw, 1, now_ns());
+  ThreadState* state = tls.state;
+  if (!nested && state && !state->sample_stash[region_class]) {
+    state->sample_stash[region_class] = raw;
+    return;
+  }
+  g_sample_region.depot(region_class).drain(&raw, 1, now_ns());
+}
+
+void flush_sample_stash(ThreadState& state, bool after_fork) {
+  for (unsigned c = 0; c < reporter::kMaxClasses; ++c) {
+    void* raw = state.sample_stash[c];
+    if (!raw) continue;
+    state.sample_stash[c] = nullptr;
+    recycler::ClassDepot& depot = g_sample_region.depot(c);
+    // In a fork child, a depot the forking thread held before the fork is
+    // the interrupted code's: the block is left out (lost to the child).
+    if (after_fork && depot.lock().held_before_this_fork()) continue;
+    depot.drain(&raw, 1, now_ns());
+  }
 }
 
 void sampled_free(void* block) {

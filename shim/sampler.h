@@ -56,6 +56,9 @@ void sampled_free(void* block);
 // realloc's two halves of sampled_free (see sampler.cpp).
 void sampled_free_record(void* block);
 void sampled_free_release(void* block);
+// A thread's stashed sampled blocks back to their depots: at thread exit,
+// and in a fork child for the threads that are gone (under the guard).
+void flush_sample_stash(ThreadState& state, bool after_fork);
 // A sampled block that realloc allocated before it freed the old block:
 // count its thread's calls from after that free.
 void sampled_restamp(void* block);

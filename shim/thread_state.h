@@ -38,6 +38,12 @@ struct ThreadState {
   uintptr_t stack_low;
   uintptr_t stack_high;
   reporter::TraceCache trace_cache;  // the last stack captured (libgcc's unwinder)
+  // Per sample-region class, one freed sampled block kept for this
+  // thread's next sample of the class instead of going back to the depot
+  // (HOTPOOL_SAMPLE=1 would take the depot's lock twice per allocation).
+  // Taken and put back only under the recursion guard by the thread
+  // itself, outside any other hotpool call (see sampled_free_release).
+  void* sample_stash[reporter::kMaxClasses];
   // Pooled blocks freed while this thread was inside hotpool (a signal
   // handler that interrupted a cache drain): cached here, not in the bin
   // being rearranged, until the slow path is over. Full: the block leaks.
