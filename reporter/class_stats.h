@@ -74,11 +74,13 @@ struct alignas(64) ClassCounters {
 static_assert(sizeof(ClassCounters) == 64, "one cache line per class");
 
 struct ThreadClassStats {
-  ClassCounters classes[kMaxClasses];
-  Counter ops;  // this thread's allocator calls (allocations and frees), for "temporary"
-  Counter peak_seen[kMaxClasses];  // this thread's view of each class's peak live bytes
-  Counter total_peak_seen;
+  // What every allocation and free touches besides its class's line, in
+  // one cache line, the first.
+  alignas(64) Counter ops;  // this thread's allocator calls (allocations and frees), for "temporary"
   int64_t total_live_delta;
+  Counter total_peak_seen;
+  Counter peak_seen[kMaxClasses];  // this thread's view of each class's peak live bytes (8 to a line)
+  ClassCounters classes[kMaxClasses];
   int64_t pooled_folded[kMaxClasses];  // pooled_allocs - pooled_frees already in live_delta
 
   // FAST PATH (real allocator): the class's line plus two read-mostly

@@ -23,15 +23,24 @@ using recycler::SpinLock;
 using recycler::SpinLockGuard;
 
 struct ThreadState {
+  // The countdowns every allocation decrements, in one cache line, next
+  // to the first of the counters' (see ThreadClassStats).
+  alignas(64) uint64_t sample_countdown;  // allocations until the next sample
+  // The auto policy's window over this thread's counts (mode auto only):
+  // allocations until the next evaluation.
+  uint64_t policy_countdown;
+  // Pooled allocations and frees until pooled_bookkeeping: the pooled
+  // blocks' live bytes folded into the counts' deltas and published, and
+  // the policy's window advanced.
+  uint64_t bookkeeping_countdown;
   reporter::ThreadClassStats stats;
   recycler::ThreadCache cache;
   ThreadState* prev;  // active list, or free list (next only)
   ThreadState* next;
   unsigned destructor_rounds;
   uint32_t ordinal;            // 1, 2, ... in the order threads attached (sampled blocks name their thread)
-  // Sampling: allocations until the next sample, and the generator of the
-  // geometric intervals (seeded from the ordinal: runs are repeatable).
-  uint64_t sample_countdown;
+  // Sampling: the generator of the geometric intervals (seeded from the
+  // ordinal: runs are repeatable).
   uint64_t sample_random;
   // The thread's stack, [low, high) (0, 0 if unknown): where the frame of a
   // sampled allocation may be looked at (see sampled_free_record).
@@ -50,13 +59,7 @@ struct ThreadState {
   static constexpr unsigned kDeferredFrees = 16;
   void* deferred_frees[kDeferredFrees];
   unsigned deferred_count;
-  // The auto policy's window over this thread's counts (mode auto only).
-  uint64_t policy_countdown;  // allocations until the next evaluation
-  // Pooled allocations and frees until pooled_bookkeeping: the pooled
-  // blocks' live bytes folded into the counts' deltas and published, and
-  // the policy's window advanced.
-  uint64_t bookkeeping_countdown;
-  uint64_t policy_window;     // the current window length
+  uint64_t policy_window;     // the current window length (mode auto)
   uint64_t policy_allocs[reporter::kMaxClasses];  // counts at the last evaluation
   uint64_t policy_frees[reporter::kMaxClasses];
 };
