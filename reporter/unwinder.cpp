@@ -99,6 +99,10 @@ void FrameTable::learn(uintptr_t return_address, uint16_t words) {
   // Every probed slot is taken: not learned (libgcc walks such frames).
 }
 
+void FrameTable::clear() {
+  if (slots_) madvise(slots_, kSlots * sizeof(uint64_t), MADV_DONTNEED);  // reads as zero again
+}
+
 unsigned FrameTable::size() const {
   unsigned used = 0;
   for (unsigned i = 0; slots_ && i < kSlots; ++i) used += load_slot(&slots_[i]) != 0;

@@ -57,9 +57,8 @@ bool allocating_frame_active(const uintptr_t* allocation, unsigned allocation_de
 // load per frame, instead of libgcc's search and interpretation of the
 // unwind tables (some 1,000-2,000 instructions per frame). One table per
 // process, lock-free (one 64-bit word per address), in its own mmap'd
-// memory, never freed. Code unloaded by dlclose() and other code loaded
-// at the same address could meet stale entries: the walk then stops at an
-// address the table does not know, or names the new code's frames.
+// memory, never freed; emptied when a library is unloaded (hotpool's
+// dlclose), as other code may then be loaded at the same addresses.
 class FrameTable {
  public:
   static constexpr unsigned kSlots = 1u << 16;
@@ -74,6 +73,10 @@ class FrameTable {
   uint16_t lookup(uintptr_t return_address) const;
   // Records what a walk saw (a distance in words, kOutermost or kVarying).
   void learn(uintptr_t return_address, uint16_t words);
+  // Forgets everything (dlclose: other code may be loaded where the
+  // unloaded code was). The memory goes back to the OS; a walk running
+  // meanwhile finds addresses unknown, or loses what it learns.
+  void clear();
   // Entries in use, for tests.
   unsigned size() const;
 
@@ -106,6 +109,7 @@ class Unwinder {
   uint64_t replayed() const { return replayed_.load(std::memory_order_relaxed); }
   uint64_t walked() const { return walked_.load(std::memory_order_relaxed); }
   const FrameTable& frame_table() const { return frames_; }
+  void forget_frames() const { frames_.clear(); }
 
  private:
   bool skipped(uintptr_t ip) const;

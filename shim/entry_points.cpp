@@ -476,6 +476,21 @@ HOTPOOL_EXPORT HOTPOOL_TAIL_CALLS void* dlmopen(Lmid_t namespace_id, const char*
   return real_dlmopen()(namespace_id, file, mode);
 }
 
+// dlclose: the frame table's entries for the unloaded code go, before
+// other code can be loaded at its addresses (see FrameTable).
+HOTPOOL_EXPORT int dlclose(void* handle) {
+  static std::atomic<int (*)(void*)> next{nullptr};
+  auto call = next.load(std::memory_order_acquire);
+  if (HOTPOOL_UNLIKELY(!call)) {
+    call = reinterpret_cast<int (*)(void*)>(dlsym(RTLD_NEXT, "dlclose"));
+    if (!call) return -1;  // dlerror() says why
+    next.store(call, std::memory_order_release);
+  }
+  const int status = call(handle);
+  if (status == 0) forget_unwound_frames();
+  return status;
+}
+
 // pipe2, for libunwind's sake only. libunwind 1.6 keeps a pipe to validate
 // addresses while it unwinds, opened on the lowest free descriptors, and
 // reopens it whenever it finds it closed. Descriptors 3 and 4 the program

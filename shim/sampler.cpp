@@ -363,6 +363,10 @@ void sampled_free_release(void* block) {
   g_sample_region.depot(region_class).drain(&raw, 1, now_ns());
 }
 
+void forget_unwound_frames() {
+  if (g_active) g_unwinder.forget_frames();
+}
+
 void flush_sample_stash(ThreadState& state, bool after_fork) {
   for (unsigned c = 0; c < reporter::kMaxClasses; ++c) {
     void* raw = state.sample_stash[c];

@@ -59,6 +59,8 @@ void sampled_free_release(void* block);
 // A thread's stashed sampled blocks back to their depots: at thread exit,
 // and in a fork child for the threads that are gone (under the guard).
 void flush_sample_stash(ThreadState& state, bool after_fork);
+// After a dlclose(): what the unwinder learned of code addresses goes.
+void forget_unwound_frames();
 // A sampled block that realloc allocated before it freed the old block:
 // count its thread's calls from after that free.
 void sampled_restamp(void* block);

@@ -235,6 +235,19 @@ TEST(FrameTable, ReplayedCapturesEqualFullUnwinds) {
   EXPECT_GT(unwinder.walked(), 0u);
   EXPECT_GT(unwinder.frame_table().size(), 5u);
 
+  // dlclose() empties the table: the next capture is walked by libgcc again.
+  unwinder.forget_frames();
+  EXPECT_EQ(unwinder.frame_table().size(), 0u);
+  {
+    const uint64_t replayed_before_clear = unwinder.replayed();
+    Captures captures;
+    cache->count = 0;
+    recurse_and_capture(unwinder, *cache, 7, 24, captures);
+    expect_same(captures.full, captures.cached, 7);
+    EXPECT_EQ(unwinder.replayed(), replayed_before_clear);  // walked, not replayed
+    EXPECT_GT(unwinder.frame_table().size(), 5u);
+  }
+
   const uint64_t replayed_before = unwinder.replayed();
   std::thread other([&] {
     auto own = thread_cache();
