@@ -55,6 +55,12 @@ void ClassGeometry::init(uint32_t block_size) {
   blocks = static_cast<uint32_t>((size_t{1} << slab_shift) / block_size);
   bitmap_words = (blocks + 63) / 64;
   reciprocal = static_cast<uint64_t>(((static_cast<unsigned __int128>(1) << 64) / block_size) + 1);
+  twos = static_cast<uint32_t>(__builtin_ctz(block_size));
+  const uint64_t odd = block_size >> twos;
+  uint64_t inverse = odd;  // correct to 3 bits (odd * odd = 1 mod 8); each step doubles them
+  for (int i = 0; i < 5; ++i) inverse *= 2 - odd * inverse;
+  inverse_of_odd = inverse;
+  multiple_limit = ~uint64_t{0} / block_size;
 }
 
 bool ClassDepot::init(uint32_t block_size, char* area, size_t area_bytes, uint64_t marker_key) {

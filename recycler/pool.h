@@ -33,8 +33,20 @@ struct ClassGeometry {
   uint32_t slab_shift = 0;    // log2 of the slab size
   uint32_t bitmap_words = 0;  // 64-bit words of free bitmap per slab
   uint64_t reciprocal = 0;    // floor(2^64 / size) + 1: offset / size by multiply-high
+  // size = odd * 2^twos. An offset is a multiple of size exactly when
+  // rotr(offset * inverse_of_odd, twos) <= multiple_limit (Granlund and
+  // Montgomery's divisibility test, as compilers emit for x % constant == 0):
+  // a multiply and a rotate, for the free path's block-start check.
+  uint64_t inverse_of_odd = 0;  // odd^-1 modulo 2^64
+  uint32_t twos = 0;
+  uint64_t multiple_limit = 0;  // (2^64 - 1) / size
 
   void init(uint32_t block_size);
+  bool multiple_of_size(size_t offset) const {
+    const uint64_t product = offset * inverse_of_odd;
+    const uint64_t rotated = twos ? (product >> twos) | (product << (64 - twos)) : product;
+    return rotated <= multiple_limit;
+  }
   size_t slab_bytes() const { return size_t{1} << slab_shift; }
   // Index of the block at `offset` in its slab (exact for offset < slab size).
   uint32_t index_of(size_t offset) const {
@@ -91,11 +103,10 @@ class ClassDepot {
   bool is_block_start(const void* block) const {
     const size_t offset = static_cast<size_t>(static_cast<const char*>(block) - area_);
     const size_t in_slab = offset & slab_mask_;
-    const size_t index = geometry_.index_of(in_slab);
     // Relaxed is enough: a block handed out happened-after its slab was
     // carved (depot lock), and the free happens-after the allocation.
     return (offset < carved_bytes_.load(std::memory_order_relaxed)) & (in_slab < block_span_) &
-           (index * geometry_.size == in_slab);
+           geometry_.multiple_of_size(in_slab);
   }
   // What is wrong with a pointer that is not a block start; nullptr if fine.
   const char* check_block(const void* block) const;

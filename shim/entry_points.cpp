@@ -174,6 +174,7 @@ HOTPOOL_NOINLINE void* pooled_malloc_refill(unsigned size_class, size_t size) {
     // meanwhile must not come back into the pool, but go to the real allocator.
     ReentryGuard guard;
     block = g_recycler.allocate_slow(state->cache, size_class);
+    state->mark_pooled_class(size_class);
   }
   if (HOTPOOL_UNLIKELY(state->deferred_count)) free_deferred(*state);
   if (!block) return unsampled_malloc(size);  // the pool is out of memory
@@ -294,11 +295,14 @@ HOTPOOL_EXPORT void* malloc(size_t size) {
 }
 
 HOTPOOL_EXPORT void free(void* block) {
+  // A pooled block first, in any phase: the region is empty until the
+  // recycler starts (never in modes off and profile), and holds no bootstrap
+  // memory.
+  if (g_recycler.contains(block)) return pooled_free(block);
   const Phase phase = g_phase.load(std::memory_order_relaxed);
   if (HOTPOOL_UNLIKELY(bootstrap::owns(block))) return;  // static memory, never reused
   if (phase == Phase::Off) return g_real.free(block);
   if (HOTPOOL_LIKELY(phase == Phase::Recording)) {
-    if (g_recycler.contains(block)) return pooled_free(block);
     if (HOTPOOL_UNLIKELY(is_sampled(block))) return sampled_free(block);
     return recorded_free(block);
   }

@@ -317,3 +317,16 @@ TEST(AutoPolicy, PoolsHotShortLivedClassesWithHysteresis) {
 
 }  // namespace
 }  // namespace hotpool::recycler
+
+// The free path's block-start check: a multiply and a rotate must agree
+// with the division for every offset, for classes of every shape.
+TEST(ClassGeometry, MultipleOfSizeAgreesWithDivision) {
+  for (uint32_t size : {16u, 32u, 48u, 80u, 96u, 112u, 640u, 1008u, 4096u, 12288u, 81920u, 1u << 20}) {
+    hotpool::recycler::ClassGeometry geometry;
+    geometry.init(size);
+    for (size_t offset = 0; offset < 64 * size_t{size}; offset += 8)
+      ASSERT_EQ(geometry.multiple_of_size(offset), offset % size == 0) << "size " << size << ", offset " << offset;
+    for (size_t offset : {geometry.slab_bytes() - 8, geometry.slab_bytes() - size, size_t{size} * geometry.blocks})
+      ASSERT_EQ(geometry.multiple_of_size(offset), offset % size == 0) << "size " << size << ", offset " << offset;
+  }
+}
