@@ -158,22 +158,28 @@ void expect_same(const CapturedStack& a, const CapturedStack& b, unsigned depth)
   for (unsigned i = 2; i < a.depth; ++i) EXPECT_EQ(a.ips[i], b.ips[i]) << "frame " << i << ", recursion " << depth;
 }
 
+// An empty trace cache for the calling thread's stack.
+std::unique_ptr<TraceCache> thread_cache() {
+  pthread_attr_t attr;
+  EXPECT_EQ(pthread_getattr_np(pthread_self(), &attr), 0);
+  void* low = nullptr;
+  size_t size = 0;
+  EXPECT_EQ(pthread_attr_getstack(&attr, &low, &size), 0);
+  pthread_attr_destroy(&attr);
+  auto cache = std::make_unique<TraceCache>();
+  cache->count = 0;
+  cache->stack_low = reinterpret_cast<uintptr_t>(low);
+  cache->stack_high = cache->stack_low + size;
+  return cache;
+}
+
 // The cache takes the outer frames of the previous capture where the new
 // one rejoins it: the result must be what a full unwind gives, whether the
 // stack got deeper, shallower, or deeper than what a capture keeps.
 TEST(TraceCache, CachedCapturesEqualFullUnwinds) {
   Unwinder unwinder;
   ASSERT_TRUE(unwinder.load(false));
-  pthread_attr_t attr;
-  ASSERT_EQ(pthread_getattr_np(pthread_self(), &attr), 0);
-  void* low = nullptr;
-  size_t size = 0;
-  ASSERT_EQ(pthread_attr_getstack(&attr, &low, &size), 0);
-  pthread_attr_destroy(&attr);
-  auto cache = std::make_unique<TraceCache>();
-  cache->count = 0;
-  cache->stack_low = reinterpret_cast<uintptr_t>(low);
-  cache->stack_high = cache->stack_low + size;
+  auto cache = thread_cache();
   for (unsigned frames : {4u, 24u}) {
     for (unsigned depth : {0u, 3u, 10u, 3u, 40u, 100u, 1u, 100u, 99u, 0u}) {
       Captures captures;
@@ -195,19 +201,6 @@ __attribute__((noinline)) unsigned alloca_and_capture(const Unwinder& unwinder, 
   return below + buffer[0];
 }
 
-std::unique_ptr<TraceCache> thread_cache() {
-  pthread_attr_t attr;
-  EXPECT_EQ(pthread_getattr_np(pthread_self(), &attr), 0);
-  void* low = nullptr;
-  size_t size = 0;
-  EXPECT_EQ(pthread_attr_getstack(&attr, &low, &size), 0);
-  pthread_attr_destroy(&attr);
-  auto cache = std::make_unique<TraceCache>();
-  cache->count = 0;
-  cache->stack_low = reinterpret_cast<uintptr_t>(low);
-  cache->stack_high = cache->stack_low + size;
-  return cache;
-}
 
 // Once libgcc has walked a stack, the same stack is replayed from the frame
 // table: the result must be what a full unwind gives, for stacks seen before
