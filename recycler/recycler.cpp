@@ -1,5 +1,7 @@
 #include "recycler.h"
 
+#include <algorithm>
+
 #include <time.h>
 #include <unistd.h>
 
@@ -19,10 +21,7 @@ bool Recycler::init(const SizeClassTable& classes, const RecyclerConfig& config,
   config_ = config;
   key_ = key | 1;  // never zero: a zeroed first word is never a marker
   for (unsigned c = 0; c + 1 < classes.count(); ++c) class_size_[c] = classes.class_size(c);
-  for (size_t i = 0; i <= kDirectLookupLimit / kClassAlignment; ++i) {
-    direct_class_[i] = static_cast<uint8_t>(classes.class_of(i * kClassAlignment));
-    pooled_by_size_[i].store(0, std::memory_order_relaxed);
-  }
+  for (auto& entry : pooled_by_size_) entry.store(0, std::memory_order_relaxed);
   return region_.init(classes, config.region_bytes, config.checks ? key_ : 0);
 }
 
@@ -30,11 +29,13 @@ void Recycler::set_pooled(unsigned size_class, bool on) {
   if (size_class >= region_.class_count() || !region_.depot(size_class).ready()) return;
   pooled_[size_class].store(on, std::memory_order_relaxed);
   static_assert(kMaxClasses < 255, "class + 1 fits a byte");
-  // Classes grow with the size: the class's entries are one run.
-  for (size_t i = 0; i <= kDirectLookupLimit / kClassAlignment && direct_class_[i] <= size_class; ++i) {
-    if (direct_class_[i] == size_class)
-      pooled_by_size_[i].store(on ? static_cast<uint8_t>(size_class + 1) : 0, std::memory_order_relaxed);
-  }
+  // A request belongs to the smallest class that holds it: the class's
+  // entries are those of the sizes above the class before it, up to its own
+  // (class sizes are multiples of kClassAlignment; entry 0 is a request of 0).
+  const size_t first = size_class ? class_size_[size_class - 1] / kClassAlignment + 1 : 0;
+  const size_t last = std::min(class_size_[size_class], kDirectLookupLimit) / kClassAlignment;
+  for (size_t i = first; i <= last; ++i)
+    pooled_by_size_[i].store(on ? static_cast<uint8_t>(size_class + 1) : 0, std::memory_order_relaxed);
 }
 
 uint32_t Recycler::capacity_for(unsigned size_class) const {
@@ -52,7 +53,7 @@ void* Recycler::allocate_slow(ThreadCache& cache, unsigned size_class) {
   const CancellationOff cancellation_off;  // the bin and the depot change together
   Bin& bin = cache.bins[size_class];
   if (bin.count) return pop(cache, size_class);
-  if (bin.capacity == 0) bin.capacity = capacity_for(size_class);
+  if (bin.capacity == 0) size_bin(cache, size_class);
   // Refill half the bin: the other half is room for frees before a drain.
   const unsigned want = bin.capacity / 2 ? bin.capacity / 2 : 1;
   ClassDepot& depot = region_.depot(size_class);
@@ -80,7 +81,7 @@ void Recycler::drain_and_push(ThreadCache& cache, unsigned size_class, void* blo
   const CancellationOff cancellation_off;  // the bin and the depot change together
   Bin& bin = cache.bins[size_class];
   if (bin.capacity == 0) {
-    bin.capacity = capacity_for(size_class);
+    size_bin(cache, size_class);
   } else {
     // Give the depot the older half; keep the recently freed, cache-warm half.
     const unsigned give = bin.count - bin.capacity / 2;
@@ -159,6 +160,7 @@ void Recycler::flush(ThreadCache& cache) {
     depot.drain_locked(bin.slots, bin.count, now);
     bin.count = 0;
   }
+  unsize_bins(cache);
 }
 
 void Recycler::flush_after_fork(ThreadCache& cache) {
@@ -169,6 +171,19 @@ void Recycler::flush_after_fork(ThreadCache& cache) {
     if (bin.count && !region_.depot(c).lock().held_before_this_fork()) region_.depot(c).drain(bin.slots, bin.count, now);
     bin.count = 0;
   }
+  unsize_bins(cache);
+}
+
+void Recycler::size_bin(ThreadCache& cache, unsigned size_class) {
+  cache.bins[size_class].capacity = capacity_for(size_class);
+  cache.sized[size_class / 64] |= uint64_t{1} << (size_class % 64);
+}
+
+void Recycler::unsize_bins(ThreadCache& cache) {
+  // The cache's next thread sizes each bin again on first use, as a new
+  // cache does (and so marks it sized).
+  for (unsigned c = 0; c < region_.class_count(); ++c) cache.bins[c].capacity = 0;
+  for (uint64_t& word : cache.sized) word = 0;
 }
 
 size_t Recycler::trim() { return region_.ready() ? region_.trim(monotonic_ns()) : 0; }

@@ -42,6 +42,10 @@ struct alignas(64) Bin {
 
 struct ThreadCache {
   Bin bins[kMaxClasses];
+  // A bit per class whose bin is sized (capacity set): the classes this
+  // cache has been used for since it was last flushed. Set where a bin
+  // gets its capacity (the first refill or push), cleared by the flushes.
+  uint64_t sized[(kMaxClasses + 63) / 64];
 };
 
 inline void bump_counter(std::atomic<uint64_t>& counter) {
@@ -162,6 +166,9 @@ class Recycler {
   void confirm_double_free(ThreadCache& cache, unsigned size_class, void* block);
   void quarantine_once();
   uint32_t capacity_for(unsigned size_class) const;
+  // Gives a bin its capacity and marks it sized; the flushes undo both.
+  void size_bin(ThreadCache& cache, unsigned size_class);
+  void unsize_bins(ThreadCache& cache);
   void maybe_decay(unsigned size_class, uint64_t now_ns);
 
   PoolRegion region_;
@@ -169,10 +176,9 @@ class Recycler {
   uint64_t key_ = 0;
   size_t class_size_[kMaxClasses] = {};
   std::atomic<uint8_t> pooled_[kMaxClasses] = {};
-  // Per 16 bytes of request, up to the direct table's limit: the class
-  // (direct_class_) and, while it is pooled, the class plus one.
+  // Per 16 bytes of request, up to the direct table's limit: while the
+  // request's class is pooled, the class plus one.
   std::atomic<uint8_t> pooled_by_size_[kDirectLookupLimit / kClassAlignment + 1] = {};
-  uint8_t direct_class_[kDirectLookupLimit / kClassAlignment + 1] = {};
   std::atomic<uint64_t> last_decay_ns_[kMaxClasses] = {};
   std::atomic<bool> warned_quarantine_{false};
 };

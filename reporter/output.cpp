@@ -103,14 +103,11 @@ Output& Output::json_string(const char* text) {
       case '\n': str("\\n"); break;
       case '\t': str("\\t"); break;
       case '\r': str("\\r"); break;
-      default:
-        if (*p < 0x20) {
-          static const char hex[] = "0123456789abcdef";
-          const char escape[] = {'\\', 'u', '0', '0', hex[*p >> 4], hex[*p & 15]};
-          str(escape, sizeof(escape));
-        } else {
-          ch(static_cast<char>(*p));
-        }
+      default: {  // the other control characters (the run stops only at those)
+        static const char hex[] = "0123456789abcdef";
+        const char escape[] = {'\\', 'u', '0', '0', hex[*p >> 4], hex[*p & 15]};
+        str(escape, sizeof(escape));
+      }
     }
   }
   return ch('"');

@@ -37,6 +37,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cstddef>
 #include <cstdlib>
 #include <cstring>
 
@@ -446,26 +447,26 @@ void* open_deep_bound(const char* file, int mode, const void* caller, bool by_dl
 }  // namespace
 
 DlopenFunction real_dlopen() {
-  // Resolved on first use: the program may call dlopen before hotpool boots.
   static std::atomic<DlopenFunction> next{nullptr};
-  DlopenFunction call = next.load(std::memory_order_acquire);
-  if (!call) {
-    call = reinterpret_cast<DlopenFunction>(dlsym(RTLD_NEXT, "dlopen"));
-    if (!call) call = missing_dlopen;
-    next.store(call, std::memory_order_release);
-  }
-  return call;
+  return next_definition(next, "dlopen", &missing_dlopen);
 }
 
 DlmopenFunction real_dlmopen() {
   static std::atomic<DlmopenFunction> next{nullptr};
-  DlmopenFunction call = next.load(std::memory_order_acquire);
-  if (!call) {
-    call = reinterpret_cast<DlmopenFunction>(dlsym(RTLD_NEXT, "dlmopen"));
-    if (!call) call = missing_dlmopen;
-    next.store(call, std::memory_order_release);
-  }
-  return call;
+  return next_definition(next, "dlmopen", &missing_dlmopen);
+}
+
+uint64_t objects_unloaded() {
+  uint64_t unloaded = 0;
+  dl_iterate_phdr(
+      [](dl_phdr_info* info, size_t size, void* out) {
+        // Every object reports the loader's totals: the first one is enough.
+        if (size >= offsetof(dl_phdr_info, dlpi_subs) + sizeof(info->dlpi_subs))
+          *static_cast<uint64_t*>(out) = info->dlpi_subs;
+        return 1;
+      },
+      &unloaded);
+  return unloaded;
 }
 
 void* dlopen_deepbind(const char* file, int mode, const void* caller) {

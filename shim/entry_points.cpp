@@ -82,10 +82,8 @@ HOTPOOL_NOINLINE void* recorded_malloc_policy(ThreadState* state, void* block) {
   evaluate_policy(*state);
   return block;
 }
-HOTPOOL_NOINLINE void* recorded_malloc_generic(ThreadState* state, void* block, size_t size) {
-  const size_t usable = g_real.usable_size(block);
-  state->stats.record_alloc(g_global, g_classes.class_of(usable), size, usable);
-  count_for_policy(*state);
+HOTPOOL_NOINLINE void* recorded_malloc_generic(void* block, size_t size) {
+  record_alloc(block, size);  // the thread is attached: tls.state is the fast path's state
   return block;
 }
 HOTPOOL_NOINLINE void* recorded_malloc_unattached(size_t size) {
@@ -111,7 +109,7 @@ HOTPOOL_NOINLINE void* recorded_malloc(size_t size) {
   void* block = g_real.malloc(size);
   if (HOTPOOL_UNLIKELY(block == nullptr)) return block;
   const size_t usable = g_real.heap_usable_size(block);
-  if (HOTPOOL_UNLIKELY(!g_classes.direct(usable))) return recorded_malloc_generic(state, block, size);
+  if (HOTPOOL_UNLIKELY(!g_classes.direct(usable))) return recorded_malloc_generic(block, size);
   const unsigned size_class = g_classes.class_of_direct(usable);
   if (HOTPOOL_UNLIKELY(state->stats.add_alloc(g_global, size_class, size, usable)))
     return recorded_malloc_publish(state, block, size_class);
@@ -174,7 +172,6 @@ HOTPOOL_NOINLINE void* pooled_malloc_refill(unsigned size_class, size_t size) {
     // meanwhile must not come back into the pool, but go to the real allocator.
     ReentryGuard guard;
     block = g_recycler.allocate_slow(state->cache, size_class);
-    state->mark_pooled_class(size_class);
   }
   if (HOTPOOL_UNLIKELY(state->deferred_count)) free_deferred(*state);
   if (!block) return unsampled_malloc(size);  // the pool is out of memory
@@ -482,16 +479,14 @@ HOTPOOL_EXPORT HOTPOOL_TAIL_CALLS void* dlmopen(Lmid_t namespace_id, const char*
 
 // dlclose: the frame table's entries for the unloaded code go, before
 // other code can be loaded at its addresses (see FrameTable).
+// Only when code was unloaded: most calls just drop a reference (hotpool's
+// own RTLD_NOLOAD lookups among them).
 HOTPOOL_EXPORT int dlclose(void* handle) {
   static std::atomic<int (*)(void*)> next{nullptr};
-  auto call = next.load(std::memory_order_acquire);
-  if (HOTPOOL_UNLIKELY(!call)) {
-    call = reinterpret_cast<int (*)(void*)>(dlsym(RTLD_NEXT, "dlclose"));
-    if (!call) return -1;  // dlerror() says why
-    next.store(call, std::memory_order_release);
-  }
-  const int status = call(handle);
-  if (status == 0) forget_unwound_frames();
+  const auto missing = [](void*) { return -1; };
+  const uint64_t unloaded_before = objects_unloaded();
+  const int status = next_definition(next, "dlclose", +missing)(handle);
+  if (status == 0 && objects_unloaded() != unloaded_before) forget_unwound_frames();
   return status;
 }
 

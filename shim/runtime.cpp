@@ -333,7 +333,6 @@ static ThreadState* attach_thread(const ReentryGuard& guard) {
   state->trace_cache.count = 0;
   state->trace_cache.stack_low = state->trace_cache.stack_high = 0;
   for (void*& raw : state->sample_stash) raw = nullptr;  // emptied when the state was given back
-  for (uint64_t& word : state->pooled_classes) word = 0;
   if (sampling_active()) find_thread_stack(*state);
   state->sample_countdown = next_sample_interval(*state);
   state->policy_window = kFirstPolicyWindow;
@@ -397,7 +396,6 @@ static HOTPOOL_NOINLINE void pooled_free_uncached(void* block) {
 static HOTPOOL_NOINLINE void pooled_free_full_bin(ThreadState* state, unsigned size_class, void* block) {
   {
     ReentryGuard guard;  // a depot lock is held in there (see pooled_malloc_refill)
-    state->mark_pooled_class(size_class);
     g_recycler.drain_and_push(state->cache, size_class, block);
     state->stats.fold_pooled(size_class, g_recycler.class_size(size_class));
     state->stats.publish_if_due(g_global, size_class);
@@ -437,10 +435,11 @@ void pooled_bookkeeping(ThreadState& state) {
 
 static void pooled_bookkeeping_locked(ThreadState& state) {
   state.bookkeeping_countdown = kBookkeepingOps;
-  // The classes this thread pooled in, not the whole table (a hundred
-  // classes every 256 operations cost 1.6 ns per pooled malloc+free).
-  for (unsigned word = 0; word < sizeof(state.pooled_classes) / sizeof(uint64_t); ++word) {
-    for (uint64_t bits = state.pooled_classes[word]; bits; bits &= bits - 1) {
+  // The classes this thread's cache is used for (its sized bins), not the
+  // whole table: a hundred classes every 256 operations cost about 1 ns
+  // per pooled malloc+free in mode auto.
+  for (unsigned word = 0; word < sizeof(state.cache.sized) / sizeof(uint64_t); ++word) {
+    for (uint64_t bits = state.cache.sized[word]; bits; bits &= bits - 1) {
       const unsigned c = word * 64 + static_cast<unsigned>(__builtin_ctzll(bits));
       state.stats.fold_pooled(c, g_classes.class_size(c));
       state.stats.publish_if_due(g_global, c);

@@ -3,6 +3,8 @@
 // the extern "C" functions, each a few lines into this.
 #pragma once
 
+#include <dlfcn.h>
+
 #include <atomic>
 #include <cstddef>
 
@@ -118,6 +120,24 @@ void* dlopen_deepbind(const char* file, int mode, const void* caller);
 void* dlmopen_deepbind(const char* file, int mode, const void* caller);
 void* (*real_dlopen())(const char*, int);
 void* (*real_dlmopen())(long, const char*, int);
+
+// The next definition of `name` after libhotpool.so (RTLD_NEXT), looked up
+// on first use and kept in `slot` (the program may call it before hotpool
+// boots); `missing` when there is none.
+template <typename Function>
+Function next_definition(std::atomic<Function>& slot, const char* name, Function missing) {
+  Function call = slot.load(std::memory_order_acquire);
+  if (HOTPOOL_UNLIKELY(!call)) {
+    call = reinterpret_cast<Function>(dlsym(RTLD_NEXT, name));
+    if (!call) call = missing;
+    slot.store(call, std::memory_order_release);
+  }
+  return call;
+}
+
+// How many objects the loader has unloaded so far (dl_phdr_info's
+// dlpi_subs): dlclose() tells an unload from a dropped reference by it.
+uint64_t objects_unloaded();
 
 // The pipe2 interposed for libunwind (see entry_points.cpp).
 int real_pipe2(int fds[2], int flags);

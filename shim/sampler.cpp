@@ -207,14 +207,9 @@ bool start_sampling(const ReentryGuard&) {
 }
 
 int real_pipe2(int fds[2], int flags) {
-  // Resolved on first use: the program may call pipe2 before hotpool boots.
   static std::atomic<int (*)(int*, int)> next{nullptr};
-  auto call = next.load(std::memory_order_acquire);
-  if (!call) {
-    call = reinterpret_cast<int (*)(int*, int)>(dlsym(RTLD_NEXT, "pipe2"));
-    next.store(call, std::memory_order_release);
-  }
-  return call ? call(fds, flags) : (errno = ENOSYS, -1);
+  const auto missing = [](int*, int) { return errno = ENOSYS, -1; };
+  return next_definition(next, "pipe2", +missing)(fds, flags);
 }
 
 bool called_from_unwinder(const void* return_address) {

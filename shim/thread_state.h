@@ -60,11 +60,6 @@ struct ThreadState {
   void* deferred_frees[kDeferredFrees];
   unsigned deferred_count;
   uint64_t policy_window;     // the current window length (mode auto)
-  // Classes this thread has made pooled operations in (bit per class), set
-  // by the slow paths every class goes through first (a refill, a first
-  // push): pooled_bookkeeping folds those, not the whole table.
-  uint64_t pooled_classes[(reporter::kMaxClasses + 63) / 64];
-  void mark_pooled_class(unsigned c) { pooled_classes[c / 64] |= uint64_t{1} << (c % 64); }
   uint64_t policy_allocs[reporter::kMaxClasses];  // counts at the last evaluation
   uint64_t policy_frees[reporter::kMaxClasses];
 };
