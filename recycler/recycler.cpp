@@ -96,7 +96,12 @@ void Recycler::drain_and_push(ThreadCache& cache, unsigned size_class, void* blo
     bump_counter(bin.drains);
     maybe_decay(size_class, now);
   }
-  bin.slots[bin.count++] = block;
+  // push(): the slot stored before the count. Written as one statement, the
+  // compiler stored the count first, and a fork() by another thread between
+  // the two stores gave the child a bin counting a stale slot: a block the
+  // drain above had just given to the depot (a double free in the child).
+  if (HOTPOOL_RECYCLER_UNLIKELY(!push(cache, size_class, block)))
+    region_.depot(size_class).drain(&block, 1, monotonic_ns());  // never: a drained or newly sized bin has room
 }
 
 void Recycler::maybe_decay(unsigned size_class, uint64_t now_ns) {

@@ -404,7 +404,13 @@ static HOTPOOL_NOINLINE void pooled_free_full_bin(ThreadState* state, unsigned s
 }
 
 static HOTPOOL_NOINLINE void defer_free(ThreadState* state, void* block) {
-  if (state->deferred_count < ThreadState::kDeferredFrees) state->deferred_frees[state->deferred_count++] = block;
+  // The slot before the count (as the thread cache's push): a handler that
+  // interrupts this one, or a fork() child, never sees a stale slot counted.
+  const unsigned count = state->deferred_count;
+  if (count >= ThreadState::kDeferredFrees) return;
+  state->deferred_frees[count] = block;
+  asm volatile("" ::: "memory");
+  state->deferred_count = count + 1;
 }
 
 void free_deferred(ThreadState& state) {
