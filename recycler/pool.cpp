@@ -135,7 +135,7 @@ Slab* ClassDepot::carve_slab() {
 }
 
 unsigned ClassDepot::refill(void** out, unsigned want, uint64_t now_ns) {
-  SpinLockGuard guard(lock_);
+  SpinLockGuard guard(lock_, kNoCancellationPoint);
   return refill_locked(out, want, now_ns);
 }
 
@@ -174,7 +174,7 @@ unsigned ClassDepot::refill_locked(void** out, unsigned want, uint64_t now_ns) {
 }
 
 void ClassDepot::drain(void* const* blocks, unsigned count, uint64_t now_ns) {
-  SpinLockGuard guard(lock_);
+  SpinLockGuard guard(lock_, kNoCancellationPoint);
   drain_locked(blocks, count, now_ns);
 }
 
@@ -199,7 +199,7 @@ void ClassDepot::drain_locked(void* const* blocks, unsigned count, uint64_t now_
 }
 
 bool ClassDepot::holds_free(const void* block) {
-  SpinLockGuard guard(lock_);
+  SpinLockGuard guard(lock_, kNoCancellationPoint);
   const size_t offset = static_cast<size_t>(static_cast<const char*>(block) - area_);
   const Slab* slab = &slabs_[offset >> geometry_.slab_shift];
   const uint32_t index = geometry_.index_of(offset & (geometry_.slab_bytes() - 1));
@@ -207,7 +207,7 @@ bool ClassDepot::holds_free(const void* block) {
 }
 
 size_t ClassDepot::release_empty(uint64_t now_ns, uint64_t idle_ns, size_t keep_bytes) {
-  SpinLockGuard guard(lock_);
+  SpinLockGuard guard(lock_, kNoCancellationPoint);
   size_t released = 0;
   // The list is newest first: walk it and release from the oldest end by
   // keeping the first keep_bytes of young slabs.

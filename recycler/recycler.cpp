@@ -50,7 +50,7 @@ uint32_t Recycler::capacity_for(unsigned size_class) const {
 }
 
 void* Recycler::allocate_slow(ThreadCache& cache, unsigned size_class) {
-  const CancellationOff cancellation_off;  // the bin and the depot change together
+  const CancellationOff cancellation_off(kNoCancellationPoint);  // the bin and the depot change together
   Bin& bin = cache.bins[size_class];
   if (bin.count) return pop(cache, size_class);
   if (bin.capacity == 0) size_bin(cache, size_class);
@@ -59,7 +59,7 @@ void* Recycler::allocate_slow(ThreadCache& cache, unsigned size_class) {
   ClassDepot& depot = region_.depot(size_class);
   unsigned got;
   {
-    SpinLockGuard guard(depot.lock());  // the bin's count with the depot (see refill_locked)
+    SpinLockGuard guard(depot.lock(), kNoCancellationPoint);  // the bin's count with the depot (see refill_locked)
     got = depot.refill_locked(bin.slots, want, 0);
     bin.count = got;
   }
@@ -78,7 +78,7 @@ void Recycler::deallocate_unmarked(ThreadCache& cache, unsigned size_class, void
 }
 
 void Recycler::drain_and_push(ThreadCache& cache, unsigned size_class, void* block) {
-  const CancellationOff cancellation_off;  // the bin and the depot change together
+  const CancellationOff cancellation_off(kNoCancellationPoint);  // the bin and the depot change together
   Bin& bin = cache.bins[size_class];
   if (bin.capacity == 0) {
     size_bin(cache, size_class);
@@ -88,7 +88,7 @@ void Recycler::drain_and_push(ThreadCache& cache, unsigned size_class, void* blo
     const uint64_t now = monotonic_ns();
     {
       ClassDepot& depot = region_.depot(size_class);
-      SpinLockGuard guard(depot.lock());  // the bin with the depot (see drain_locked)
+      SpinLockGuard guard(depot.lock(), kNoCancellationPoint);  // the bin with the depot (see drain_locked)
       depot.drain_locked(bin.slots, give, now);
       std::memmove(bin.slots, bin.slots + give, (bin.count - give) * sizeof(void*));
       bin.count -= give;
@@ -155,13 +155,13 @@ void Recycler::quarantine_once() {
 }
 
 void Recycler::flush(ThreadCache& cache) {
-  const CancellationOff cancellation_off;
+  const CancellationOff cancellation_off(kNoCancellationPoint);
   const uint64_t now = monotonic_ns();
   for (unsigned c = 0; c < region_.class_count(); ++c) {
     Bin& bin = cache.bins[c];
     if (bin.count == 0) continue;
     ClassDepot& depot = region_.depot(c);
-    SpinLockGuard guard(depot.lock());  // the bin with the depot (see drain_locked)
+    SpinLockGuard guard(depot.lock(), kNoCancellationPoint);  // the bin with the depot (see drain_locked)
     depot.drain_locked(bin.slots, bin.count, now);
     bin.count = 0;
   }
@@ -169,7 +169,7 @@ void Recycler::flush(ThreadCache& cache) {
 }
 
 void Recycler::flush_after_fork(ThreadCache& cache) {
-  const CancellationOff cancellation_off;
+  const CancellationOff cancellation_off(kNoCancellationPoint);
   const uint64_t now = monotonic_ns();
   for (unsigned c = 0; c < region_.class_count(); ++c) {
     Bin& bin = cache.bins[c];

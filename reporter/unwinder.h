@@ -95,6 +95,8 @@ class Unwinder {
   bool load(bool use_libunwind);
   void set_skipped_ranges(const uintptr_t (*ranges)[2], unsigned count);
   bool ready() const { return ready_; }
+  // libunwind may read files (cancellation points); libgcc's walk never does.
+  bool uses_libunwind() const { return backtrace_ != nullptr; }
 
   // Captures up to `depth` frames above the allocator, with libunwind's
   // unw_backtrace (its per-thread trace cache: no lock, no signal mask

@@ -8,6 +8,7 @@
 #include <dlfcn.h>
 #include <errno.h>
 #include <malloc.h>
+#include <pthread.h>
 #include <unistd.h>
 
 #include <cstring>
@@ -488,6 +489,34 @@ HOTPOOL_EXPORT int dlclose(void* handle) {
   const int status = next_definition(next, "dlclose", +missing)(handle);
   if (status == 0 && objects_unloaded() != unloaded_before) forget_unwound_frames();
   return status;
+}
+
+// pthread_cancel and pthread_setcanceltype: hotpool's hot locked sections
+// (pool refills and drains, libgcc's stack walks) turn cancellation off
+// only once the program may cancel a thread (see
+// recycler::g_cancellation_used); these note that it may, before any
+// cancellation can be requested or made asynchronous.
+namespace {
+std::atomic<int (*)(int, int*)> g_next_setcanceltype{nullptr};
+int (*real_setcanceltype())(int, int*) {
+  const auto missing = [](int, int*) { return ENOSYS; };
+  return next_definition(g_next_setcanceltype, "pthread_setcanceltype", +missing);
+}
+}  // namespace
+
+HOTPOOL_EXPORT int pthread_cancel(pthread_t thread) {
+  hotpool::recycler::g_cancellation_used.store(true, std::memory_order_seq_cst);
+  // Looked up here, in the program's call: hotpool's own calls come from
+  // its slow paths, which then do not reach the loader.
+  real_setcanceltype();
+  static std::atomic<int (*)(pthread_t)> next{nullptr};
+  const auto missing = [](pthread_t) { return ENOSYS; };
+  return next_definition(next, "pthread_cancel", +missing)(thread);
+}
+
+HOTPOOL_EXPORT int pthread_setcanceltype(int type, int* old_type) {
+  if (type == PTHREAD_CANCEL_ASYNCHRONOUS) hotpool::recycler::g_cancellation_used.store(true, std::memory_order_seq_cst);
+  return real_setcanceltype()(type, old_type);
 }
 
 // pipe2, for libunwind's sake only. libunwind 1.6 keeps a pipe to validate

@@ -78,11 +78,12 @@ void lower(reporter::AtomicCounter& counter, uint64_t value) {
 // The stack of this call, above hotpool, the C++ runtime and libc; empty
 // while a fork is pending (see the fork gate).
 void capture_stack(reporter::CapturedStack* stack) {
-  // The unwinder may allocate while it reads unwind tables, and may read
-  // files: read() is a cancellation point, and malloc is not; and a thread
-  // cancelled while counted in g_unwinding would hold every fork back. So
-  // cancellation waits until the capture is done.
-  const recycler::CancellationOff cancellation_off;
+  // libunwind may read files: read() is a cancellation point, and malloc
+  // is not; and a thread cancelled while counted in g_unwinding would hold
+  // every fork back. So cancellation waits until the capture is done
+  // (libgcc's walk reaches no cancellation point: only while the program
+  // uses cancellation, against an asynchronous one).
+  const recycler::CancellationOff cancellation_off(g_unwinder.uses_libunwind());
   stack->depth = 0;
   // Marked before it counts: a fork() from a signal handler arriving in
   // between must not wait for this thread (see begin_fork_samples).
