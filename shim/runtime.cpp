@@ -332,7 +332,7 @@ static ThreadState* attach_thread(const ReentryGuard& guard) {
   state->stack_low = state->stack_high = 0;
   state->trace_cache.count = 0;
   state->trace_cache.stack_low = state->trace_cache.stack_high = 0;
-  for (void*& raw : state->sample_stash) raw = nullptr;  // emptied when the state was given back
+  for (SampleStash& stash : state->sample_stash) stash.count = 0;  // emptied when the state was given back
   if (sampling_active()) find_thread_stack(*state);
   state->sample_countdown = next_sample_interval(*state);
   state->policy_window = kFirstPolicyWindow;

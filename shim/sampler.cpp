@@ -57,10 +57,15 @@ void decrement_to_zero(std::atomic<int>& counter) {
   }
 }
 
-uint64_t now_ns() {
-  timespec now;
-  clock_gettime(CLOCK_MONOTONIC, &now);  // vDSO: no syscall
-  return static_cast<uint64_t>(now.tv_sec) * 1000000000u + static_cast<uint64_t>(now.tv_nsec);
+// Sampled lifetimes: the time-stamp counter where the kernel trusts it.
+constinit reporter::LifetimeClock g_clock{};
+uint64_t now_ns() { return g_clock.now_ns(); }
+
+// Blocks a thread keeps per sample-region class: up to 64 KiB of them
+// (SampleStash::kSlots at most, one at least).
+unsigned stash_capacity(unsigned region_class) {
+  const size_t blocks = (size_t{64} << 10) / g_classes.class_size(region_class);
+  return blocks >= SampleStash::kSlots ? SampleStash::kSlots : blocks ? static_cast<unsigned>(blocks) : 1;
 }
 
 void raise(reporter::AtomicCounter& counter, uint64_t value) {
@@ -203,6 +208,7 @@ bool start_sampling(const ReentryGuard&) {
     return false;
   }
   g_limit = g_classes.max_class_size() - kHeader;
+  g_clock.init();
   g_active = true;
   return true;
 }
@@ -259,9 +265,19 @@ void* sampled_allocate(ThreadState& state, size_t size) {
   void* raw = nullptr;
   {
     ReentryGuard guard;  // the depot's lock: see pooled_malloc_refill
-    raw = state.sample_stash[region_class];
-    if (raw) state.sample_stash[region_class] = nullptr;
-    else if (!depot.ready() || depot.refill(&raw, 1, 0) != 1) return nullptr;
+    SampleStash& stash = state.sample_stash[region_class];
+    if (stash.count == 0) {
+      if (!depot.ready()) return nullptr;
+      // Half the stash's room (at least one block), the stash's count
+      // with the depot under its lock (a fork() then sees both or neither).
+      const unsigned want = stash_capacity(region_class) / 2 + 1;
+      recycler::SpinLockGuard lock(depot.lock(), recycler::kNoCancellationPoint);
+      stash.count = depot.refill_locked(stash.slots, want, 0);
+      if (stash.count == 0) return nullptr;
+    }
+    raw = stash.slots[stash.count - 1];
+    asm volatile("" ::: "memory");
+    --stash.count;
   }
   reporter::CapturedStack stack;
   capture_stack(&stack);
@@ -352,11 +368,21 @@ void sampled_free_release(void* block) {
   const bool nested = tls.in_hotpool;
   ReentryGuard guard;
   ThreadState* state = tls.state;
-  if (!nested && state && !state->sample_stash[region_class]) {
-    state->sample_stash[region_class] = raw;
-    return;
+  if (nested || !state) return g_sample_region.depot(region_class).drain(&raw, 1, now_ns());
+  SampleStash& stash = state->sample_stash[region_class];
+  const unsigned capacity = stash_capacity(region_class);
+  if (stash.count >= capacity) {
+    // Full: the older blocks back to the depot, with the count (as a refill).
+    const unsigned keep = capacity / 2;
+    recycler::ClassDepot& depot = g_sample_region.depot(region_class);
+    recycler::SpinLockGuard lock(depot.lock(), recycler::kNoCancellationPoint);
+    depot.drain_locked(stash.slots, stash.count - keep, now_ns());
+    for (unsigned i = 0; i < keep; ++i) stash.slots[i] = stash.slots[stash.count - keep + i];
+    stash.count = keep;
   }
-  g_sample_region.depot(region_class).drain(&raw, 1, now_ns());
+  stash.slots[stash.count] = raw;
+  asm volatile("" ::: "memory");
+  ++stash.count;
 }
 
 void forget_unwound_frames() {
@@ -365,14 +391,14 @@ void forget_unwound_frames() {
 
 void flush_sample_stash(ThreadState& state, bool after_fork) {
   for (unsigned c = 0; c < reporter::kMaxClasses; ++c) {
-    void* raw = state.sample_stash[c];
-    if (!raw) continue;
-    state.sample_stash[c] = nullptr;
+    SampleStash& stash = state.sample_stash[c];
+    if (stash.count == 0) continue;
+    const unsigned count = stash.count < SampleStash::kSlots ? stash.count : SampleStash::kSlots;
     recycler::ClassDepot& depot = g_sample_region.depot(c);
     // In a fork child, a depot the forking thread held before the fork is
-    // the interrupted code's: the block is left out (lost to the child).
-    if (after_fork && depot.lock().held_before_this_fork()) continue;
-    depot.drain(&raw, 1, now_ns());
+    // the interrupted code's: the blocks are left out (lost to the child).
+    if (!(after_fork && depot.lock().held_before_this_fork())) depot.drain(stash.slots, count, now_ns());
+    stash.count = 0;
   }
 }
 

@@ -12,6 +12,7 @@
 #include <cstdint>
 
 #include "recycler/pool.h"
+#include "reporter/clock.h"
 #include "reporter/sites.h"
 #include "reporter/unwinder.h"
 #include "runtime.h"

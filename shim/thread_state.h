@@ -22,6 +22,17 @@ namespace hotpool::shim {
 using recycler::SpinLock;
 using recycler::SpinLockGuard;
 
+// A thread's LIFO of free sampled blocks of one class (see
+// ThreadState::sample_stash): one cache line. A slot is stored before the
+// count that covers it, and the count lowered before its slot is reused: a
+// fork() by another thread at any instant leaves the child a stash whose
+// counted slots are blocks out of the depot.
+struct alignas(64) SampleStash {
+  static constexpr unsigned kSlots = 7;
+  uint32_t count;
+  void* slots[kSlots];
+};
+
 struct ThreadState {
   // The countdowns every allocation decrements, in one cache line, next
   // to the first of the counters' (see ThreadClassStats).
@@ -47,12 +58,12 @@ struct ThreadState {
   uintptr_t stack_low;
   uintptr_t stack_high;
   reporter::TraceCache trace_cache;  // the last stack captured (libgcc's unwinder)
-  // Per sample-region class, one freed sampled block kept for this
-  // thread's next sample of the class instead of going back to the depot
+  // Per sample-region class, a few freed sampled blocks kept for this
+  // thread's next samples of the class instead of going back to the depot
   // (HOTPOOL_SAMPLE=1 would take the depot's lock twice per allocation).
   // Taken and put back only under the recursion guard by the thread
   // itself, outside any other hotpool call (see sampled_free_release).
-  void* sample_stash[reporter::kMaxClasses];
+  SampleStash sample_stash[reporter::kMaxClasses];
   // Pooled blocks freed while this thread was inside hotpool (a signal
   // handler that interrupted a cache drain): cached here, not in the bin
   // being rearranged, until the slow path is over. Full: the block leaks.
