@@ -1,5 +1,6 @@
 #include "sites.h"
 
+#include <sched.h>
 #include <sys/mman.h>
 
 namespace hotpool::reporter {
@@ -42,6 +43,118 @@ void LifetimeStats::add(uint64_t lifetime_ns, bool is_short, bool is_temporary, 
   escapes[static_cast<unsigned>(escape)].fetch_add(1, std::memory_order_relaxed);
   calls_between.fetch_add(calls, std::memory_order_relaxed);
   histogram[lifetime_bucket(lifetime_ns)].fetch_add(1, std::memory_order_relaxed);
+}
+
+void LifetimeCounts::add(uint64_t lifetime_ns, bool is_short, bool is_temporary, Escape escape, uint64_t calls) {
+  ++frees;
+  short_lived += is_short;
+  temporary += is_temporary;
+  ++escapes[static_cast<unsigned>(escape)];
+  calls_between += calls;
+  ++histogram[lifetime_bucket(lifetime_ns)];
+}
+
+void LifetimeStats::merge(const LifetimeCounts& counts) {
+  if (counts.frees == 0) return;
+  frees.fetch_add(counts.frees, std::memory_order_relaxed);
+  if (counts.short_lived) short_lived.fetch_add(counts.short_lived, std::memory_order_relaxed);
+  if (counts.temporary) temporary.fetch_add(counts.temporary, std::memory_order_relaxed);
+  for (unsigned e = 0; e < 3; ++e)
+    if (counts.escapes[e]) escapes[e].fetch_add(counts.escapes[e], std::memory_order_relaxed);
+  if (counts.calls_between) calls_between.fetch_add(counts.calls_between, std::memory_order_relaxed);
+  for (unsigned b = 0; b < kLifetimeBuckets; ++b)
+    if (counts.histogram[b]) histogram[b].fetch_add(counts.histogram[b], std::memory_order_relaxed);
+}
+
+namespace {
+void raise(AtomicCounter& counter, uint64_t value) {
+  uint64_t seen = counter.load(std::memory_order_relaxed);
+  while (value > seen && !counter.compare_exchange_weak(seen, value, std::memory_order_relaxed)) {
+  }
+}
+
+void lower(AtomicCounter& counter, uint64_t value) {
+  uint64_t seen = counter.load(std::memory_order_relaxed);
+  while ((seen == 0 || value < seen) && !counter.compare_exchange_weak(seen, value, std::memory_order_relaxed)) {
+  }
+}
+}  // namespace
+
+void PendingSamples::attach(StackDepot* depot, LifetimeStats* class_lifetimes) {
+  depot_ = depot;
+  class_lifetimes_ = class_lifetimes;
+}
+
+PendingSamples::Entry& PendingSamples::entry(uint32_t key) {
+  // Fibonacci hashing: consecutive site ids and class keys spread out.
+  Entry& slot = entries_[(key * 0x9e3779b1u) >> (32 - kEntriesLog2)];
+  if (__builtin_expect(slot.key != key, 0)) {
+    merge(slot);
+    slot.key = key;
+  }
+  return slot;
+}
+
+void PendingSamples::add_alloc(uint32_t site, uint64_t size) {
+  Entry& slot = entry(site);
+  ++slot.allocs;
+  slot.bytes += size;
+  if (slot.min_size == 0 || size < slot.min_size) slot.min_size = size;
+  if (size > slot.max_size) slot.max_size = size;
+  after_event();
+}
+
+void PendingSamples::add_free(uint32_t site, unsigned size_class, uint64_t lifetime_ns, bool is_short,
+                              bool is_temporary, Escape escape, uint64_t calls) {
+  if (site) entry(site).life.add(lifetime_ns, is_short, is_temporary, escape, calls);
+  entry(kClassKey + size_class).life.add(lifetime_ns, is_short, is_temporary, escape, calls);
+  after_event();
+}
+
+void PendingSamples::merge(Entry& slot) {
+  if (slot.key != 0) {
+    if (slot.key >= kClassKey) {
+      if (class_lifetimes_) class_lifetimes_[slot.key - kClassKey].merge(slot.life);
+    } else if (depot_) {
+      SiteStats& stats = depot_->site(slot.key);
+      if (slot.allocs) {
+        stats.allocs.fetch_add(slot.allocs, std::memory_order_relaxed);
+        stats.bytes.fetch_add(slot.bytes, std::memory_order_relaxed);
+        lower(stats.min_size, slot.min_size);
+        raise(stats.max_size, slot.max_size);
+      }
+      stats.lifetimes.merge(slot.life);
+    }
+  }
+  const uint32_t key = slot.key;
+  slot = Entry{};
+  slot.key = key;
+}
+
+void PendingSamples::flush_locked() {
+  events_ = 0;
+  for (Entry& slot : entries_) {
+    merge(slot);
+    slot.key = 0;
+  }
+}
+
+bool PendingSamples::flush() {
+  // The owner holds the lock for a few dozen instructions; a report waits
+  // a little for a thread that was preempted in there, then leaves its
+  // counts out (they are merged later, at the latest when it exits).
+  for (unsigned spins = 0; !try_lock(); ++spins) {
+    if (spins >= 256) return false;
+    if (spins >= 64) sched_yield();
+  }
+  flush_locked();
+  unlock();
+  return true;
+}
+
+void PendingSamples::clear() {
+  events_ = 0;
+  for (Entry& slot : entries_) slot = Entry{};
 }
 
 namespace {

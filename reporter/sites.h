@@ -32,6 +32,14 @@ enum class Escape : uint8_t {
 
 using AtomicCounter = std::atomic<uint64_t>;
 
+// One thread's lifetime counts, not yet merged into a LifetimeStats (see
+// PendingSamples): plain words.
+struct LifetimeCounts {
+  uint64_t frees, short_lived, temporary, escapes[3], calls_between, histogram[kLifetimeBuckets];
+
+  void add(uint64_t lifetime_ns, bool short_lived, bool temporary, Escape escape, uint64_t calls);
+};
+
 struct LifetimeStats {
   AtomicCounter frees;       // sampled blocks freed
   AtomicCounter short_lived; // lifetime <= the short threshold
@@ -41,6 +49,8 @@ struct LifetimeStats {
   AtomicCounter histogram[kLifetimeBuckets];
 
   void add(uint64_t lifetime_ns, bool short_lived, bool temporary, Escape escape, uint64_t calls);
+  // Adds a thread's pending counts (a read-modify-write per non-zero field).
+  void merge(const LifetimeCounts& counts);
 };
 
 struct SiteStats {
@@ -70,6 +80,75 @@ class StackDepot {
   uintptr_t* arena_ = nullptr;  // traces: [hash << 32 | depth][ips...]
   std::atomic<size_t> arena_used_{0};
   size_t arena_words_ = 0;
+};
+
+// A thread's sampled counts for the sites and size classes it used last,
+// merged into the shared statistics (atomic read-modify-writes) when an
+// entry is evicted, every kFlushEvents events, and by flush(): at thread
+// exit, before a report (by the reporting thread, for every thread), before
+// the auto policy reads the class lifetimes. A sampled allocation or free
+// then costs one compare-and-swap (the try-lock) instead of up to twelve
+// lock-prefixed adds to shared counters.
+//
+// The lock is the owner's against a reporting thread (and against itself:
+// a signal handler that interrupts the owner in here finds it taken). Who
+// does not get it adds to the shared statistics directly.
+class PendingSamples {
+ public:
+  static constexpr unsigned kEntriesLog2 = 6;
+  static constexpr unsigned kEntries = 1u << kEntriesLog2;
+  static constexpr uint32_t kFlushEvents = 4096;
+
+  struct Entry {
+    uint32_t key;  // 0: empty; a site id; or kClassKey + size class
+    uint64_t allocs, bytes, min_size, max_size;  // sites only
+    LifetimeCounts life;
+  };
+
+  // The shared statistics the counts go to (null: none).
+  void attach(StackDepot* depot, LifetimeStats* class_lifetimes);
+
+  bool try_lock() {
+    bool expected = false;
+    return !locked_.load(std::memory_order_relaxed) &&
+           locked_.compare_exchange_strong(expected, true, std::memory_order_acquire);
+  }
+  void unlock() { locked_.store(false, std::memory_order_release); }
+  // A fork child's view of a thread that no longer exists (its counts may
+  // be halfway through an update; they stay approximate).
+  void reset_lock() { locked_.store(false, std::memory_order_relaxed); }
+
+  // With the lock held.
+  void add_alloc(uint32_t site, uint64_t size);
+  void add_free(uint32_t site, unsigned size_class, uint64_t lifetime_ns, bool short_lived, bool temporary,
+                Escape escape, uint64_t calls);
+  void flush_locked();
+
+  // Takes the lock (a bounded wait), merges everything; false if the lock
+  // stayed busy (then nothing is merged).
+  bool flush();
+  // The same without waiting: false (nothing merged) if the lock is taken.
+  bool try_flush() {
+    if (!try_lock()) return false;
+    flush_locked();
+    unlock();
+    return true;
+  }
+  void clear();  // forgets every entry (a recycled thread state)
+
+ private:
+  static constexpr uint32_t kClassKey = 1u << 20;
+  Entry& entry(uint32_t key);
+  void merge(Entry& entry);
+  void after_event() {
+    if (__builtin_expect(++events_ >= kFlushEvents, 0)) flush_locked();
+  }
+
+  std::atomic<bool> locked_{false};
+  uint32_t events_ = 0;
+  StackDepot* depot_ = nullptr;
+  LifetimeStats* class_lifetimes_ = nullptr;
+  Entry entries_[kEntries] = {};
 };
 
 }  // namespace hotpool::reporter

@@ -86,6 +86,7 @@ void on_thread_exit(void* arg) {
   while (state->deferred_count) pooled_free_uncached(state->deferred_frees[--state->deferred_count]);
   if (g_recycler.ready()) g_recycler.flush(state->cache);
   flush_sample_stash(*state, false);
+  state->pending.flush();
   g_registry.retire(state, g_global, guard);
   std::atomic_signal_fence(std::memory_order_seq_cst);
   tls_exiting_state = nullptr;
@@ -93,6 +94,10 @@ void on_thread_exit(void* arg) {
 
 void flush_dead_thread_cache(ThreadState& state) {
   flush_sample_stash(state, true);
+  // The thread may have been inside its pending counts: they stay as they
+  // were (perhaps one event short), and go to the shared ones now.
+  state.pending.reset_lock();
+  state.pending.flush();
   if (g_recycler.ready()) g_recycler.flush_after_fork(state.cache);
 }
 
@@ -333,6 +338,7 @@ static ThreadState* attach_thread(const ReentryGuard& guard) {
   state->trace_cache.count = 0;
   state->trace_cache.stack_low = state->trace_cache.stack_high = 0;
   for (SampleStash& stash : state->sample_stash) stash.count = 0;  // emptied when the state was given back
+  state->pending.attach(&g_stack_depot, g_class_lifetimes);
   if (sampling_active()) find_thread_stack(*state);
   state->sample_countdown = next_sample_interval(*state);
   state->policy_window = kFirstPolicyWindow;
@@ -363,6 +369,9 @@ void evaluate_policy(ThreadState& state) {
   // frees, unless the blocks leave this thread (a producer frees nothing):
   // then the class's live bytes across all threads staying below a quarter
   // of what this window allocated says its blocks come back.
+  // This thread's own sampled lifetimes first (other threads merge theirs
+  // every PendingSamples::kFlushEvents samples, and at their policy turns).
+  state.pending.try_flush();
   int8_t verdict[reporter::kMaxClasses];
   for (unsigned c = 0; c < classes; ++c) {
     const reporter::LifetimeStats& life = g_class_lifetimes[c];
@@ -561,6 +570,7 @@ void write_report(const char* reason) {
   ReentryGuard guard;
   const int saved_errno = errno;
   SpinLockGuard lock(g_report_lock);
+  if (sampling_active()) g_registry.for_each_active([](ThreadState& state) { state.pending.flush(); }, guard);
   g_registry.snapshot(&g_snapshot, g_global, guard);
 
   const char* note = g_pool_note;

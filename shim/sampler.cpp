@@ -296,11 +296,16 @@ void* sampled_allocate(ThreadState& state, size_t size) {
   header->frame_cfa = stack.cfa;
   header->caller_return = stack.depth > 1 ? stack.ips[1] : 0;
   if (site) {
-    reporter::SiteStats& stats = g_stack_depot.site(site);
-    stats.allocs.fetch_add(1, std::memory_order_relaxed);
-    stats.bytes.fetch_add(size, std::memory_order_relaxed);
-    lower(stats.min_size, size);
-    raise(stats.max_size, size);
+    if (HOTPOOL_LIKELY(state.pending.try_lock())) {
+      state.pending.add_alloc(site, size);
+      state.pending.unlock();
+    } else {  // a report is merging this thread's counts, or this is a signal handler's sample
+      reporter::SiteStats& stats = g_stack_depot.site(site);
+      stats.allocs.fetch_add(1, std::memory_order_relaxed);
+      stats.bytes.fetch_add(size, std::memory_order_relaxed);
+      lower(stats.min_size, size);
+      raise(stats.max_size, size);
+    }
   }
   return static_cast<char*>(raw) + kHeader;
 }
@@ -349,8 +354,13 @@ void sampled_free_record(void* block) {
   const uint64_t calls = same_thread ? ops - header->thread_ops : 0;
   const size_t usable = g_classes.class_size(region_class) - kHeader;
   const unsigned size_class = g_classes.class_of(usable);
-  if (header->site) g_stack_depot.site(header->site).lifetimes.add(lifetime, is_short, temporary, escape, calls);
-  g_class_lifetimes[size_class].add(lifetime, is_short, temporary, escape, calls);
+  if (HOTPOOL_LIKELY(state != nullptr) && HOTPOOL_LIKELY(state->pending.try_lock())) {
+    state->pending.add_free(header->site, size_class, lifetime, is_short, temporary, escape, calls);
+    state->pending.unlock();
+  } else {
+    if (header->site) g_stack_depot.site(header->site).lifetimes.add(lifetime, is_short, temporary, escape, calls);
+    g_class_lifetimes[size_class].add(lifetime, is_short, temporary, escape, calls);
+  }
   if (state) {
     state->stats.record_free(g_global, size_class, usable);
   } else if (g_registry.has_fallback()) {

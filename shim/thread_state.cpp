@@ -88,6 +88,11 @@ void ThreadRegistry::retire(ThreadState* state, reporter::GlobalClassStats& glob
   retire_locked(state, global);
 }
 
+void ThreadRegistry::for_each_active(void (*visit)(ThreadState&), const ReentryGuard&) {
+  SpinLockGuard lock(lock_);
+  for (ThreadState* state = active_; state; state = state->next) visit(*state);
+}
+
 void ThreadRegistry::snapshot(reporter::StatsSnapshot* out, reporter::GlobalClassStats& global,
                               const ReentryGuard&) {
   SpinLockGuard lock(lock_);

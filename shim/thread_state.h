@@ -15,6 +15,7 @@
 #include "recycler/recycler.h"
 #include "recycler/spin_lock.h"
 #include "reporter/class_stats.h"
+#include "reporter/sites.h"
 #include "reporter/unwinder.h"
 
 namespace hotpool::shim {
@@ -64,6 +65,8 @@ struct ThreadState {
   // Taken and put back only under the recursion guard by the thread
   // itself, outside any other hotpool call (see sampled_free_release).
   SampleStash sample_stash[reporter::kMaxClasses];
+  // Sampled counts per site and class not yet merged into the shared ones.
+  reporter::PendingSamples pending;
   // Pooled blocks freed while this thread was inside hotpool (a signal
   // handler that interrupted a cache drain): cached here, not in the bin
   // being rearranged, until the slow path is over. Full: the block leaks.
@@ -134,6 +137,8 @@ class ThreadRegistry {
   bool has_fallback() const { return fallback_ != nullptr; }
   reporter::ThreadClassStats& fallback() { return fallback_->stats; }
 
+  // Calls `visit` for every active thread's state, under the registry's lock.
+  void for_each_active(void (*visit)(ThreadState&), const ReentryGuard&);
   // Sums everything into *out (pool counters of the thread caches too).
   void snapshot(reporter::StatsSnapshot* out, reporter::GlobalClassStats& global, const ReentryGuard&);
 

@@ -5,7 +5,9 @@
 
 #include <alloca.h>
 
+#include <atomic>
 #include <memory>
+#include <string>
 #include <set>
 #include <thread>
 #include <vector>
@@ -95,6 +97,156 @@ TEST(StackDepot, ConcurrentInsertsAgreeOnIds) {
     distinct.insert(ids[0][i]);
   }
   EXPECT_EQ(distinct.size(), static_cast<size_t>(kStacks));
+}
+
+// A thread's pending sampled counts: what reaches the shared statistics
+// through PendingSamples equals what direct adds give, whatever evicts
+// entries (more sites than entries), and whoever merges (the owner, a
+// flush from another thread, the automatic merge every kFlushEvents).
+struct Event {
+  uint32_t site;
+  unsigned size_class;
+  uint64_t size, lifetime, calls;
+  bool is_short, temporary;
+  Escape escape;
+};
+
+std::vector<Event> make_events(unsigned count, uint32_t sites, uint64_t seed) {
+  std::vector<Event> events;
+  uint64_t x = seed | 1;
+  for (unsigned i = 0; i < count; ++i) {
+    x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+    events.push_back({static_cast<uint32_t>(x % sites), static_cast<unsigned>((x >> 20) % 40),
+                      16 + (x >> 8) % 4000, (x >> 12) % 5000000000ull, (x >> 40) % 9, ((x >> 50) & 1) != 0,
+                      ((x >> 51) & 3) == 0, static_cast<Escape>((x >> 53) % 3)});
+  }
+  return events;
+}
+
+void expect_same(const LifetimeStats& a, const LifetimeStats& b, const std::string& what) {
+  EXPECT_EQ(a.frees.load(), b.frees.load()) << what;
+  EXPECT_EQ(a.short_lived.load(), b.short_lived.load()) << what;
+  EXPECT_EQ(a.temporary.load(), b.temporary.load()) << what;
+  for (unsigned e = 0; e < 3; ++e) EXPECT_EQ(a.escapes[e].load(), b.escapes[e].load()) << what;
+  EXPECT_EQ(a.calls_between.load(), b.calls_between.load()) << what;
+  for (unsigned h = 0; h < kLifetimeBuckets; ++h) EXPECT_EQ(a.histogram[h].load(), b.histogram[h].load()) << what;
+}
+
+void expect_same_sites(const StackDepot& a, const StackDepot& b, uint32_t sites) {
+  for (uint32_t site = 1; site < sites; ++site) {
+    const SiteStats& x = a.site(site);
+    const SiteStats& y = b.site(site);
+    const std::string what = "site " + std::to_string(site);
+    EXPECT_EQ(x.allocs.load(), y.allocs.load()) << what;
+    EXPECT_EQ(x.bytes.load(), y.bytes.load()) << what;
+    EXPECT_EQ(x.min_size.load(), y.min_size.load()) << what;
+    EXPECT_EQ(x.max_size.load(), y.max_size.load()) << what;
+    expect_same(x.lifetimes, y.lifetimes, what);
+  }
+}
+
+void add_directly(StackDepot& depot, LifetimeStats* classes, const Event& e) {
+  if (e.site) {
+    SiteStats& stats = depot.site(e.site);
+    stats.allocs += 1;
+    stats.bytes += e.size;
+    // As the sampler's direct path: compare-and-swap loops (a flush may race).
+    uint64_t seen = stats.min_size.load();
+    while ((seen == 0 || e.size < seen) && !stats.min_size.compare_exchange_weak(seen, e.size)) {
+    }
+    seen = stats.max_size.load();
+    while (e.size > seen && !stats.max_size.compare_exchange_weak(seen, e.size)) {
+    }
+    stats.lifetimes.add(e.lifetime, e.is_short, e.temporary, e.escape, e.calls);
+  }
+  classes[e.size_class].add(e.lifetime, e.is_short, e.temporary, e.escape, e.calls);
+}
+
+void add_pending(PendingSamples& pending, const Event& e) {
+  if (e.site) pending.add_alloc(e.site, e.size);
+  pending.add_free(e.site, e.size_class, e.lifetime, e.is_short, e.temporary, e.escape, e.calls);
+}
+
+TEST(PendingSamples, MergedCountsEqualDirectAddsThroughEvictionsAndFlushes) {
+  auto direct = std::make_unique<StackDepot>();
+  auto merged = std::make_unique<StackDepot>();
+  ASSERT_TRUE(direct->init() && merged->init());
+  auto direct_classes = std::make_unique<LifetimeStats[]>(kMaxClasses);
+  auto merged_classes = std::make_unique<LifetimeStats[]>(kMaxClasses);
+  auto pending = std::make_unique<PendingSamples>();
+  pending->attach(merged.get(), merged_classes.get());
+  // 300 sites and 40 classes through 64 entries: evictions all along; more
+  // events than kFlushEvents: automatic merges too.
+  const std::vector<Event> events = make_events(3 * PendingSamples::kFlushEvents + 77, 300, 42);
+  for (const Event& e : events) {
+    add_directly(*direct, direct_classes.get(), e);
+    ASSERT_TRUE(pending->try_lock());
+    add_pending(*pending, e);
+    pending->unlock();
+  }
+  // Before the last flush, some counts are still pending.
+  uint64_t merged_frees = 0;
+  for (unsigned c = 0; c < kMaxClasses; ++c) merged_frees += merged_classes[c].frees.load();
+  EXPECT_LT(merged_frees, events.size());
+  EXPECT_GE(merged_frees, 3 * PendingSamples::kFlushEvents - PendingSamples::kFlushEvents);
+  ASSERT_TRUE(pending->flush());
+  expect_same_sites(*direct, *merged, 300);
+  for (unsigned c = 0; c < kMaxClasses; ++c) expect_same(direct_classes[c], merged_classes[c], "class " + std::to_string(c));
+  // Flushed: a second flush adds nothing.
+  ASSERT_TRUE(pending->flush());
+  expect_same_sites(*direct, *merged, 300);
+}
+
+TEST(PendingSamples, TheLockKeepsOutOthersAndTheirFlushes) {
+  auto depot = std::make_unique<StackDepot>();
+  ASSERT_TRUE(depot->init());
+  auto classes = std::make_unique<LifetimeStats[]>(kMaxClasses);
+  auto pending = std::make_unique<PendingSamples>();
+  pending->attach(depot.get(), classes.get());
+  ASSERT_TRUE(pending->try_lock());
+  pending->add_alloc(5, 100);
+  EXPECT_FALSE(pending->try_lock());
+  EXPECT_FALSE(pending->try_flush());
+  bool flushed = true;
+  std::thread other([&] { flushed = pending->flush(); });  // waits a little, then gives up
+  other.join();
+  EXPECT_FALSE(flushed);
+  EXPECT_EQ(depot->site(5).allocs.load(), 0u);
+  pending->unlock();
+  EXPECT_TRUE(pending->try_flush());
+  EXPECT_EQ(depot->site(5).allocs.load(), 1u);
+  EXPECT_EQ(depot->site(5).bytes.load(), 100u);
+}
+
+TEST(PendingSamples, AnotherThreadsFlushesWhileTheOwnerCountsLoseNothing) {
+  auto direct = std::make_unique<StackDepot>();
+  auto merged = std::make_unique<StackDepot>();
+  ASSERT_TRUE(direct->init() && merged->init());
+  auto direct_classes = std::make_unique<LifetimeStats[]>(kMaxClasses);
+  auto merged_classes = std::make_unique<LifetimeStats[]>(kMaxClasses);
+  auto pending = std::make_unique<PendingSamples>();
+  pending->attach(merged.get(), merged_classes.get());
+  const std::vector<Event> events = make_events(20000, 90, 7);
+  std::atomic<bool> done{false};
+  std::thread reporter([&] {
+    while (!done.load()) pending->flush();
+  });
+  // The owner as the sampler does it: into its pending counts when it gets
+  // the lock, else straight into the shared ones.
+  for (const Event& e : events) {
+    add_directly(*direct, direct_classes.get(), e);
+    if (pending->try_lock()) {
+      add_pending(*pending, e);
+      pending->unlock();
+    } else {
+      add_directly(*merged, merged_classes.get(), e);
+    }
+  }
+  done = true;
+  reporter.join();
+  ASSERT_TRUE(pending->flush());
+  expect_same_sites(*direct, *merged, 90);
+  for (unsigned c = 0; c < kMaxClasses; ++c) expect_same(direct_classes[c], merged_classes[c], "class " + std::to_string(c));
 }
 
 TEST(FrameActivity, TheAllocatingFunctionIsActiveWhileItsCallersAreTheOuterStack) {
