@@ -151,4 +151,30 @@ class PendingSamples {
   Entry entries_[kEntries] = {};
 };
 
+// A thread's last few sampled stacks and their sites: most sampled
+// allocations come from a stack the thread sampled a moment ago, and a
+// compare with it in the thread's own memory spares the depot's hash and
+// the probe of its shared table (a cache miss or two). Stacks deeper than
+// kDepth go to the depot directly.
+class SiteMemo {
+ public:
+  static constexpr unsigned kEntriesLog2 = 4;
+  static constexpr unsigned kDepth = 32;
+
+  // The site of the stack (as StackDepot::insert), from the memo when it
+  // holds the same stack.
+  uint32_t site_of(StackDepot& depot, const uintptr_t* ips, unsigned depth);
+  void clear();  // a state given to another thread, or the depot's sites gone
+  uint64_t hits() const { return hits_; }
+
+ private:
+  struct Entry {
+    uint32_t site;  // 0: empty
+    uint32_t depth;
+    uintptr_t ips[kDepth];
+  };
+  Entry entries_[1u << kEntriesLog2] = {};
+  uint64_t hits_ = 0;
+};
+
 }  // namespace hotpool::reporter

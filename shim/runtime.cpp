@@ -339,6 +339,7 @@ static ThreadState* attach_thread(const ReentryGuard& guard) {
   state->trace_cache.stack_low = state->trace_cache.stack_high = 0;
   for (SampleStash& stash : state->sample_stash) stash.count = 0;  // emptied when the state was given back
   state->pending.attach(&g_stack_depot, g_class_lifetimes);
+  state->memo_busy = false;  // the memo's sites stay valid: a stack's site is the same in every thread
   if (sampling_active()) find_thread_stack(*state);
   state->sample_countdown = next_sample_interval(*state);
   state->policy_window = kFirstPolicyWindow;

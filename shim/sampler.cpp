@@ -282,7 +282,16 @@ void* sampled_allocate(ThreadState& state, size_t size) {
   reporter::CapturedStack stack;
   capture_stack(&stack);
   if (!stack.cfa) stack.cfa = find_frame_cfa(stack, state, reinterpret_cast<uintptr_t>(&stack + 1));
-  const uint32_t site = g_stack_depot.insert(stack.ips, stack.depth);
+  uint32_t site;
+  if (HOTPOOL_LIKELY(!state.memo_busy)) {
+    state.memo_busy = true;
+    asm volatile("" ::: "memory");
+    site = state.site_memo.site_of(g_stack_depot, stack.ips, stack.depth);
+    asm volatile("" ::: "memory");
+    state.memo_busy = false;
+  } else {
+    site = g_stack_depot.insert(stack.ips, stack.depth);
+  }
   const size_t usable = g_classes.class_size(region_class) - kHeader;
   const unsigned size_class = g_classes.class_of(usable);
   state.stats.record_alloc(g_global, size_class, size, usable);

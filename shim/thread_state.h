@@ -67,6 +67,10 @@ struct ThreadState {
   SampleStash sample_stash[reporter::kMaxClasses];
   // Sampled counts per site and class not yet merged into the shared ones.
   reporter::PendingSamples pending;
+  // The sites of this thread's last sampled stacks; memo_busy while it is
+  // being read or changed (a signal handler's sample then goes to the depot).
+  reporter::SiteMemo site_memo;
+  bool memo_busy;
   // Pooled blocks freed while this thread was inside hotpool (a signal
   // handler that interrupted a cache drain): cached here, not in the bin
   // being rearranged, until the slow path is over. Full: the block leaks.

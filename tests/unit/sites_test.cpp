@@ -249,6 +249,39 @@ TEST(PendingSamples, AnotherThreadsFlushesWhileTheOwnerCountsLoseNothing) {
   for (unsigned c = 0; c < kMaxClasses; ++c) expect_same(direct_classes[c], merged_classes[c], "class " + std::to_string(c));
 }
 
+TEST(SiteMemo, GivesTheDepotsSitesAndSparesItsLookups) {
+  auto depot = std::make_unique<StackDepot>();
+  ASSERT_TRUE(depot->init());
+  auto memo = std::make_unique<SiteMemo>();
+  // 40 stacks (more than the memo's 16 entries), some sharing their first
+  // two frames and differing further out, some deeper than the memo keeps.
+  std::vector<std::vector<uintptr_t>> stacks;
+  for (uintptr_t i = 0; i < 40; ++i) {
+    const unsigned depth = i % 10 == 9 ? SiteMemo::kDepth + 3 : 3 + static_cast<unsigned>(i % 7);
+    std::vector<uintptr_t> stack(depth);
+    for (unsigned f = 0; f < depth; ++f) stack[f] = 0x400000 + (f < 2 ? (i % 5) * 64 + f : i * 4096 + f);
+    stacks.push_back(stack);
+  }
+  uint64_t rounds = 0;
+  for (unsigned round = 0; round < 50; ++round) {
+    for (unsigned pick = 0; pick < 40; ++pick) {
+      // Runs of one stack, as an allocation loop makes them.
+      const auto& stack = stacks[(pick * 7 + round) % 40];
+      for (int again = 0; again < 3; ++again, ++rounds) {
+        const uint32_t site = memo->site_of(*depot, stack.data(), static_cast<unsigned>(stack.size()));
+        ASSERT_NE(site, 0u);
+        ASSERT_EQ(site, depot->insert(stack.data(), static_cast<unsigned>(stack.size())));
+        const uintptr_t* stored = nullptr;
+        ASSERT_EQ(depot->stack(site, &stored), stack.size());
+        for (size_t f = 0; f < stack.size(); ++f) ASSERT_EQ(stored[f], stack[f]);
+      }
+    }
+  }
+  // The repeats within a run hit, for the stacks the memo keeps.
+  EXPECT_GE(memo->hits(), rounds / 2);
+  EXPECT_LT(memo->hits(), rounds);
+}
+
 TEST(FrameActivity, TheAllocatingFunctionIsActiveWhileItsCallersAreTheOuterStack) {
   // Allocation in F (returns to 0xf1), F called from C at 0xc1, C from main at 0xa1.
   const uintptr_t allocation[] = {0xf1, 0xc1, 0xa1};
