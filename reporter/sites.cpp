@@ -80,9 +80,10 @@ void lower(AtomicCounter& counter, uint64_t value) {
 }
 }  // namespace
 
-void PendingSamples::attach(StackDepot* depot, LifetimeStats* class_lifetimes) {
+void PendingSamples::attach(StackDepot* depot, LifetimeStats* class_lifetimes, bool asymmetric) {
   depot_ = depot;
   class_lifetimes_ = class_lifetimes;
+  asymmetric_ = asymmetric;
 }
 
 PendingSamples::Entry& PendingSamples::entry(uint32_t key) {
@@ -140,21 +141,40 @@ void PendingSamples::flush_locked() {
 }
 
 bool PendingSamples::flush() {
-  // The owner holds the lock for a few dozen instructions; a report waits
-  // a little for a thread that was preempted in there, then leaves its
-  // counts out (they are merged later, at the latest when it exits).
-  for (unsigned spins = 0; !try_lock(); ++spins) {
+  // One flusher at a time (a report and the owner's exit may meet here).
+  for (unsigned spins = 0; flusher_.exchange(true, std::memory_order_acquire); ++spins) {
     if (spins >= 256) return false;
     if (spins >= 64) sched_yield();
   }
-  flush_locked();
-  unlock();
-  return true;
+  bool in = false;
+  if (!asymmetric_) {
+    // The owner holds the lock for a few dozen instructions; a report
+    // waits a little for a thread preempted in there, then leaves its
+    // counts out (merged later, at the latest when it exits).
+    for (unsigned spins = 0; !(in = begin()) && spins < 256; ++spins)
+      if (spins >= 64) sched_yield();
+    if (in) {
+      flush_locked();
+      end();
+    }
+  } else {
+    flush_requested_.store(true, std::memory_order_relaxed);
+    if (heavy_fence()) {
+      for (unsigned spins = 0; !(in = !busy_.load(std::memory_order_acquire)) && spins < 256; ++spins)
+        if (spins >= 64) sched_yield();
+    }
+    if (in) flush_locked();
+    flush_requested_.store(false, std::memory_order_release);
+  }
+  flusher_.store(false, std::memory_order_release);
+  return in;
 }
 
-void PendingSamples::clear() {
-  events_ = 0;
-  for (Entry& slot : entries_) slot = Entry{};
+void PendingSamples::reset_after_fork() {
+  locked_.store(false, std::memory_order_relaxed);
+  busy_.store(false, std::memory_order_relaxed);
+  flush_requested_.store(false, std::memory_order_relaxed);
+  flusher_.store(false, std::memory_order_relaxed);
 }
 
 namespace {

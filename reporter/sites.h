@@ -12,6 +12,7 @@
 #include <cstdint>
 
 #include "class_stats.h"
+#include "fence.h"
 
 namespace hotpool::reporter {
 
@@ -87,12 +88,16 @@ class StackDepot {
 // entry is evicted, every kFlushEvents events, and by flush(): at thread
 // exit, before a report (by the reporting thread, for every thread), before
 // the auto policy reads the class lifetimes. A sampled allocation or free
-// then costs one compare-and-swap (the try-lock) instead of up to twelve
-// lock-prefixed adds to shared counters.
+// then costs no lock-prefixed instruction at all instead of up to twelve
+// to shared counters.
 //
-// The lock is the owner's against a reporting thread (and against itself:
-// a signal handler that interrupts the owner in here finds it taken). Who
-// does not get it adds to the shared statistics directly.
+// The owner's section (begin() ... end()) excludes the flushes of other
+// threads by an asymmetric handshake (fence.h): the owner raises `busy`
+// and checks `flush_requested` (compiler barriers only); a flusher raises
+// `flush_requested`, runs a heavy fence and waits for `busy` to fall. A
+// signal handler that interrupts the owner inside its section finds `busy`
+// up. Whoever does not get in adds to the shared statistics directly.
+// Without asymmetric fences, the section is a try-lock (a compare-and-swap).
 class PendingSamples {
  public:
   static constexpr unsigned kEntriesLog2 = 6;
@@ -105,46 +110,66 @@ class PendingSamples {
     LifetimeCounts life;
   };
 
-  // The shared statistics the counts go to (null: none).
-  void attach(StackDepot* depot, LifetimeStats* class_lifetimes);
+  // The shared statistics the counts go to (null: none), and the protocol
+  // (asymmetric: fence.h's handshake, set up already; else a try-lock).
+  void attach(StackDepot* depot, LifetimeStats* class_lifetimes, bool asymmetric);
 
-  bool try_lock() {
-    bool expected = false;
-    return !locked_.load(std::memory_order_relaxed) &&
-           locked_.compare_exchange_strong(expected, true, std::memory_order_acquire);
+  // The owner's section: false when it cannot count here now (a flush is
+  // running, or this is a signal handler inside the owner's own section).
+  bool begin() {
+    if (!asymmetric_) {
+      bool expected = false;
+      return !locked_.load(std::memory_order_relaxed) &&
+             locked_.compare_exchange_strong(expected, true, std::memory_order_acquire);
+    }
+    if (busy_.load(std::memory_order_relaxed)) return false;
+    busy_.store(true, std::memory_order_relaxed);
+    light_fence();
+    if (__builtin_expect(flush_requested_.load(std::memory_order_acquire), 0)) {
+      busy_.store(false, std::memory_order_relaxed);
+      return false;
+    }
+    return true;
   }
-  void unlock() { locked_.store(false, std::memory_order_release); }
+  void end() {
+    if (!asymmetric_) return locked_.store(false, std::memory_order_release);
+    busy_.store(false, std::memory_order_release);
+  }
   // A fork child's view of a thread that no longer exists (its counts may
   // be halfway through an update; they stay approximate).
-  void reset_lock() { locked_.store(false, std::memory_order_relaxed); }
+  void reset_after_fork();
 
-  // With the lock held.
+  // Inside the section.
   void add_alloc(uint32_t site, uint64_t size);
   void add_free(uint32_t site, unsigned size_class, uint64_t lifetime_ns, bool short_lived, bool temporary,
                 Escape escape, uint64_t calls);
-  void flush_locked();
 
-  // Takes the lock (a bounded wait), merges everything; false if the lock
-  // stayed busy (then nothing is merged).
+  // Merges everything, from any thread (the owner outside its section);
+  // waits a little for the owner's section; false if it stayed busy (then
+  // nothing is merged).
   bool flush();
-  // The same without waiting: false (nothing merged) if the lock is taken.
+  // The owner, without waiting: false (nothing merged) if it cannot now.
   bool try_flush() {
-    if (!try_lock()) return false;
+    if (!begin()) return false;
     flush_locked();
-    unlock();
+    end();
     return true;
   }
-  void clear();  // forgets every entry (a recycled thread state)
 
  private:
   static constexpr uint32_t kClassKey = 1u << 20;
   Entry& entry(uint32_t key);
   void merge(Entry& entry);
+  void flush_locked();
   void after_event() {
     if (__builtin_expect(++events_ >= kFlushEvents, 0)) flush_locked();
   }
 
-  std::atomic<bool> locked_{false};
+  bool asymmetric_ = false;
+  std::atomic<bool> locked_{false};           // the try-lock (no asymmetric fences)
+  std::atomic<bool> busy_{false};             // the owner is in its section
+  std::atomic<bool> flush_requested_{false};  // a flusher wants in
+  std::atomic<bool> flusher_{false};          // one flusher at a time
   uint32_t events_ = 0;
   StackDepot* depot_ = nullptr;
   LifetimeStats* class_lifetimes_ = nullptr;

@@ -96,7 +96,7 @@ void flush_dead_thread_cache(ThreadState& state) {
   flush_sample_stash(state, true);
   // The thread may have been inside its pending counts: they stay as they
   // were (perhaps one event short), and go to the shared ones now.
-  state.pending.reset_lock();
+  state.pending.reset_after_fork();
   state.pending.flush();
   if (g_recycler.ready()) g_recycler.flush_after_fork(state.cache);
 }
@@ -338,7 +338,7 @@ static ThreadState* attach_thread(const ReentryGuard& guard) {
   state->trace_cache.count = 0;
   state->trace_cache.stack_low = state->trace_cache.stack_high = 0;
   for (SampleStash& stash : state->sample_stash) stash.count = 0;  // emptied when the state was given back
-  state->pending.attach(&g_stack_depot, g_class_lifetimes);
+  state->pending.attach(&g_stack_depot, g_class_lifetimes, reporter::asymmetric_fences());
   state->memo_busy = false;  // the memo's sites stay valid: a stack's site is the same in every thread
   if (sampling_active()) find_thread_stack(*state);
   state->sample_countdown = next_sample_interval(*state);

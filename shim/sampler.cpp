@@ -43,6 +43,10 @@ __thread bool tls_unwinding __attribute__((tls_model("initial-exec")));
 // a signal handler's capture interrupted another.
 __thread unsigned tls_counted __attribute__((tls_model("initial-exec")));
 constinit bool g_active = false;
+// Captures count themselves in their thread's state (ThreadState::unwinding)
+// rather than in g_unwinding: asymmetric fences are available. Set at
+// start-up and in a fork child only (one thread then).
+constinit bool g_light_gate = false;
 constinit uint64_t g_rate = 0;
 constinit unsigned g_depth = 0;
 constinit uint64_t g_short_ns = 0;
@@ -84,31 +88,49 @@ void lower(reporter::AtomicCounter& counter, uint64_t value) {
 // while a fork is pending (see the fork gate).
 void capture_stack(reporter::CapturedStack* stack) {
   // libunwind may read files: read() is a cancellation point, and malloc
-  // is not; and a thread cancelled while counted in g_unwinding would hold
+  // is not; and a thread cancelled while counted as unwinding would hold
   // every fork back. So cancellation waits until the capture is done
   // (libgcc's walk reaches no cancellation point: only while the program
   // uses cancellation, against an asynchronous one).
   const recycler::CancellationOff cancellation_off(g_unwinder.uses_libunwind());
   stack->depth = 0;
-  // Marked before it counts: a fork() from a signal handler arriving in
-  // between must not wait for this thread (see begin_fork_samples).
-  ++tls_counted;
-  std::atomic_signal_fence(std::memory_order_seq_cst);
-  g_unwinding.fetch_add(1, std::memory_order_seq_cst);
-  if (g_fork_pending.load(std::memory_order_seq_cst) == 0) {
+  ThreadState* const state = tls.state;
+  // The fork gate: this thread counts itself as unwinding, then looks for a
+  // pending fork; the forking thread announces itself, then waits for the
+  // count to fall. With asymmetric fences the count is this thread's own
+  // (plain stores and a compiler barrier; the forker's membarrier does the
+  // rest), else the shared one (two lock-prefixed operations).
+  const bool own_count = state && g_light_gate;
+  if (own_count) {
+    // Nested captures (a signal handler's) count on: the count stays up
+    // until the outermost is done.
+    state->unwinding.store(state->unwinding.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
+    reporter::light_fence();
+  } else {
+    // Marked before it counts: a fork() from a signal handler arriving in
+    // between must not wait for this thread (see begin_fork_samples).
+    ++tls_counted;
+    std::atomic_signal_fence(std::memory_order_seq_cst);
+    g_unwinding.fetch_add(1, std::memory_order_seq_cst);
+  }
+  if (g_fork_pending.load(own_count ? std::memory_order_relaxed : std::memory_order_seq_cst) == 0) {
     ReentryGuard guard;
     // The thread's trace cache, unless this capture interrupted another
     // one on this thread (a signal handler that allocates).
-    ThreadState* state = tls.state;
     reporter::TraceCache* cache = state && !tls_unwinding ? &state->trace_cache : nullptr;
     const bool nested = tls_unwinding;
     tls_unwinding = true;
     g_unwinder.capture(g_depth, stack, cache);
     tls_unwinding = nested;
   }
-  decrement_to_zero(g_unwinding);
-  std::atomic_signal_fence(std::memory_order_seq_cst);
-  --tls_counted;
+  if (own_count) {
+    reporter::light_fence();
+    state->unwinding.store(state->unwinding.load(std::memory_order_relaxed) - 1, std::memory_order_release);
+  } else {
+    decrement_to_zero(g_unwinding);
+    std::atomic_signal_fence(std::memory_order_seq_cst);
+    --tls_counted;
+  }
 }
 
 // Whether the function that made a sampled allocation is still active on
@@ -209,6 +231,8 @@ bool start_sampling(const ReentryGuard&) {
   }
   g_limit = g_classes.max_class_size() - kHeader;
   g_clock.init();
+  // For the pending sample counts (PendingSamples) and the fork gate.
+  g_light_gate = reporter::init_asymmetric_fences();
   g_active = true;
   return true;
 }
@@ -305,9 +329,9 @@ void* sampled_allocate(ThreadState& state, size_t size) {
   header->frame_cfa = stack.cfa;
   header->caller_return = stack.depth > 1 ? stack.ips[1] : 0;
   if (site) {
-    if (HOTPOOL_LIKELY(state.pending.try_lock())) {
+    if (HOTPOOL_LIKELY(state.pending.begin())) {
       state.pending.add_alloc(site, size);
-      state.pending.unlock();
+      state.pending.end();
     } else {  // a report is merging this thread's counts, or this is a signal handler's sample
       reporter::SiteStats& stats = g_stack_depot.site(site);
       stats.allocs.fetch_add(1, std::memory_order_relaxed);
@@ -363,9 +387,9 @@ void sampled_free_record(void* block) {
   const uint64_t calls = same_thread ? ops - header->thread_ops : 0;
   const size_t usable = g_classes.class_size(region_class) - kHeader;
   const unsigned size_class = g_classes.class_of(usable);
-  if (HOTPOOL_LIKELY(state != nullptr) && HOTPOOL_LIKELY(state->pending.try_lock())) {
+  if (HOTPOOL_LIKELY(state != nullptr) && HOTPOOL_LIKELY(state->pending.begin())) {
     state->pending.add_free(header->site, size_class, lifetime, is_short, temporary, escape, calls);
-    state->pending.unlock();
+    state->pending.end();
   } else {
     if (header->site) g_stack_depot.site(header->site).lifetimes.add(lifetime, is_short, temporary, escape, calls);
     g_class_lifetimes[size_class].add(lifetime, is_short, temporary, escape, calls);
@@ -445,6 +469,21 @@ void begin_fork_samples() {
   for (unsigned spins = 0; g_unwinding.load(std::memory_order_seq_cst) > own; ++spins) {
     if (spins < 64) __builtin_ia32_pause(); else sched_yield();
   }
+  if (!g_light_gate) return;
+  // Every thread's own count (this thread's own is its interrupted capture's,
+  // if any: not waited for). The heavy fence pairs with the light one in
+  // capture_stack: after it, a thread either shows its count here or sees
+  // the pending fork there. Should the kernel refuse it, a full fence here
+  // leaves a capture starting at this very moment unseen: the wait below
+  // still catches every capture already counted.
+  if (!reporter::heavy_fence()) std::atomic_thread_fence(std::memory_order_seq_cst);
+  const ThreadState* self = tls.state;
+  g_registry.for_each_carved([self](ThreadState& state) {
+    if (&state == self) return;
+    for (unsigned spins = 0; state.unwinding.load(std::memory_order_acquire) != 0; ++spins) {
+      if (spins < 64) __builtin_ia32_pause(); else sched_yield();
+    }
+  });
 }
 bool try_lock_samples() {
   for (unsigned c = 0; c < g_sample_region.class_count(); ++c) {
@@ -462,6 +501,15 @@ void end_fork_samples() {
   decrement_to_zero(g_fork_pending);
 }
 void reset_sample_locks() {
+  // The other threads' counts: they do not exist here (one may have been
+  // counted, past the gate, when the fork came). This thread's own stays:
+  // an interrupted capture of its own uncounts itself.
+  const ThreadState* self = tls.state;
+  g_registry.for_each_carved([self](ThreadState& state) {
+    if (&state != self) state.unwinding.store(0, std::memory_order_relaxed);
+  });
+  // membarrier's registration belongs to the parent's address space.
+  if (g_active) g_light_gate = reporter::init_asymmetric_fences();
   // Only this thread is left, and no capture or fork() of it needs
   // waiting for here: a capture or an outer fork() that its handler
   // interrupted goes on and uncounts itself (decrement_to_zero).

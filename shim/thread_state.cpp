@@ -34,6 +34,9 @@ ThreadState* ThreadRegistry::carve_locked() {
   }
   ThreadState* state = new (carve_next_) ThreadState{};  // mmap'd memory is zero already
   carve_next_ += kStateSize;
+  // Published complete (a forking thread walks the list without the lock).
+  state->next_carved = carved_.load(std::memory_order_relaxed);
+  carved_.store(state, std::memory_order_release);
   return state;
 }
 

@@ -59,6 +59,10 @@ struct ThreadState {
   uintptr_t stack_low;
   uintptr_t stack_high;
   reporter::TraceCache trace_cache;  // the last stack captured (libgcc's unwinder)
+  // Captures in progress on this thread (the fork gate, see capture_stack):
+  // written by the thread, read by a forking one.
+  std::atomic<uint32_t> unwinding;
+  ThreadState* next_carved;  // every state ever carved, newest first (never unlinked)
   // Per sample-region class, a few freed sampled blocks kept for this
   // thread's next samples of the class instead of going back to the depot
   // (HOTPOOL_SAMPLE=1 would take the depot's lock twice per allocation).
@@ -141,6 +145,13 @@ class ThreadRegistry {
   bool has_fallback() const { return fallback_ != nullptr; }
   reporter::ThreadClassStats& fallback() { return fallback_->stats; }
 
+  // Calls `visit` for every state ever carved (active, free, the fallback),
+  // without the registry's lock: the list only grows, at its head, and
+  // states are never unmapped.
+  template <typename Visit>
+  void for_each_carved(Visit visit) {
+    for (ThreadState* state = carved_.load(std::memory_order_acquire); state; state = state->next_carved) visit(*state);
+  }
   // Calls `visit` for every active thread's state, under the registry's lock.
   void for_each_active(void (*visit)(ThreadState&), const ReentryGuard&);
   // Sums everything into *out (pool counters of the thread caches too).
@@ -162,6 +173,7 @@ class ThreadRegistry {
   ThreadState* active_ = nullptr;
   ThreadState* free_ = nullptr;
   ThreadState* fallback_ = nullptr;
+  std::atomic<ThreadState*> carved_{nullptr};
   char* carve_next_ = nullptr;   // unused part of the last mmap'd chunk
   char* carve_end_ = nullptr;
   uint64_t active_count_ = 0;

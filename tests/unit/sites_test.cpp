@@ -167,22 +167,35 @@ void add_pending(PendingSamples& pending, const Event& e) {
   pending.add_free(e.site, e.size_class, e.lifetime, e.is_short, e.temporary, e.escape, e.calls);
 }
 
-TEST(PendingSamples, MergedCountsEqualDirectAddsThroughEvictionsAndFlushes) {
+// Each test runs with both protocols: the asymmetric handshake (membarrier)
+// and the try-lock hotpool falls back to without it.
+class PendingSamplesTest : public ::testing::TestWithParam<bool> {
+ protected:
+  void SetUp() override {
+    if (GetParam() && !init_asymmetric_fences()) GTEST_SKIP() << "membarrier(2) is not available here";
+  }
+  std::unique_ptr<PendingSamples> make(StackDepot* depot, LifetimeStats* classes) {
+    auto pending = std::make_unique<PendingSamples>();
+    pending->attach(depot, classes, GetParam());
+    return pending;
+  }
+};
+
+TEST_P(PendingSamplesTest, MergedCountsEqualDirectAddsThroughEvictionsAndFlushes) {
   auto direct = std::make_unique<StackDepot>();
   auto merged = std::make_unique<StackDepot>();
   ASSERT_TRUE(direct->init() && merged->init());
   auto direct_classes = std::make_unique<LifetimeStats[]>(kMaxClasses);
   auto merged_classes = std::make_unique<LifetimeStats[]>(kMaxClasses);
-  auto pending = std::make_unique<PendingSamples>();
-  pending->attach(merged.get(), merged_classes.get());
+  auto pending = make(merged.get(), merged_classes.get());
   // 300 sites and 40 classes through 64 entries: evictions all along; more
   // events than kFlushEvents: automatic merges too.
   const std::vector<Event> events = make_events(3 * PendingSamples::kFlushEvents + 77, 300, 42);
   for (const Event& e : events) {
     add_directly(*direct, direct_classes.get(), e);
-    ASSERT_TRUE(pending->try_lock());
+    ASSERT_TRUE(pending->begin());
     add_pending(*pending, e);
-    pending->unlock();
+    pending->end();
   }
   // Before the last flush, some counts are still pending.
   uint64_t merged_frees = 0;
@@ -197,49 +210,52 @@ TEST(PendingSamples, MergedCountsEqualDirectAddsThroughEvictionsAndFlushes) {
   expect_same_sites(*direct, *merged, 300);
 }
 
-TEST(PendingSamples, TheLockKeepsOutOthersAndTheirFlushes) {
+TEST_P(PendingSamplesTest, TheOwnersSectionKeepsOutFlushesAndNestedSections) {
   auto depot = std::make_unique<StackDepot>();
   ASSERT_TRUE(depot->init());
   auto classes = std::make_unique<LifetimeStats[]>(kMaxClasses);
-  auto pending = std::make_unique<PendingSamples>();
-  pending->attach(depot.get(), classes.get());
-  ASSERT_TRUE(pending->try_lock());
+  auto pending = make(depot.get(), classes.get());
+  ASSERT_TRUE(pending->begin());
   pending->add_alloc(5, 100);
-  EXPECT_FALSE(pending->try_lock());
-  EXPECT_FALSE(pending->try_flush());
+  EXPECT_FALSE(pending->begin());  // as a signal handler inside the section finds it
   bool flushed = true;
   std::thread other([&] { flushed = pending->flush(); });  // waits a little, then gives up
   other.join();
   EXPECT_FALSE(flushed);
   EXPECT_EQ(depot->site(5).allocs.load(), 0u);
-  pending->unlock();
+  pending->end();
   EXPECT_TRUE(pending->try_flush());
   EXPECT_EQ(depot->site(5).allocs.load(), 1u);
   EXPECT_EQ(depot->site(5).bytes.load(), 100u);
+  // After a flush (given up or done) the owner gets in again.
+  EXPECT_TRUE(pending->begin());
+  pending->end();
 }
 
-TEST(PendingSamples, AnotherThreadsFlushesWhileTheOwnerCountsLoseNothing) {
+TEST_P(PendingSamplesTest, AnotherThreadsFlushesWhileTheOwnerCountsLoseNothing) {
   auto direct = std::make_unique<StackDepot>();
   auto merged = std::make_unique<StackDepot>();
   ASSERT_TRUE(direct->init() && merged->init());
   auto direct_classes = std::make_unique<LifetimeStats[]>(kMaxClasses);
   auto merged_classes = std::make_unique<LifetimeStats[]>(kMaxClasses);
-  auto pending = std::make_unique<PendingSamples>();
-  pending->attach(merged.get(), merged_classes.get());
+  auto pending = make(merged.get(), merged_classes.get());
   const std::vector<Event> events = make_events(20000, 90, 7);
   std::atomic<bool> done{false};
+  std::atomic<uint64_t> flushes{0};
   std::thread reporter([&] {
-    while (!done.load()) pending->flush();
+    while (!done.load()) flushes += pending->flush();
   });
   // The owner as the sampler does it: into its pending counts when it gets
-  // the lock, else straight into the shared ones.
+  // in, else straight into the shared ones.
+  uint64_t direct_adds = 0;
   for (const Event& e : events) {
     add_directly(*direct, direct_classes.get(), e);
-    if (pending->try_lock()) {
+    if (pending->begin()) {
       add_pending(*pending, e);
-      pending->unlock();
+      pending->end();
     } else {
       add_directly(*merged, merged_classes.get(), e);
+      ++direct_adds;
     }
   }
   done = true;
@@ -247,7 +263,14 @@ TEST(PendingSamples, AnotherThreadsFlushesWhileTheOwnerCountsLoseNothing) {
   ASSERT_TRUE(pending->flush());
   expect_same_sites(*direct, *merged, 90);
   for (unsigned c = 0; c < kMaxClasses; ++c) expect_same(direct_classes[c], merged_classes[c], "class " + std::to_string(c));
+  EXPECT_GT(flushes.load(), 0u);
+  EXPECT_LT(direct_adds, events.size());
 }
+
+INSTANTIATE_TEST_SUITE_P(Protocols, PendingSamplesTest, ::testing::Values(true, false),
+                         [](const ::testing::TestParamInfo<bool>& param_info) {
+                           return param_info.param ? "AsymmetricFences" : "TryLock";
+                         });
 
 TEST(SiteMemo, GivesTheDepotsSitesAndSparesItsLookups) {
   auto depot = std::make_unique<StackDepot>();
