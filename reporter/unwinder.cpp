@@ -309,7 +309,7 @@ __attribute__((noinline)) bool Unwinder::capture(unsigned depth, CapturedStack* 
     // a libgcc walk that rejoins a truncated capture cannot take its frames.
     got = cached ? replay(own_return, own_cfa, raw, cfas, capacity, *cache) : -1;
     if (got >= 0) {
-      replayed_.store(replayed_.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
+      ++cache->replayed;
     } else {
       // With a cache the whole stack is kept (up to kMaxDepth frames), not
       // only what this capture reports: a later capture that rejoins it
@@ -334,7 +334,7 @@ __attribute__((noinline)) bool Unwinder::capture(unsigned depth, CapturedStack* 
       const int status = reinterpret_cast<Backtrace>(gcc_backtrace_)(gcc_frame, &trace);
       got = trace.count;
       if (!trace.walked) trace.walked = got;
-      walked_.store(walked_.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
+      if (cached) ++cache->walked;
       // _URC_END_OF_STACK: libgcc found no caller beyond the last frame.
       if (learning) learn(raw, cfas, rbps, trace.walked, got, trace.outermost || status == 5, own_return, own_cfa);
     }

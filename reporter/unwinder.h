@@ -25,6 +25,9 @@ inline constexpr unsigned kLeadingFrames = 12;
 // still in its slot (the word below the CFA that comes with it). Reads of
 // those slots stay inside [stack_low, stack_high), the thread's stack.
 struct TraceCache {
+  // Captures through this cache replayed from the frame table, and walked
+  // by libgcc (per thread: shared counters would bounce between CPUs).
+  uint64_t replayed, walked;
   unsigned count;
   bool truncated;  // the stack went on beyond ips[count - 1]
   uintptr_t stack_low, stack_high;
@@ -107,9 +110,6 @@ class Unwinder {
   // With a cache, libgcc's walks are replayed from the frame table when it
   // knows every frame (see FrameTable).
   bool capture(unsigned depth, CapturedStack* out, TraceCache* cache = nullptr) const;
-  // Captures replayed from the frame table and walked by libgcc (tests).
-  uint64_t replayed() const { return replayed_.load(std::memory_order_relaxed); }
-  uint64_t walked() const { return walked_.load(std::memory_order_relaxed); }
   const FrameTable& frame_table() const { return frames_; }
   void forget_frames() const { frames_.clear(); }
 
@@ -135,8 +135,6 @@ class Unwinder {
   // sees of its own frame (the replay would start from the wrong place).
   mutable std::atomic<bool> replay_ok_{true};
   mutable std::atomic<uintptr_t> first_frame_{0};  // libgcc's frame 0: where capture() calls it
-  // Relaxed loads and stores, not read-modify-writes: approximate across threads.
-  mutable std::atomic<uint64_t> replayed_{0}, walked_{0};
   uintptr_t skip_[8][2] = {};
   unsigned skip_count_ = 0;
 };

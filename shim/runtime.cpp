@@ -238,6 +238,9 @@ void boot_at_load() {
   if (g_phase.load(std::memory_order_acquire) != Phase::Recording || g_options.sample == 0) return;
   ReentryGuard guard;
   if (start_sampling(guard) && tls.state) {
+    // This thread attached before sampling began: its pending counts take
+    // the protocol sampling set up (no other thread uses them yet).
+    tls.state->pending.attach(&g_stack_depot, g_class_lifetimes, reporter::asymmetric_fences());
     tls.state->sample_countdown = next_sample_interval(*tls.state);
     find_thread_stack(*tls.state);
   }
