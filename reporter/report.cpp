@@ -45,7 +45,8 @@ constinit SiteRow g_rows[kMaxRows];  // the report runs under its lock: one at a
 
 unsigned collect_sites(const SamplingView& view) {
   unsigned count = 0;
-  for (uint32_t id = 1; id < StackDepot::kSlots && count < kMaxRows; ++id) {
+  const uint32_t ids = view.depot->id_limit();
+  for (uint32_t id = 1; id < ids && count < kMaxRows; ++id) {
     const SiteStats& site = view.depot->site(id);
     const uint64_t allocs = load(site.allocs);
     if (allocs == 0) continue;

@@ -208,9 +208,10 @@ uint64_t hash_stack(const uintptr_t* ips, unsigned depth) {
 bool StackDepot::init() {
   arena_words_ = size_t{kSlots} * 24;  // room for every slot at an average depth of 23
   slots_ = static_cast<std::atomic<uint64_t>*>(map_noreserve(kSlots * sizeof(uint64_t)));
+  offsets_ = static_cast<uint32_t*>(map_noreserve(kSlots * sizeof(uint32_t)));
   sites_ = static_cast<SiteStats*>(map_noreserve(kSlots * sizeof(SiteStats)));
   arena_ = static_cast<uintptr_t*>(map_noreserve(arena_words_ * sizeof(uintptr_t)));
-  if (!slots_ || !sites_ || !arena_) slots_ = nullptr;
+  if (!slots_ || !offsets_ || !sites_ || !arena_) slots_ = nullptr;
   return slots_ != nullptr;
 }
 
@@ -219,36 +220,40 @@ uint32_t StackDepot::insert(const uintptr_t* ips, unsigned depth) {
   const uint64_t hash = hash_stack(ips, depth);
   const uint64_t tag = (hash >> 32) << 32;
   for (uint32_t probe = 0; probe < 64; ++probe) {
-    uint32_t index = static_cast<uint32_t>((hash + probe) & (kSlots - 1));
-    if (index == 0) continue;  // 0 means "no site"
+    const uint32_t index = static_cast<uint32_t>((hash + probe) & (kSlots - 1));
     uint64_t slot = slots_[index].load(std::memory_order_acquire);
     if (slot == 0) {
-      // Claim space for the trace, then publish it with a CAS; a lost race
-      // leaves the claimed words unused (rare, bounded by the arena).
+      // Claim space and an id for the trace, then publish it with a CAS; a
+      // lost race leaves the claimed words and id unused (rare, bounded).
       const size_t offset = arena_used_.fetch_add(depth + 1, std::memory_order_relaxed);
       if (offset + depth + 1 > arena_words_) return 0;
-      arena_[offset] = tag | depth;
+      const uint32_t id = next_id_.fetch_add(1, std::memory_order_relaxed);
+      if (id >= kSlots) return 0;
+      arena_[offset] = depth;
       for (unsigned i = 0; i < depth; ++i) arena_[offset + 1 + i] = ips[i];
+      offsets_[id] = static_cast<uint32_t>(offset + 1);
       uint64_t expected = 0;
-      if (slots_[index].compare_exchange_strong(expected, offset + 1, std::memory_order_acq_rel)) return index;
+      if (slots_[index].compare_exchange_strong(expected, tag | id, std::memory_order_acq_rel)) return id;
       slot = expected;  // someone else filled the slot: compare with theirs
     }
-    const uintptr_t* stored = arena_ + (slot - 1);
-    if ((stored[0] >> 32 << 32) != tag || (stored[0] & 0xffffffffu) != depth) continue;
+    if ((slot >> 32 << 32) != tag) continue;
+    const uint32_t id = static_cast<uint32_t>(slot);
+    const uintptr_t* stored = arena_ + (offsets_[id] - 1);
+    if (stored[0] != depth) continue;
     bool same = true;
     for (unsigned i = 0; i < depth && same; ++i) same = stored[1 + i] == ips[i];
-    if (same) return index;
+    if (same) return id;
   }
   return 0;
 }
 
 unsigned StackDepot::stack(uint32_t id, const uintptr_t** ips) const {
-  if (!slots_ || id == 0 || id >= kSlots) return 0;
-  const uint64_t slot = slots_[id].load(std::memory_order_acquire);
-  if (slot == 0) return 0;
-  const uintptr_t* stored = arena_ + (slot - 1);
+  if (!slots_ || id == 0 || id >= id_limit()) return 0;
+  const uint32_t offset = offsets_[id];
+  if (offset == 0) return 0;
+  const uintptr_t* stored = arena_ + (offset - 1);
   *ips = stored + 1;
-  return static_cast<unsigned>(stored[0] & 0xffffffffu);
+  return static_cast<unsigned>(stored[0]);
 }
 
 uint32_t SiteMemo::site_of(StackDepot& depot, const uintptr_t* ips, unsigned depth) {

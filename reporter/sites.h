@@ -69,18 +69,28 @@ class StackDepot {
   bool init();  // mmap'd, untouched until used
   bool ready() const { return slots_ != nullptr; }
   // The site of a stack: an id in [1, kSlots), or 0 when the depot is full.
+  // Ids are handed out in order, so that the sites' statistics fill their
+  // array from its start (a page per site would be resident otherwise).
   uint32_t insert(const uintptr_t* ips, unsigned depth);
   // The stack of a site (depth; *ips set), 0 for an unknown id.
   unsigned stack(uint32_t id, const uintptr_t** ips) const;
   SiteStats& site(uint32_t id) { return sites_[id]; }
   const SiteStats& site(uint32_t id) const { return sites_[id]; }
+  // Every id handed out is below this (some, lost in races, name no stack).
+  uint32_t id_limit() const {
+    const uint32_t next = next_id_.load(std::memory_order_acquire);
+    return next < kSlots ? next : kSlots;
+  }
 
  private:
-  std::atomic<uint64_t>* slots_ = nullptr;  // 0: empty; else 1 + offset of the trace in arena_
-  SiteStats* sites_ = nullptr;
-  uintptr_t* arena_ = nullptr;  // traces: [hash << 32 | depth][ips...]
+  // The hash table: 0 empty, else (hash >> 32) << 32 | id.
+  std::atomic<uint64_t>* slots_ = nullptr;
+  uint32_t* offsets_ = nullptr;  // per id: 1 + the offset of its trace in arena_ (0: none)
+  SiteStats* sites_ = nullptr;   // per id
+  uintptr_t* arena_ = nullptr;   // traces: [depth][ips...]
   std::atomic<size_t> arena_used_{0};
   size_t arena_words_ = 0;
+  std::atomic<uint32_t> next_id_{1};
 };
 
 // A thread's sampled counts for the sites and size classes it used last,
