@@ -22,8 +22,8 @@ constinit reporter::LifetimeStats g_class_lifetimes[reporter::kMaxClasses]{};
 
 namespace {
 
-constexpr uint64_t kLive = 0x686f74706f6f6c21ull;   // "hotpool!"
-constexpr uint64_t kFreed = 0x667265656421ull;
+constexpr uint32_t kLive = 0x21706f68u;   // "hop!"
+constexpr uint32_t kFreed = 0x65657266u;  // "free"
 constexpr size_t kHeader = sizeof(SampleHeader);
 
 constinit reporter::Unwinder g_unwinder{};
@@ -230,6 +230,7 @@ bool start_sampling(const ReentryGuard&) {
     return false;
   }
   g_limit = g_classes.max_class_size() - kHeader;
+  if (g_limit > UINT32_MAX) g_limit = UINT32_MAX;  // SampleHeader::requested
   g_clock.init();
   // For the pending sample counts (PendingSamples) and the fork gate.
   g_light_gate = reporter::init_asymmetric_fences();
@@ -322,7 +323,7 @@ void* sampled_allocate(ThreadState& state, size_t size) {
   auto* header = static_cast<SampleHeader*>(raw);
   header->site = site;
   header->thread = state.ordinal;
-  header->requested = size;
+  header->requested = static_cast<uint32_t>(size);  // size <= g_limit, below the largest class
   header->alloc_ns = now_ns();
   header->thread_ops = state.stats.ops.load(std::memory_order_relaxed);
   header->state = kLive;

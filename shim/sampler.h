@@ -22,15 +22,15 @@ namespace hotpool::shim {
 struct SampleHeader {
   uint32_t site;             // StackDepot id (0: the stack could not be captured)
   uint32_t thread;           // ThreadState::ordinal of the allocating thread
-  uint64_t requested;        // bytes the program asked for
+  uint32_t requested;        // bytes the program asked for (sampled requests stay below 4 GiB)
+  uint32_t state;            // kLive while allocated, kFreed after
   uint64_t alloc_ns;         // monotonic time of the allocation
   uint64_t thread_ops;       // the thread's allocator calls, this one included
-  uint64_t state;            // kLive while allocated, kFreed after
   uintptr_t frame_cfa;       // the allocating function's frame (its CFA), 0 if unknown
   uintptr_t caller_return;   // its return address, stored just below frame_cfa while it is active
-  uint64_t unused;
 };
-static_assert(sizeof(SampleHeader) == 64, "the header keeps blocks 16-byte aligned");
+// 48 bytes: blocks stay 16-byte aligned, and a 16-byte request takes 64.
+static_assert(sizeof(SampleHeader) == 48, "the header keeps blocks 16-byte aligned");
 
 extern recycler::PoolRegion g_sample_region;
 extern reporter::StackDepot g_stack_depot;
