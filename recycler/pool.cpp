@@ -123,10 +123,10 @@ Slab* ClassDepot::carve_slab() {
   slab->free_blocks = geometry_.blocks;
   slab->list = kNone;
   slab->released = 0;
-  mark_free_blocks(slab);
-  // Published after the metadata: check_block() reads the count lock-free.
+  // No block is written here: a block's page is touched when the block is
+  // first handed out (refill_locked), which also moves the frontier that
+  // tells blocks handed out from the rest (carved_bytes_).
   carved_slabs_.store(index + 1, std::memory_order_release);
-  carved_bytes_.store((index + 1) << geometry_.slab_shift, std::memory_order_release);
   const uint64_t committed = counters_.committed_bytes.fetch_add(geometry_.slab_bytes(), std::memory_order_relaxed) +
                              geometry_.slab_bytes();
   raise_atomic(counters_.peak_committed_bytes, committed);
@@ -159,14 +159,28 @@ unsigned ClassDepot::refill_locked(void** out, unsigned want, uint64_t now_ns) {
     }
     uint64_t* bits = bitmap(slab);
     char* memory = slab_memory(slab);
+    // Lowest blocks first: in the newest slab, every block below the
+    // frontier has been handed out before, none above it has.
+    size_t frontier = carved_bytes_.load(std::memory_order_relaxed);
+    const size_t frontier_before = frontier;
     for (uint32_t w = 0; w < geometry_.bitmap_words && taken < want; ++w) {
       while (bits[w] && taken < want) {
         const unsigned bit = static_cast<unsigned>(__builtin_ctzll(bits[w]));
         bits[w] &= bits[w] - 1;
-        out[taken++] = memory + size_t{w * 64 + bit} * geometry_.size;
+        char* block = memory + size_t{w * 64 + bit} * geometry_.size;
+        out[taken++] = block;
         --slab->free_blocks;
+        const size_t end = static_cast<size_t>(block - area_) + geometry_.size;
+        if (end > frontier) {
+          // Handed out for the first time: into a thread cache, still free,
+          // so it gets its free marker now (its first write).
+          if (marker_key_) *reinterpret_cast<uint64_t*>(block) = marker_key_ ^ reinterpret_cast<uintptr_t>(block);
+          frontier = end;
+        }
       }
     }
+    // Before the blocks leave the lock: a free() of one checks the frontier.
+    if (frontier != frontier_before) carved_bytes_.store(frontier, std::memory_order_release);
     if (slab->free_blocks) push(partial_, slab, kPartial);
   }
   counters_.depot_free_bytes.fetch_sub(uint64_t{taken} * geometry_.size, std::memory_order_relaxed);
@@ -237,7 +251,7 @@ size_t ClassDepot::release_empty(uint64_t now_ns, uint64_t idle_ns, size_t keep_
 
 const char* ClassDepot::check_block(const void* block) const {
   const size_t offset = static_cast<size_t>(static_cast<const char*>(block) - area_);
-  if ((offset >> geometry_.slab_shift) >= carved_slabs_.load(std::memory_order_acquire))
+  if (offset >= carved_bytes_.load(std::memory_order_acquire))
     return "free() of a pointer into pool memory that was never handed out";
   const size_t in_slab = offset & (geometry_.slab_bytes() - 1);
   const uint32_t index = geometry_.index_of(in_slab);

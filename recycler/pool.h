@@ -76,9 +76,12 @@ class ClassDepot {
  public:
   // Sets up the class's area [area, area + area_bytes) and its metadata.
   // Returns false if the metadata mapping fails (the class then never pools).
-  // `marker_key`: when non-zero, every block of a new (or reused released)
-  // slab gets its free marker (key ^ address) in its first word, so that a
-  // free() of a block never handed out is recognised as a double free.
+  // `marker_key`: when non-zero, a block gets its free marker (key ^
+  // address) in its first word when it is first handed out (into a thread
+  // cache, still free), and every free block of a released slab when the
+  // slab is used again, so that a free() of a block nobody allocated is
+  // recognised as a double free. (Blocks never handed out lie above the
+  // frontier: a free() of one is refused as memory never handed out.)
   bool init(uint32_t block_size, char* area, size_t area_bytes, uint64_t marker_key = 0);
 
   // Hands out up to `want` blocks (fewer when the area is exhausted).
@@ -98,8 +101,8 @@ class ClassDepot {
   size_t release_empty(uint64_t now_ns, uint64_t idle_ns, size_t keep_bytes);
 
   // FAST PATH: true when `block` (a pointer into this class's area) is the
-  // start of a block in a carved slab. One load, a multiply-high, a multiply
-  // and three compares folded into one branch.
+  // start of a block handed out before (below the frontier). One load, a
+  // multiply and a rotate, and three compares folded into one branch.
   bool is_block_start(const void* block) const {
     const size_t offset = static_cast<size_t>(static_cast<const char*>(block) - area_);
     const size_t in_slab = offset & slab_mask_;
@@ -130,7 +133,13 @@ class ClassDepot {
   char* area_ = nullptr;
   size_t max_slabs_ = 0;
   std::atomic<size_t> carved_slabs_{0};
-  std::atomic<size_t> carved_bytes_{0};  // carved_slabs_ << slab_shift, for is_block_start
+  // The frontier, for is_block_start: the end of the highest block ever
+  // handed out. Blocks are handed out lowest first and a slab is carved only
+  // when the others have none free, so every block below it was handed out
+  // at least once (a free() of one above it is of memory never allocated),
+  // and the pages above it were never touched (a carved slab costs no RSS
+  // until its blocks are used).
+  std::atomic<size_t> carved_bytes_{0};
   size_t slab_mask_ = 0;                 // slab bytes - 1
   size_t block_span_ = 0;                // blocks * size: the used part of a slab
   uint64_t marker_key_ = 0;

@@ -112,9 +112,9 @@ inline thread_local unsigned tls_cancellation_off __attribute__((tls_model("init
 // shim interposes pthread_cancel and pthread_setcanceltype and sets it
 // first). Until then no cancellation is pending anywhere, and the scopes
 // that reach no cancellation point (the depots' locked sections, libgcc's
-// stack walk) skip the four calls into glibc (a lock-prefixed
-// read-modify-write each): about 20 ns per pool refill or drain, and per
-// sampled allocation.
+// stack walk) skip the four calls into glibc (each a compare-and-swap on
+// the thread's cancellation word in glibc 2.36), per pool refill or drain
+// and per sampled allocation.
 //
 // Not covered: a thread that runs a signal handler while glibc has its
 // cancellation type asynchronous inside a blocking call (as glibc does in

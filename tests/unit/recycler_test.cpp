@@ -2,6 +2,9 @@
 
 #include <gtest/gtest.h>
 
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <cstring>
 #include <memory>
@@ -242,13 +245,35 @@ TEST_F(RecyclerDeathTest, DoubleFreeAfterTheBlockMovedToTheDepot) {
 }
 
 TEST_F(RecyclerDeathTest, FreeOfABlockNeverHandedOutAborts) {
-  // Blocks of a new slab carry their free marker until they are handed out,
-  // so freeing one still in the depot, or one still in a cache, is caught.
+  // A block refilled into a cache carries its free marker until the program
+  // gets it; a block of the slab never handed out lies above the frontier.
   char* block = static_cast<char*>(recycler_->allocate(*cache_, cls(48)));
   char* in_cache = block - 48;                                   // refilled, not handed out
-  char* in_depot = block + 48 * 100;                             // same slab, still in the depot
+  char* in_depot = block + 48 * 100;                             // same slab, never handed out
   EXPECT_DEATH(recycler_->deallocate(*cache_, in_cache), "hotpool: double free of a pooled block \\(it is in this thread's cache\\)");
-  EXPECT_DEATH(recycler_->deallocate(*cache_, in_depot), "hotpool: double free of a pooled block \\(it is back in the pool's depot\\)");
+  EXPECT_DEATH(recycler_->deallocate(*cache_, in_depot), "hotpool: free\\(\\) of a pointer into pool memory that was never handed out");
+  EXPECT_DEATH(recycler_->deallocate_uncached(in_depot), "hotpool: free\\(\\) of a pointer into pool memory that was never handed out");
+}
+
+TEST_F(RecyclerTest, ACarvedSlabCostsMemoryOnlyForTheBlocksHandedOut) {
+  // Carving writes nothing into the slab: its pages become resident as its
+  // blocks are handed out (a refill brings two 1 KiB blocks here).
+  char* block = static_cast<char*>(recycler_->allocate(*cache_, cls(1024)));
+  ASSERT_NE(block, nullptr);
+  const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  const ClassDepot& d = depot(1024);
+  char* slab = reinterpret_cast<char*>(reinterpret_cast<uintptr_t>(block) & ~(d.geometry().slab_bytes() - 1));
+  std::vector<unsigned char> resident(d.geometry().slab_bytes() / page);
+  ASSERT_EQ(mincore(slab, d.geometry().slab_bytes(), resident.data()), 0);
+  const size_t pages = static_cast<size_t>(std::count_if(resident.begin(), resident.end(), [](unsigned char r) { return r & 1; }));
+  EXPECT_GE(pages, 1u);
+  EXPECT_LE(pages, 2u) << "of " << resident.size() << " pages of the slab";
+  // The whole slab is still the class's: handing out every block moves the
+  // frontier to its end, each block a valid block start.
+  std::vector<void*> blocks{block};
+  for (uint32_t i = 1; i < d.geometry().blocks; ++i) blocks.push_back(recycler_->allocate(*cache_, cls(1024)));
+  for (void* b : blocks) EXPECT_TRUE(d.is_block_start(b));
+  for (void* b : blocks) recycler_->deallocate(*cache_, b);
 }
 
 TEST_F(RecyclerTest, ASecondFreeFromAThreadWithoutCacheIsQuarantined) {

@@ -172,23 +172,29 @@ void add_pending(PendingSamples& pending, const Event& e) {
 // and the try-lock hotpool falls back to without it.
 class PendingSamplesTest : public ::testing::TestWithParam<bool> {
  protected:
+  // Two sets of shared statistics: one fed directly (the reference), one
+  // through the pending counts.
   void SetUp() override {
     if (GetParam() && !init_asymmetric_fences()) GTEST_SKIP() << "membarrier(2) is not available here";
+    direct = std::make_unique<StackDepot>();
+    merged = std::make_unique<StackDepot>();
+    ASSERT_TRUE(direct->init() && merged->init());
+    direct_classes = std::make_unique<LifetimeStats[]>(kMaxClasses);
+    merged_classes = std::make_unique<LifetimeStats[]>(kMaxClasses);
+    pending = std::make_unique<PendingSamples>();
+    pending->attach(merged.get(), merged_classes.get(), GetParam());
   }
-  std::unique_ptr<PendingSamples> make(StackDepot* depot, LifetimeStats* classes) {
-    auto pending = std::make_unique<PendingSamples>();
-    pending->attach(depot, classes, GetParam());
-    return pending;
+  void expect_merged_equal_direct(uint32_t sites) {
+    expect_same_sites(*direct, *merged, sites);
+    for (unsigned c = 0; c < kMaxClasses; ++c)
+      expect_same(direct_classes[c], merged_classes[c], "class " + std::to_string(c));
   }
+  std::unique_ptr<StackDepot> direct, merged;
+  std::unique_ptr<LifetimeStats[]> direct_classes, merged_classes;
+  std::unique_ptr<PendingSamples> pending;
 };
 
 TEST_P(PendingSamplesTest, MergedCountsEqualDirectAddsThroughEvictionsAndFlushes) {
-  auto direct = std::make_unique<StackDepot>();
-  auto merged = std::make_unique<StackDepot>();
-  ASSERT_TRUE(direct->init() && merged->init());
-  auto direct_classes = std::make_unique<LifetimeStats[]>(kMaxClasses);
-  auto merged_classes = std::make_unique<LifetimeStats[]>(kMaxClasses);
-  auto pending = make(merged.get(), merged_classes.get());
   // 300 sites and 40 classes through 64 entries: evictions all along; more
   // events than kFlushEvents: automatic merges too.
   const std::vector<Event> events = make_events(3 * PendingSamples::kFlushEvents + 77, 300, 42);
@@ -204,18 +210,14 @@ TEST_P(PendingSamplesTest, MergedCountsEqualDirectAddsThroughEvictionsAndFlushes
   EXPECT_LT(merged_frees, events.size());
   EXPECT_GE(merged_frees, 3 * PendingSamples::kFlushEvents - PendingSamples::kFlushEvents);
   ASSERT_TRUE(pending->flush());
-  expect_same_sites(*direct, *merged, 300);
-  for (unsigned c = 0; c < kMaxClasses; ++c) expect_same(direct_classes[c], merged_classes[c], "class " + std::to_string(c));
+  expect_merged_equal_direct(300);
   // Flushed: a second flush adds nothing.
   ASSERT_TRUE(pending->flush());
-  expect_same_sites(*direct, *merged, 300);
+  expect_merged_equal_direct(300);
 }
 
 TEST_P(PendingSamplesTest, TheOwnersSectionKeepsOutFlushesAndNestedSections) {
-  auto depot = std::make_unique<StackDepot>();
-  ASSERT_TRUE(depot->init());
-  auto classes = std::make_unique<LifetimeStats[]>(kMaxClasses);
-  auto pending = make(depot.get(), classes.get());
+  StackDepot* depot = merged.get();
   ASSERT_TRUE(pending->begin());
   pending->add_alloc(5, 100);
   EXPECT_FALSE(pending->begin());  // as a signal handler inside the section finds it
@@ -234,12 +236,6 @@ TEST_P(PendingSamplesTest, TheOwnersSectionKeepsOutFlushesAndNestedSections) {
 }
 
 TEST_P(PendingSamplesTest, AnotherThreadsFlushesWhileTheOwnerCountsLoseNothing) {
-  auto direct = std::make_unique<StackDepot>();
-  auto merged = std::make_unique<StackDepot>();
-  ASSERT_TRUE(direct->init() && merged->init());
-  auto direct_classes = std::make_unique<LifetimeStats[]>(kMaxClasses);
-  auto merged_classes = std::make_unique<LifetimeStats[]>(kMaxClasses);
-  auto pending = make(merged.get(), merged_classes.get());
   const std::vector<Event> events = make_events(20000, 90, 7);
   std::atomic<bool> done{false};
   std::atomic<uint64_t> flushes{0};
@@ -268,8 +264,7 @@ TEST_P(PendingSamplesTest, AnotherThreadsFlushesWhileTheOwnerCountsLoseNothing) 
   done = true;
   reporter.join();
   ASSERT_TRUE(pending->flush());
-  expect_same_sites(*direct, *merged, 90);
-  for (unsigned c = 0; c < kMaxClasses; ++c) expect_same(direct_classes[c], merged_classes[c], "class " + std::to_string(c));
+  expect_merged_equal_direct(90);
   EXPECT_GT(flushes.load(), 0u);
   EXPECT_LT(direct_adds, events.size());
 }
