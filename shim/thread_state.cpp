@@ -3,6 +3,7 @@
 #include <sys/mman.h>
 
 #include <new>
+#include <type_traits>
 
 namespace hotpool::shim {
 
@@ -32,7 +33,14 @@ ThreadState* ThreadRegistry::carve_locked() {
     carve_next_ = static_cast<char*>(chunk);
     carve_end_ = carve_next_ + kStateSize * kChunkStates;
   }
-  ThreadState* state = new (carve_next_) ThreadState{};  // mmap'd memory is zero already
+  // Not constructed: a ThreadState (an aggregate, trivially destructible)
+  // starts all zero, and fresh mmap'd memory is zero already. Constructing
+  // it would write its 110 KiB (the caches of every class, the counters of
+  // every class) and make all of it resident; untouched, only the classes
+  // the thread uses cost memory.
+  static_assert(std::is_aggregate_v<ThreadState> && std::is_trivially_destructible_v<ThreadState>,
+                "a ThreadState comes from zeroed memory");
+  ThreadState* state = std::launder(reinterpret_cast<ThreadState*>(carve_next_));
   carve_next_ += kStateSize;
   // Published complete (a forking thread walks the list without the lock).
   state->next_carved = carved_.load(std::memory_order_relaxed);

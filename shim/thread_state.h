@@ -34,6 +34,9 @@ struct alignas(64) SampleStash {
   void* slots[kSlots];
 };
 
+// Never constructed: every member starts at zero, as the registry's fresh
+// mmap'd memory is (see ThreadRegistry::carve_locked). A member added here
+// must have zero as its initial value.
 struct ThreadState {
   // The countdowns every allocation decrements, in one cache line, next
   // to the first of the counters' (see ThreadClassStats).
