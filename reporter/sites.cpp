@@ -45,6 +45,34 @@ void LifetimeStats::add(uint64_t lifetime_ns, bool is_short, bool is_temporary, 
   histogram[lifetime_bucket(lifetime_ns)].fetch_add(1, std::memory_order_relaxed);
 }
 
+double natural_log(double x) {
+  if (!(x > 0)) return x == 0 ? -__builtin_huge_val() : __builtin_nan("");
+  // x = m * 2^e with m in [sqrt(1/2), sqrt(2)): ln x = e ln 2 + ln m, and
+  // ln m = 2 atanh(s) = 2 (s + s^3/3 + s^5/5 + ...) with s = (m-1)/(m+1),
+  // |s| < 0.172: s^2 < 0.0295, so eleven terms leave < 1e-17.
+  uint64_t bits;
+  __builtin_memcpy(&bits, &x, sizeof(bits));
+  int exponent = static_cast<int>((bits >> 52) & 0x7ff);
+  if (exponent == 0) {  // subnormal: scale into the normal range first
+    return natural_log(x * 18014398509481984.0) - 54 * 0.6931471805599453;  // 2^54
+  }
+  exponent -= 1023;
+  bits = (bits & ((uint64_t{1} << 52) - 1)) | (uint64_t{1023} << 52);  // m in [1, 2)
+  double m;
+  __builtin_memcpy(&m, &bits, sizeof(m));
+  if (m > 1.4142135623730951) {
+    m *= 0.5;
+    ++exponent;
+  }
+  const double s = (m - 1) / (m + 1);
+  const double s2 = s * s;
+  double series = 1.0 / 23;
+  for (int k = 21; k >= 1; k -= 2) series = 1.0 / k + s2 * series;
+  constexpr double kLn2High = 0.6931471803691238;   // ln 2 split in two parts
+  constexpr double kLn2Low = 1.9082149292705877e-10;  // for an exact e * high
+  return exponent * kLn2High + (2 * s * series + exponent * kLn2Low);
+}
+
 void LifetimeCounts::add(uint64_t lifetime_ns, bool is_short, bool is_temporary, Escape escape, uint64_t calls) {
   ++frees;
   short_lived += is_short;

@@ -24,6 +24,11 @@ uint64_t lifetime_bucket_low(unsigned bucket);  // lower bound in ns
 // The median of a histogram, interpolated geometrically inside its bucket.
 uint64_t histogram_median(const uint64_t* counts, unsigned buckets);
 
+// ln(x) for x > 0, to within a few units in the last place, without libm:
+// the sampler's one use of it (geometric intervals) would otherwise load
+// libm into C programs and make its pages resident.
+double natural_log(double x);
+
 // The run-time escape analysis of a freed sampled block (DESIGN §4).
 enum class Escape : uint8_t {
   FrameLocal,   // freed by its thread while the allocating function was active

@@ -11,7 +11,6 @@
 
 #include <atomic>
 
-#include <cmath>
 #include <cstring>
 
 namespace hotpool::shim {
@@ -48,6 +47,7 @@ constinit bool g_active = false;
 // start-up and in a fork child only (one thread then).
 constinit bool g_light_gate = false;
 constinit uint64_t g_rate = 0;
+constinit double g_log_keep = 0;  // ln(1 - 1/g_rate): the geometric intervals' scale
 constinit unsigned g_depth = 0;
 constinit uint64_t g_short_ns = 0;
 constinit size_t g_limit = 0;  // largest request that can be sampled
@@ -206,6 +206,14 @@ bool start_sampling(const ReentryGuard&) {
   const Options& options = current_options();
   g_rate = options.sample;
   if (g_rate == 0) return false;
+  // ln(1 - p): for small p from its series (1 - p would round away p's low
+  // bits), else directly.
+  const double p = 1.0 / static_cast<double>(g_rate);
+  if (p < 1e-3) {
+    g_log_keep = -(p + p * p / 2 + p * p * p / 3 + p * p * p * p / 4);
+  } else {
+    g_log_keep = reporter::natural_log(1 - p);
+  }
   g_depth = static_cast<unsigned>(options.depth < reporter::kMaxDepth ? options.depth : reporter::kMaxDepth);
   if (g_depth == 0) g_depth = 1;
   g_short_ns = options.short_lived;
@@ -279,8 +287,7 @@ uint64_t next_sample_interval(ThreadState& state) {
   x ^= x >> 27;
   state.sample_random = x;
   const double uniform = (static_cast<double>((x * 0x2545f4914f6cdd1dull) >> 11) + 0.5) / 9007199254740992.0;
-  const double p = 1.0 / static_cast<double>(g_rate);
-  return 1 + static_cast<uint64_t>(std::log(uniform) / std::log1p(-p));
+  return 1 + static_cast<uint64_t>(reporter::natural_log(uniform) / g_log_keep);
 }
 
 void* sampled_allocate(ThreadState& state, size_t size) {

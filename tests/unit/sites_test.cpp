@@ -6,6 +6,7 @@
 #include <alloca.h>
 
 #include <atomic>
+#include <cmath>
 #include <chrono>
 #include <memory>
 #include <string>
@@ -55,6 +56,25 @@ TEST(Lifetimes, AddCountsEveryClassification) {
   EXPECT_EQ(stats->calls_between.load(), 7u);
   EXPECT_EQ(stats->histogram[0].load(), 1u);
   EXPECT_EQ(stats->histogram[1].load(), 1u);
+}
+
+TEST(Sampling, NaturalLogAgreesWithLibm) {
+  // The uniform variates of the sampler lie in (0, 1); also beyond, and
+  // around 1, where the result is near zero.
+  uint64_t x = 88172645463325252ull;
+  for (int i = 0; i < 200000; ++i) {
+    x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+    const double uniform = (static_cast<double>(x >> 11) + 0.5) / 9007199254740992.0;
+    for (double value : {uniform, uniform * 1e6, 1 - uniform * 1e-9, 1 + uniform * 1e-9, uniform * 1e-300}) {
+      const double want = std::log(value);
+      const double got = natural_log(value);
+      ASSERT_LE(std::fabs(got - want), 4e-16 * std::fabs(want) + 1e-300) << value;
+    }
+  }
+  EXPECT_EQ(natural_log(1.0), 0.0);
+  EXPECT_TRUE(std::isinf(natural_log(0.0)) && natural_log(0.0) < 0);
+  EXPECT_TRUE(std::isnan(natural_log(-1.0)));
+  EXPECT_NEAR(natural_log(4.9406564584124654e-324), std::log(4.9406564584124654e-324), 1e-12);  // subnormal
 }
 
 TEST(StackDepot, DeduplicatesAndKeepsStacks) {
