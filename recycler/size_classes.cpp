@@ -13,10 +13,12 @@ void SizeClassTable::build_default(size_t max_class) {
   if (max_class > kLargestClassLimit) max_class = kLargestClassLimit;
   count_ = 0;
   for (size_t size = 16; size <= 256; size += 16) sizes_[count_++] = static_cast<uint32_t>(size);
-  // Four classes per power of two: 2^k * {1.25, 1.5, 1.75, 2}.
+  // Eight classes per power of two: 2^k * {1.125, 1.25, ..., 2}: at most
+  // 12.5% rounding (four per power of two left a program whose requests sit
+  // just above a power of two, as sqlite3's 1 KiB pages do, 25%).
   for (size_t base = 256; sizes_[count_ - 1] < max_class && count_ < kMaxClasses - 1; base *= 2) {
-    for (size_t quarter = 5; quarter <= 8 && count_ < kMaxClasses - 1; ++quarter) {
-      sizes_[count_++] = static_cast<uint32_t>(base / 4 * quarter);
+    for (size_t eighth = 9; eighth <= 16 && count_ < kMaxClasses - 1; ++eighth) {
+      sizes_[count_++] = static_cast<uint32_t>(base / 8 * eighth);
       if (sizes_[count_ - 1] >= max_class) break;
     }
   }

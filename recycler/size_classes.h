@@ -24,8 +24,8 @@ inline constexpr size_t kDirectLookupLimit = 64 * 1024;
 
 class SizeClassTable {
  public:
-  // The default geometric table: 16-byte steps up to 256 B, then four classes
-  // per power of two (320, 384, 448, 512, 640, ...) up to max_class, which is
+  // The default geometric table: 16-byte steps up to 256 B, then eight classes
+  // per power of two (288, 320, 352, ..., 512, 576, ...) up to max_class, which is
   // rounded up to the nearest class of that progression.
   void build_default(size_t max_class);
 

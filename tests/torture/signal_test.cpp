@@ -51,13 +51,13 @@ double now_seconds() {
 // granular): on glibc the handler's balanced malloc/free pairs are served
 // by tcache bins that the main loop never touches, which is what lets glibc
 // pass; under hotpool they meet the main loop in the same thread cache.
-constexpr size_t kMainSizes[] = {264, 520, 40, 3000};  // classes 320, 640, 48, 4K
+constexpr size_t kMainSizes[] = {300, 610, 40, 3000};  // classes 320, 640, 48, 4K (3072 in auto)
 constexpr size_t kHandlerSizes[] = {296, 600, 24};     // classes 320, 640, 32
 constexpr size_t kMainBatch = 256;
 
 // Whether the classes the handler and main share are pooled now.
 void say_pooled() {
-  say("pooled=%d", torture::served_by_pool(264, 320) && torture::served_by_pool(600, 640) ? 1 : 0);
+  say("pooled=%d", torture::served_by_pool(300, 320) && torture::served_by_pool(600, 640) ? 1 : 0);
 }
 
 // Warms the main loop's classes (mode auto pools them after a few thousand
@@ -69,8 +69,8 @@ void warm_up() {
     for (size_t i = 0; i < kMainBatch; ++i) blocks[i] = malloc(opaque(kMainSizes[i % 4]));
     for (size_t i = 0; i < kMainBatch; ++i) free(blocks[i]);
   }
-  torture::warm_until_pooled(264, 320);
-  torture::warm_until_pooled(520, 640);
+  torture::warm_until_pooled(300, 320);
+  torture::warm_until_pooled(610, 640);
   for (size_t size : kHandlerSizes) free(malloc(opaque(size)));
 }
 

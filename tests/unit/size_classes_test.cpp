@@ -27,17 +27,17 @@ void expect_lookup_matches_definition(const SizeClassTable& table) {
 TEST(SizeClasses, DefaultTableIsGeometric) {
   SizeClassTable table;
   table.build_default(kDefaultMaxClass);
-  ASSERT_EQ(table.count(), 16u + 4u * 12u + 1u);  // 16 B steps to 256, 4 per doubling to 1 MiB, large
+  ASSERT_EQ(table.count(), 16u + 8u * 12u + 1u);  // 16 B steps to 256, 8 per doubling to 1 MiB, large
   for (unsigned c = 0; c < 16; ++c) EXPECT_EQ(table.class_size(c), 16u * (c + 1));
-  const std::vector<size_t> next = {320, 384, 448, 512, 640, 768, 896, 1024};
+  const std::vector<size_t> next = {288, 320, 352, 384, 416, 448, 480, 512, 576, 640, 704, 768, 832, 896, 960, 1024};
   for (unsigned i = 0; i < next.size(); ++i) EXPECT_EQ(table.class_size(16 + i), next[i]);
   EXPECT_EQ(table.max_class_size(), size_t{1} << 20);
   EXPECT_EQ(table.class_size(table.large_class()), 0u);
   for (unsigned c = 0; c + 1 < table.count(); ++c) {
     EXPECT_EQ(table.class_size(c) % kClassAlignment, 0u);
     if (c > 16) {
-      // Rounding waste is bounded: each class at most 25% above the one below.
-      EXPECT_LE(table.class_size(c) * 4, table.class_size(c - 1) * 5);
+      // Rounding waste is bounded: each class at most 12.5% above the one below.
+      EXPECT_LE(table.class_size(c) * 8, table.class_size(c - 1) * 9);
     }
   }
   expect_lookup_matches_definition(table);
@@ -46,7 +46,7 @@ TEST(SizeClasses, DefaultTableIsGeometric) {
 TEST(SizeClasses, DefaultMaximumIsRoundedAndClamped) {
   SizeClassTable table;
   table.build_default(100000);
-  EXPECT_EQ(table.max_class_size(), 114688u);  // 64K * 1.75, first class >= 100000
+  EXPECT_EQ(table.max_class_size(), 106496u);  // 64K * 1.625, first class >= 100000
   table.build_default(1);
   EXPECT_EQ(table.max_class_size(), 256u);
   table.build_default(~size_t{0});
