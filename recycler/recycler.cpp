@@ -173,7 +173,8 @@ void Recycler::flush_after_fork(ThreadCache& cache) {
   const uint64_t now = monotonic_ns();
   for (unsigned c = 0; c < region_.class_count(); ++c) {
     Bin& bin = cache.bins[c];
-    if (bin.count && !region_.depot(c).lock().held_before_this_fork()) region_.depot(c).drain(bin.slots, bin.count, now);
+    if (bin.count == 0) continue;
+    if (!region_.depot(c).lock().held_before_this_fork()) region_.depot(c).drain(bin.slots, bin.count, now);
     bin.count = 0;
   }
   unsize_bins(cache);
@@ -187,8 +188,11 @@ void Recycler::size_bin(ThreadCache& cache, unsigned size_class) {
 void Recycler::unsize_bins(ThreadCache& cache) {
   // The cache's next thread sizes each bin again on first use, as a new
   // cache does (and so marks it sized).
-  for (unsigned c = 0; c < region_.class_count(); ++c) cache.bins[c].capacity = 0;
-  for (uint64_t& word : cache.sized) word = 0;
+  // Written only where set: the bins of classes never used stay untouched.
+  for (unsigned c = 0; c < region_.class_count(); ++c)
+    if (cache.bins[c].capacity) cache.bins[c].capacity = 0;
+  for (uint64_t& word : cache.sized)
+    if (word) word = 0;
 }
 
 size_t Recycler::trim() { return region_.ready() ? region_.trim(monotonic_ns()) : 0; }

@@ -27,7 +27,7 @@ void ThreadClassStats::publish_all(GlobalClassStats& global) {
   for (unsigned c = 0; c < kMaxClasses; ++c) {
     ClassCounters& row = classes[c];
     if (row.live_delta != 0) global.live[c].fetch_add(row.live_delta, std::memory_order_relaxed);
-    row.live_delta = 0;
+    clear(row.live_delta);
     raise_atomic(global.peak[c], load(peak_seen[c]));
   }
   global.total_live.fetch_add(total_live_delta, std::memory_order_relaxed);
@@ -40,9 +40,9 @@ void ThreadClassStats::reset() {
     ClassCounters& row = classes[c];
     for (Counter* counter : {&row.allocs, &row.frees, &row.pooled_allocs, &row.pooled_frees, &row.requested_bytes,
                              &row.usable_bytes, &row.freed_bytes, &peak_seen[c]})
-      counter->store(0, std::memory_order_relaxed);
-    row.live_delta = 0;
-    pooled_folded[c] = 0;
+      clear(*counter);
+    clear(row.live_delta);
+    clear(pooled_folded[c]);
   }
   total_peak_seen.store(0, std::memory_order_relaxed);
   total_live_delta = 0;

@@ -28,6 +28,16 @@ inline constexpr int64_t kFlushBytes = 256 * 1024;
 
 using Counter = std::atomic<uint64_t>;
 
+// Zeroes what is not zero already: a thread state's counters of classes it
+// never used lie on pages never written, which a blanket store would make
+// resident (slow paths only).
+inline void clear(Counter& counter) {
+  if (counter.load(std::memory_order_relaxed) != 0) counter.store(0, std::memory_order_relaxed);
+}
+inline void clear(int64_t& value) {
+  if (value != 0) value = 0;
+}
+
 // Adds to a counter that only its thread writes and reports read. On
 // x86-64 one `add` to memory (an aligned 8-byte store is never seen torn),
 // instead of the load, add and store of a relaxed atomic read-modify-write
@@ -141,6 +151,7 @@ struct ThreadClassStats {
     ClassCounters& row = classes[c];
     const int64_t net = static_cast<int64_t>(row.pooled_allocs.load(std::memory_order_relaxed) -
                                              row.pooled_frees.load(std::memory_order_relaxed));
+    if (net == pooled_folded[c]) return;  // nothing to fold: no write (an unused class's page stays untouched)
     const int64_t change = (net - pooled_folded[c]) * static_cast<int64_t>(size);
     pooled_folded[c] = net;
     row.live_delta += change;

@@ -340,7 +340,8 @@ static ThreadState* attach_thread(const ReentryGuard& guard) {
   state->stack_low = state->stack_high = 0;
   state->trace_cache.count = 0;
   state->trace_cache.stack_low = state->trace_cache.stack_high = 0;
-  for (SampleStash& stash : state->sample_stash) stash.count = 0;  // emptied when the state was given back
+  for (SampleStash& stash : state->sample_stash)
+    if (stash.count) stash.count = 0;  // emptied when the state was given back (written only if not: see reporter::clear)
   state->pending.attach(&g_stack_depot, g_class_lifetimes, reporter::asymmetric_fences());
   state->memo_busy = false;  // the memo's sites stay valid: a stack's site is the same in every thread
   if (sampling_active()) find_thread_stack(*state);

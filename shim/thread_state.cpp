@@ -79,12 +79,15 @@ void ThreadRegistry::retire_locked(ThreadState* state, reporter::GlobalClassStat
   retired_.add(state->stats);
   state->stats.reset();
   add_cache_counters(state->cache, retired_.class_count, retired_pools_);
+  // Only what was written is written again (see reporter::clear): the
+  // bins and rows of classes the thread never used stay untouched.
   for (unsigned c = 0; c < reporter::kMaxClasses; ++c) {
     recycler::Bin& bin = state->cache.bins[c];
-    bin.count = 0;
-    bin.capacity = 0;
-    for (auto* counter : {&bin.refills, &bin.drains, &bin.misses}) counter->store(0, std::memory_order_relaxed);
-    state->policy_allocs[c] = state->policy_frees[c] = 0;
+    if (bin.count) bin.count = 0;
+    if (bin.capacity) bin.capacity = 0;
+    for (auto* counter : {&bin.refills, &bin.drains, &bin.misses}) reporter::clear(*counter);
+    if (state->policy_allocs[c]) state->policy_allocs[c] = 0;
+    if (state->policy_frees[c]) state->policy_frees[c] = 0;
   }
   state->policy_countdown = state->policy_window = 0;
   if (state->prev) state->prev->next = state->next; else active_ = state->next;
