@@ -41,7 +41,9 @@ TEST(LifetimeClock, CalibratedCounterAgreesWithClockGettime) {
   // thread was preempted for that long, on a loaded machine).
   EXPECT_FALSE(clock.uses_counter());
   (void)clock.now_ns();
-  if (LifetimeClock::monotonic_ns() - initialized < 900000) EXPECT_FALSE(clock.uses_counter());
+  if (LifetimeClock::monotonic_ns() - initialized < 900000) {
+    EXPECT_FALSE(clock.uses_counter());
+  }
   sleep_ns(2000000);
   const uint64_t switched_at = clock.now_ns();  // this read calibrates
   ASSERT_TRUE(clock.uses_counter());
