@@ -187,12 +187,13 @@ void Recycler::size_bin(ThreadCache& cache, unsigned size_class) {
 
 void Recycler::unsize_bins(ThreadCache& cache) {
   // The cache's next thread sizes each bin again on first use, as a new
-  // cache does (and so marks it sized).
-  // Written only where set: the bins of classes never used stay untouched.
-  for (unsigned c = 0; c < region_.class_count(); ++c)
-    if (cache.bins[c].capacity) cache.bins[c].capacity = 0;
-  for (uint64_t& word : cache.sized)
-    if (word) word = 0;
+  // cache does (and so marks it sized). Only the sized bins are written:
+  // the bins of classes never used stay untouched.
+  for (unsigned word = 0; word < sizeof(cache.sized) / sizeof(uint64_t); ++word) {
+    for (uint64_t bits = cache.sized[word]; bits; bits &= bits - 1)
+      cache.bins[word * 64 + static_cast<unsigned>(__builtin_ctzll(bits))].capacity = 0;
+    if (cache.sized[word]) cache.sized[word] = 0;
+  }
 }
 
 size_t Recycler::trim() { return region_.ready() ? region_.trim(monotonic_ns()) : 0; }

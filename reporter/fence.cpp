@@ -7,8 +7,6 @@
 namespace hotpool::reporter {
 
 namespace {
-constinit std::atomic<bool> g_available{false};
-
 long membarrier(int command) { return syscall(SYS_membarrier, command, 0, 0); }
 }  // namespace
 
@@ -16,11 +14,9 @@ bool init_asymmetric_fences() {
   const long supported = membarrier(MEMBARRIER_CMD_QUERY);
   const bool ok = supported > 0 && (supported & MEMBARRIER_CMD_PRIVATE_EXPEDITED) &&
                   membarrier(MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED) == 0;
-  g_available.store(ok, std::memory_order_relaxed);
+  g_asymmetric_fences.store(ok, std::memory_order_relaxed);
   return ok;
 }
-
-bool asymmetric_fences() { return g_available.load(std::memory_order_relaxed); }
 
 bool heavy_fence() { return membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED) == 0; }
 

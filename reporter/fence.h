@@ -21,8 +21,11 @@ namespace hotpool::reporter {
 
 // Registers the process; false when membarrier is not available. Call
 // before other threads use the fences (start-up, a fork child).
+// Set at start-up and in a fork child only (one thread then), so that a
+// handshake never changes protocol midway.
 bool init_asymmetric_fences();
-bool asymmetric_fences();
+inline constinit std::atomic<bool> g_asymmetric_fences{false};
+inline bool asymmetric_fences() { return g_asymmetric_fences.load(std::memory_order_relaxed); }
 
 inline void light_fence() { std::atomic_signal_fence(std::memory_order_seq_cst); }
 // Only when asymmetric_fences(): a full barrier on every running thread;

@@ -108,6 +108,13 @@ void lower(AtomicCounter& counter, uint64_t value) {
 }
 }  // namespace
 
+void SiteStats::add_allocs(uint64_t count, uint64_t total_bytes, uint64_t min, uint64_t max) {
+  allocs.fetch_add(count, std::memory_order_relaxed);
+  bytes.fetch_add(total_bytes, std::memory_order_relaxed);
+  lower(min_size, min);
+  raise(max_size, max);
+}
+
 void PendingSamples::attach(StackDepot* depot, LifetimeStats* class_lifetimes, bool asymmetric) {
   depot_ = depot;
   class_lifetimes_ = class_lifetimes;
@@ -146,12 +153,7 @@ void PendingSamples::merge(Entry& slot) {
       if (class_lifetimes_) class_lifetimes_[slot.key - kClassKey].merge(slot.life);
     } else if (depot_) {
       SiteStats& stats = depot_->site(slot.key);
-      if (slot.allocs) {
-        stats.allocs.fetch_add(slot.allocs, std::memory_order_relaxed);
-        stats.bytes.fetch_add(slot.bytes, std::memory_order_relaxed);
-        lower(stats.min_size, slot.min_size);
-        raise(stats.max_size, slot.max_size);
-      }
+      if (slot.allocs) stats.add_allocs(slot.allocs, slot.bytes, slot.min_size, slot.max_size);
       stats.lifetimes.merge(slot.life);
     }
   }
@@ -308,11 +310,6 @@ uint32_t SiteMemo::site_of(StackDepot& depot, const uintptr_t* ips, unsigned dep
     entry.site = site;
   }
   return site;
-}
-
-void SiteMemo::clear() {
-  for (Entry& entry : entries_) entry.site = 0;
-  hits_ = 0;
 }
 
 }  // namespace hotpool::reporter

@@ -64,6 +64,9 @@ struct SiteStats {
   AtomicCounter bytes;   // their requested bytes
   AtomicCounter min_size, max_size;
   LifetimeStats lifetimes;
+
+  // `count` allocations of `bytes` in all, sizes from `min` to `max`.
+  void add_allocs(uint64_t count, uint64_t bytes, uint64_t min, uint64_t max);
 };
 
 class StackDepot {
@@ -204,7 +207,6 @@ class SiteMemo {
   // The site of the stack (as StackDepot::insert), from the memo when it
   // holds the same stack.
   uint32_t site_of(StackDepot& depot, const uintptr_t* ips, unsigned depth);
-  void clear();  // a state given to another thread, or the depot's sites gone
   uint64_t hits() const { return hits_; }
 
  private:

@@ -42,10 +42,6 @@ __thread bool tls_unwinding __attribute__((tls_model("initial-exec")));
 // a signal handler's capture interrupted another.
 __thread unsigned tls_counted __attribute__((tls_model("initial-exec")));
 constinit bool g_active = false;
-// Captures count themselves in their thread's state (ThreadState::unwinding)
-// rather than in g_unwinding: asymmetric fences are available. Set at
-// start-up and in a fork child only (one thread then).
-constinit bool g_light_gate = false;
 constinit uint64_t g_rate = 0;
 constinit double g_log_keep = 0;  // ln(1 - 1/g_rate): the geometric intervals' scale
 constinit unsigned g_depth = 0;
@@ -72,18 +68,6 @@ unsigned stash_capacity(unsigned region_class) {
   return blocks >= SampleStash::kSlots ? SampleStash::kSlots : blocks ? static_cast<unsigned>(blocks) : 1;
 }
 
-void raise(reporter::AtomicCounter& counter, uint64_t value) {
-  uint64_t seen = counter.load(std::memory_order_relaxed);
-  while (value > seen && !counter.compare_exchange_weak(seen, value, std::memory_order_relaxed)) {
-  }
-}
-
-void lower(reporter::AtomicCounter& counter, uint64_t value) {
-  uint64_t seen = counter.load(std::memory_order_relaxed);
-  while ((seen == 0 || value < seen) && !counter.compare_exchange_weak(seen, value, std::memory_order_relaxed)) {
-  }
-}
-
 // The stack of this call, above hotpool, the C++ runtime and libc; empty
 // while a fork is pending (see the fork gate).
 void capture_stack(reporter::CapturedStack* stack) {
@@ -100,7 +84,7 @@ void capture_stack(reporter::CapturedStack* stack) {
   // count to fall. With asymmetric fences the count is this thread's own
   // (plain stores and a compiler barrier; the forker's membarrier does the
   // rest), else the shared one (two lock-prefixed operations).
-  const bool own_count = state && g_light_gate;
+  const bool own_count = state && reporter::asymmetric_fences();
   if (own_count) {
     // Nested captures (a signal handler's) count on: the count stays up
     // until the outermost is done.
@@ -241,7 +225,7 @@ bool start_sampling(const ReentryGuard&) {
   if (g_limit > UINT32_MAX) g_limit = UINT32_MAX;  // SampleHeader::requested
   g_clock.init();
   // For the pending sample counts (PendingSamples) and the fork gate.
-  g_light_gate = reporter::init_asymmetric_fences();
+  reporter::init_asymmetric_fences();
   g_active = true;
   return true;
 }
@@ -341,11 +325,7 @@ void* sampled_allocate(ThreadState& state, size_t size) {
       state.pending.add_alloc(site, size);
       state.pending.end();
     } else {  // a report is merging this thread's counts, or this is a signal handler's sample
-      reporter::SiteStats& stats = g_stack_depot.site(site);
-      stats.allocs.fetch_add(1, std::memory_order_relaxed);
-      stats.bytes.fetch_add(size, std::memory_order_relaxed);
-      lower(stats.min_size, size);
-      raise(stats.max_size, size);
+      g_stack_depot.site(site).add_allocs(1, size, size, size);
     }
   }
   return static_cast<char*>(raw) + kHeader;
@@ -477,7 +457,7 @@ void begin_fork_samples() {
   for (unsigned spins = 0; g_unwinding.load(std::memory_order_seq_cst) > own; ++spins) {
     if (spins < 64) __builtin_ia32_pause(); else sched_yield();
   }
-  if (!g_light_gate) return;
+  if (!reporter::asymmetric_fences()) return;
   // Every thread's own count (this thread's own is its interrupted capture's,
   // if any: not waited for). The heavy fence pairs with the light one in
   // capture_stack: after it, a thread either shows its count here or sees
@@ -517,7 +497,7 @@ void reset_sample_locks() {
     if (&state != self) state.unwinding.store(0, std::memory_order_relaxed);
   });
   // membarrier's registration belongs to the parent's address space.
-  if (g_active) g_light_gate = reporter::init_asymmetric_fences();
+  if (g_active) reporter::init_asymmetric_fences();
   // Only this thread is left, and no capture or fork() of it needs
   // waiting for here: a capture or an outer fork() that its handler
   // interrupted goes on and uncounts itself (decrement_to_zero).
