@@ -47,6 +47,9 @@ void fatal_pointer_error(const char* what, const void* block) {
   abort();
 }
 
+// is_block_start reads one cache line of the depot.
+static_assert(sizeof(ClassDepot) % 64 == 0 && alignof(ClassDepot) == 64, "depots start on a cache line");
+
 void ClassGeometry::init(uint32_t block_size) {
   size = block_size;
   size_t slab = kMinSlabBytes;
@@ -67,8 +70,11 @@ bool ClassDepot::init(uint32_t block_size, char* area, size_t area_bytes, uint64
   marker_key_ = marker_key;
   geometry_.init(block_size);
   area_ = area;
-  slab_mask_ = geometry_.slab_bytes() - 1;
-  block_span_ = size_t{geometry_.blocks} * geometry_.size;
+  check_.area = area;
+  check_.slab_mask = geometry_.slab_bytes() - 1;
+  check_.inverse_of_odd = geometry_.inverse_of_odd;
+  check_.blocks = geometry_.blocks;
+  check_.twos = geometry_.twos;
   max_slabs_ = area_bytes >> geometry_.slab_shift;
   if (max_slabs_ == 0) return false;
   const size_t slab_meta = (max_slabs_ * sizeof(Slab) + 63) & ~size_t{63};
@@ -106,7 +112,7 @@ void ClassDepot::mark_free_blocks(Slab* slab) {
   for (uint32_t i = 0; i < geometry_.blocks; ++i) {
     if (!(bits[i / 64] & (uint64_t{1} << (i % 64)))) continue;
     char* block = memory + size_t{i} * geometry_.size;
-    *reinterpret_cast<uint64_t*>(block) = marker_key_ ^ reinterpret_cast<uintptr_t>(block);
+    marker_word(block) = marker_key_ ^ reinterpret_cast<uintptr_t>(block);
   }
 }
 
@@ -125,7 +131,7 @@ Slab* ClassDepot::carve_slab() {
   slab->released = 0;
   // No block is written here: a block's page is touched when the block is
   // first handed out (refill_locked), which also moves the frontier that
-  // tells blocks handed out from the rest (carved_bytes_).
+  // tells blocks handed out from the rest (check_.frontier).
   carved_slabs_.store(index + 1, std::memory_order_release);
   const uint64_t committed = counters_.committed_bytes.fetch_add(geometry_.slab_bytes(), std::memory_order_relaxed) +
                              geometry_.slab_bytes();
@@ -161,7 +167,7 @@ unsigned ClassDepot::refill_locked(void** out, unsigned want, uint64_t now_ns) {
     char* memory = slab_memory(slab);
     // Lowest blocks first: in the newest slab, every block below the
     // frontier has been handed out before, none above it has.
-    size_t frontier = carved_bytes_.load(std::memory_order_relaxed);
+    size_t frontier = check_.frontier.load(std::memory_order_relaxed);
     const size_t frontier_before = frontier;
     for (uint32_t w = 0; w < geometry_.bitmap_words && taken < want; ++w) {
       while (bits[w] && taken < want) {
@@ -174,13 +180,13 @@ unsigned ClassDepot::refill_locked(void** out, unsigned want, uint64_t now_ns) {
         if (end > frontier) {
           // Handed out for the first time: into a thread cache, still free,
           // so it gets its free marker now (its first write).
-          if (marker_key_) *reinterpret_cast<uint64_t*>(block) = marker_key_ ^ reinterpret_cast<uintptr_t>(block);
+          if (marker_key_) marker_word(block) = marker_key_ ^ reinterpret_cast<uintptr_t>(block);
           frontier = end;
         }
       }
     }
     // Before the blocks leave the lock: a free() of one checks the frontier.
-    if (frontier != frontier_before) carved_bytes_.store(frontier, std::memory_order_release);
+    if (frontier != frontier_before) check_.frontier.store(frontier, std::memory_order_release);
     if (slab->free_blocks) push(partial_, slab, kPartial);
   }
   counters_.depot_free_bytes.fetch_sub(uint64_t{taken} * geometry_.size, std::memory_order_relaxed);
@@ -251,7 +257,7 @@ size_t ClassDepot::release_empty(uint64_t now_ns, uint64_t idle_ns, size_t keep_
 
 const char* ClassDepot::check_block(const void* block) const {
   const size_t offset = static_cast<size_t>(static_cast<const char*>(block) - area_);
-  if (offset >= carved_bytes_.load(std::memory_order_acquire))
+  if (offset >= check_.frontier.load(std::memory_order_acquire))
     return "free() of a pointer into pool memory that was never handed out";
   const size_t in_slab = offset & (geometry_.slab_bytes() - 1);
   const uint32_t index = geometry_.index_of(in_slab);

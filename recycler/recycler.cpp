@@ -19,7 +19,7 @@ uint64_t monotonic_ns() {
 
 bool Recycler::init(const SizeClassTable& classes, const RecyclerConfig& config, uint64_t key) {
   config_ = config;
-  key_ = key | 1;  // never zero: a zeroed first word is never a marker
+  key_ = key | 1;  // never zero: a zeroed marker word is never a marker
   for (unsigned c = 0; c + 1 < classes.count(); ++c) class_size_[c] = classes.class_size(c);
   for (auto& entry : pooled_by_size_) entry.store(0, std::memory_order_relaxed);
   return region_.init(classes, config.region_bytes, config.checks ? key_ : 0);
@@ -63,9 +63,9 @@ void* Recycler::allocate_slow(ThreadCache& cache, unsigned size_class) {
     got = depot.refill_locked(bin.slots, want, 0);
     bin.count = got;
   }
-  bump_counter(bin.refills);
+  bump_counter(cache.counters[size_class].refills);
   if (got == 0) {
-    bump_counter(bin.misses);
+    bump_counter(cache.counters[size_class].misses);
     return nullptr;
   }
   return pop(cache, size_class);
@@ -93,7 +93,7 @@ void Recycler::drain_and_push(ThreadCache& cache, unsigned size_class, void* blo
       std::memmove(bin.slots, bin.slots + give, (bin.count - give) * sizeof(void*));
       bin.count -= give;
     }
-    bump_counter(bin.drains);
+    bump_counter(cache.counters[size_class].drains);
     maybe_decay(size_class, now);
   }
   // push(): the slot stored before the count. Written as one statement, the
@@ -117,21 +117,21 @@ void Recycler::deallocate_uncached(void* block) {
   ClassDepot& depot = region_.depot(size_class);
   if (config_.checks) {
     if (const char* problem = depot.check_block(block)) fatal_pointer_error(problem, block);
-    uint64_t& first_word = *static_cast<uint64_t*>(block);
+    uint64_t& word = marker_word(block);
     const uint64_t marker = key_ ^ reinterpret_cast<uintptr_t>(block);
-    if (first_word == marker) {
+    if (word == marker) {
       // Freed before: in the depot (drain aborts), or in some thread's cache.
       if (depot.holds_free(block)) fatal_pointer_error("double free of a pooled block (it is back in the pool's depot)", block);
       quarantine_once();
       return;
     }
-    first_word = marker;
+    word = marker;
   }
   depot.drain(&block, 1, monotonic_ns());  // aborts on a block already free there
 }
 
 void Recycler::confirm_double_free(ThreadCache& cache, unsigned size_class, void* block) {
-  // The first word holds this block's free marker: it was freed before, or
+  // The marker word holds this block's free marker: it was freed before, or
   // the program stored exactly that 64-bit value there. Look for it.
   const Bin& bin = cache.bins[size_class];
   for (uint32_t i = 0; i < bin.count; ++i) {

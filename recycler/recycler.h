@@ -18,7 +18,8 @@
 
 namespace hotpool::recycler {
 
-inline constexpr unsigned kBinSlots = 64;
+// 63: a bin is then 512 bytes, and the fast paths find it with one shift.
+inline constexpr unsigned kBinSlots = 63;
 
 struct RecyclerConfig {
   size_t region_bytes;      // address space reserved for pools
@@ -29,19 +30,26 @@ struct RecyclerConfig {
 };
 
 // One class's cache in one thread: a LIFO array of block pointers, out of
-// band (nothing is written into cached blocks but the free marker).
+// band (nothing is written into cached blocks but the free marker). The
+// fast paths touch the count's cache line and the top slot's.
 struct alignas(64) Bin {
   uint32_t count;
   uint32_t capacity;  // 0 until the bin is first used
-  // Counters written only by the owning thread (slow paths), read by reports.
+  void* slots[kBinSlots];
+};
+static_assert(sizeof(Bin) == 512, "a bin is found by a shift");
+
+// Counters of one class's bin, written only by the owning thread (slow
+// paths), read by reports.
+struct BinCounters {
   std::atomic<uint64_t> refills;  // trips to the depot for blocks
   std::atomic<uint64_t> drains;   // trips to the depot with blocks
   std::atomic<uint64_t> misses;   // pooled-class requests the pool could not serve
-  void* slots[kBinSlots];
 };
 
 struct ThreadCache {
   Bin bins[kMaxClasses];
+  BinCounters counters[kMaxClasses];
   // A bit per class whose bin is sized (capacity set): the classes this
   // cache has been used for since it was last flushed. Set where a bin
   // gets its capacity (the first refill or push), cleared by the flushes.
@@ -59,6 +67,9 @@ class Recycler {
   bool ready() const { return region_.ready(); }
 
   bool contains(const void* p) const { return region_.contains(p); }
+  size_t region_offset(const void* p) const { return region_.offset_of(p); }
+  size_t region_bytes() const { return region_.bytes(); }
+  unsigned class_of_offset(size_t offset) const { return region_.class_of_offset(offset); }
   bool pooled(unsigned size_class) const { return pooled_[size_class].load(std::memory_order_relaxed); }
   // FAST PATH of the entry points: for a request of `size` bytes within the
   // direct class table (SizeClassTable::direct), its class plus one when
@@ -91,14 +102,23 @@ class Recycler {
     if (HOTPOOL_RECYCLER_UNLIKELY(!push(cache, size_class, block))) return drain_and_push(cache, size_class, block);
   }
 
+  // The bin's address, in a register the compiler cannot see through: the
+  // count and the slot are then both addressed from it (else GCC computes
+  // the slot's address from the cache and the class again).
+  static Bin& bin_of(ThreadCache& cache, size_t size_class) {
+    Bin* bin = &cache.bins[size_class];
+    asm("" : "+r"(bin));
+    return *bin;
+  }
+
   // The pieces of the two paths above, for callers that build frameless
   // fast paths of their own (no call but tail calls to the slow parts).
   // pop: nullptr when the bin is empty (then allocate_slow refills).
-  void* pop(ThreadCache& cache, unsigned size_class) {
-    Bin& bin = cache.bins[size_class];
+  void* pop(ThreadCache& cache, size_t size_class) {
+    Bin& bin = bin_of(cache, size_class);
     if (HOTPOOL_RECYCLER_UNLIKELY(bin.count == 0)) return nullptr;
     void* block = bin.slots[--bin.count];
-    *static_cast<uint64_t*>(block) = 0;  // clear the free marker
+    marker_word(block) = 0;  // clear the free marker
     return block;
   }
   // True when the block passes the cheap checks (HOTPOOL_CHECKS: the start
@@ -106,18 +126,22 @@ class Recycler {
   // freed. False: deallocate_unmarked must look closer (it aborts or
   // quarantines the block).
   bool validate_and_mark(unsigned size_class, void* block) {
-    if (!config_.checks) return true;
-    // The block start first: only then is the first word an aligned word.
-    if (HOTPOOL_RECYCLER_UNLIKELY(!region_.depot(size_class).is_block_start(block))) return false;
-    uint64_t& first_word = *static_cast<uint64_t*>(block);
+    if (HOTPOOL_RECYCLER_UNLIKELY(!config_.checks)) return true;  // on by default: the checks are the fall-through
+    // The block start first: only then is the marker word an aligned word of the block.
+    // The depot's address in a register (as bin_of): GCC would address the
+    // frontier's atomic load from the region's base again.
+    const ClassDepot* depot = &region_.depot(size_class);
+    asm("" : "+r"(depot));
+    if (HOTPOOL_RECYCLER_UNLIKELY(!depot->is_block_start(block))) return false;
+    uint64_t& word = marker_word(block);
     const uint64_t marker = key_ ^ reinterpret_cast<uintptr_t>(block);
-    if (HOTPOOL_RECYCLER_UNLIKELY(first_word == marker)) return false;
-    first_word = marker;
+    if (HOTPOOL_RECYCLER_UNLIKELY(word == marker)) return false;
+    word = marker;
     return true;
   }
   // False when the bin is full (then drain_and_push).
-  bool push(ThreadCache& cache, unsigned size_class, void* block) {
-    Bin& bin = cache.bins[size_class];
+  bool push(ThreadCache& cache, size_t size_class, void* block) {
+    Bin& bin = bin_of(cache, size_class);
     if (HOTPOOL_RECYCLER_UNLIKELY(bin.count >= bin.capacity)) return false;
     // The slot before the count: an asynchronous cancellation between the
     // two stores must not leave a stale slot counted in (pop's order is

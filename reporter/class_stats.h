@@ -86,7 +86,13 @@ static_assert(sizeof(ClassCounters) == 64, "one cache line per class");
 struct ThreadClassStats {
   // What every allocation and free touches besides its class's line, in
   // one cache line, the first.
-  alignas(64) Counter ops;  // this thread's allocator calls (allocations and frees), for "temporary"
+  // This thread's allocator calls (allocations and frees), for "temporary":
+  // ops() = ops_end - ops_left. The owner counts ops_left down on every
+  // call, one decrement, and runs its periodic work (the shim's tick) when
+  // it goes below zero, which also moves ops_end.
+  alignas(64) int64_t ops_left;
+  uint64_t ops_end;
+  uint64_t ops() const { return ops_end - static_cast<uint64_t>(ops_left); }
   int64_t total_live_delta;
   Counter total_peak_seen;
   Counter peak_seen[kMaxClasses];  // this thread's view of each class's peak live bytes (8 to a line)
@@ -100,7 +106,6 @@ struct ThreadClassStats {
   __attribute__((always_inline)) bool add_alloc(const GlobalClassStats& global, unsigned c, size_t requested,
                                                 size_t usable) {
     ClassCounters& row = classes[c];
-    bump(ops, 1);
     bump(row.allocs, 1);
     bump(row.requested_bytes, requested);
     bump(row.usable_bytes, usable);
@@ -118,7 +123,6 @@ struct ThreadClassStats {
   // to be published (as add_alloc).
   __attribute__((always_inline)) bool add_free(unsigned c, size_t usable) {
     ClassCounters& row = classes[c];
-    bump(ops, 1);
     bump(row.frees, 1);
     bump(row.freed_bytes, usable);
     const int64_t delta = row.live_delta -= static_cast<int64_t>(usable);
@@ -134,15 +138,13 @@ struct ThreadClassStats {
   // the counts. fold_pooled() brings them into the live deltas; the caller
   // does so every so many pooled operations, at each refill (where the
   // peak is taken) and before publishing all.
-  __attribute__((always_inline)) void add_pooled_alloc(unsigned c, size_t requested) {
+  __attribute__((always_inline)) void add_pooled_alloc(size_t c, size_t requested) {
     ClassCounters& row = classes[c];
-    bump(ops, 1);
     bump(row.pooled_allocs, 1);
     bump(row.requested_bytes, requested);
   }
-  __attribute__((always_inline)) void add_pooled_free(unsigned c) {
+  __attribute__((always_inline)) void add_pooled_free(size_t c) {
     ClassCounters& row = classes[c];
-    bump(ops, 1);
     bump(row.pooled_frees, 1);
   }
   // Class c's pooled blocks (of `size` bytes) counted since the last fold,

@@ -65,8 +65,8 @@ HOTPOOL_NOINLINE void* unsampled_malloc(size_t size) {
 // A sampled allocation, or the real allocator's when it cannot be sampled.
 HOTPOOL_NOINLINE void* sample_malloc(ThreadState* state, size_t size) {
   state->sample_countdown = next_sample_interval(*state);
-  if (void* block = sampled_allocate(*state, size)) {
-    count_for_policy(*state);
+  if (void* block = sampled_allocate(*state, size)) {  // counted the call
+    if (HOTPOOL_UNLIKELY(state->stats.ops_left < 0)) tick(*state);
     return block;
   }
   return unsampled_malloc(size);
@@ -76,11 +76,11 @@ HOTPOOL_NOINLINE void* sample_malloc(ThreadState* state, size_t size) {
 // fast path saves no more registers than the real call needs.
 HOTPOOL_NOINLINE void* recorded_malloc_publish(ThreadState* state, void* block, unsigned size_class) {
   state->stats.publish(g_global, size_class);
-  count_for_policy(*state);
+  if (HOTPOOL_UNLIKELY(count_call_due(*state))) tick(*state);
   return block;
 }
-HOTPOOL_NOINLINE void* recorded_malloc_policy(ThreadState* state, void* block) {
-  evaluate_policy(*state);
+HOTPOOL_NOINLINE void* recorded_malloc_tick(ThreadState* state, void* block) {
+  tick(*state);
   return block;
 }
 HOTPOOL_NOINLINE void* recorded_malloc_generic(void* block, size_t size) {
@@ -114,7 +114,7 @@ HOTPOOL_NOINLINE void* recorded_malloc(size_t size) {
   const unsigned size_class = g_classes.class_of_direct(usable);
   if (HOTPOOL_UNLIKELY(state->stats.add_alloc(g_global, size_class, size, usable)))
     return recorded_malloc_publish(state, block, size_class);
-  if (HOTPOOL_UNLIKELY(--state->policy_countdown == 0)) return recorded_malloc_policy(state, block);
+  if (HOTPOOL_UNLIKELY(count_call_due(*state))) return recorded_malloc_tick(state, block);
   return block;
 }
 
@@ -142,6 +142,7 @@ HOTPOOL_NOINLINE void recorded_free(void* block) {
   const size_t usable = g_real.heap_usable_size(block);
   if (HOTPOOL_UNLIKELY(!g_classes.direct(usable))) return recorded_free_generic(block);
   const unsigned size_class = g_classes.class_of_direct(usable);
+  count_call(*state);
   if (HOTPOOL_UNLIKELY(state->stats.add_free(size_class, usable)))
     return recorded_free_publish(state, block, size_class);
   g_real.free(block);
@@ -181,16 +182,21 @@ HOTPOOL_NOINLINE void* pooled_malloc_refill(unsigned size_class, size_t size) {
   // class's live bytes grow (the cache ran dry), so the peak is sampled here,
   // within half a cache of blocks of the truth for this thread.
   state->stats.note_peak(g_global, size_class);
-  count_for_policy(*state);
+  if (HOTPOOL_UNLIKELY(count_call_due(*state))) tick(*state);
   return block;
 }
 
-HOTPOOL_NOINLINE void* pooled_malloc_bookkeeping(ThreadState* state, void* block) {
-  pooled_bookkeeping(*state);
+HOTPOOL_NOINLINE void* pooled_malloc_tick(ThreadState* state, void* block) {
+  tick(*state);
   return block;
 }
 
-HOTPOOL_NOINLINE void* pooled_malloc(unsigned size_class, size_t size) {
+// The request's size, and class_plus_one: its class plus one, as the direct table gives it (the
+// minus one folds into the addresses of the class's bin and counters).
+// Inlined into malloc (no jump between them); the other callers call
+// pooled_malloc.
+HOTPOOL_ALWAYS_INLINE void* pooled_malloc_inline(size_t size, unsigned class_plus_one) {
+  const size_t size_class = size_t{class_plus_one} - 1;  // 64-bit: the minus one folds into displacements
   ThreadLocal& local = tls;
   ThreadState* state = local.pool_state;
   if (HOTPOOL_UNLIKELY(state == nullptr)) return unsampled_malloc(size);
@@ -204,26 +210,30 @@ HOTPOOL_NOINLINE void* pooled_malloc(unsigned size_class, size_t size) {
   void* block = g_recycler.pop(state->cache, size_class);
   asm volatile("" ::: "memory");
   local.pool_state = state;
-  if (HOTPOOL_UNLIKELY(block == nullptr)) return pooled_malloc_refill(size_class, size);
+  if (HOTPOOL_UNLIKELY(block == nullptr)) return pooled_malloc_refill(static_cast<unsigned>(size_class), size);
   state->stats.add_pooled_alloc(size_class, size);
-  if (HOTPOOL_UNLIKELY(--state->bookkeeping_countdown == 0)) return pooled_malloc_bookkeeping(state, block);
+  if (HOTPOOL_UNLIKELY(count_call_due(*state))) return pooled_malloc_tick(state, block);
   return block;
 }
 
-HOTPOOL_NOINLINE void* pooled_calloc(unsigned size_class, size_t size) {
-  void* block = pooled_malloc(size_class, size);  // pooled, or the real malloc's
+HOTPOOL_NOINLINE void* pooled_malloc(size_t size, unsigned class_plus_one) {
+  return pooled_malloc_inline(size, class_plus_one);
+}
+
+HOTPOOL_NOINLINE void* pooled_calloc(size_t size, unsigned class_plus_one) {
+  void* block = pooled_malloc(size, class_plus_one);  // pooled, or the real malloc's
   return block ? std::memset(block, 0, size) : nullptr;
 }
 
-// The class a request of `size` is pooled in, or -1 when it is not pooled.
-HOTPOOL_ALWAYS_INLINE int pooled_class(size_t size) {
-  if (HOTPOOL_LIKELY(size <= g_pool_limit)) {
-    if (HOTPOOL_LIKELY(hotpool::recycler::SizeClassTable::direct(size)))
-      return static_cast<int>(g_recycler.pooled_class_plus_one(size)) - 1;
-    const unsigned size_class = g_classes.class_of(size);
-    if (g_recycler.pooled(size_class)) return static_cast<int>(size_class);
-  }
-  return -1;
+// A request above the direct class table, within the pool limit: its class
+// when that class is pooled, else the real allocator's.
+HOTPOOL_NOINLINE void* malloc_beyond_direct(size_t size) {
+  const unsigned size_class = g_classes.class_of(size);
+  if (g_recycler.pooled(size_class)) return pooled_malloc(size, size_class + 1);
+  return recorded_malloc(size);
+}
+HOTPOOL_ALWAYS_INLINE bool beyond_direct(size_t size) {
+  return HOTPOOL_UNLIKELY(size - g_pool_gate.large_first < g_pool_gate.large_span);
 }
 
 // realloc of a pooled block: in place when the new size needs the same
@@ -243,6 +253,7 @@ void* realloc_pooled(void* block, size_t size) {
     if (ThreadState* state = tls.state) {
       state->stats.record_pooled_free(g_global, size_class, old_size);
       state->stats.record_pooled_alloc(g_global, size_class, size, old_size);
+      state->stats.ops_left -= 2;  // a free and an allocation
     }
     return block;
   }
@@ -280,13 +291,18 @@ void* realloc_sampled(void* block, size_t size) {
 // FAST PATH of every entry point: one relaxed load of the phase, then
 // Recording: the real call and record_alloc / record_free; Off: the real
 // call alone; Booting (first call of the process): start-up.
-// Mode off is tested first: there hotpool is a load, a compare and a jump.
+// malloc and calloc ask the pool gate first (a compare and a table load
+// serve a pooled request, which is then in phase Recording); mode off then
+// costs that compare, a load, a compare and a jump.
 HOTPOOL_EXPORT void* malloc(size_t size) {
+  if (HOTPOOL_LIKELY(size <= g_pool_gate.direct_limit)) {
+    if (const unsigned class_plus_one = g_recycler.pooled_class_plus_one(size))
+      return pooled_malloc_inline(size, class_plus_one);
+  }
   const Phase phase = g_phase.load(std::memory_order_relaxed);
   if (phase == Phase::Off) return g_real.malloc(size);
-  if (HOTPOOL_LIKELY(phase == Phase::Recording)) {
-    const int size_class = pooled_class(size);
-    if (size_class >= 0) return pooled_malloc(static_cast<unsigned>(size_class), size);
+  if (HOTPOOL_LIKELY(phase > Phase::Off)) {  // Recording: the flags of the compare above
+    if (beyond_direct(size)) return malloc_beyond_direct(size);
     return recorded_malloc(size);
   }
   return allocate_booting([=] { return malloc(size); }, size, 0, false);
@@ -296,7 +312,8 @@ HOTPOOL_EXPORT void free(void* block) {
   // A pooled block first, in any phase: the region is empty until the
   // recycler starts (never in modes off and profile), and holds no bootstrap
   // memory.
-  if (g_recycler.contains(block)) return pooled_free(block);
+  const size_t region_offset = g_recycler.region_offset(block);
+  if (region_offset < g_recycler.region_bytes()) return pooled_free_at(block, region_offset);
   const Phase phase = g_phase.load(std::memory_order_relaxed);
   if (HOTPOOL_UNLIKELY(bootstrap::owns(block))) return;  // static memory, never reused
   if (phase == Phase::Off) return g_real.free(block);
@@ -309,18 +326,22 @@ HOTPOOL_EXPORT void free(void* block) {
 }
 
 HOTPOOL_EXPORT void* calloc(size_t count, size_t size) {
+  size_t bytes;
+  const bool overflow = __builtin_mul_overflow(count, size, &bytes);
+  if (HOTPOOL_LIKELY(bytes <= g_pool_gate.direct_limit) && !overflow) {
+    if (const unsigned class_plus_one = g_recycler.pooled_class_plus_one(bytes))
+      return pooled_calloc(bytes, class_plus_one);
+  }
   const Phase phase = g_phase.load(std::memory_order_relaxed);
   if (HOTPOOL_LIKELY(phase == Phase::Recording)) {
-    size_t bytes;
-    if (!__builtin_mul_overflow(count, size, &bytes)) {
-      const int size_class = pooled_class(bytes);
-      if (size_class >= 0) return pooled_calloc(static_cast<unsigned>(size_class), bytes);
+    if (beyond_direct(bytes) && !overflow) {
+      const unsigned size_class = g_classes.class_of(bytes);
+      if (g_recycler.pooled(size_class)) return pooled_calloc(bytes, size_class + 1);
     }
     return recorded_calloc(count, size);
   }
   if (phase == Phase::Off) return g_real.calloc(count, size);
-  size_t bytes;
-  if (__builtin_mul_overflow(count, size, &bytes)) return errno = ENOMEM, nullptr;
+  if (overflow) return errno = ENOMEM, nullptr;
   return allocate_booting([=] { return calloc(count, size); }, bytes, 0, true);
 }
 

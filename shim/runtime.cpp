@@ -29,6 +29,7 @@ constinit reporter::GlobalClassStats g_global{};
 constinit ThreadRegistry g_registry{};
 constinit recycler::Recycler g_recycler{};
 constinit size_t g_pool_limit = 0;
+constinit PoolGate g_pool_gate = {};
 
 static void pooled_free_uncached(void* block);
 
@@ -46,8 +47,8 @@ constinit reporter::StatsSnapshot g_snapshot{};  // only under g_report_lock
 constinit recycler::AutoPolicy g_policy{};
 constinit const char* g_pool_note = nullptr;     // why nothing pools, for the report
 
-constexpr uint64_t kFirstPolicyWindow = 4096;    // allocations; doubles up to:
-constexpr uint64_t kLongestPolicyWindow = 65536;
+constexpr uint64_t kFirstPolicyWindow = 8192;    // allocator calls (allocations and frees); doubles up to:
+constexpr uint64_t kLongestPolicyWindow = 131072;
 
 uint64_t monotonic_ns() {
   timespec now;
@@ -315,6 +316,13 @@ void boot() {
       pthread_atfork(before_fork, after_fork_parent, after_fork_child) == 0) {
     phase = Phase::Recording;
   }
+  if (phase == Phase::Recording && g_pool_limit) {
+    // Open the pooled entry paths (they test no phase: only Recording pools).
+    const size_t direct = g_pool_limit < recycler::kDirectLookupLimit ? g_pool_limit : recycler::kDirectLookupLimit;
+    g_pool_gate.large_first = direct + 1;
+    g_pool_gate.large_span = g_pool_limit - direct;
+    g_pool_gate.direct_limit = direct;
+  }
   errno = saved_errno;
   g_phase.store(phase, std::memory_order_release);
 }
@@ -348,7 +356,8 @@ static ThreadState* attach_thread(const ReentryGuard& guard) {
   state->sample_countdown = next_sample_interval(*state);
   state->policy_window = kFirstPolicyWindow;
   state->policy_countdown = auto_mode ? kFirstPolicyWindow : kNever;
-  state->bookkeeping_countdown = kBookkeepingOps;
+  state->stats.ops_left = kTickOps - 1;
+  state->stats.ops_end = kTickOps - 1;  // ops() = 0
   tls.state = state;
   tls.status = ThreadStatus::Attached;
   pthread_setspecific(g_thread_key, state);
@@ -443,40 +452,42 @@ void free_deferred(ThreadState& state) {
   }
 }
 
-static void pooled_bookkeeping_locked(ThreadState& state);
+static void tick_locked(ThreadState& state);
 
-void pooled_bookkeeping(ThreadState& state) {
+void tick(ThreadState& state) {
   {
     ReentryGuard guard;  // a signal handler's allocations meanwhile: the real allocator
-    pooled_bookkeeping_locked(state);
+    tick_locked(state);
   }
   if (HOTPOOL_UNLIKELY(state.deferred_count)) free_deferred(state);
 }
 
-static void pooled_bookkeeping_locked(ThreadState& state) {
-  state.bookkeeping_countdown = kBookkeepingOps;
+static void tick_locked(ThreadState& state) {
+  reporter::ThreadClassStats& stats = state.stats;
+  const uint64_t ops = stats.ops();
+  const uint64_t calls = static_cast<uint64_t>(kTickOps - 1 - stats.ops_left);  // since the last tick (frees go on past zero)
+  stats.ops_left = kTickOps - 1;  // the tick comes when it goes below zero: kTickOps calls on
+  stats.ops_end = ops + kTickOps - 1;
   // The classes this thread's cache is used for (its sized bins), not the
   // whole table: a hundred classes every 256 operations cost about 1 ns
   // per pooled malloc+free in mode auto.
   for (unsigned word = 0; word < sizeof(state.cache.sized) / sizeof(uint64_t); ++word) {
     for (uint64_t bits = state.cache.sized[word]; bits; bits &= bits - 1) {
       const unsigned c = word * 64 + static_cast<unsigned>(__builtin_ctzll(bits));
-      state.stats.fold_pooled(c, g_classes.class_size(c));
-      state.stats.publish_if_due(g_global, c);
+      stats.fold_pooled(c, g_classes.class_size(c));
+      stats.publish_if_due(g_global, c);
     }
   }
-  // The policy's window is counted in allocations elsewhere; here, in
-  // rounds of pooled operations.
   if (state.policy_countdown != kNever) {
-    if (state.policy_countdown <= kBookkeepingOps) evaluate_policy(state);
-    else state.policy_countdown -= kBookkeepingOps;
+    if (state.policy_countdown <= calls) evaluate_policy(state);
+    else state.policy_countdown -= calls;
   }
 }
 
 // pool_state is null: not attached or torn down (straight to the depot),
 // or inside hotpool, or a signal handler that interrupted a pooled fast
 // path of this thread (kept until the thread is out: free_deferred).
-static HOTPOOL_NOINLINE void pooled_free_gated(void* block) {
+void pooled_free_gated(void* block) {
   ThreadState* state = tls.state;
   if (state == nullptr) return pooled_free_uncached(block);
   defer_free(state, block);
@@ -485,30 +496,16 @@ static HOTPOOL_NOINLINE void pooled_free_gated(void* block) {
 // The rare ends of pooled_free, given the block alone (the thread's state
 // and the class are found again): the fast path then keeps nothing alive
 // across its checks for them, and saves no register.
-static HOTPOOL_NOINLINE void pooled_free_unmarked(void* block) {
+void pooled_free_unmarked(void* block) {
   // An invalid or double free aborts there, or is quarantined (not counted).
   g_recycler.deallocate_unmarked(tls.pool_state->cache, g_recycler.class_of_block(block), block);
 }
-static HOTPOOL_NOINLINE void pooled_free_full(void* block) {
+void pooled_free_full(void* block) {
   pooled_free_full_bin(tls.pool_state, g_recycler.class_of_block(block), block);
 }
 
-void pooled_free(void* block) {
-  ThreadLocal& local = tls;
-  ThreadState* state = local.pool_state;
-  if (HOTPOOL_UNLIKELY(state == nullptr)) return pooled_free_gated(block);
-  const unsigned size_class = g_recycler.class_of_block(block);
-  if (HOTPOOL_UNLIKELY(!g_recycler.validate_and_mark(size_class, block))) return pooled_free_unmarked(block);
-  state->stats.add_pooled_free(size_class);
-  // The push as the pop in pooled_malloc: out of a signal handler's reach.
-  local.pool_state = nullptr;
-  asm volatile("" ::: "memory");
-  const bool pushed = g_recycler.push(state->cache, size_class, block);
-  asm volatile("" ::: "memory");
-  local.pool_state = state;
-  if (HOTPOOL_UNLIKELY(!pushed)) return pooled_free_full(block);
-  if (HOTPOOL_UNLIKELY(--state->bookkeeping_countdown == 0)) return pooled_bookkeeping(*state);
-}
+void pooled_free(void* block) { pooled_free_at(block, g_recycler.region_offset(block)); }
+
 
 void record_alloc_slow(unsigned size_class, size_t requested, size_t usable) {
   ThreadLocal& local = tls;

@@ -28,12 +28,14 @@ enum class Phase : uint8_t {
   Recording,    // profile / fixed / auto
 };
 
+// The entry points test `phase > Off` for Recording: nothing comes after it.
+static_assert(Phase::Booting < Phase::Off && Phase::Off < Phase::Recording);
 extern std::atomic<Phase> g_phase;
 
 // A countdown that never reaches zero (sampling or the policy switched off).
 inline constexpr uint64_t kNever = ~uint64_t{0};
-// Pooled operations between two rounds of pooled_bookkeeping.
-inline constexpr uint64_t kBookkeepingOps = 256;
+// Allocator calls of a thread between two ticks (see tick).
+inline constexpr int64_t kTickOps = 256;
 extern RealAllocator g_real;
 extern recycler::SizeClassTable g_classes;
 extern reporter::GlobalClassStats g_global;
@@ -42,6 +44,18 @@ extern recycler::Recycler g_recycler;
 // Requests up to this size may be pooled; 0 when nothing pools (modes off
 // and profile, or no region).
 extern size_t g_pool_limit;
+// The entry points' view of g_pool_limit, set once start-up has chosen
+// phase Recording with pools (all zero otherwise: nothing passes the gate).
+struct PoolGate {
+  // min(g_pool_limit, the direct class table's limit): a request up to this
+  // size finds whether it pools with one table load, before any phase test.
+  size_t direct_limit;
+  // Requests in [large_first, large_first + large_span) may pool too (the
+  // classes above the direct table): one subtraction and one compare.
+  size_t large_first;
+  size_t large_span;
+};
+extern PoolGate g_pool_gate;
 
 // Start-up: resolve the real allocator, parse options, build the class
 // table. Idempotent; the first caller does the work, others return at once.
@@ -51,19 +65,23 @@ HOTPOOL_NOINLINE void boot();
 HOTPOOL_NOINLINE void* allocate_while_booting(size_t size, size_t alignment, bool zero);
 
 HOTPOOL_NOINLINE void record_alloc_slow(unsigned size_class, size_t requested, size_t usable);
-// Every kBookkeepingOps pooled operations of a thread: its pooled blocks'
-// live bytes into its deltas (published when due), the policy's window.
-HOTPOOL_NOINLINE void pooled_bookkeeping(ThreadState& state);
+// Every kTickOps allocator calls of a thread (when its ops_left goes
+// below zero): ops_left and ops_end move on, its pooled blocks' live
+// bytes go into its deltas (published when due), the policy's window
+// advances (mode auto: evaluate_policy when it is over).
+HOTPOOL_NOINLINE void tick(ThreadState& state);
 // The calling thread's state, attaching it if this is its first recorded
 // call; null inside hotpool, after teardown or without memory for a state.
 HOTPOOL_NOINLINE ThreadState* attach_current_thread();
 
-// Mode auto: every policy window of a thread's allocations, its counts are
-// shown to the policy (a countdown; in other modes it never reaches zero).
+// Mode auto: at the end of each policy window (tick), the thread's counts
+// are shown to the policy.
 HOTPOOL_NOINLINE void evaluate_policy(ThreadState& state);
-HOTPOOL_ALWAYS_INLINE void count_for_policy(ThreadState& state) {
-  if (HOTPOOL_UNLIKELY(--state.policy_countdown == 0)) evaluate_policy(state);
-}
+// FAST PATH of every recorded allocator call: one decrement of the thread's
+// call count. count_call_due: true when the caller must tick (out of line).
+// Paths that don't check (frees) leave the tick to the next that does.
+HOTPOOL_ALWAYS_INLINE bool count_call_due(ThreadState& state) { return --state.stats.ops_left < 0; }
+HOTPOOL_ALWAYS_INLINE void count_call(ThreadState& state) { --state.stats.ops_left; }
 HOTPOOL_NOINLINE void record_free_slow(unsigned size_class, size_t usable);
 
 // FAST PATH (Recording): one usable-size query, one table lookup, a dozen
@@ -76,7 +94,7 @@ HOTPOOL_ALWAYS_INLINE void record_alloc(void* block, size_t requested) {
   ThreadState* state = tls.state;
   if (HOTPOOL_UNLIKELY(!state)) return record_alloc_slow(size_class, requested, usable);
   state->stats.record_alloc(g_global, size_class, requested, usable);
-  count_for_policy(*state);
+  if (HOTPOOL_UNLIKELY(count_call_due(*state))) tick(*state);
 }
 
 // The caller measures the block (malloc_usable_size) before it is released.
@@ -85,12 +103,44 @@ HOTPOOL_ALWAYS_INLINE void record_free(size_t usable) {
   ThreadState* state = tls.state;
   if (HOTPOOL_UNLIKELY(!state)) return record_free_slow(size_class, usable);
   state->stats.record_free(g_global, size_class, usable);
+  count_call(*state);
 }
 
 // FAST PATH: a block of the pool region back to the pool, whatever the
 // guard says: validation (HOTPOOL_CHECKS), two counters, the cache's push;
 // without a thread state, straight to the depot.
 HOTPOOL_NOINLINE void pooled_free(void* block);
+// The rare ends of pooled_free_at, given the block alone (the thread's
+// state and the class are found again): the fast path then keeps nothing
+// alive across its checks for them, and saves no register.
+// gated: pool_state is null (not attached or torn down: straight to the
+// depot; or inside hotpool, or a signal handler that interrupted a pooled
+// fast path of this thread: kept until the thread is out, free_deferred).
+HOTPOOL_NOINLINE void pooled_free_gated(void* block);
+// unmarked: the checks failed (an invalid or double free aborts there, or
+// is quarantined); full: the bin is full (drain half, then push).
+HOTPOOL_NOINLINE void pooled_free_unmarked(void* block);
+HOTPOOL_NOINLINE void pooled_free_full(void* block);
+
+// pooled_free, given the block's offset in the pool region (free() has it
+// from its ownership test), inlined into free(): no jump between them.
+HOTPOOL_ALWAYS_INLINE void pooled_free_at(void* block, size_t region_offset) {
+  ThreadLocal& local = tls;
+  ThreadState* state = local.pool_state;
+  if (HOTPOOL_UNLIKELY(state == nullptr)) return pooled_free_gated(block);
+  const size_t size_class = g_recycler.class_of_offset(region_offset);
+  if (HOTPOOL_UNLIKELY(!g_recycler.validate_and_mark(static_cast<unsigned>(size_class), block)))
+    return pooled_free_unmarked(block);
+  state->stats.add_pooled_free(size_class);
+  count_call(*state);  // the tick waits for the next allocation
+  // The push as the pop in pooled_malloc: out of a signal handler's reach.
+  local.pool_state = nullptr;
+  asm volatile("" ::: "memory");
+  const bool pushed = g_recycler.push(state->cache, size_class, block);
+  asm volatile("" ::: "memory");
+  local.pool_state = state;
+  if (HOTPOOL_UNLIKELY(!pushed)) return pooled_free_full(block);
+}
 // Pooled frees deferred while the thread was inside hotpool, done now.
 void free_deferred(ThreadState& state);
 

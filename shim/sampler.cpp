@@ -311,12 +311,13 @@ void* sampled_allocate(ThreadState& state, size_t size) {
   const size_t usable = g_classes.class_size(region_class) - kHeader;
   const unsigned size_class = g_classes.class_of(usable);
   state.stats.record_alloc(g_global, size_class, size, usable);
+  count_call(state);  // the caller ticks when due
   auto* header = static_cast<SampleHeader*>(raw);
   header->site = site;
   header->thread = state.ordinal;
   header->requested = static_cast<uint32_t>(size);  // size <= g_limit, below the largest class
   header->alloc_ns = now_ns();
-  header->thread_ops = state.stats.ops.load(std::memory_order_relaxed);
+  header->thread_ops = state.stats.ops();
   header->state = kLive;
   header->frame_cfa = stack.cfa;
   header->caller_return = stack.depth > 1 ? stack.ips[1] : 0;
@@ -352,7 +353,7 @@ void sampled_free_record(void* block) {
   const uint64_t now = now_ns();
   ThreadState* state = tls.state;
   const bool same_thread = state && state->ordinal == header->thread;
-  const uint64_t ops = state ? state->stats.ops.load(std::memory_order_relaxed) : 0;
+  const uint64_t ops = state ? state->stats.ops() : 0;
   // Frame-local: the allocating function is still active, i.e. its callers
   // (the site's stack beyond its first frame) are the outer end of ours.
   bool frame_local = false;
@@ -384,6 +385,7 @@ void sampled_free_record(void* block) {
   }
   if (state) {
     state->stats.record_free(g_global, size_class, usable);
+    count_call(*state);
   } else if (g_registry.has_fallback()) {
     SpinLockGuard lock(g_registry.fallback_lock());
     g_registry.fallback().record_free(g_global, size_class, usable);
@@ -444,7 +446,7 @@ void sampled_revive(void* block) {
 
 void sampled_restamp(void* block) {
   auto* header = reinterpret_cast<SampleHeader*>(static_cast<char*>(block) - kHeader);
-  if (ThreadState* state = tls.state) header->thread_ops = state->stats.ops.load(std::memory_order_relaxed);
+  if (ThreadState* state = tls.state) header->thread_ops = state->stats.ops();
 }
 
 void begin_fork_samples() {

@@ -64,11 +64,11 @@ ThreadState* ThreadRegistry::acquire(const ReentryGuard&) {
 
 void add_cache_counters(const recycler::ThreadCache& cache, unsigned classes, reporter::PoolClassTotals* totals) {
   for (unsigned c = 0; c < classes; ++c) {
-    const recycler::Bin& bin = cache.bins[c];
-    totals[c].refills += bin.refills.load(std::memory_order_relaxed);
-    totals[c].drains += bin.drains.load(std::memory_order_relaxed);
-    totals[c].misses += bin.misses.load(std::memory_order_relaxed);
-    totals[c].cached_blocks += bin.count;
+    const recycler::BinCounters& counters = cache.counters[c];
+    totals[c].refills += counters.refills.load(std::memory_order_relaxed);
+    totals[c].drains += counters.drains.load(std::memory_order_relaxed);
+    totals[c].misses += counters.misses.load(std::memory_order_relaxed);
+    totals[c].cached_blocks += cache.bins[c].count;
   }
 }
 
@@ -85,7 +85,8 @@ void ThreadRegistry::retire_locked(ThreadState* state, reporter::GlobalClassStat
     recycler::Bin& bin = state->cache.bins[c];
     if (bin.count) bin.count = 0;
     if (bin.capacity) bin.capacity = 0;
-    for (auto* counter : {&bin.refills, &bin.drains, &bin.misses}) reporter::clear(*counter);
+    recycler::BinCounters& counters = state->cache.counters[c];
+    for (auto* counter : {&counters.refills, &counters.drains, &counters.misses}) reporter::clear(*counter);
     if (state->policy_allocs[c]) state->policy_allocs[c] = 0;
     if (state->policy_frees[c]) state->policy_frees[c] = 0;
   }

@@ -39,15 +39,12 @@ struct alignas(64) SampleStash {
 // must have zero as its initial value.
 struct ThreadState {
   // The countdowns every allocation decrements, in one cache line, next
-  // to the first of the counters' (see ThreadClassStats).
+  // to the first of the counters' (see ThreadClassStats: ops_left, the
+  // countdown to the next tick, is there).
   alignas(64) uint64_t sample_countdown;  // allocations until the next sample
   // The auto policy's window over this thread's counts (mode auto only):
-  // allocations until the next evaluation.
+  // allocator calls until the next evaluation, counted down by the ticks.
   uint64_t policy_countdown;
-  // Pooled allocations and frees until pooled_bookkeeping: the pooled
-  // blocks' live bytes folded into the counts' deltas and published, and
-  // the policy's window advanced.
-  uint64_t bookkeeping_countdown;
   reporter::ThreadClassStats stats;
   recycler::ThreadCache cache;
   ThreadState* prev;  // active list, or free list (next only)
