@@ -58,6 +58,7 @@ void ClassGeometry::init(uint32_t block_size) {
   blocks = static_cast<uint32_t>((size_t{1} << slab_shift) / block_size);
   bitmap_words = (blocks + 63) / 64;
   reciprocal = static_cast<uint64_t>(((static_cast<unsigned __int128>(1) << 64) / block_size) + 1);
+  slab_reciprocal = static_cast<uint64_t>(((static_cast<unsigned __int128>(1) << 64) / slab_bytes()) + 1);
   twos = static_cast<uint32_t>(__builtin_ctz(block_size));
   const uint64_t odd = block_size >> twos;
   uint64_t inverse = odd;  // correct to 3 bits (odd * odd = 1 mod 8); each step doubles them
@@ -70,12 +71,12 @@ bool ClassDepot::init(uint32_t block_size, char* area, size_t area_bytes, uint64
   marker_key_ = marker_key;
   geometry_.init(block_size);
   area_ = area;
+  const long page = sysconf(_SC_PAGESIZE);
+  page_bytes_ = page > 0 ? static_cast<uintptr_t>(page) : 4096;
   check_.area = area;
-  check_.slab_mask = geometry_.slab_bytes() - 1;
   check_.inverse_of_odd = geometry_.inverse_of_odd;
-  check_.blocks = geometry_.blocks;
   check_.twos = geometry_.twos;
-  max_slabs_ = area_bytes >> geometry_.slab_shift;
+  max_slabs_ = area_bytes / geometry_.slab_bytes();
   if (max_slabs_ == 0) return false;
   const size_t slab_meta = (max_slabs_ * sizeof(Slab) + 63) & ~size_t{63};
   const size_t bitmap_bytes = max_slabs_ * geometry_.bitmap_words * sizeof(uint64_t);
@@ -131,7 +132,7 @@ Slab* ClassDepot::carve_slab() {
   slab->released = 0;
   // No block is written here: a block's page is touched when the block is
   // first handed out (refill_locked), which also moves the frontier that
-  // tells blocks handed out from the rest (check_.frontier).
+  // tells blocks handed out from the rest (check_.handed_out).
   carved_slabs_.store(index + 1, std::memory_order_release);
   const uint64_t committed = counters_.committed_bytes.fetch_add(geometry_.slab_bytes(), std::memory_order_relaxed) +
                              geometry_.slab_bytes();
@@ -167,8 +168,9 @@ unsigned ClassDepot::refill_locked(void** out, unsigned want, uint64_t now_ns) {
     char* memory = slab_memory(slab);
     // Lowest blocks first: in the newest slab, every block below the
     // frontier has been handed out before, none above it has.
-    size_t frontier = check_.frontier.load(std::memory_order_relaxed);
+    size_t frontier = check_.handed_out.load(std::memory_order_relaxed);
     const size_t frontier_before = frontier;
+    const size_t first_number = static_cast<size_t>(slab - slabs_) * geometry_.blocks;
     for (uint32_t w = 0; w < geometry_.bitmap_words && taken < want; ++w) {
       while (bits[w] && taken < want) {
         const unsigned bit = static_cast<unsigned>(__builtin_ctzll(bits[w]));
@@ -176,7 +178,7 @@ unsigned ClassDepot::refill_locked(void** out, unsigned want, uint64_t now_ns) {
         char* block = memory + size_t{w * 64 + bit} * geometry_.size;
         out[taken++] = block;
         --slab->free_blocks;
-        const size_t end = static_cast<size_t>(block - area_) + geometry_.size;
+        const size_t end = first_number + w * 64 + bit + 1;
         if (end > frontier) {
           // Handed out for the first time: into a thread cache, still free,
           // so it gets its free marker now (its first write).
@@ -186,7 +188,7 @@ unsigned ClassDepot::refill_locked(void** out, unsigned want, uint64_t now_ns) {
       }
     }
     // Before the blocks leave the lock: a free() of one checks the frontier.
-    if (frontier != frontier_before) check_.frontier.store(frontier, std::memory_order_release);
+    if (frontier != frontier_before) check_.handed_out.store(frontier, std::memory_order_release);
     if (slab->free_blocks) push(partial_, slab, kPartial);
   }
   counters_.depot_free_bytes.fetch_sub(uint64_t{taken} * geometry_.size, std::memory_order_relaxed);
@@ -200,9 +202,8 @@ void ClassDepot::drain(void* const* blocks, unsigned count, uint64_t now_ns) {
 
 void ClassDepot::drain_locked(void* const* blocks, unsigned count, uint64_t now_ns) {
   for (unsigned i = 0; i < count; ++i) {
-    const size_t offset = static_cast<size_t>(static_cast<char*>(blocks[i]) - area_);
-    Slab* slab = &slabs_[offset >> geometry_.slab_shift];
-    const uint32_t index = geometry_.index_of(offset & (geometry_.slab_bytes() - 1));
+    uint32_t index;
+    Slab* slab = slab_at(static_cast<size_t>(static_cast<char*>(blocks[i]) - area_), &index);
     uint64_t& word = bitmap(slab)[index / 64];
     const uint64_t bit = uint64_t{1} << (index % 64);
     if (word & bit) fatal_pointer_error("double free: the block is already free in the pool", blocks[i]);
@@ -220,9 +221,8 @@ void ClassDepot::drain_locked(void* const* blocks, unsigned count, uint64_t now_
 
 bool ClassDepot::holds_free(const void* block) {
   SpinLockGuard guard(lock_, kNoCancellationPoint);
-  const size_t offset = static_cast<size_t>(static_cast<const char*>(block) - area_);
-  const Slab* slab = &slabs_[offset >> geometry_.slab_shift];
-  const uint32_t index = geometry_.index_of(offset & (geometry_.slab_bytes() - 1));
+  uint32_t index;
+  const Slab* slab = slab_at(static_cast<size_t>(static_cast<const char*>(block) - area_), &index);
   return bitmap(slab)[index / 64] & (uint64_t{1} << (index % 64));
 }
 
@@ -239,7 +239,12 @@ size_t ClassDepot::release_empty(uint64_t now_ns, uint64_t idle_ns, size_t keep_
       kept += geometry_.slab_bytes();
       continue;
     }
-    madvise(slab_memory(slab), geometry_.slab_bytes(), MADV_DONTNEED);
+    // The whole pages of the slab (a slab need not start or end on a page:
+    // the pages it shares with its neighbours stay).
+    const uintptr_t page = page_bytes_;
+    const uintptr_t start = (reinterpret_cast<uintptr_t>(slab_memory(slab)) + page - 1) & ~(page - 1);
+    const uintptr_t end = (reinterpret_cast<uintptr_t>(slab_memory(slab)) + geometry_.slab_bytes()) & ~(page - 1);
+    if (end > start) madvise(reinterpret_cast<void*>(start), end - start, MADV_DONTNEED);
     slab->released = 1;
     empty_bytes_ -= geometry_.slab_bytes();
     released += geometry_.slab_bytes();
@@ -257,12 +262,9 @@ size_t ClassDepot::release_empty(uint64_t now_ns, uint64_t idle_ns, size_t keep_
 
 const char* ClassDepot::check_block(const void* block) const {
   const size_t offset = static_cast<size_t>(static_cast<const char*>(block) - area_);
-  if (offset >= check_.frontier.load(std::memory_order_acquire))
+  if (offset >= check_.handed_out.load(std::memory_order_acquire) * geometry_.size)
     return "free() of a pointer into pool memory that was never handed out";
-  const size_t in_slab = offset & (geometry_.slab_bytes() - 1);
-  const uint32_t index = geometry_.index_of(in_slab);
-  if (index >= geometry_.blocks) return "free() of a pointer past the last block of a pool slab";
-  if (size_t{index} * geometry_.size != in_slab)
+  if (!geometry_.multiple_of_size(offset))
     return "free() of a pointer into the middle of a pooled block (interior or misaligned)";
   return nullptr;
 }

@@ -6,8 +6,10 @@
 //
 // Ownership is an address-range check (never a header in front of a foreign
 // pointer): region_base <= p < region_end. The class of a pooled block is
-// (p - base) >> area_shift; its slab is the next shift; its index in the
-// slab a multiply-high by a precomputed reciprocal.
+// (p - base) >> area_shift. A class's slabs lie end to end in its area,
+// each a whole number of blocks (no gaps): the blocks of an area are one
+// array, and a pointer is a block start exactly when its offset is a
+// multiple of the block size (the free path's check, see is_block_start).
 //
 // Everything about free blocks lives out of band, in a metadata mapping:
 // per slab a bitmap (bit set = the block is free in the depot) and a count.
@@ -41,10 +43,11 @@ inline uint64_t& marker_word(void* block) {
 
 struct ClassGeometry {
   uint32_t size = 0;          // block size
-  uint32_t blocks = 0;        // blocks per slab
-  uint32_t slab_shift = 0;    // log2 of the slab size
+  uint32_t blocks = 0;        // blocks per slab: a slab is blocks * size bytes
+  uint32_t slab_shift = 0;    // log2 of the slab size, rounded up (the area holds at least four)
   uint32_t bitmap_words = 0;  // 64-bit words of free bitmap per slab
   uint64_t reciprocal = 0;    // floor(2^64 / size) + 1: offset / size by multiply-high
+  uint64_t slab_reciprocal = 0;  // the same for the slab size
   // size = odd * 2^twos. An offset is a multiple of size exactly when
   // rotr(offset * inverse_of_odd, twos) <= multiple_limit (Granlund and
   // Montgomery's divisibility test, as compilers emit for x % constant == 0):
@@ -56,17 +59,22 @@ struct ClassGeometry {
   void init(uint32_t block_size);
   bool multiple_of_size(size_t offset) const { return rotated_product(offset, inverse_of_odd, twos) <= multiple_limit; }
   // The same test, giving more: offset / size when offset is a multiple of
-  // size, else a value above multiple_limit (so above any block index).
-  // One compare with the block count then asks "a block start within the
-  // slab's blocks" at once.
+  // size, else a value above multiple_limit (so above any block number in
+  // an area). One compare with a block count then asks "a block start, and
+  // below that count" at once.
   static uint64_t rotated_product(size_t offset, uint64_t inverse_of_odd, unsigned twos) {
     const uint64_t product = offset * inverse_of_odd;
     return (product >> twos) | (product << ((64 - twos) & 63));  // a rotate (ror), also for twos = 0
   }
-  size_t slab_bytes() const { return size_t{1} << slab_shift; }
+  size_t slab_bytes() const { return size_t{blocks} * size; }
   // Index of the block at `offset` in its slab (exact for offset < slab size).
   uint32_t index_of(size_t offset) const {
     return static_cast<uint32_t>((static_cast<unsigned __int128>(offset) * reciprocal) >> 64);
+  }
+  // The slab holding the byte at `offset` in the area (exact for offsets
+  // below 2^64 / slab size).
+  size_t slab_of(size_t offset) const {
+    return static_cast<size_t>((static_cast<unsigned __int128>(offset) * slab_reciprocal) >> 64);
   }
 };
 
@@ -117,14 +125,15 @@ class alignas(64) ClassDepot {
   size_t release_empty(uint64_t now_ns, uint64_t idle_ns, size_t keep_bytes);
 
   // FAST PATH: true when `block` (a pointer into this class's area) is the
-  // start of a block handed out before (below the frontier). One load, a
-  // multiply and a rotate, and three compares folded into one branch.
+  // start of a block handed out before (below the frontier). A subtraction,
+  // a multiply, a rotate and one compare: the rotated product is the block
+  // number for a block start, and above every block count otherwise.
   bool is_block_start(const void* block) const {
     const size_t offset = static_cast<size_t>(static_cast<const char*>(block) - check_.area);
-    const uint64_t index = ClassGeometry::rotated_product(offset & check_.slab_mask, check_.inverse_of_odd, check_.twos);
+    const uint64_t number = ClassGeometry::rotated_product(offset, check_.inverse_of_odd, check_.twos);
     // Relaxed is enough: a block handed out happened-after its slab was
     // carved (depot lock), and the free happens-after the allocation.
-    return (index < check_.blocks) & (offset < check_.frontier.load(std::memory_order_relaxed));
+    return number < check_.handed_out.load(std::memory_order_relaxed);
   }
   // What is wrong with a pointer that is not a block start; nullptr if fine.
   const char* check_block(const void* block) const;
@@ -141,29 +150,37 @@ class alignas(64) ClassDepot {
   Slab* carve_slab();
   void mark_free_blocks(Slab* slab);
   uint64_t* bitmap(const Slab* slab) const { return bitmaps_ + (slab - slabs_) * geometry_.bitmap_words; }
-  char* slab_memory(const Slab* slab) const { return area_ + ((slab - slabs_) << geometry_.slab_shift); }
+  char* slab_memory(const Slab* slab) const {
+    return area_ + static_cast<size_t>(slab - slabs_) * geometry_.slab_bytes();
+  }
+  // The slab of the block at `offset` in the area, and the block's index in it.
+  Slab* slab_at(size_t offset, uint32_t* index) const {
+    const size_t slab = geometry_.slab_of(offset);
+    *index = geometry_.index_of(offset - slab * geometry_.slab_bytes());
+    return &slabs_[slab];
+  }
 
   // What is_block_start reads: the depot's first cache line (static_assert
   // in pool.cpp); the lock, which every refill and drain writes, is in
   // another, so frees in other threads don't miss on it.
   struct BlockCheck {
     char* area = nullptr;
-    uint64_t slab_mask = 0;  // slab bytes - 1
     uint64_t inverse_of_odd = 0;
-    uint64_t blocks = 0;     // per slab
     uint32_t twos = 0;
-    // The frontier: the end of the highest block ever handed out. Blocks
-    // are handed out lowest first and a slab is carved only when the others
-    // have none free, so every block below it was handed out at least once
-    // (a free() of one above it is of memory never allocated), and the
-    // pages above it were never touched (a carved slab costs no RSS until
-    // its blocks are used). Written rarely (under the lock).
-    std::atomic<size_t> frontier{0};
+    // The frontier: the number of the highest block ever handed out, plus
+    // one. Blocks are handed out lowest first and a slab is carved only
+    // when the others have none free, so every block below it was handed
+    // out at least once (a free() of one above it is of memory never
+    // allocated), and the pages above it were never touched (a carved slab
+    // costs no RSS until its blocks are used). Written rarely (under the
+    // lock).
+    std::atomic<size_t> handed_out{0};
   } check_;
   alignas(64) SpinLock lock_;
   ClassGeometry geometry_;
   char* area_ = nullptr;
   size_t max_slabs_ = 0;
+  uintptr_t page_bytes_ = 4096;  // madvise's unit
   std::atomic<size_t> carved_slabs_{0};
   uint64_t marker_key_ = 0;
   Slab* slabs_ = nullptr;       // metadata, [max_slabs_]
@@ -185,12 +202,12 @@ class PoolRegion {
   bool contains(const void* p) const {
     return static_cast<uintptr_t>(static_cast<const char*>(p) - base_) < bytes_;
   }
-  unsigned class_of_block(const void* p) const { return class_of_offset(offset_of(p)); }
+  unsigned class_of_block(const void* p) const { return static_cast<unsigned>(class_of_offset(offset_of(p))); }
   // p's offset from the region's start, and its class given that offset
   // (for a p that contains() accepts: offset_of(p) < bytes()).
   size_t offset_of(const void* p) const { return static_cast<size_t>(static_cast<const char*>(p) - base_); }
   size_t bytes() const { return bytes_; }
-  unsigned class_of_offset(size_t offset) const { return static_cast<unsigned>(offset >> area_shift_); }
+  size_t class_of_offset(size_t offset) const { return offset >> area_shift_; }
   ClassDepot& depot(unsigned size_class) { return depots_[size_class]; }
   unsigned class_count() const { return class_count_; }
   bool ready() const { return base_ != nullptr; }

@@ -69,7 +69,7 @@ class Recycler {
   bool contains(const void* p) const { return region_.contains(p); }
   size_t region_offset(const void* p) const { return region_.offset_of(p); }
   size_t region_bytes() const { return region_.bytes(); }
-  unsigned class_of_offset(size_t offset) const { return region_.class_of_offset(offset); }
+  size_t class_of_offset(size_t offset) const { return region_.class_of_offset(offset); }
   bool pooled(unsigned size_class) const { return pooled_[size_class].load(std::memory_order_relaxed); }
   // FAST PATH of the entry points: for a request of `size` bytes within the
   // direct class table (SizeClassTable::direct), its class plus one when
@@ -110,12 +110,25 @@ class Recycler {
     asm("" : "+r"(bin));
     return *bin;
   }
+  // The fast paths' addressing: with line = class * 64 in one register,
+  // the class's bin is at bins + line * 8 (one addressing mode), and so is
+  // a row of 64 bytes per class elsewhere at rows + line (the shim's
+  // counters): one shift for both. line_of hides line's origin from the
+  // compiler, which would otherwise compute each address from the class.
+  static size_t line_of(size_t size_class) {
+    size_t line = size_class * 64;
+    asm("" : "+r"(line));
+    return line;
+  }
+  static Bin& bin_at_line(ThreadCache& cache, size_t line) {
+    return *reinterpret_cast<Bin*>(reinterpret_cast<char*>(cache.bins) + line * (sizeof(Bin) / 64));
+  }
 
   // The pieces of the two paths above, for callers that build frameless
   // fast paths of their own (no call but tail calls to the slow parts).
   // pop: nullptr when the bin is empty (then allocate_slow refills).
-  void* pop(ThreadCache& cache, size_t size_class) {
-    Bin& bin = bin_of(cache, size_class);
+  void* pop(ThreadCache& cache, size_t size_class) { return pop(bin_of(cache, size_class)); }
+  void* pop(Bin& bin) {
     if (HOTPOOL_RECYCLER_UNLIKELY(bin.count == 0)) return nullptr;
     void* block = bin.slots[--bin.count];
     marker_word(block) = 0;  // clear the free marker
@@ -125,7 +138,7 @@ class Recycler {
   // of a block in a carved slab, no free marker yet), which then marks it
   // freed. False: deallocate_unmarked must look closer (it aborts or
   // quarantines the block).
-  bool validate_and_mark(unsigned size_class, void* block) {
+  bool validate_and_mark(size_t size_class, void* block) {
     if (HOTPOOL_RECYCLER_UNLIKELY(!config_.checks)) return true;  // on by default: the checks are the fall-through
     // The block start first: only then is the marker word an aligned word of the block.
     // The depot's address in a register (as bin_of): GCC would address the
@@ -140,8 +153,8 @@ class Recycler {
     return true;
   }
   // False when the bin is full (then drain_and_push).
-  bool push(ThreadCache& cache, size_t size_class, void* block) {
-    Bin& bin = bin_of(cache, size_class);
+  bool push(ThreadCache& cache, size_t size_class, void* block) { return push(bin_of(cache, size_class), block); }
+  bool push(Bin& bin, void* block) {
     if (HOTPOOL_RECYCLER_UNLIKELY(bin.count >= bin.capacity)) return false;
     // The slot before the count: an asynchronous cancellation between the
     // two stores must not leave a stale slot counted in (pop's order is

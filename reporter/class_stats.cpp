@@ -46,8 +46,7 @@ void ThreadClassStats::reset() {
   }
   total_peak_seen.store(0, std::memory_order_relaxed);
   total_live_delta = 0;
-  ops_left = 0;
-  ops_end = 0;
+  clear(calls);
 }
 
 void StatsSnapshot::clear(unsigned count, const uint64_t* sizes) {

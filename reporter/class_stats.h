@@ -86,13 +86,10 @@ static_assert(sizeof(ClassCounters) == 64, "one cache line per class");
 struct ThreadClassStats {
   // What every allocation and free touches besides its class's line, in
   // one cache line, the first.
-  // This thread's allocator calls (allocations and frees), for "temporary":
-  // ops() = ops_end - ops_left. The owner counts ops_left down on every
-  // call, one decrement, and runs its periodic work (the shim's tick) when
-  // it goes below zero, which also moves ops_end.
-  alignas(64) int64_t ops_left;
-  uint64_t ops_end;
-  uint64_t ops() const { return ops_end - static_cast<uint64_t>(ops_left); }
+  // This thread's allocator calls that the shim's allocation countdown does
+  // not count (frees, aligned allocations...): with that countdown's count,
+  // the thread's calls, for "temporary" (see shim::thread_ops).
+  alignas(64) Counter calls;
   int64_t total_live_delta;
   Counter total_peak_seen;
   Counter peak_seen[kMaxClasses];  // this thread's view of each class's peak live bytes (8 to a line)
@@ -139,13 +136,17 @@ struct ThreadClassStats {
   // does so every so many pooled operations, at each refill (where the
   // peak is taken) and before publishing all.
   __attribute__((always_inline)) void add_pooled_alloc(size_t c, size_t requested) {
-    ClassCounters& row = classes[c];
+    add_pooled_alloc(classes[c], requested);
+  }
+  __attribute__((always_inline)) void add_pooled_free(size_t c) { add_pooled_free(classes[c]); }
+  static void add_pooled_alloc(ClassCounters& row, size_t requested) {
     bump(row.pooled_allocs, 1);
     bump(row.requested_bytes, requested);
   }
-  __attribute__((always_inline)) void add_pooled_free(size_t c) {
-    ClassCounters& row = classes[c];
-    bump(row.pooled_frees, 1);
+  static void add_pooled_free(ClassCounters& row) { bump(row.pooled_frees, 1); }
+  // Class c's row given line = c * 64 (see recycler::Recycler::line_of).
+  ClassCounters& row_at_line(size_t line) {
+    return *reinterpret_cast<ClassCounters*>(reinterpret_cast<char*>(classes) + line);
   }
   // Class c's pooled blocks (of `size` bytes) counted since the last fold,
   // into its live delta and the total's.

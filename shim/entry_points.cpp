@@ -55,58 +55,62 @@ void* realloc_from_bootstrap(void* block, size_t size) {
 // stack frame, and in mode off it is a load, two compares and a jump to the
 // real allocator.
 //
-// The generic path: any thread, attached or not, inside hotpool or not.
+// The generic path: any thread, attached or not, inside hotpool or not;
+// an allocation that the countdown did not count.
 HOTPOOL_NOINLINE void* unsampled_malloc(size_t size) {
   void* block = g_real.malloc(size);
   if (HOTPOOL_LIKELY(block != nullptr) && !tls.in_hotpool) record_alloc(block, size);
   return block;
 }
 
-// A sampled allocation, or the real allocator's when it cannot be sampled.
-HOTPOOL_NOINLINE void* sample_malloc(ThreadState* state, size_t size) {
-  state->sample_countdown = next_sample_interval(*state);
-  if (void* block = sampled_allocate(*state, size)) {  // counted the call
-    if (HOTPOOL_UNLIKELY(state->stats.ops_left < 0)) tick(*state);
-    return block;
-  }
-  return unsampled_malloc(size);
-}
-
-// The rare ends of recorded_malloc's fast path, out of line so that the
-// fast path saves no more registers than the real call needs.
-HOTPOOL_NOINLINE void* recorded_malloc_publish(ThreadState* state, void* block, unsigned size_class) {
-  state->stats.publish(g_global, size_class);
-  if (HOTPOOL_UNLIKELY(count_call_due(*state))) tick(*state);
+// The real allocator's block for an allocation the countdown counted (an
+// attached thread outside hotpool).
+HOTPOOL_NOINLINE void* counted_real_malloc(ThreadState& state, size_t size) {
+  void* block = g_real.malloc(size);
+  if (HOTPOOL_LIKELY(block != nullptr)) record_counted_alloc(state, block, size);
   return block;
 }
-HOTPOOL_NOINLINE void* recorded_malloc_tick(ThreadState* state, void* block) {
-  tick(*state);
+
+HOTPOOL_NOINLINE void* pooled_malloc_refill(unsigned size_class, size_t size);
+
+// The pooled half of malloc once the countdown is passed: the thread
+// cache's pop and two counters; an empty bin is a tail call to the refill.
+// class_plus_one: the class plus one, as the direct table gives it (the
+// minus one folds into the addresses of the class's bin and counters).
+HOTPOOL_ALWAYS_INLINE void* pooled_pop(ThreadLocal& local, ThreadState* state, size_t size, unsigned class_plus_one) {
+  // The class plus one, times 64 (line_of): the minus one folds into the
+  // displacements of the bin's and the counters' addresses.
+  const size_t line_plus_64 = hotpool::recycler::Recycler::line_of(class_plus_one);
+  const size_t line = line_plus_64 - 64;
+  // The pop reads the bin's count, then its slot, then writes the count: a
+  // signal handler that allocates or frees in between would see the bin
+  // half-changed. While pool_state is null it goes to the real allocator
+  // (and defers its frees of pooled blocks) instead: two TLS stores.
+  local.pool_state = nullptr;
+  asm volatile("" ::: "memory");
+  void* block = g_recycler.pop(hotpool::recycler::Recycler::bin_at_line(state->cache, line));
+  asm volatile("" ::: "memory");
+  local.pool_state = state;
+  if (HOTPOOL_UNLIKELY(block == nullptr)) return pooled_malloc_refill(class_plus_one - 1, size);
+  hotpool::reporter::ThreadClassStats::add_pooled_alloc(state->stats.row_at_line(line), size);
+  return block;
+}
+
+HOTPOOL_NOINLINE void* recorded_malloc_publish(ThreadState* state, void* block, unsigned size_class) {
+  state->stats.publish(g_global, size_class);
   return block;
 }
 HOTPOOL_NOINLINE void* recorded_malloc_generic(void* block, size_t size) {
-  record_alloc(block, size);  // the thread is attached: tls.state is the fast path's state
+  record_counted_alloc(*tls.state, block, size);  // the thread is attached: tls.state is the fast path's state
   return block;
 }
-HOTPOOL_NOINLINE void* recorded_malloc_unattached(size_t size) {
-  // A thread's first allocation attaches it first, so that it can be
-  // sampled too (HOTPOOL_SAMPLE=1: every allocation is).
-  ThreadState* state = attach_current_thread();
-  if (state != nullptr && HOTPOOL_UNLIKELY(--state->sample_countdown == 0)) return sample_malloc(state, size);
-  return unsampled_malloc(size);
-}
 
-// FAST PATH (Recording, not pooled): the thread state, the sample
-// countdown, the real call, then the block's usable size from glibc's
-// chunk header, its class from the direct table and the class's counters.
-// Everything rare (no state, a sample, a class beyond the direct table,
-// another real allocator, a publish, the policy's turn) is a tail call, so
-// the function saves only what lives across the real call.
-// pool_state is non-null only outside hotpool (the guard nulls it), so the
-// block is the program's and is recorded.
-HOTPOOL_NOINLINE void* recorded_malloc(size_t size) {
-  ThreadState* state = tls.pool_state;
-  if (HOTPOOL_UNLIKELY(state == nullptr)) return recorded_malloc_unattached(size);
-  if (HOTPOOL_UNLIKELY(--state->sample_countdown == 0)) return sample_malloc(state, size);
+// The recording half of malloc once the countdown is passed: the real
+// call, then the block's usable size from glibc's chunk header, its class
+// from the direct table and the class's counters. Everything rare (a
+// class beyond the direct table, another real allocator, a publish) is a
+// tail call, so the caller saves only what lives across the real call.
+HOTPOOL_ALWAYS_INLINE void* recorded_real_malloc(ThreadState* state, size_t size) {
   void* block = g_real.malloc(size);
   if (HOTPOOL_UNLIKELY(block == nullptr)) return block;
   const size_t usable = g_real.heap_usable_size(block);
@@ -114,8 +118,41 @@ HOTPOOL_NOINLINE void* recorded_malloc(size_t size) {
   const unsigned size_class = g_classes.class_of_direct(usable);
   if (HOTPOOL_UNLIKELY(state->stats.add_alloc(g_global, size_class, size, usable)))
     return recorded_malloc_publish(state, block, size_class);
-  if (HOTPOOL_UNLIKELY(count_call_due(*state))) return recorded_malloc_tick(state, block);
   return block;
+}
+
+// The allocation that brought the countdown to zero (class_plus_one: its
+// pooled class plus one, or 0): sampled if a sample is due, else served as
+// any other; then the tick if one is due.
+HOTPOOL_NOINLINE void* event_malloc(ThreadState* state, size_t size, unsigned class_plus_one) {
+  const unsigned event = take_event(*state);
+  void* block = (event & kSampleEvent) ? sampled_allocate(*state, size) : nullptr;
+  if (block == nullptr) {
+    if (class_plus_one) block = pooled_pop(tls, state, size, class_plus_one);
+    else block = recorded_real_malloc(state, size);
+  }
+  if (event & kTickEvent) tick(*state);
+  return block;
+}
+
+HOTPOOL_NOINLINE void* recorded_malloc_unattached(size_t size) {
+  // A thread's first allocation attaches it first, so that it can be
+  // sampled too (HOTPOOL_SAMPLE=1: every allocation is).
+  ThreadState* state = attach_current_thread();
+  if (state == nullptr) return unsampled_malloc(size);
+  if (HOTPOOL_UNLIKELY(--state->countdown == 0)) return event_malloc(state, size, 0);
+  return counted_real_malloc(*state, size);
+}
+
+// FAST PATH (Recording, not pooled): the thread state, the countdown, then
+// recorded_real_malloc.
+// pool_state is non-null only outside hotpool (the guard nulls it), so the
+// block is the program's and is recorded.
+HOTPOOL_NOINLINE void* recorded_malloc(size_t size) {
+  ThreadState* state = tls.pool_state;
+  if (HOTPOOL_UNLIKELY(state == nullptr)) return recorded_malloc_unattached(size);
+  if (HOTPOOL_UNLIKELY(--state->countdown == 0)) return event_malloc(state, size, 0);
+  return recorded_real_malloc(state, size);
 }
 
 // The generic path of free: any thread, inside hotpool or not.
@@ -151,21 +188,29 @@ HOTPOOL_NOINLINE void recorded_free(void* block) {
 HOTPOOL_NOINLINE void* recorded_calloc(size_t count, size_t size) {
   ThreadState* state = tls.pool_state;
   if (HOTPOOL_UNLIKELY(state == nullptr)) state = attach_current_thread();
-  if (HOTPOOL_LIKELY(state != nullptr) && HOTPOOL_UNLIKELY(--state->sample_countdown == 0)) {
+  if (HOTPOOL_LIKELY(state != nullptr) && HOTPOOL_UNLIKELY(--state->countdown == 0)) {
+    const unsigned event = take_event(*state);
+    void* block = nullptr;
     size_t bytes;
-    if (__builtin_mul_overflow(count, size, &bytes)) return errno = ENOMEM, nullptr;
-    void* block = sample_malloc(state, bytes);
-    return block ? std::memset(block, 0, bytes) : nullptr;
+    if (__builtin_mul_overflow(count, size, &bytes)) {
+      errno = ENOMEM;
+    } else {
+      if (event & kSampleEvent) block = sampled_allocate(*state, bytes);
+      if (block) std::memset(block, 0, bytes);
+      else if ((block = g_real.calloc(count, size)) != nullptr) record_counted_alloc(*state, block, bytes);
+    }
+    if (event & kTickEvent) tick(*state);
+    return block;
   }
   void* block = g_real.calloc(count, size);
-  if (HOTPOOL_LIKELY(block != nullptr) && !tls.in_hotpool) record_alloc(block, count * size);
+  if (HOTPOOL_LIKELY(block != nullptr) && !tls.in_hotpool) {
+    if (state != nullptr) record_counted_alloc(*state, block, count * size);  // the countdown counted it
+    else record_alloc(block, count * size);
+  }
   return block;
 }
 
-// FAST PATH (pooled class, checked by the caller): a TLS load, the thread
-// cache's pop, three counters and the bookkeeping countdown, without a call: every
-// slow part (refill, publishing counts, the policy, no thread state) is a
-// tail call, so the function needs no stack frame.
+// The pooled class's bin was empty: a refill from the depot.
 HOTPOOL_NOINLINE void* pooled_malloc_refill(unsigned size_class, size_t size) {
   ThreadState* state = tls.pool_state;
   void* block;
@@ -176,44 +221,26 @@ HOTPOOL_NOINLINE void* pooled_malloc_refill(unsigned size_class, size_t size) {
     block = g_recycler.allocate_slow(state->cache, size_class);
   }
   if (HOTPOOL_UNLIKELY(state->deferred_count)) free_deferred(*state);
-  if (!block) return unsampled_malloc(size);  // the pool is out of memory
+  if (!block) return counted_real_malloc(*state, size);  // the pool is out of memory
   state->stats.record_pooled_alloc(g_global, size_class, size, g_recycler.class_size(size_class));
   // The pooled paths keep no per-operation peak view; a refill is where a
   // class's live bytes grow (the cache ran dry), so the peak is sampled here,
   // within half a cache of blocks of the truth for this thread.
   state->stats.note_peak(g_global, size_class);
-  if (HOTPOOL_UNLIKELY(count_call_due(*state))) tick(*state);
   return block;
 }
 
-HOTPOOL_NOINLINE void* pooled_malloc_tick(ThreadState* state, void* block) {
-  tick(*state);
-  return block;
-}
-
-// The request's size, and class_plus_one: its class plus one, as the direct table gives it (the
-// minus one folds into the addresses of the class's bin and counters).
-// Inlined into malloc (no jump between them); the other callers call
-// pooled_malloc.
+// FAST PATH (pooled class, checked by the caller): a TLS load, the
+// countdown, the thread cache's pop and two counters, without a call:
+// every slow part (refill, an event, no thread state) is a tail call, so
+// the function needs no stack frame. Inlined into malloc (no jump between
+// them); the other callers call pooled_malloc.
 HOTPOOL_ALWAYS_INLINE void* pooled_malloc_inline(size_t size, unsigned class_plus_one) {
-  const size_t size_class = size_t{class_plus_one} - 1;  // 64-bit: the minus one folds into displacements
   ThreadLocal& local = tls;
   ThreadState* state = local.pool_state;
   if (HOTPOOL_UNLIKELY(state == nullptr)) return unsampled_malloc(size);
-  if (HOTPOOL_UNLIKELY(--state->sample_countdown == 0)) return sample_malloc(state, size);
-  // The pop reads the bin's count, then its slot, then writes the count: a
-  // signal handler that allocates or frees in between would see the bin
-  // half-changed. While pool_state is null it goes to the real allocator
-  // (and defers its frees of pooled blocks) instead: two TLS stores.
-  local.pool_state = nullptr;
-  asm volatile("" ::: "memory");
-  void* block = g_recycler.pop(state->cache, size_class);
-  asm volatile("" ::: "memory");
-  local.pool_state = state;
-  if (HOTPOOL_UNLIKELY(block == nullptr)) return pooled_malloc_refill(static_cast<unsigned>(size_class), size);
-  state->stats.add_pooled_alloc(size_class, size);
-  if (HOTPOOL_UNLIKELY(count_call_due(*state))) return pooled_malloc_tick(state, block);
-  return block;
+  if (HOTPOOL_UNLIKELY(--state->countdown == 0)) return event_malloc(state, size, class_plus_one);
+  return pooled_pop(local, state, size, class_plus_one);
 }
 
 HOTPOOL_NOINLINE void* pooled_malloc(size_t size, unsigned class_plus_one) {
@@ -253,7 +280,7 @@ void* realloc_pooled(void* block, size_t size) {
     if (ThreadState* state = tls.state) {
       state->stats.record_pooled_free(g_global, size_class, old_size);
       state->stats.record_pooled_alloc(g_global, size_class, size, old_size);
-      state->stats.ops_left -= 2;  // a free and an allocation
+      count_call(*state, 2);  // a free and an allocation
     }
     return block;
   }

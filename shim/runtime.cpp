@@ -47,8 +47,8 @@ constinit reporter::StatsSnapshot g_snapshot{};  // only under g_report_lock
 constinit recycler::AutoPolicy g_policy{};
 constinit const char* g_pool_note = nullptr;     // why nothing pools, for the report
 
-constexpr uint64_t kFirstPolicyWindow = 8192;    // allocator calls (allocations and frees); doubles up to:
-constexpr uint64_t kLongestPolicyWindow = 131072;
+constexpr uint64_t kFirstPolicyWindow = 4096;    // allocations; doubles up to:
+constexpr uint64_t kLongestPolicyWindow = 65536;
 
 uint64_t monotonic_ns() {
   timespec now;
@@ -242,7 +242,8 @@ void boot_at_load() {
     // This thread attached before sampling began: its pending counts take
     // the protocol sampling set up (no other thread uses them yet).
     tls.state->pending.attach(&g_stack_depot, g_class_lifetimes, reporter::asymmetric_fences());
-    tls.state->sample_countdown = next_sample_interval(*tls.state);
+    tls.state->sample_left = next_sample_interval(*tls.state);
+    arm_countdown(*tls.state);
     find_thread_stack(*tls.state);
   }
 }
@@ -353,11 +354,12 @@ static ThreadState* attach_thread(const ReentryGuard& guard) {
   state->pending.attach(&g_stack_depot, g_class_lifetimes, reporter::asymmetric_fences());
   state->memo_busy = false;  // the memo's sites stay valid: a stack's site is the same in every thread
   if (sampling_active()) find_thread_stack(*state);
-  state->sample_countdown = next_sample_interval(*state);
+  state->countdown = state->window = state->alloc_base = 0;
+  state->sample_left = next_sample_interval(*state);
+  state->tick_left = kTickAllocs;
+  arm_countdown(*state);
   state->policy_window = kFirstPolicyWindow;
   state->policy_countdown = auto_mode ? kFirstPolicyWindow : kNever;
-  state->stats.ops_left = kTickOps - 1;
-  state->stats.ops_end = kTickOps - 1;  // ops() = 0
   tls.state = state;
   tls.status = ThreadStatus::Attached;
   pthread_setspecific(g_thread_key, state);
@@ -462,12 +464,34 @@ void tick(ThreadState& state) {
   if (HOTPOOL_UNLIKELY(state.deferred_count)) free_deferred(state);
 }
 
+unsigned take_event(ThreadState& state) {
+  // The allocation that brought the countdown to zero is the window's last.
+  const uint64_t elapsed = state.window;
+  state.alloc_base += elapsed;
+  unsigned event = 0;
+  if (state.sample_left != kNever && (state.sample_left -= elapsed) == 0) {
+    event |= kSampleEvent;
+    state.sample_left = next_sample_interval(state);
+  }
+  if ((state.tick_left -= elapsed) == 0) {
+    event |= kTickEvent;
+    state.tick_left = kTickAllocs;
+  }
+  state.window = state.sample_left < state.tick_left ? state.sample_left : state.tick_left;
+  state.countdown = state.window;
+  return event;
+}
+
+void arm_countdown(ThreadState& state) {
+  const uint64_t elapsed = state.window - state.countdown;
+  state.alloc_base += elapsed;
+  state.tick_left = state.tick_left > elapsed ? state.tick_left - elapsed : 1;
+  state.window = state.sample_left < state.tick_left ? state.sample_left : state.tick_left;
+  state.countdown = state.window;
+}
+
 static void tick_locked(ThreadState& state) {
   reporter::ThreadClassStats& stats = state.stats;
-  const uint64_t ops = stats.ops();
-  const uint64_t calls = static_cast<uint64_t>(kTickOps - 1 - stats.ops_left);  // since the last tick (frees go on past zero)
-  stats.ops_left = kTickOps - 1;  // the tick comes when it goes below zero: kTickOps calls on
-  stats.ops_end = ops + kTickOps - 1;
   // The classes this thread's cache is used for (its sized bins), not the
   // whole table: a hundred classes every 256 operations cost about 1 ns
   // per pooled malloc+free in mode auto.
@@ -479,8 +503,8 @@ static void tick_locked(ThreadState& state) {
     }
   }
   if (state.policy_countdown != kNever) {
-    if (state.policy_countdown <= calls) evaluate_policy(state);
-    else state.policy_countdown -= calls;
+    if (state.policy_countdown <= kTickAllocs) evaluate_policy(state);
+    else state.policy_countdown -= kTickAllocs;
   }
 }
 
@@ -506,13 +530,13 @@ void pooled_free_full(void* block) {
 
 void pooled_free(void* block) { pooled_free_at(block, g_recycler.region_offset(block)); }
 
-
 void record_alloc_slow(unsigned size_class, size_t requested, size_t usable) {
   ThreadLocal& local = tls;
   if (local.status == ThreadStatus::NotAttached) {
     ReentryGuard guard;
     if (ThreadState* state = attach_thread(guard)) {
-      return state->stats.record_alloc(g_global, size_class, requested, usable);
+      state->stats.record_alloc(g_global, size_class, requested, usable);
+      return count_call(*state);
     }
     local.status = ThreadStatus::TornDown;  // no memory for a state: share the fallback
   }
@@ -540,7 +564,8 @@ void record_free_slow(unsigned size_class, size_t usable) {
   if (local.status == ThreadStatus::NotAttached) {
     ReentryGuard guard;
     if (ThreadState* state = attach_thread(guard)) {
-      return state->stats.record_free(g_global, size_class, usable);
+      state->stats.record_free(g_global, size_class, usable);
+      return count_call(*state);
     }
     local.status = ThreadStatus::TornDown;
   }

@@ -34,8 +34,8 @@ extern std::atomic<Phase> g_phase;
 
 // A countdown that never reaches zero (sampling or the policy switched off).
 inline constexpr uint64_t kNever = ~uint64_t{0};
-// Allocator calls of a thread between two ticks (see tick).
-inline constexpr int64_t kTickOps = 256;
+// Allocations (of the countdown's kinds) of a thread between two ticks.
+inline constexpr uint64_t kTickAllocs = 256;
 extern RealAllocator g_real;
 extern recycler::SizeClassTable g_classes;
 extern reporter::GlobalClassStats g_global;
@@ -65,11 +65,25 @@ HOTPOOL_NOINLINE void boot();
 HOTPOOL_NOINLINE void* allocate_while_booting(size_t size, size_t alignment, bool zero);
 
 HOTPOOL_NOINLINE void record_alloc_slow(unsigned size_class, size_t requested, size_t usable);
-// Every kTickOps allocator calls of a thread (when its ops_left goes
-// below zero): ops_left and ops_end move on, its pooled blocks' live
-// bytes go into its deltas (published when due), the policy's window
-// advances (mode auto: evaluate_policy when it is over).
+// Every kTickAllocs allocations of a thread: its pooled blocks' live bytes
+// go into its deltas (published when due), the policy's window advances
+// (mode auto: evaluate_policy when it is over).
 HOTPOOL_NOINLINE void tick(ThreadState& state);
+
+// The allocation countdown (ThreadState::countdown): malloc and calloc
+// decrement it, and at zero take_event says what the allocation brings:
+// a sample (the allocation is sampled), a tick (after it), or both. One
+// decrement and one branch per allocation for both kinds of event.
+enum : unsigned { kSampleEvent = 1, kTickEvent = 2 };
+HOTPOOL_NOINLINE unsigned take_event(ThreadState& state);
+// Sets the countdown to the nearer of sample_left and tick_left, folding
+// in what the current one counted (attach; sampling starting late).
+void arm_countdown(ThreadState& state);
+// The thread's allocator calls so far (the countdown's allocations, this
+// one included, and the other calls), for "temporary".
+inline uint64_t thread_ops(const ThreadState& state) {
+  return state.stats.calls.load(std::memory_order_relaxed) + state.alloc_base + state.window - state.countdown;
+}
 // The calling thread's state, attaching it if this is its first recorded
 // call; null inside hotpool, after teardown or without memory for a state.
 HOTPOOL_NOINLINE ThreadState* attach_current_thread();
@@ -77,11 +91,11 @@ HOTPOOL_NOINLINE ThreadState* attach_current_thread();
 // Mode auto: at the end of each policy window (tick), the thread's counts
 // are shown to the policy.
 HOTPOOL_NOINLINE void evaluate_policy(ThreadState& state);
-// FAST PATH of every recorded allocator call: one decrement of the thread's
-// call count. count_call_due: true when the caller must tick (out of line).
-// Paths that don't check (frees) leave the tick to the next that does.
-HOTPOOL_ALWAYS_INLINE bool count_call_due(ThreadState& state) { return --state.stats.ops_left < 0; }
-HOTPOOL_ALWAYS_INLINE void count_call(ThreadState& state) { --state.stats.ops_left; }
+// A recorded call that the countdown does not count (frees, aligned
+// allocations, realloc...): one increment.
+HOTPOOL_ALWAYS_INLINE void count_call(ThreadState& state, uint64_t calls = 1) {
+  reporter::bump(state.stats.calls, calls);
+}
 HOTPOOL_NOINLINE void record_free_slow(unsigned size_class, size_t usable);
 
 // FAST PATH (Recording): one usable-size query, one table lookup, a dozen
@@ -94,7 +108,14 @@ HOTPOOL_ALWAYS_INLINE void record_alloc(void* block, size_t requested) {
   ThreadState* state = tls.state;
   if (HOTPOOL_UNLIKELY(!state)) return record_alloc_slow(size_class, requested, usable);
   state->stats.record_alloc(g_global, size_class, requested, usable);
-  if (HOTPOOL_UNLIKELY(count_call_due(*state))) tick(*state);
+  count_call(*state);
+}
+
+// The same for an allocation the countdown counted already, of an
+// attached thread outside hotpool.
+HOTPOOL_ALWAYS_INLINE void record_counted_alloc(ThreadState& state, void* block, size_t requested) {
+  const size_t usable = g_real.usable_size(block);
+  state.stats.record_alloc(g_global, g_classes.class_of(usable), requested, usable);
 }
 
 // The caller measures the block (malloc_usable_size) before it is released.
@@ -129,14 +150,15 @@ HOTPOOL_ALWAYS_INLINE void pooled_free_at(void* block, size_t region_offset) {
   ThreadState* state = local.pool_state;
   if (HOTPOOL_UNLIKELY(state == nullptr)) return pooled_free_gated(block);
   const size_t size_class = g_recycler.class_of_offset(region_offset);
-  if (HOTPOOL_UNLIKELY(!g_recycler.validate_and_mark(static_cast<unsigned>(size_class), block)))
+  if (HOTPOOL_UNLIKELY(!g_recycler.validate_and_mark(size_class, block)))
     return pooled_free_unmarked(block);
-  state->stats.add_pooled_free(size_class);
-  count_call(*state);  // the tick waits for the next allocation
+  const size_t line = recycler::Recycler::line_of(size_class);  // one shift for the bin and the counters
+  reporter::ThreadClassStats::add_pooled_free(state->stats.row_at_line(line));
+  count_call(*state);
   // The push as the pop in pooled_malloc: out of a signal handler's reach.
   local.pool_state = nullptr;
   asm volatile("" ::: "memory");
-  const bool pushed = g_recycler.push(state->cache, size_class, block);
+  const bool pushed = g_recycler.push(recycler::Recycler::bin_at_line(state->cache, line), block);
   asm volatile("" ::: "memory");
   local.pool_state = state;
   if (HOTPOOL_UNLIKELY(!pushed)) return pooled_free_full(block);

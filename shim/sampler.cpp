@@ -276,7 +276,9 @@ uint64_t next_sample_interval(ThreadState& state) {
 
 void* sampled_allocate(ThreadState& state, size_t size) {
   if (!g_active || size > g_limit) return nullptr;
-  const unsigned region_class = g_classes.class_of(size + kHeader);
+  // malloc(0) too gets a usable byte or more, as from glibc or a pool (its
+  // usable size is what realloc may grow it to in place).
+  const unsigned region_class = g_classes.class_of((size ? size : 1) + kHeader);
   recycler::ClassDepot& depot = g_sample_region.depot(region_class);
   void* raw = nullptr;
   {
@@ -311,13 +313,12 @@ void* sampled_allocate(ThreadState& state, size_t size) {
   const size_t usable = g_classes.class_size(region_class) - kHeader;
   const unsigned size_class = g_classes.class_of(usable);
   state.stats.record_alloc(g_global, size_class, size, usable);
-  count_call(state);  // the caller ticks when due
   auto* header = static_cast<SampleHeader*>(raw);
   header->site = site;
   header->thread = state.ordinal;
   header->requested = static_cast<uint32_t>(size);  // size <= g_limit, below the largest class
   header->alloc_ns = now_ns();
-  header->thread_ops = state.stats.ops();
+  header->thread_ops = thread_ops(state);
   header->state = kLive;
   header->frame_cfa = stack.cfa;
   header->caller_return = stack.depth > 1 ? stack.ips[1] : 0;
@@ -353,7 +354,7 @@ void sampled_free_record(void* block) {
   const uint64_t now = now_ns();
   ThreadState* state = tls.state;
   const bool same_thread = state && state->ordinal == header->thread;
-  const uint64_t ops = state ? state->stats.ops() : 0;
+  const uint64_t ops = state ? thread_ops(*state) : 0;
   // Frame-local: the allocating function is still active, i.e. its callers
   // (the site's stack beyond its first frame) are the outer end of ours.
   bool frame_local = false;
@@ -446,7 +447,7 @@ void sampled_revive(void* block) {
 
 void sampled_restamp(void* block) {
   auto* header = reinterpret_cast<SampleHeader*>(static_cast<char*>(block) - kHeader);
-  if (ThreadState* state = tls.state) header->thread_ops = state->stats.ops();
+  if (ThreadState* state = tls.state) header->thread_ops = thread_ops(*state);
 }
 
 void begin_fork_samples() {

@@ -38,12 +38,19 @@ struct alignas(64) SampleStash {
 // mmap'd memory is (see ThreadRegistry::carve_locked). A member added here
 // must have zero as its initial value.
 struct ThreadState {
-  // The countdowns every allocation decrements, in one cache line, next
-  // to the first of the counters' (see ThreadClassStats: ops_left, the
-  // countdown to the next tick, is there).
-  alignas(64) uint64_t sample_countdown;  // allocations until the next sample
+  // The one countdown that malloc and calloc decrement (next to the first
+  // of the counters' cache line, see ThreadClassStats): allocations until
+  // the next event, a sample or a tick or both (runtime.h, take_event).
+  alignas(64) uint64_t countdown;
+  // Set at the events: the countdown's start (window), the allocations it
+  // counted before (alloc_base), and from its start, the allocations to
+  // the next sample (kNever: none) and to the next tick.
+  uint64_t window;
+  uint64_t alloc_base;
+  uint64_t sample_left;
+  uint64_t tick_left;
   // The auto policy's window over this thread's counts (mode auto only):
-  // allocator calls until the next evaluation, counted down by the ticks.
+  // allocations until the next evaluation, counted down by the ticks.
   uint64_t policy_countdown;
   reporter::ThreadClassStats stats;
   recycler::ThreadCache cache;

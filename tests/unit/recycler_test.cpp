@@ -23,7 +23,10 @@ TEST(ClassGeometry, IndexOfIsExactForEveryDefaultClass) {
     ClassGeometry geometry;
     geometry.init(static_cast<uint32_t>(table.class_size(c)));
     ASSERT_GE(geometry.blocks, 8u);
-    ASSERT_GE(geometry.slab_bytes(), 64u * 1024);
+    // A slab is a whole number of blocks: within one block of its nominal
+    // power of two, which is at least 64 KiB.
+    ASSERT_GE(size_t{1} << geometry.slab_shift, 64u * 1024);
+    ASSERT_GT(geometry.slab_bytes() + geometry.size, size_t{1} << geometry.slab_shift);
     for (uint32_t i = 0; i < geometry.blocks; ++i) {
       const size_t start = size_t{i} * geometry.size;
       ASSERT_EQ(geometry.index_of(start), i) << "class " << geometry.size;
