@@ -513,7 +513,13 @@ static void tick_locked(ThreadState& state) {
 // path of this thread (kept until the thread is out: free_deferred).
 void pooled_free_gated(void* block) {
   ThreadState* state = tls.state;
-  if (state == nullptr) return pooled_free_uncached(block);
+  if (state == nullptr) {
+    // A thread that frees pooled blocks before it ever allocates (a
+    // consumer) attaches as one that allocates does, and gets a cache:
+    // else each of its frees would take the depot's lock.
+    if (attach_current_thread() != nullptr) return pooled_free(block);
+    return pooled_free_uncached(block);
+  }
   defer_free(state, block);
 }
 

@@ -134,9 +134,10 @@ HOTPOOL_NOINLINE void pooled_free(void* block);
 // The rare ends of pooled_free_at, given the block alone (the thread's
 // state and the class are found again): the fast path then keeps nothing
 // alive across its checks for them, and saves no register.
-// gated: pool_state is null (not attached or torn down: straight to the
-// depot; or inside hotpool, or a signal handler that interrupted a pooled
-// fast path of this thread: kept until the thread is out, free_deferred).
+// gated: pool_state is null (not attached yet: attach, then as any free;
+// torn down: straight to the depot; or inside hotpool, or a signal handler
+// that interrupted a pooled fast path of this thread: kept until the
+// thread is out, free_deferred).
 HOTPOOL_NOINLINE void pooled_free_gated(void* block);
 // unmarked: the checks failed (an invalid or double free aborts there, or
 // is quarantined); full: the bin is full (drain half, then push).

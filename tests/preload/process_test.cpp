@@ -40,6 +40,7 @@ namespace {
 using preload_test::class_allocations;
 using preload_test::class_for_usable;
 using preload_test::class_frees;
+using preload_test::class_pool_field;
 using preload_test::Json;
 using preload_test::mode_records;
 using preload_test::mode_under_test;
@@ -240,6 +241,16 @@ TEST(CrossThread, ThreadThatOnlyFreesReleasesBlocksOthersAllocated) {
   const uint64_t size_class = class_for_usable(*after, usable);
   EXPECT_GE(class_frees(*after, size_class) - class_frees(*before, size_class), kCount)
       << "frees by a thread that never allocated must be counted";
+  // Pooled: the thread gets a cache of its own at its first free, as at a
+  // first allocation, so its frees reach the depot in batches (its cache's
+  // drains, at most kBinSlots blocks each), not one at a time under the
+  // depot's lock.
+  const std::optional<uint64_t> drains_before = class_pool_field(*before, size_class, "drains");
+  const std::optional<uint64_t> drains_after = class_pool_field(*after, size_class, "drains");
+  if (drains_before && drains_after) {
+    EXPECT_GE(*drains_after - *drains_before, kCount / 64)
+        << "a thread that only frees pooled blocks must free them into a thread cache";
+  }
 }
 
 // Destructors that run at thread exit: thread_local objects first, then

@@ -187,6 +187,14 @@ uint64_t class_frees(const Json& report, uint64_t size) {
   return row ? (*row)["frees"].get<uint64_t>() : 0;
 }
 
+std::optional<uint64_t> class_pool_field(const Json& report, uint64_t size, const char* key) {
+  const Json* row = find_class_row(report, size);
+  if (!row || !row->contains("pool")) return std::nullopt;
+  const Json& pool = (*row)["pool"];
+  if (!pool.value("pooled", false)) return std::nullopt;
+  return pool[key].get<uint64_t>();
+}
+
 void arm_child_deadline(unsigned seconds) {
   signal(SIGALRM, SIG_DFL);
   alarm(seconds);

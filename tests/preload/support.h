@@ -42,6 +42,9 @@ uint64_t class_for_usable(const Json& report, size_t usable);
 // `report`; 0 when the report does not list it.
 uint64_t class_allocations(const Json& report, uint64_t size);
 uint64_t class_frees(const Json& report, uint64_t size);
+// A field of the class's "pool" object (refills, drains, hits...), when
+// the class is pooled in `report`; nothing otherwise.
+std::optional<uint64_t> class_pool_field(const Json& report, uint64_t size, const char* key);
 
 // Prevents the optimiser from folding a value it could otherwise see (a
 // huge constant size that it would warn about, or a malloc/free pair).
