@@ -110,9 +110,15 @@ HOTPOOL_NOINLINE void* recorded_malloc_generic(void* block, size_t size) {
 // from the direct table and the class's counters. Everything rare (a
 // class beyond the direct table, another real allocator, a publish) is a
 // tail call, so the caller saves only what lives across the real call.
+HOTPOOL_ALWAYS_INLINE void* record_real_block(ThreadState* state, void* block, size_t size);
 HOTPOOL_ALWAYS_INLINE void* recorded_real_malloc(ThreadState* state, size_t size) {
   void* block = g_real.malloc(size);
   if (HOTPOOL_UNLIKELY(block == nullptr)) return block;
+  return record_real_block(state, block, size);
+}
+// The recording of a block the real allocator just gave an attached
+// thread outside hotpool, for an allocation the countdown counted.
+HOTPOOL_ALWAYS_INLINE void* record_real_block(ThreadState* state, void* block, size_t size) {
   const size_t usable = g_real.heap_usable_size(block);
   if (HOTPOOL_UNLIKELY(!g_classes.direct(usable))) return recorded_malloc_generic(block, size);
   const unsigned size_class = g_classes.class_of_direct(usable);
@@ -185,29 +191,42 @@ HOTPOOL_NOINLINE void recorded_free(void* block) {
   g_real.free(block);
 }
 
-HOTPOOL_NOINLINE void* recorded_calloc(size_t count, size_t size) {
-  ThreadState* state = tls.pool_state;
-  if (HOTPOOL_UNLIKELY(state == nullptr)) state = attach_current_thread();
-  if (HOTPOOL_LIKELY(state != nullptr) && HOTPOOL_UNLIKELY(--state->countdown == 0)) {
-    const unsigned event = take_event(*state);
-    void* block = nullptr;
-    size_t bytes;
-    if (__builtin_mul_overflow(count, size, &bytes)) {
-      errno = ENOMEM;
-    } else {
-      if (event & kSampleEvent) block = sampled_allocate(*state, bytes);
-      if (block) std::memset(block, 0, bytes);
-      else if ((block = g_real.calloc(count, size)) != nullptr) record_counted_alloc(*state, block, bytes);
-    }
-    if (event & kTickEvent) tick(*state);
-    return block;
+// The calloc that brought the countdown to zero: as event_malloc.
+HOTPOOL_NOINLINE void* event_calloc(ThreadState* state, size_t count, size_t size) {
+  const unsigned event = take_event(*state);
+  void* block = nullptr;
+  size_t bytes;
+  if (__builtin_mul_overflow(count, size, &bytes)) {
+    errno = ENOMEM;
+  } else {
+    if (event & kSampleEvent) block = sampled_allocate(*state, bytes);
+    if (block) std::memset(block, 0, bytes);
+    else if ((block = g_real.calloc(count, size)) != nullptr) record_counted_alloc(*state, block, bytes);
   }
+  if (event & kTickEvent) tick(*state);
+  return block;
+}
+
+HOTPOOL_NOINLINE void* recorded_calloc_unattached(size_t count, size_t size) {
+  ThreadState* state = attach_current_thread();  // a first allocation attaches the thread
+  if (state != nullptr && HOTPOOL_UNLIKELY(--state->countdown == 0)) return event_calloc(state, count, size);
   void* block = g_real.calloc(count, size);
   if (HOTPOOL_LIKELY(block != nullptr) && !tls.in_hotpool) {
     if (state != nullptr) record_counted_alloc(*state, block, count * size);  // the countdown counted it
     else record_alloc(block, count * size);
   }
   return block;
+}
+
+// FAST PATH (Recording, not pooled): as recorded_malloc. A block from the
+// real calloc means count * size did not overflow.
+HOTPOOL_NOINLINE void* recorded_calloc(size_t count, size_t size) {
+  ThreadState* state = tls.pool_state;
+  if (HOTPOOL_UNLIKELY(state == nullptr)) return recorded_calloc_unattached(count, size);
+  if (HOTPOOL_UNLIKELY(--state->countdown == 0)) return event_calloc(state, count, size);
+  void* block = g_real.calloc(count, size);
+  if (HOTPOOL_UNLIKELY(block == nullptr)) return block;
+  return record_real_block(state, block, count * size);
 }
 
 // The pooled class's bin was empty: a refill from the depot.
