@@ -52,8 +52,8 @@ void* realloc_from_bootstrap(void* block, size_t size) {
 
 // The recording halves of the hottest entry points live in functions of
 // their own, entered by a tail jump: the entry point itself then needs no
-// stack frame, and in mode off it is a load, two compares and a jump to the
-// real allocator.
+// stack frame, and in mode off it is the pool gate's compare (malloc and
+// calloc), a load, a compare and a jump to the real allocator.
 //
 // The generic path: any thread, attached or not, inside hotpool or not;
 // an allocation that the countdown did not count.
