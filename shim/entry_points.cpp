@@ -163,6 +163,7 @@ HOTPOOL_NOINLINE void* recorded_malloc(size_t size) {
 
 // The generic path of free: any thread, inside hotpool or not.
 HOTPOOL_NOINLINE void recorded_free_generic(void* block) {
+  if (HOTPOOL_UNLIKELY(bootstrap::owns(block))) return;  // static memory, never reused (see free)
   if (HOTPOOL_LIKELY(block != nullptr) && !tls.in_hotpool) {
     if (HOTPOOL_UNLIKELY(misaligned(block))) warn_invalid_pointer("free", block);
     else record_free(g_real.usable_size(block));
@@ -361,12 +362,16 @@ HOTPOOL_EXPORT void free(void* block) {
   const size_t region_offset = g_recycler.region_offset(block);
   if (region_offset < g_recycler.region_bytes()) return pooled_free_at(block, region_offset);
   const Phase phase = g_phase.load(std::memory_order_relaxed);
-  if (HOTPOOL_UNLIKELY(bootstrap::owns(block))) return;  // static memory, never reused
-  if (phase == Phase::Off) return g_real.free(block);
   if (HOTPOOL_LIKELY(phase == Phase::Recording)) {
     if (HOTPOOL_UNLIKELY(is_sampled(block))) return sampled_free(block);
+    // A block of the bootstrap buffer has the mmapped bit in the word
+    // before it (bootstrap::allocate): recorded_free's fast path, which
+    // reads glibc's chunk header there, sends it to the generic path,
+    // which knows it. The common free is spared that range check.
     return recorded_free(block);
   }
+  if (HOTPOOL_UNLIKELY(bootstrap::owns(block))) return;  // static memory, never reused
+  if (phase == Phase::Off) return g_real.free(block);
   boot();
   if (g_real.free) g_real.free(block);  // else nothing to give it back to yet
 }

@@ -11,7 +11,10 @@ namespace bootstrap {
 alignas(64) char g_buffer[kCapacity];
 static std::atomic<size_t> g_used{0};
 
-// Each block is preceded by a 16-byte header holding its size.
+// Each block is preceded by a 16-byte header: its size, then a word with
+// glibc's "mmapped" bit (2) set, where glibc's chunk header would be, so
+// that the recording free path's chunk-header read sends the block to the
+// generic path (see free), never taking it for a block of glibc's heap.
 void* allocate(size_t size, size_t alignment) {
   if (alignment < 16) alignment = 16;
   if (size > kCapacity || alignment > kCapacity / 4) return nullptr;
@@ -22,6 +25,7 @@ void* allocate(size_t size, size_t alignment) {
     if (end > kCapacity) return nullptr;
     if (g_used.compare_exchange_weak(used, end, std::memory_order_relaxed)) {
       *reinterpret_cast<size_t*>(g_buffer + start - 16) = size;
+      *reinterpret_cast<size_t*>(g_buffer + start - 8) = kNotAHeapChunk;
       return g_buffer + start;
     }
   }

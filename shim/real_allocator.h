@@ -65,6 +65,9 @@ struct RealAllocator {
 // reused, so it is zero when handed out.
 namespace bootstrap {
 inline constexpr size_t kCapacity = 256 * 1024;
+// The word before every block: glibc's IS_MMAPPED bit, so that
+// RealAllocator::heap_usable_size says "not a heap chunk".
+inline constexpr size_t kNotAHeapChunk = 2;
 // Hidden: read PC-relative, not through the GOT, on every free.
 extern char g_buffer[kCapacity] __attribute__((visibility("hidden")));
 
