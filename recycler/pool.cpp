@@ -17,6 +17,14 @@ void* map_noreserve(size_t bytes) {
   return p == MAP_FAILED ? nullptr : p;
 }
 
+}  // namespace
+
+size_t page_bytes() {
+  const long page = sysconf(_SC_PAGESIZE);  // from the auxiliary vector: no system call
+  return page > 0 ? static_cast<size_t>(page) : 4096;
+}
+
+namespace {
 unsigned log2_ceil(size_t value) {
   unsigned shift = 0;
   while ((size_t{1} << shift) < value) ++shift;
@@ -50,9 +58,11 @@ void fatal_pointer_error(const char* what, const void* block) {
 // is_block_start reads one cache line of the depot.
 static_assert(sizeof(ClassDepot) % 64 == 0 && alignof(ClassDepot) == 64, "depots start on a cache line");
 
-void ClassGeometry::init(uint32_t block_size) {
+void ClassGeometry::init(uint32_t block_size, size_t page_bytes) {
   size = block_size;
-  size_t slab = kMinSlabBytes;
+  // At least 64 KiB and 16 pages: a slab is a whole number of blocks, not
+  // of pages, and only its whole pages can go back to the OS.
+  size_t slab = kMinSlabBytes > 16 * page_bytes ? kMinSlabBytes : 16 * page_bytes;
   if (slab < size_t{block_size} * kBlocksPerSlabAtLeast) slab = size_t{block_size} * kBlocksPerSlabAtLeast;
   slab_shift = log2_ceil(slab);
   blocks = static_cast<uint32_t>((size_t{1} << slab_shift) / block_size);
@@ -69,10 +79,9 @@ void ClassGeometry::init(uint32_t block_size) {
 
 bool ClassDepot::init(uint32_t block_size, char* area, size_t area_bytes, uint64_t marker_key) {
   marker_key_ = marker_key;
-  geometry_.init(block_size);
+  page_bytes_ = page_bytes();
+  geometry_.init(block_size, page_bytes_);
   area_ = area;
-  const long page = sysconf(_SC_PAGESIZE);
-  page_bytes_ = page > 0 ? static_cast<uintptr_t>(page) : 4096;
   check_.area = area;
   check_.inverse_of_odd = geometry_.inverse_of_odd;
   check_.twos = geometry_.twos;
@@ -229,6 +238,7 @@ bool ClassDepot::holds_free(const void* block) {
 size_t ClassDepot::release_empty(uint64_t now_ns, uint64_t idle_ns, size_t keep_bytes) {
   SpinLockGuard guard(lock_, kNoCancellationPoint);
   size_t released = 0;
+  uint64_t released_slabs = 0;
   // The list is newest first: walk it and release from the oldest end by
   // keeping the first keep_bytes of young slabs.
   size_t kept = 0;
@@ -240,21 +250,25 @@ size_t ClassDepot::release_empty(uint64_t now_ns, uint64_t idle_ns, size_t keep_
       continue;
     }
     // The whole pages of the slab (a slab need not start or end on a page:
-    // the pages it shares with its neighbours stay).
+    // the pages it shares with its neighbours stay). Slabs span 16 pages or
+    // more, so that is most of it.
     const uintptr_t page = page_bytes_;
     const uintptr_t start = (reinterpret_cast<uintptr_t>(slab_memory(slab)) + page - 1) & ~(page - 1);
     const uintptr_t end = (reinterpret_cast<uintptr_t>(slab_memory(slab)) + geometry_.slab_bytes()) & ~(page - 1);
-    if (end > start) madvise(reinterpret_cast<void*>(start), end - start, MADV_DONTNEED);
+    if (end > start) {
+      madvise(reinterpret_cast<void*>(start), end - start, MADV_DONTNEED);
+      released += end - start;
+    }
     slab->released = 1;
     empty_bytes_ -= geometry_.slab_bytes();
-    released += geometry_.slab_bytes();
+    ++released_slabs;
   }
-  if (released) {
+  if (released_slabs) {
     // A released slab's blocks stay free in its bitmap but hold no memory:
-    // they count again when the slab is reused.
-    counters_.depot_free_bytes.fetch_sub(released / geometry_.slab_bytes() * geometry_.blocks * geometry_.size,
-                                         std::memory_order_relaxed);
-    counters_.committed_bytes.fetch_sub(released, std::memory_order_relaxed);
+    // they count again when the slab is reused. Committed bytes count
+    // slabs; released bytes what went back to the OS.
+    counters_.depot_free_bytes.fetch_sub(released_slabs * geometry_.blocks * geometry_.size, std::memory_order_relaxed);
+    counters_.committed_bytes.fetch_sub(released_slabs * geometry_.slab_bytes(), std::memory_order_relaxed);
     counters_.released_bytes.fetch_add(released, std::memory_order_relaxed);
   }
   return released;
@@ -274,7 +288,7 @@ bool PoolRegion::init(const SizeClassTable& classes, size_t region_bytes, uint64
   if (sized == 0) return false;
   // Every class's area must hold at least a few slabs of its largest class.
   ClassGeometry largest;
-  largest.init(static_cast<uint32_t>(classes.max_class_size()));
+  largest.init(static_cast<uint32_t>(classes.max_class_size()), page_bytes());
   const unsigned min_shift = largest.slab_shift + 2;
   unsigned shift = 0;
   while ((size_t{sized} << (shift + 1)) <= region_bytes) ++shift;

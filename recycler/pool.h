@@ -38,6 +38,9 @@ inline uint64_t& marker_word(void* block) {
   return *reinterpret_cast<uint64_t*>(static_cast<char*>(block) + kMarkerOffset);
 }
 
+// The OS's page size (sysconf).
+size_t page_bytes();
+
 // Why hotpool aborts: one line on stderr, then abort(). Never returns.
 [[noreturn]] void fatal_pointer_error(const char* what, const void* block);
 
@@ -56,7 +59,7 @@ struct ClassGeometry {
   uint32_t twos = 0;
   uint64_t multiple_limit = 0;  // (2^64 - 1) / size
 
-  void init(uint32_t block_size);
+  void init(uint32_t block_size, size_t page_bytes = 4096);
   bool multiple_of_size(size_t offset) const { return rotated_product(offset, inverse_of_odd, twos) <= multiple_limit; }
   // The same test, giving more: offset / size when offset is a multiple of
   // size, else a value above multiple_limit (so above any block number in

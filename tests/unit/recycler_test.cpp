@@ -149,6 +149,40 @@ TEST_F(RecyclerTest, TrimGivesWhollyFreeSlabsBackToTheOs) {
   EXPECT_GT(counters.committed_bytes.load(), 0u);
 }
 
+TEST_F(RecyclerTest, TrimReleasesTheWholePagesOfSlabsThatAreNotPageMultiples) {
+  // 48-byte blocks: a slab is 1365 blocks (65,520 bytes), so slabs do not
+  // start on pages; what goes back to the OS is each slab's whole pages,
+  // and what is counted as released is exactly that.
+  ClassDepot& d = depot(48);
+  const size_t page = page_bytes();
+  const size_t slab = d.geometry().slab_bytes();
+  ASSERT_NE(slab % page, 0u);
+  const uint32_t per_slab = d.geometry().blocks;
+  std::vector<void*> blocks(size_t{per_slab} * 3);
+  ASSERT_EQ(d.refill(blocks.data(), static_cast<unsigned>(blocks.size()), 0), blocks.size());
+  for (void* block : blocks) std::memset(block, 0x5a, 48);
+  d.drain(blocks.data(), static_cast<unsigned>(blocks.size()), 0);
+  const uint64_t committed = d.counters().committed_bytes.load();
+  EXPECT_EQ(committed, 3 * slab);
+  const size_t released = d.release_empty(/*now=*/1, /*idle=*/0, /*keep=*/0);
+  EXPECT_LE(released, 3 * slab);
+  EXPECT_GE(released, 3 * (slab - 2 * page)) << "every whole page of the three slabs";
+  EXPECT_EQ(d.counters().released_bytes.load(), released);
+  EXPECT_EQ(d.counters().committed_bytes.load(), 0u);
+  // The pages wholly inside the first slab are no longer resident.
+  const uintptr_t first = reinterpret_cast<uintptr_t>(blocks.front());
+  const uintptr_t start = (first + page - 1) & ~(page - 1);
+  const uintptr_t end = (first + slab) & ~(page - 1);
+  std::vector<unsigned char> resident((end - start) / page);
+  ASSERT_EQ(mincore(reinterpret_cast<void*>(start), end - start, resident.data()), 0);
+  EXPECT_EQ(std::count_if(resident.begin(), resident.end(), [](unsigned char r) { return r & 1; }), 0);
+  // Reused, the slabs' free blocks carry their markers again: a refill
+  // hands them out as any others.
+  std::vector<void*> again(blocks.size());
+  EXPECT_EQ(d.refill(again.data(), static_cast<unsigned>(again.size()), 0), again.size());
+  EXPECT_EQ(d.counters().committed_bytes.load(), 3 * slab);
+}
+
 TEST_F(RecyclerTest, DecayKeepsYoungEmptySlabsAndReleasesOldOnes) {
   ClassDepot& d = depot(1024);
   void* blocks[64];
@@ -266,7 +300,11 @@ TEST_F(RecyclerTest, ACarvedSlabCostsMemoryOnlyForTheBlocksHandedOut) {
   ASSERT_NE(block, nullptr);
   const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
   const ClassDepot& d = depot(1024);
-  char* slab = reinterpret_cast<char*>(reinterpret_cast<uintptr_t>(block) & ~(d.geometry().slab_bytes() - 1));
+  // The slab holding the block: slabs lie end to end from the area's start
+  // (1 KiB blocks: 64 KiB slabs, on page boundaries, as mincore wants).
+  const size_t area_offset = recycler_->region_offset(block) % recycler_->region().area_bytes();
+  char* slab = block - area_offset % d.geometry().slab_bytes();
+  ASSERT_EQ(reinterpret_cast<uintptr_t>(slab) % page, 0u);
   std::vector<unsigned char> resident(d.geometry().slab_bytes() / page);
   ASSERT_EQ(mincore(slab, d.geometry().slab_bytes(), resident.data()), 0);
   const size_t pages = static_cast<size_t>(std::count_if(resident.begin(), resident.end(), [](unsigned char r) { return r & 1; }));
