@@ -342,7 +342,7 @@ void* realloc_sampled(void* block, size_t size) {
 // serve a pooled request, which is then in phase Recording); mode off then
 // costs that compare, a load, a compare and a jump.
 HOTPOOL_EXPORT void* malloc(size_t size) {
-  if (HOTPOOL_LIKELY(size <= g_pool_gate.direct_limit)) {
+  if (HOTPOOL_LIKELY(size < g_pool_gate.direct_end)) {
     if (const unsigned class_plus_one = g_recycler.pooled_class_plus_one(size))
       return pooled_malloc_inline(size, class_plus_one);
   }
@@ -379,7 +379,7 @@ HOTPOOL_EXPORT void free(void* block) {
 HOTPOOL_EXPORT void* calloc(size_t count, size_t size) {
   size_t bytes;
   const bool overflow = __builtin_mul_overflow(count, size, &bytes);
-  if (HOTPOOL_LIKELY(bytes <= g_pool_gate.direct_limit) && !overflow) {
+  if (HOTPOOL_LIKELY(bytes < g_pool_gate.direct_end) && !overflow) {
     if (const unsigned class_plus_one = g_recycler.pooled_class_plus_one(bytes))
       return pooled_calloc(bytes, class_plus_one);
   }

@@ -244,7 +244,7 @@ void boot_at_load() {
     tls.state->pending.attach(&g_stack_depot, g_class_lifetimes, reporter::asymmetric_fences());
     tls.state->sample_left = next_sample_interval(*tls.state);
     arm_countdown(*tls.state);
-    find_thread_stack(*tls.state);
+    tls.state->stack_probed = false;
   }
 }
 
@@ -322,7 +322,7 @@ void boot() {
     const size_t direct = g_pool_limit < recycler::kDirectLookupLimit ? g_pool_limit : recycler::kDirectLookupLimit;
     g_pool_gate.large_first = direct + 1;
     g_pool_gate.large_span = g_pool_limit - direct;
-    g_pool_gate.direct_limit = direct;
+    g_pool_gate.direct_end = direct + 1;
   }
   errno = saved_errno;
   g_phase.store(phase, std::memory_order_release);
@@ -353,7 +353,7 @@ static ThreadState* attach_thread(const ReentryGuard& guard) {
     if (stash.count) stash.count = 0;  // emptied when the state was given back (written only if not: see reporter::clear)
   state->pending.attach(&g_stack_depot, g_class_lifetimes, reporter::asymmetric_fences());
   state->memo_busy = false;  // the memo's sites stay valid: a stack's site is the same in every thread
-  if (sampling_active()) find_thread_stack(*state);
+  state->stack_probed = false;  // looked for at the first sample
   state->countdown = state->window = state->alloc_base = 0;
   state->sample_left = next_sample_interval(*state);
   state->tick_left = kTickAllocs;

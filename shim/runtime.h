@@ -47,9 +47,11 @@ extern size_t g_pool_limit;
 // The entry points' view of g_pool_limit, set once start-up has chosen
 // phase Recording with pools (all zero otherwise: nothing passes the gate).
 struct PoolGate {
-  // min(g_pool_limit, the direct class table's limit): a request up to this
-  // size finds whether it pools with one table load, before any phase test.
-  size_t direct_limit;
+  // min(g_pool_limit, the direct class table's limit) + 1: a request below
+  // it finds whether it pools with one table load, before any phase test.
+  // 0 while closed: not even malloc(0) passes (mode fixed fills the table
+  // before start-up knows it will record).
+  size_t direct_end;
   // Requests in [large_first, large_first + large_span) may pool too (the
   // classes above the direct table): one subtraction and one compare.
   size_t large_first;

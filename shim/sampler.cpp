@@ -170,8 +170,8 @@ uintptr_t find_frame_cfa(const reporter::CapturedStack& stack, const ThreadState
 }  // namespace
 
 void find_thread_stack(ThreadState& state) {
-  // Under the recursion guard (attach_thread): for the main thread, glibc
-  // reads /proc/self/maps with stdio.
+  // Under the recursion guard (sampled_allocate): for the main thread,
+  // glibc reads /proc/self/maps with stdio.
   pthread_attr_t attr;
   if (pthread_getattr_np(pthread_self(), &attr) != 0) return;
   void* low = nullptr;
@@ -276,6 +276,15 @@ uint64_t next_sample_interval(ThreadState& state) {
 
 void* sampled_allocate(ThreadState& state, size_t size) {
   if (!g_active || size > g_limit) return nullptr;
+  if (HOTPOOL_UNLIKELY(!state.stack_probed)) {
+    // The thread's stack bounds, at its first sample rather than when it
+    // attaches: a thread that attaches in a signal handler or a thread-exit
+    // destructor (its first allocator call a free) then does not look them
+    // up there (for the main thread glibc reads /proc/self/maps).
+    ReentryGuard guard;
+    state.stack_probed = true;
+    find_thread_stack(state);
+  }
   // malloc(0) too gets a usable byte or more, as from glibc or a pool (its
   // usable size is what realloc may grow it to in place).
   const unsigned region_class = g_classes.class_of((size ? size : 1) + kHeader);

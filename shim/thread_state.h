@@ -65,6 +65,9 @@ struct ThreadState {
   // sampled allocation may be looked at (see sampled_free_record).
   uintptr_t stack_low;
   uintptr_t stack_high;
+  // The bounds were looked for (at the thread's first sample: see
+  // sampled_allocate).
+  bool stack_probed;
   reporter::TraceCache trace_cache;  // the last stack captured (libgcc's unwinder)
   // Captures in progress on this thread (the fork gate, see capture_stack):
   // written by the thread, read by a forking one.
