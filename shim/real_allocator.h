@@ -55,8 +55,11 @@ struct RealAllocator {
   // M_MMAP_THRESHOLD), or SIZE_MAX, which the caller sends to its generic
   // path (usable_size) with the other sizes beyond that table.
   size_t heap_usable_size(void* block) const {
+    // The flag first: another real allocator (jemalloc, tcmalloc) may put a
+    // block at the start of a page whose predecessor is not mapped.
+    if (__builtin_expect(!glibc_chunk_headers, 0)) return ~size_t{0};
     const size_t header = static_cast<const size_t*>(block)[-1];
-    if (__builtin_expect(!glibc_chunk_headers || (header & 2), 0)) return ~size_t{0};
+    if (__builtin_expect(header & 2, 0)) return ~size_t{0};
     return (header & ~size_t{7}) - 8;
   }
 };

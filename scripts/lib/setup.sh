@@ -5,9 +5,10 @@ HOTPOOL_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 HOTPOOL_BUILD=${HOTPOOL_BUILD:-$HOTPOOL_ROOT/build}
 
 # Packages the build and the tests need (the real-binary tests run python3,
-# sort, gzip, git, perl and sqlite3 from Debian).
+# sort, gzip, git, perl and sqlite3 from Debian, also with hotpool stacked
+# on jemalloc).
 HOTPOOL_PACKAGES=(cmake make g++ libgtest-dev googletest nlohmann-json3-dev
-                  python3 sqlite3 gzip git perl coreutils)
+                  python3 sqlite3 gzip git perl coreutils libjemalloc2)
 
 hotpool_install_packages() {
   local missing=() package

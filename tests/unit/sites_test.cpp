@@ -432,6 +432,12 @@ __attribute__((noinline)) unsigned alloca_and_capture(const Unwinder& unwinder, 
 }
 
 
+#if defined(__SANITIZE_ADDRESS__)
+constexpr bool kBuiltWithFramePointers = true;  // the ASan build (CMakeLists.txt)
+#else
+constexpr bool kBuiltWithFramePointers = false;
+#endif
+
 // Once libgcc has walked a stack, the same stack is replayed from the frame
 // table: the result must be what a full unwind gives, for stacks seen before
 // and new ones, deeper than a capture keeps, through a frame of varying
@@ -454,7 +460,13 @@ TEST(FrameTable, ReplayedCapturesEqualFullUnwinds) {
       expect_same(captures.full, captures.cached, static_cast<unsigned>(bytes));
     }
   }
-  EXPECT_GT(cache->replayed, 20u) << "walked " << cache->walked;
+  // Frames that keep a frame pointer are never replayed (their size may
+  // vary): the ASan build (-fno-omit-frame-pointer) walks every capture,
+  // and only the equality above is checked there.
+  const bool frame_pointers = kBuiltWithFramePointers;
+  if (!frame_pointers) {
+    EXPECT_GT(cache->replayed, 20u) << "walked " << cache->walked;
+  }
   EXPECT_GT(cache->walked, 0u);
   EXPECT_GT(unwinder.frame_table().size(), 5u);
 
@@ -483,7 +495,9 @@ TEST(FrameTable, ReplayedCapturesEqualFullUnwinds) {
     replayed_there = own->replayed;
   });
   other.join();
-  EXPECT_GT(replayed_there, 0u);  // the table learned on this thread serves that one
+  if (!frame_pointers) {
+    EXPECT_GT(replayed_there, 0u);  // the table learned on this thread serves that one
+  }
 }
 
 }  // namespace unwinding
