@@ -102,14 +102,7 @@ class Recycler {
     if (HOTPOOL_RECYCLER_UNLIKELY(!push(cache, size_class, block))) return drain_and_push(cache, size_class, block);
   }
 
-  // The bin's address, in a register the compiler cannot see through: the
-  // count and the slot are then both addressed from it (else GCC computes
-  // the slot's address from the cache and the class again).
-  static Bin& bin_of(ThreadCache& cache, size_t size_class) {
-    Bin* bin = &cache.bins[size_class];
-    asm("" : "+r"(bin));
-    return *bin;
-  }
+  static Bin& bin_of(ThreadCache& cache, size_t size_class) { return cache.bins[size_class]; }
   // The fast paths' addressing: with line = class * 64 in one register,
   // the class's bin is at bins + line * 8 (one addressing mode), and so is
   // a row of 64 bytes per class elsewhere at rows + line (the shim's
@@ -141,7 +134,7 @@ class Recycler {
   bool validate_and_mark(size_t size_class, void* block) {
     if (HOTPOOL_RECYCLER_UNLIKELY(!config_.checks)) return true;  // on by default: the checks are the fall-through
     // The block start first: only then is the marker word an aligned word of the block.
-    // The depot's address in a register (as bin_of): GCC would address the
+    // The depot's address in a register (as line_of): GCC would address the
     // frontier's atomic load from the region's base again.
     const ClassDepot* depot = &region_.depot(size_class);
     asm("" : "+r"(depot));

@@ -63,14 +63,6 @@ HOTPOOL_NOINLINE void* unsampled_malloc(size_t size) {
   return block;
 }
 
-// The real allocator's block for an allocation the countdown counted (an
-// attached thread outside hotpool).
-HOTPOOL_NOINLINE void* counted_real_malloc(ThreadState& state, size_t size) {
-  void* block = g_real.malloc(size);
-  if (HOTPOOL_LIKELY(block != nullptr)) record_counted_alloc(state, block, size);
-  return block;
-}
-
 HOTPOOL_NOINLINE void* pooled_malloc_refill(unsigned size_class, size_t size);
 
 // The pooled half of malloc once the countdown is passed: the thread
@@ -101,7 +93,10 @@ HOTPOOL_NOINLINE void* recorded_malloc_publish(ThreadState* state, void* block, 
   return block;
 }
 HOTPOOL_NOINLINE void* recorded_malloc_generic(void* block, size_t size) {
-  record_counted_alloc(*tls.state, block, size);  // the thread is attached: tls.state is the fast path's state
+  // The thread is attached: tls.state is the fast path's state. The
+  // countdown counted the allocation already.
+  const size_t usable = g_real.usable_size(block);
+  tls.state->stats.record_alloc(g_global, g_classes.class_of(usable), size, usable);
   return block;
 }
 
@@ -117,7 +112,8 @@ HOTPOOL_ALWAYS_INLINE void* recorded_real_malloc(ThreadState* state, size_t size
   return record_real_block(state, block, size);
 }
 // The recording of a block the real allocator just gave an attached
-// thread outside hotpool, for an allocation the countdown counted.
+// thread outside hotpool (`state` is tls.state), for an allocation the
+// countdown counted.
 HOTPOOL_ALWAYS_INLINE void* record_real_block(ThreadState* state, void* block, size_t size) {
   const size_t usable = g_real.heap_usable_size(block);
   if (HOTPOOL_UNLIKELY(!g_classes.direct(usable))) return recorded_malloc_generic(block, size);
@@ -147,7 +143,7 @@ HOTPOOL_NOINLINE void* recorded_malloc_unattached(size_t size) {
   ThreadState* state = attach_current_thread();
   if (state == nullptr) return unsampled_malloc(size);
   if (HOTPOOL_UNLIKELY(--state->countdown == 0)) return event_malloc(state, size, 0);
-  return counted_real_malloc(*state, size);
+  return recorded_real_malloc(state, size);
 }
 
 // FAST PATH (Recording, not pooled): the thread state, the countdown, then
@@ -202,7 +198,7 @@ HOTPOOL_NOINLINE void* event_calloc(ThreadState* state, size_t count, size_t siz
   } else {
     if (event & kSampleEvent) block = sampled_allocate(*state, bytes);
     if (block) std::memset(block, 0, bytes);
-    else if ((block = g_real.calloc(count, size)) != nullptr) record_counted_alloc(*state, block, bytes);
+    else if ((block = g_real.calloc(count, size)) != nullptr) record_real_block(state, block, bytes);
   }
   if (event & kTickEvent) tick(*state);
   return block;
@@ -213,8 +209,8 @@ HOTPOOL_NOINLINE void* recorded_calloc_unattached(size_t count, size_t size) {
   if (state != nullptr && HOTPOOL_UNLIKELY(--state->countdown == 0)) return event_calloc(state, count, size);
   void* block = g_real.calloc(count, size);
   if (HOTPOOL_LIKELY(block != nullptr) && !tls.in_hotpool) {
-    if (state != nullptr) record_counted_alloc(*state, block, count * size);  // the countdown counted it
-    else record_alloc(block, count * size);
+    if (state != nullptr) return record_real_block(state, block, count * size);  // the countdown counted it
+    record_alloc(block, count * size);
   }
   return block;
 }
@@ -241,7 +237,7 @@ HOTPOOL_NOINLINE void* pooled_malloc_refill(unsigned size_class, size_t size) {
     block = g_recycler.allocate_slow(state->cache, size_class);
   }
   if (HOTPOOL_UNLIKELY(state->deferred_count)) free_deferred(*state);
-  if (!block) return counted_real_malloc(*state, size);  // the pool is out of memory
+  if (!block) return recorded_real_malloc(state, size);  // the pool is out of memory
   state->stats.record_pooled_alloc(g_global, size_class, size, g_recycler.class_size(size_class));
   // The pooled paths keep no per-operation peak view; a refill is where a
   // class's live bytes grow (the cache ran dry), so the peak is sampled here,
@@ -273,10 +269,13 @@ HOTPOOL_NOINLINE void* pooled_calloc(size_t size, unsigned class_plus_one) {
 }
 
 // A request above the direct class table, within the pool limit: its class
-// when that class is pooled, else the real allocator's.
-HOTPOOL_NOINLINE void* malloc_beyond_direct(size_t size) {
+// plus one when that class is pooled, else 0.
+HOTPOOL_ALWAYS_INLINE unsigned pooled_class_plus_one_beyond_direct(size_t size) {
   const unsigned size_class = g_classes.class_of(size);
-  if (g_recycler.pooled(size_class)) return pooled_malloc(size, size_class + 1);
+  return g_recycler.pooled(size_class) ? size_class + 1 : 0;
+}
+HOTPOOL_NOINLINE void* malloc_beyond_direct(size_t size) {
+  if (const unsigned class_plus_one = pooled_class_plus_one_beyond_direct(size)) return pooled_malloc(size, class_plus_one);
   return recorded_malloc(size);
 }
 HOTPOOL_ALWAYS_INLINE bool beyond_direct(size_t size) {
@@ -386,8 +385,8 @@ HOTPOOL_EXPORT void* calloc(size_t count, size_t size) {
   const Phase phase = g_phase.load(std::memory_order_relaxed);
   if (HOTPOOL_LIKELY(phase == Phase::Recording)) {
     if (beyond_direct(bytes) && !overflow) {
-      const unsigned size_class = g_classes.class_of(bytes);
-      if (g_recycler.pooled(size_class)) return pooled_calloc(bytes, size_class + 1);
+      if (const unsigned class_plus_one = pooled_class_plus_one_beyond_direct(bytes))
+        return pooled_calloc(bytes, class_plus_one);
     }
     return recorded_calloc(count, size);
   }

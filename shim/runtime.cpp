@@ -464,6 +464,12 @@ void tick(ThreadState& state) {
   if (HOTPOOL_UNLIKELY(state.deferred_count)) free_deferred(state);
 }
 
+// The countdown's next window: to the nearer of the next sample and tick.
+static void restart_window(ThreadState& state) {
+  state.window = state.sample_left < state.tick_left ? state.sample_left : state.tick_left;
+  state.countdown = state.window;
+}
+
 unsigned take_event(ThreadState& state) {
   // The allocation that brought the countdown to zero is the window's last.
   const uint64_t elapsed = state.window;
@@ -477,8 +483,7 @@ unsigned take_event(ThreadState& state) {
     event |= kTickEvent;
     state.tick_left = kTickAllocs;
   }
-  state.window = state.sample_left < state.tick_left ? state.sample_left : state.tick_left;
-  state.countdown = state.window;
+  restart_window(state);
   return event;
 }
 
@@ -486,14 +491,13 @@ void arm_countdown(ThreadState& state) {
   const uint64_t elapsed = state.window - state.countdown;
   state.alloc_base += elapsed;
   state.tick_left = state.tick_left > elapsed ? state.tick_left - elapsed : 1;
-  state.window = state.sample_left < state.tick_left ? state.sample_left : state.tick_left;
-  state.countdown = state.window;
+  restart_window(state);
 }
 
 static void tick_locked(ThreadState& state) {
   reporter::ThreadClassStats& stats = state.stats;
   // The classes this thread's cache is used for (its sized bins), not the
-  // whole table: a hundred classes every 256 operations cost about 1 ns
+  // whole table: a hundred classes every 256 allocations cost about 1 ns
   // per pooled malloc+free in mode auto.
   for (unsigned word = 0; word < sizeof(state.cache.sized) / sizeof(uint64_t); ++word) {
     for (uint64_t bits = state.cache.sized[word]; bits; bits &= bits - 1) {
@@ -508,9 +512,7 @@ static void tick_locked(ThreadState& state) {
   }
 }
 
-// pool_state is null: not attached or torn down (straight to the depot),
-// or inside hotpool, or a signal handler that interrupted a pooled fast
-// path of this thread (kept until the thread is out: free_deferred).
+// The slow ends of pooled_free_at (runtime.h says when each is taken).
 void pooled_free_gated(void* block) {
   ThreadState* state = tls.state;
   if (state == nullptr) {
@@ -523,9 +525,6 @@ void pooled_free_gated(void* block) {
   defer_free(state, block);
 }
 
-// The rare ends of pooled_free, given the block alone (the thread's state
-// and the class are found again): the fast path then keeps nothing alive
-// across its checks for them, and saves no register.
 void pooled_free_unmarked(void* block) {
   // An invalid or double free aborts there, or is quarantined (not counted).
   g_recycler.deallocate_unmarked(tls.pool_state->cache, g_recycler.class_of_block(block), block);

@@ -113,13 +113,6 @@ HOTPOOL_ALWAYS_INLINE void record_alloc(void* block, size_t requested) {
   count_call(*state);
 }
 
-// The same for an allocation the countdown counted already, of an
-// attached thread outside hotpool.
-HOTPOOL_ALWAYS_INLINE void record_counted_alloc(ThreadState& state, void* block, size_t requested) {
-  const size_t usable = g_real.usable_size(block);
-  state.stats.record_alloc(g_global, g_classes.class_of(usable), requested, usable);
-}
-
 // The caller measures the block (malloc_usable_size) before it is released.
 HOTPOOL_ALWAYS_INLINE void record_free(size_t usable) {
   const unsigned size_class = g_classes.class_of(usable);

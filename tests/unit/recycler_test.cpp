@@ -164,9 +164,17 @@ TEST_F(RecyclerTest, TrimReleasesTheWholePagesOfSlabsThatAreNotPageMultiples) {
   d.drain(blocks.data(), static_cast<unsigned>(blocks.size()), 0);
   const uint64_t committed = d.counters().committed_bytes.load();
   EXPECT_EQ(committed, 3 * slab);
+  // Each slab's whole pages, and nothing else.
+  const uintptr_t area = reinterpret_cast<uintptr_t>(blocks.front());
+  size_t whole_pages = 0;
+  for (int s = 0; s < 3; ++s) {
+    const uintptr_t first = (area + s * slab + page - 1) & ~(page - 1);
+    const uintptr_t last = (area + (s + 1) * slab) & ~(page - 1);
+    whole_pages += last - first;
+  }
+  ASSERT_LT(whole_pages, 3 * slab);
   const size_t released = d.release_empty(/*now=*/1, /*idle=*/0, /*keep=*/0);
-  EXPECT_LE(released, 3 * slab);
-  EXPECT_GE(released, 3 * (slab - 2 * page)) << "every whole page of the three slabs";
+  EXPECT_EQ(released, whole_pages) << "every whole page of the three slabs, and no more";
   EXPECT_EQ(d.counters().released_bytes.load(), released);
   EXPECT_EQ(d.counters().committed_bytes.load(), 0u);
   // The pages wholly inside the first slab are no longer resident.
