@@ -220,21 +220,22 @@ void AutoPolicy::init(const uint8_t* block_class_of, unsigned classes) {
 }
 
 void AutoPolicy::evaluate(const uint64_t* allocs, const uint64_t* frees, unsigned classes, Recycler& recycler,
-                          const int8_t* sampled_short) {
+                          const int16_t* short_share) {
   if (!mapped_) init(nullptr, 0);
   uint64_t total = 0;
   for (unsigned c = 0; c < classes; ++c) total += allocs[c];
   if (total == 0) return;
   for (unsigned c = 0; c < classes; ++c) {
     if (allocs[c] == 0) continue;  // this thread has no say on a class it did not use
-    const bool hot = allocs[c] >= kMinCount && static_cast<double>(allocs[c]) >= kMinShare * static_cast<double>(total);
     // Sampled lifetimes when there are enough (they see blocks freed by
     // other threads too); else this thread's frees keeping up.
-    const bool short_lived = sampled_short && sampled_short[c] >= 0
-                                 ? sampled_short[c] == 1
-                                 : static_cast<double>(frees[c]) >= kMinChurn * static_cast<double>(allocs[c]);
+    int share = short_share ? short_share[c] : kShareUnknown;
+    if (share < 0)
+      share = static_cast<double>(frees[c]) >= kMinChurn * static_cast<double>(allocs[c]) ? kShareOne : 0;
+    const double short_allocs = static_cast<double>(allocs[c]) * share / kShareOne;
+    const bool hot_short = short_allocs >= kMinCount && short_allocs >= kMinShare * static_cast<double>(total);
     const int heat = heat_[c].load(std::memory_order_relaxed);
-    int next = hot && short_lived ? heat + 2 : heat - 1;
+    int next = hot_short ? heat + 2 : heat - 1;
     if (next > kHeatMax) next = kHeatMax;
     if (next < 0) next = 0;
     heat_[c].store(next, std::memory_order_relaxed);  // racing updates only blur the score

@@ -241,11 +241,22 @@ class AutoPolicy {
 
   // block_class_of[q] for every sized class q; identity if not given.
   void init(const uint8_t* block_class_of, unsigned classes);
-  // sampled_short[c]: 1 when class c's sampled blocks are mostly
-  // short-lived, 0 when not, -1 when too few were sampled (nullptr: none).
+  // The short-lived share of a class's blocks, in 1/kShareOne: what its
+  // sampled frees say; kShareUnknown when too few were sampled.
+  static constexpr int kShareOne = 1024;
+  static constexpr int kShareUnknown = -1;
+  // A class is hot when its short-lived allocations alone are: at least
+  // kMinCount in the window and kMinShare of all the window's allocations.
+  // A pooled class serves its other blocks too, as fast; its short-lived
+  // ones are what make the pool pay (the blocks come back at once).
+  // short_share[c]: class c's short-lived share (nullptr: none sampled);
+  // unknown: all of the window's allocations when its frees keep up
+  // (kMinChurn), none otherwise.
   void evaluate(const uint64_t* allocs, const uint64_t* frees, unsigned classes, Recycler& recycler,
-                const int8_t* sampled_short = nullptr);
+                const int16_t* short_share = nullptr);
   int heat(unsigned size_class) const { return heat_[size_class].load(std::memory_order_relaxed); }
+  // The class the real allocator's blocks for requests of class q count in.
+  unsigned block_class(unsigned q) const { return mapped_ ? block_class_of_[q] : q; }
 
  private:
   std::atomic<int> heat_[kMaxClasses] = {};

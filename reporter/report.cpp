@@ -35,7 +35,7 @@ uint64_t load(const AtomicCounter& counter) { return counter.load(std::memory_or
 // A site's sampled figures, read once.
 struct SiteRow {
   uint32_t id;
-  uint64_t allocs, bytes, frees, short_lived, temporary, escapes[3], calls, min_size, max_size, median_ns;
+  uint64_t allocs, bytes, frees, short_lived, recycled, temporary, escapes[3], calls, min_size, max_size, median_ns;
   uint64_t histogram[kLifetimeBuckets];
   uint64_t live() const { return allocs > frees ? allocs - frees : 0; }
 };
@@ -59,6 +59,7 @@ unsigned collect_sites(const SamplingView& view) {
     const LifetimeStats& life = site.lifetimes;
     row.frees = load(life.frees);
     row.short_lived = load(life.short_lived);
+    row.recycled = load(life.recycled);
     row.temporary = load(life.temporary);
     for (unsigned e = 0; e < 3; ++e) row.escapes[e] = load(life.escapes[e]);
     row.calls = load(life.calls_between);
@@ -93,8 +94,10 @@ const char* advice(const SiteRow& row) {
   if (freed == 0) return "";
   if (row.escapes[static_cast<unsigned>(Escape::FrameLocal)] * 2 > freed)
     return "freed in its own frame: a stack or small-buffer candidate";
-  if (row.short_lived * 2 > freed && row.escapes[static_cast<unsigned>(Escape::ThreadLocal)] * 2 > freed)
-    return "short-lived, freed by its thread: a pool candidate";
+  if (row.escapes[static_cast<unsigned>(Escape::ThreadLocal)] * 2 > freed) {
+    if (row.short_lived * 2 > freed) return "short-lived, freed by its thread: a pool candidate";
+    if (row.recycled * 2 > freed) return "recycled by its thread: a pool candidate";
+  }
   if (row.escapes[static_cast<unsigned>(Escape::CrossThread)] * 2 > freed)
     return "freed by another thread: pooled through the depot, or keep it per thread";
   return "";
@@ -125,10 +128,12 @@ void write_frames(const SamplingView& view, uint32_t id, Output& out, const char
   out.ch('\n');
 }
 
-// The tune line: classes that carry at least 1% of all allocations and
-// whose sampled blocks are mostly short-lived (or, unsampled, whose frees
-// keep up with their allocations); the expected hit rate is the share of
-// all allocations those short-lived blocks make, the rounding waste the
+// The tune line: the classes mode auto would pool, those whose short-lived
+// (or recycled: pool_worthy) allocations alone carry at least 1% of all
+// allocations, 1000 at least. The share comes from the sampled frees (8 at
+// least), else from the frees keeping up with the allocations. The
+// expected hit rate is the share of all allocations the chosen classes
+// carry (a pooled class serves all its blocks), the rounding waste the
 // bytes the chosen classes add to what was requested.
 struct Recommendation {
   unsigned count;
@@ -142,17 +147,17 @@ Recommendation recommend(const StatsSnapshot& stats, const SamplingView* view) {
   for (unsigned c = 0; c < stats.class_count; ++c) total += stats.classes[c].allocs;
   for (unsigned c = 0; c + 1 < stats.class_count && total; ++c) {
     const ClassTotals& row = stats.classes[c];
-    // Hot: a share of the allocations, and enough of them to be worth a pool.
-    if (row.allocs * 100 < total || row.allocs < 1000) continue;
-    double short_share = row.allocs ? (row.frees >= row.allocs * 3 / 4 ? 1.0 : 0.0) : 0.0;
+    if (row.allocs == 0) continue;
+    double short_share = row.frees >= row.allocs * 3 / 4 ? 1.0 : 0.0;
     if (view && view->class_lifetimes) {
       const LifetimeStats& life = view->class_lifetimes[c];
       const uint64_t freed = load(life.frees);
-      if (freed >= 8) short_share = static_cast<double>(load(life.short_lived)) / static_cast<double>(freed);
+      if (freed >= 8) short_share = static_cast<double>(pool_worthy(life)) / static_cast<double>(freed);
     }
-    if (short_share < 0.5) continue;
+    const double short_allocs = static_cast<double>(row.allocs) * short_share;
+    if (short_allocs * 100 < static_cast<double>(total) || short_allocs < 1000) continue;
     result.sizes[result.count++] = stats.class_size[c];
-    hits += static_cast<uint64_t>(static_cast<double>(row.allocs) * short_share);
+    hits += row.allocs;
     class_bytes += stats.class_size[c] * row.allocs;
     requested += row.requested_bytes;
   }
@@ -183,8 +188,8 @@ void write_text_sampling(const StatsSnapshot& stats, const SamplingView& view, O
   else out.str(" (every allocation)");
   out.str(", short-lived = at most ");
   write_duration(out, view.short_ns);
-  out.ch('\n');
-  out.str("  size class  short-lived  median life  temporary  frame-local  thread-local  cross-thread\n");
+  out.str(", recycled = freed by its thread within ").count(view.recycle_calls).str(" of its calls\n");
+  out.str("  size class  short-lived  recycled  median life  temporary  frame-local  thread-local  cross-thread\n");
   for (unsigned c = 0; c < stats.class_count; ++c) {
     const LifetimeStats& life = view.class_lifetimes[c];
     const uint64_t freed = load(life.frees);
@@ -194,6 +199,7 @@ void write_text_sampling(const StatsSnapshot& stats, const SamplingView& view, O
     if (c + 1 == stats.class_count) out.str("       large");
     else out.padded(10, [&](Output& o) { o.u64(stats.class_size[c]); }).str(" B");
     out.padded(13, [&](Output& o) { o.percent(load(life.short_lived), freed); })
+        .padded(10, [&](Output& o) { o.percent(load(life.recycled), freed); })
         .padded(13, [&](Output& o) { write_duration(o, histogram_median(histogram, kLifetimeBuckets)); })
         .padded(11, [&](Output& o) { o.percent(load(life.temporary), freed); })
         .padded(13, [&](Output& o) { o.percent(load(life.escapes[0]), freed); })
@@ -268,6 +274,7 @@ void write_json_sampling(const StatsSnapshot& stats, const SamplingView* view, O
     return;
   }
   out.str(",\n  \"sampling\": {\"rate\": ").u64(view->rate).str(", \"short_ns\": ").u64(view->short_ns)
+      .str(", \"recycle_calls\": ").u64(view->recycle_calls)
       .str(", \"lifetime_bucket_bounds_ns\": [");
   for (unsigned b = 1; b < kLifetimeBuckets; ++b) out.str(b > 1 ? ", " : "").u64(lifetime_bucket_low(b));
   out.str("]},\n  \"class_lifetimes\": [");
@@ -281,6 +288,7 @@ void write_json_sampling(const StatsSnapshot& stats, const SamplingView* view, O
     first = false;
     if (c + 1 == stats.class_count) out.str("null"); else out.u64(stats.class_size[c]);
     out.str(", \"sampled_frees\": ").u64(load(life.frees)).str(", \"short_lived\": ").u64(load(life.short_lived))
+        .str(", \"recycled\": ").u64(load(life.recycled))
         .str(", \"temporary\": ").u64(load(life.temporary))
         .str(", \"frame_local\": ").u64(load(life.escapes[0]))
         .str(", \"thread_local\": ").u64(load(life.escapes[1]))
@@ -307,6 +315,7 @@ void write_json_sampling(const StatsSnapshot& stats, const SamplingView* view, O
         .str(", \"min_size\": ").u64(row.min_size).str(", \"max_size\": ").u64(row.max_size)
         .str(", \"sampled_frees\": ").u64(row.frees)
         .str(", \"short_lived\": ").u64(row.short_lived)
+        .str(", \"recycled\": ").u64(row.recycled)
         .str(", \"temporary\": ").u64(row.temporary)
         .str(", \"frame_local\": ").u64(row.escapes[0])
         .str(", \"thread_local\": ").u64(row.escapes[1])

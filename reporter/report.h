@@ -18,6 +18,7 @@ inline constexpr int kJsonSchemaVersion = 1;
 struct SamplingView {
   uint64_t rate;            // mean allocations per sample (1: every allocation)
   uint64_t short_ns;        // the short-lived threshold
+  uint64_t recycle_calls;   // the recycled threshold (the freeing thread's allocator calls)
   unsigned top;             // sites shown per list
   unsigned frames;          // frames shown per site
   const StackDepot* depot;

@@ -36,9 +36,11 @@ uint64_t histogram_median(const uint64_t* counts, unsigned buckets) {
   return lifetime_bucket_low(buckets - 1);
 }
 
-void LifetimeStats::add(uint64_t lifetime_ns, bool is_short, bool is_temporary, Escape escape, uint64_t calls) {
+void LifetimeStats::add(uint64_t lifetime_ns, bool is_short, bool is_recycled, bool is_temporary, Escape escape,
+                        uint64_t calls) {
   frees.fetch_add(1, std::memory_order_relaxed);
   if (is_short) short_lived.fetch_add(1, std::memory_order_relaxed);
+  if (is_recycled) recycled.fetch_add(1, std::memory_order_relaxed);
   if (is_temporary) temporary.fetch_add(1, std::memory_order_relaxed);
   escapes[static_cast<unsigned>(escape)].fetch_add(1, std::memory_order_relaxed);
   calls_between.fetch_add(calls, std::memory_order_relaxed);
@@ -73,9 +75,11 @@ double natural_log(double x) {
   return exponent * kLn2High + (2 * s * series + exponent * kLn2Low);
 }
 
-void LifetimeCounts::add(uint64_t lifetime_ns, bool is_short, bool is_temporary, Escape escape, uint64_t calls) {
+void LifetimeCounts::add(uint64_t lifetime_ns, bool is_short, bool is_recycled, bool is_temporary, Escape escape,
+                         uint64_t calls) {
   ++frees;
   short_lived += is_short;
+  recycled += is_recycled;
   temporary += is_temporary;
   ++escapes[static_cast<unsigned>(escape)];
   calls_between += calls;
@@ -86,6 +90,7 @@ void LifetimeStats::merge(const LifetimeCounts& counts) {
   if (counts.frees == 0) return;
   frees.fetch_add(counts.frees, std::memory_order_relaxed);
   if (counts.short_lived) short_lived.fetch_add(counts.short_lived, std::memory_order_relaxed);
+  if (counts.recycled) recycled.fetch_add(counts.recycled, std::memory_order_relaxed);
   if (counts.temporary) temporary.fetch_add(counts.temporary, std::memory_order_relaxed);
   for (unsigned e = 0; e < 3; ++e)
     if (counts.escapes[e]) escapes[e].fetch_add(counts.escapes[e], std::memory_order_relaxed);
@@ -141,9 +146,9 @@ void PendingSamples::add_alloc(uint32_t site, uint64_t size) {
 }
 
 void PendingSamples::add_free(uint32_t site, unsigned size_class, uint64_t lifetime_ns, bool is_short,
-                              bool is_temporary, Escape escape, uint64_t calls) {
-  if (site) entry(site).life.add(lifetime_ns, is_short, is_temporary, escape, calls);
-  entry(kClassKey + size_class).life.add(lifetime_ns, is_short, is_temporary, escape, calls);
+                              bool is_recycled, bool is_temporary, Escape escape, uint64_t calls) {
+  if (site) entry(site).life.add(lifetime_ns, is_short, is_recycled, is_temporary, escape, calls);
+  entry(kClassKey + size_class).life.add(lifetime_ns, is_short, is_recycled, is_temporary, escape, calls);
   after_event();
 }
 

@@ -41,23 +41,35 @@ using AtomicCounter = std::atomic<uint64_t>;
 // One thread's lifetime counts, not yet merged into a LifetimeStats (see
 // PendingSamples): plain words.
 struct LifetimeCounts {
-  uint64_t frees, short_lived, temporary, escapes[3], calls_between, histogram[kLifetimeBuckets];
+  uint64_t frees, short_lived, recycled, temporary, escapes[3], calls_between, histogram[kLifetimeBuckets];
 
-  void add(uint64_t lifetime_ns, bool short_lived, bool temporary, Escape escape, uint64_t calls);
+  void add(uint64_t lifetime_ns, bool short_lived, bool recycled, bool temporary, Escape escape, uint64_t calls);
 };
 
 struct LifetimeStats {
   AtomicCounter frees;       // sampled blocks freed
   AtomicCounter short_lived; // lifetime <= the short threshold
+  AtomicCounter recycled;    // freed by its thread within the recycle threshold's allocator calls
   AtomicCounter temporary;   // freed before the thread's next allocator call
   AtomicCounter escapes[3];  // by Escape
   AtomicCounter calls_between;  // sum of the thread's allocator calls between malloc and free
   AtomicCounter histogram[kLifetimeBuckets];
 
-  void add(uint64_t lifetime_ns, bool short_lived, bool temporary, Escape escape, uint64_t calls);
+  void add(uint64_t lifetime_ns, bool short_lived, bool recycled, bool temporary, Escape escape, uint64_t calls);
   // Adds a thread's pending counts (a read-modify-write per non-zero field).
   void merge(const LifetimeCounts& counts);
 };
+
+// Of a class's (or site's) sampled frees, those that make it worth a pool:
+// the short-lived ones or the recycled ones, whichever are more (a block
+// may be both). Mode auto and the report's recommendation pool a hot class
+// when they are at least half its sampled frees.
+inline uint64_t pool_worthy(uint64_t short_lived, uint64_t recycled) {
+  return short_lived > recycled ? short_lived : recycled;
+}
+inline uint64_t pool_worthy(const LifetimeStats& life) {
+  return pool_worthy(life.short_lived.load(std::memory_order_relaxed), life.recycled.load(std::memory_order_relaxed));
+}
 
 struct SiteStats {
   AtomicCounter allocs;  // sampled allocations
@@ -159,8 +171,8 @@ class PendingSamples {
 
   // Inside the section.
   void add_alloc(uint32_t site, uint64_t size);
-  void add_free(uint32_t site, unsigned size_class, uint64_t lifetime_ns, bool short_lived, bool temporary,
-                Escape escape, uint64_t calls);
+  void add_free(uint32_t site, unsigned size_class, uint64_t lifetime_ns, bool short_lived, bool recycled,
+                bool temporary, Escape escape, uint64_t calls);
 
   // Merges everything, from any thread (the owner outside its section);
   // waits a little for the owner's section; false if it stayed busy (then

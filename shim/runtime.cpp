@@ -380,29 +380,48 @@ void evaluate_policy(ThreadState& state) {
     state.policy_allocs[c] = now_allocs;
     state.policy_frees[c] = now_frees;
   }
-  // Is each class short-lived? The sampled lifetimes say so when enough of
-  // its blocks were sampled; otherwise the policy looks at this thread's
-  // frees, unless the blocks leave this thread (a producer frees nothing):
-  // then the class's live bytes across all threads staying below a quarter
-  // of what this window allocated says its blocks come back.
+  // How short-lived is each class? The sampled lifetimes say when enough
+  // of its blocks were sampled: the share of them short-lived (HOTPOOL_SHORT)
+  // or recycled (freed by their thread within HOTPOOL_RECYCLE of its calls:
+  // a block that lives milliseconds in a program allocating millions a
+  // second comes back to the cache as surely as one living microseconds).
+  // Otherwise the policy looks at this thread's frees, unless the blocks
+  // leave this thread (a producer frees nothing): then the class's live
+  // bytes across all threads staying below a quarter of what this window
+  // allocated says its blocks come back.
   // This thread's own sampled lifetimes first (other threads merge theirs
   // every PendingSamples::kFlushEvents samples, and at their policy turns).
+  // A sampled block counts in the class of its own usable size, which for
+  // small requests is below the real allocator's (a 10-byte request: 16
+  // against glibc's 24): its lifetime goes to the class where the counts
+  // of its unsampled siblings are, the request class's block class (its
+  // own class once it is pooled).
   state.pending.try_flush();
-  int8_t verdict[reporter::kMaxClasses];
-  for (unsigned c = 0; c < classes; ++c) {
-    const reporter::LifetimeStats& life = g_class_lifetimes[c];
+  using recycler::AutoPolicy;
+  uint64_t sampled_frees[reporter::kMaxClasses] = {}, worthy[reporter::kMaxClasses] = {};
+  for (unsigned q = 0; q < classes; ++q) {
+    const reporter::LifetimeStats& life = g_class_lifetimes[q];
     const uint64_t freed = life.frees.load(std::memory_order_relaxed);
-    if (freed >= recycler::AutoPolicy::kMinSamples) {
-      verdict[c] = life.short_lived.load(std::memory_order_relaxed) * 2 >= freed ? 1 : 0;
+    if (freed == 0) continue;
+    const unsigned c = g_recycler.pooled(q) ? q : g_policy.block_class(q);
+    if (c >= classes) continue;
+    sampled_frees[c] += freed;
+    worthy[c] += reporter::pool_worthy(life);
+  }
+  int16_t share[reporter::kMaxClasses];
+  for (unsigned c = 0; c < classes; ++c) {
+    if (sampled_frees[c] >= AutoPolicy::kMinSamples) {
+      share[c] = static_cast<int16_t>(worthy[c] * AutoPolicy::kShareOne / sampled_frees[c]);
     } else if (frees[c] * 4 < allocs[c] * 3 && allocs[c]) {
       const int64_t live = g_global.live[c].load(std::memory_order_relaxed) + state.stats.classes[c].live_delta;
       const uint64_t window_bytes = allocs[c] * g_classes.class_size(c);
-      verdict[c] = live >= 0 && static_cast<uint64_t>(live) * 4 < window_bytes ? 1 : -1;
+      share[c] = live >= 0 && static_cast<uint64_t>(live) * 4 < window_bytes ? AutoPolicy::kShareOne
+                                                                               : AutoPolicy::kShareUnknown;
     } else {
-      verdict[c] = -1;
+      share[c] = AutoPolicy::kShareUnknown;
     }
   }
-  g_policy.evaluate(allocs, frees, classes, g_recycler, verdict);
+  g_policy.evaluate(allocs, frees, classes, g_recycler, share);
   if (state.policy_window < kLongestPolicyWindow) state.policy_window *= 2;
   state.policy_countdown = state.policy_window;
 }
@@ -671,6 +690,7 @@ void write_report(const char* reason) {
   if (sampling_active()) {
     sampling.rate = sampling_rate();
     sampling.short_ns = sampling_short_ns();
+    sampling.recycle_calls = sampling_recycle_calls();
     sampling.top = static_cast<unsigned>(g_options.top);
     sampling.frames = 4;
     sampling.depot = &g_stack_depot;

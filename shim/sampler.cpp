@@ -46,6 +46,7 @@ constinit uint64_t g_rate = 0;
 constinit double g_log_keep = 0;  // ln(1 - 1/g_rate): the geometric intervals' scale
 constinit unsigned g_depth = 0;
 constinit uint64_t g_short_ns = 0;
+constinit uint64_t g_recycle_calls = 0;
 constinit size_t g_limit = 0;  // largest request that can be sampled
 
 // Both counters are set to 0 in a fork child (only the forking thread is
@@ -201,6 +202,7 @@ bool start_sampling(const ReentryGuard&) {
   g_depth = static_cast<unsigned>(options.depth < reporter::kMaxDepth ? options.depth : reporter::kMaxDepth);
   if (g_depth == 0) g_depth = 1;
   g_short_ns = options.short_lived;
+  g_recycle_calls = options.recycle_calls;
   const bool use_libunwind = options.unwinder == Unwinder::Libunwind;
   if (!g_unwinder.load(use_libunwind)) {
     write_warning(use_libunwind
@@ -257,6 +259,7 @@ void move_to_high_descriptors(int fds[2]) {
 bool sampling_active() { return g_active; }
 uint64_t sampling_rate() { return g_rate; }
 uint64_t sampling_short_ns() { return g_short_ns; }
+uint64_t sampling_recycle_calls() { return g_recycle_calls; }
 
 uint64_t next_sample_interval(ThreadState& state) {
   if (!g_active) return kNever;
@@ -384,14 +387,15 @@ void sampled_free_record(void* block) {
   const bool is_short = lifetime <= g_short_ns;
   const bool temporary = same_thread && ops == header->thread_ops;
   const uint64_t calls = same_thread ? ops - header->thread_ops : 0;
+  const bool recycled = same_thread && calls <= g_recycle_calls;
   const size_t usable = g_classes.class_size(region_class) - kHeader;
   const unsigned size_class = g_classes.class_of(usable);
   if (HOTPOOL_LIKELY(state != nullptr) && HOTPOOL_LIKELY(state->pending.begin())) {
-    state->pending.add_free(header->site, size_class, lifetime, is_short, temporary, escape, calls);
+    state->pending.add_free(header->site, size_class, lifetime, is_short, recycled, temporary, escape, calls);
     state->pending.end();
   } else {
-    if (header->site) g_stack_depot.site(header->site).lifetimes.add(lifetime, is_short, temporary, escape, calls);
-    g_class_lifetimes[size_class].add(lifetime, is_short, temporary, escape, calls);
+    if (header->site) g_stack_depot.site(header->site).lifetimes.add(lifetime, is_short, recycled, temporary, escape, calls);
+    g_class_lifetimes[size_class].add(lifetime, is_short, recycled, temporary, escape, calls);
   }
   if (state) {
     state->stats.record_free(g_global, size_class, usable);

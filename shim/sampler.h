@@ -44,6 +44,7 @@ void find_thread_stack(ThreadState& state);
 bool sampling_active();
 uint64_t sampling_rate();
 uint64_t sampling_short_ns();
+uint64_t sampling_recycle_calls();
 
 // The next interval: geometric with the configured mean (1 for SAMPLE=1,
 // "never" for SAMPLE=0).

@@ -87,7 +87,8 @@ class SitesTest : public ::testing::Test {
       if (frame["line"].get<unsigned>() != line) continue;  // another allocation in the same function
       EXPECT_NE(frame["file"].get<std::string>().find("sites_program.cpp"), std::string::npos);
       for (const char* key : {"sampled_allocations", "estimated_allocations", "sampled_frees", "temporary",
-                              "frame_local", "thread_local", "cross_thread", "live_at_exit", "short_lived"})
+                              "frame_local", "thread_local", "cross_thread", "live_at_exit", "short_lived",
+                              "recycled"})
         sum[key] += row[key].get<uint64_t>();
       sum["sites"] += 1;
     }
@@ -108,6 +109,7 @@ TEST_F(SitesTest, EveryPatternIsClassifiedAndAttributedToItsFunctionAndLine) {
   EXPECT_EQ(frame_local["sampled_allocations"], kCount);
   EXPECT_EQ(frame_local["frame_local"], kCount);
   EXPECT_EQ(frame_local["temporary"], 0u) << "another allocation came in between";
+  EXPECT_EQ(frame_local["recycled"], kCount) << "freed by its thread two calls later";
 
   auto temporary = site(report, "temporary_site", "temporary");
   EXPECT_EQ(temporary["sampled_allocations"], kCount);
@@ -120,10 +122,12 @@ TEST_F(SitesTest, EveryPatternIsClassifiedAndAttributedToItsFunctionAndLine) {
   EXPECT_EQ(thread_local_["thread_local"], 2 * kCount);
   EXPECT_EQ(thread_local_["frame_local"], 0u);
   EXPECT_EQ(thread_local_["cross_thread"], 0u);
+  EXPECT_EQ(thread_local_["recycled"], 2 * kCount);
 
   auto cross = site(report, "produce", "cross_thread");
   EXPECT_EQ(cross["sampled_allocations"], kCount);
   EXPECT_EQ(cross["cross_thread"], kCount);
+  EXPECT_EQ(cross["recycled"], 0u) << "recycled means freed by the allocating thread";
 
   // realloc frees, then allocates (as heaptrack counts it): both blocks are
   // temporary, freed before their thread's next allocator call.
@@ -138,6 +142,28 @@ TEST_F(SitesTest, EveryPatternIsClassifiedAndAttributedToItsFunctionAndLine) {
   EXPECT_EQ(leak["sampled_allocations"], kCount);
   EXPECT_EQ(leak["live_at_exit"], kCount);
   EXPECT_EQ(leak["sampled_frees"], 0u);
+}
+
+TEST_F(SitesTest, RecycledCountsTheAllocatingThreadsCallsBetweenMallocAndFree) {
+  // HOTPOOL_RECYCLE=0: only a block freed before its thread's next
+  // allocator call (temporary) is recycled.
+  const Json report =
+      run({"patterns", std::to_string(kCount)}, {"HOTPOOL_SAMPLE=1", "HOTPOOL_MODE=profile", "HOTPOOL_RECYCLE=0"});
+  EXPECT_EQ(report["sampling"]["recycle_calls"], 0);
+  EXPECT_EQ(site(report, "temporary_site", "temporary")["recycled"], kCount);
+  EXPECT_EQ(site(report, "frame_local_site", "frame_local")["recycled"], 0u);
+  EXPECT_EQ(site(report, "make_block", "thread_local")["recycled"], 0u);
+  // The class lifetimes count them too: the classes from 500 B to 1 KiB
+  // hold the temporary blocks (and vector buffers whose growth depends on
+  // the threads' timing, recycled or not).
+  uint64_t recycled = 0, freed = 0;
+  for (const Json& row : report["class_lifetimes"]) {
+    if (row["size"].is_null() || row["size"].get<uint64_t>() < 500 || row["size"].get<uint64_t>() >= 1024) continue;
+    recycled += row["recycled"].get<uint64_t>();
+    freed += row["sampled_frees"].get<uint64_t>();
+  }
+  EXPECT_GE(recycled, kCount);
+  EXPECT_LE(recycled, freed);
 }
 
 TEST_F(SitesTest, EverySampledCountEqualsTheExactCount) {

@@ -364,14 +364,26 @@ TEST_F(RecyclerDeathTest, InteriorMisalignedAndNeverAllocatedPointers) {
   EXPECT_DEATH(recycler_->deallocate(*cache_, far), "hotpool: free\\(\\) of a pointer into pool memory that was never handed out");
 }
 
-TEST(AutoPolicy, PoolsHotShortLivedClassesWithHysteresis) {
+// A recycler over the default table and a policy, with per-class window counts.
+class AutoPolicyTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    table.build_default(kDefaultMaxClass);
+    recycler = std::make_unique<Recycler>();
+    ASSERT_TRUE(recycler->init(table, RecyclerConfig{size_t{8} << 30, 32768, 1000000000ull, 0, true}, 42));
+    policy = std::make_unique<AutoPolicy>();
+    classes = table.count() - 1;
+    allocs.assign(classes, 0);
+    frees.assign(classes, 0);
+  }
   SizeClassTable table;
-  table.build_default(kDefaultMaxClass);
-  auto recycler = std::make_unique<Recycler>();
-  ASSERT_TRUE(recycler->init(table, RecyclerConfig{size_t{8} << 30, 32768, 1000000000ull, 0, true}, 42));
-  auto policy = std::make_unique<AutoPolicy>();
-  const unsigned classes = table.count() - 1;
-  std::vector<uint64_t> allocs(classes), frees(classes);
+  std::unique_ptr<Recycler> recycler;
+  std::unique_ptr<AutoPolicy> policy;
+  unsigned classes = 0;
+  std::vector<uint64_t> allocs, frees;
+};
+
+TEST_F(AutoPolicyTest, PoolsHotShortLivedClassesWithHysteresis) {
   const unsigned hot = table.class_of(48), leaky = table.class_of(1024), rare = table.class_of(4096);
   auto window = [&](uint64_t hot_allocs, uint64_t hot_frees) {
     std::fill(allocs.begin(), allocs.end(), 0);
@@ -396,6 +408,32 @@ TEST(AutoPolicy, PoolsHotShortLivedClassesWithHysteresis) {
   }
   window(100, 0);
   EXPECT_FALSE(recycler->pooled(hot));
+}
+
+TEST_F(AutoPolicyTest, PoolsAClassWhoseShortLivedAllocationsAloneAreHot) {
+  std::vector<int16_t> share(classes, AutoPolicy::kShareUnknown);
+  const unsigned mixed = table.class_of(48), mostly_long = table.class_of(1024), unsampled = table.class_of(4096),
+                 unsampled_leaky = table.class_of(256);
+  allocs[mixed] = 50000;  // 30% short-lived: 15000 short-lived allocations, 26% of all
+  frees[mixed] = 10000;   // most of its blocks outlive the window: churn alone would say no
+  share[mixed] = AutoPolicy::kShareOne * 3 / 10;
+  allocs[mostly_long] = 5000;  // 0.5% short-lived: 25 short-lived allocations
+  frees[mostly_long] = 5000;
+  share[mostly_long] = AutoPolicy::kShareOne / 200;
+  allocs[unsampled] = 1000;  // too few samples: its frees keep up
+  frees[unsampled] = 1000;
+  allocs[unsampled_leaky] = 1000;  // too few samples, and its frees do not keep up
+  frees[unsampled_leaky] = 10;
+  for (int window = 0; window < 2; ++window) policy->evaluate(allocs.data(), frees.data(), classes, *recycler, share.data());
+  EXPECT_TRUE(recycler->pooled(mixed));
+  EXPECT_FALSE(recycler->pooled(mostly_long));
+  EXPECT_TRUE(recycler->pooled(unsampled));
+  EXPECT_FALSE(recycler->pooled(unsampled_leaky));
+  // The same class with a short-lived share below 1% of all allocations: cools down.
+  share[mixed] = AutoPolicy::kShareOne / 200;
+  for (int window = 0; window < AutoPolicy::kHeatMax; ++window)
+    policy->evaluate(allocs.data(), frees.data(), classes, *recycler, share.data());
+  EXPECT_FALSE(recycler->pooled(mixed));
 }
 
 }  // namespace

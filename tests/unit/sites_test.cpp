@@ -44,16 +44,19 @@ TEST(Lifetimes, MedianInterpolatesInsideItsBucket) {
 
 TEST(Lifetimes, AddCountsEveryClassification) {
   auto stats = std::make_unique<LifetimeStats>();
-  stats->add(100, true, true, Escape::FrameLocal, 0);
-  stats->add(5000000, false, false, Escape::CrossThread, 0);
-  stats->add(300, true, false, Escape::ThreadLocal, 7);
-  EXPECT_EQ(stats->frees.load(), 3u);
+  stats->add(100, true, true, true, Escape::FrameLocal, 0);
+  stats->add(5000000, false, false, false, Escape::CrossThread, 0);
+  stats->add(300, true, true, false, Escape::ThreadLocal, 7);
+  stats->add(9000000, false, true, false, Escape::ThreadLocal, 70);
+  EXPECT_EQ(stats->frees.load(), 4u);
   EXPECT_EQ(stats->short_lived.load(), 2u);
+  EXPECT_EQ(stats->recycled.load(), 3u);
+  EXPECT_EQ(pool_worthy(*stats), 3u);
   EXPECT_EQ(stats->temporary.load(), 1u);
   EXPECT_EQ(stats->escapes[0].load(), 1u);
-  EXPECT_EQ(stats->escapes[1].load(), 1u);
+  EXPECT_EQ(stats->escapes[1].load(), 2u);
   EXPECT_EQ(stats->escapes[2].load(), 1u);
-  EXPECT_EQ(stats->calls_between.load(), 7u);
+  EXPECT_EQ(stats->calls_between.load(), 77u);
   EXPECT_EQ(stats->histogram[0].load(), 1u);
   EXPECT_EQ(stats->histogram[1].load(), 1u);
 }
@@ -128,7 +131,7 @@ struct Event {
   uint32_t site;
   unsigned size_class;
   uint64_t size, lifetime, calls;
-  bool is_short, temporary;
+  bool is_short, recycled, temporary;
   Escape escape;
 };
 
@@ -139,7 +142,7 @@ std::vector<Event> make_events(unsigned count, uint32_t sites, uint64_t seed) {
     x ^= x << 13, x ^= x >> 7, x ^= x << 17;
     events.push_back({static_cast<uint32_t>(x % sites), static_cast<unsigned>((x >> 20) % 40),
                       16 + (x >> 8) % 4000, (x >> 12) % 5000000000ull, (x >> 40) % 9, ((x >> 50) & 1) != 0,
-                      ((x >> 51) & 3) == 0, static_cast<Escape>((x >> 53) % 3)});
+                      ((x >> 55) & 1) != 0, ((x >> 51) & 3) == 0, static_cast<Escape>((x >> 53) % 3)});
   }
   return events;
 }
@@ -147,6 +150,7 @@ std::vector<Event> make_events(unsigned count, uint32_t sites, uint64_t seed) {
 void expect_same(const LifetimeStats& a, const LifetimeStats& b, const std::string& what) {
   EXPECT_EQ(a.frees.load(), b.frees.load()) << what;
   EXPECT_EQ(a.short_lived.load(), b.short_lived.load()) << what;
+  EXPECT_EQ(a.recycled.load(), b.recycled.load()) << what;
   EXPECT_EQ(a.temporary.load(), b.temporary.load()) << what;
   for (unsigned e = 0; e < 3; ++e) EXPECT_EQ(a.escapes[e].load(), b.escapes[e].load()) << what;
   EXPECT_EQ(a.calls_between.load(), b.calls_between.load()) << what;
@@ -178,14 +182,14 @@ void add_directly(StackDepot& depot, LifetimeStats* classes, const Event& e) {
     seen = stats.max_size.load();
     while (e.size > seen && !stats.max_size.compare_exchange_weak(seen, e.size)) {
     }
-    stats.lifetimes.add(e.lifetime, e.is_short, e.temporary, e.escape, e.calls);
+    stats.lifetimes.add(e.lifetime, e.is_short, e.recycled, e.temporary, e.escape, e.calls);
   }
-  classes[e.size_class].add(e.lifetime, e.is_short, e.temporary, e.escape, e.calls);
+  classes[e.size_class].add(e.lifetime, e.is_short, e.recycled, e.temporary, e.escape, e.calls);
 }
 
 void add_pending(PendingSamples& pending, const Event& e) {
   if (e.site) pending.add_alloc(e.site, e.size);
-  pending.add_free(e.site, e.size_class, e.lifetime, e.is_short, e.temporary, e.escape, e.calls);
+  pending.add_free(e.site, e.size_class, e.lifetime, e.is_short, e.recycled, e.temporary, e.escape, e.calls);
 }
 
 // Each test runs with both protocols: the asymmetric handshake (membarrier)
