@@ -27,6 +27,8 @@ bool Recycler::init(const SizeClassTable& classes, const RecyclerConfig& config,
 
 void Recycler::set_pooled(unsigned size_class, bool on) {
   if (size_class >= region_.class_count() || !region_.depot(size_class).ready()) return;
+  // Ever pooled before any block of the class can be handed out.
+  if (on) ever_pooled_[size_class / 64].fetch_or(uint64_t{1} << (size_class % 64), std::memory_order_release);
   pooled_[size_class].store(on, std::memory_order_relaxed);
   static_assert(kMaxClasses < 255, "class + 1 fits a byte");
   // A request belongs to the smallest class that holds it: the class's

@@ -71,6 +71,10 @@ class Recycler {
   size_t region_bytes() const { return region_.bytes(); }
   size_t class_of_offset(size_t offset) const { return region_.class_of_offset(offset); }
   bool pooled(unsigned size_class) const { return pooled_[size_class].load(std::memory_order_relaxed); }
+  // The classes ever pooled in this process, 64 to a word (only ever
+  // grows): the only classes that can have pooled blocks.
+  static constexpr unsigned kClassWords = (kMaxClasses + 63) / 64;
+  uint64_t ever_pooled(unsigned word) const { return ever_pooled_[word].load(std::memory_order_acquire); }
   // FAST PATH of the entry points: for a request of `size` bytes within the
   // direct class table (SizeClassTable::direct), its class plus one when
   // that class is pooled, else 0: one load instead of the class lookup and
@@ -206,6 +210,7 @@ class Recycler {
   uint64_t key_ = 0;
   size_t class_size_[kMaxClasses] = {};
   std::atomic<uint8_t> pooled_[kMaxClasses] = {};
+  std::atomic<uint64_t> ever_pooled_[kClassWords] = {};
   // Per 16 bytes of request, up to the direct table's limit: while the
   // request's class is pooled, the class plus one.
   std::atomic<uint8_t> pooled_by_size_[kDirectLookupLimit / kClassAlignment + 1] = {};

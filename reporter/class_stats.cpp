@@ -38,8 +38,8 @@ void ThreadClassStats::publish_all(GlobalClassStats& global) {
 void ThreadClassStats::reset() {
   for (unsigned c = 0; c < kMaxClasses; ++c) {
     ClassCounters& row = classes[c];
-    for (Counter* counter : {&row.allocs, &row.frees, &row.pooled_allocs, &row.pooled_frees, &row.requested_bytes,
-                             &row.usable_bytes, &row.freed_bytes, &peak_seen[c]})
+    for (Counter* counter : {&row.allocs, &row.frees, &row.pooled_packed, &row.pooled_frees, &row.requested_bytes,
+                             &row.usable_bytes, &row.freed_bytes, &peak_seen[c], &pooled_allocs_folded[c]})
       clear(*counter);
     clear(row.live_delta);
     clear(pooled_folded[c]);
@@ -67,13 +67,13 @@ void StatsSnapshot::add(const ThreadClassStats& stats, bool is_thread) {
   for (unsigned c = 0; c < class_count; ++c) {
     ClassTotals& row = classes[c];
     const ClassCounters& counters = stats.classes[c];
-    const uint64_t pooled_allocs = load(counters.pooled_allocs), pooled_frees = load(counters.pooled_frees);
+    const uint64_t pooled_allocs = stats.pooled_allocs(c), pooled_frees = load(counters.pooled_frees);
     const uint64_t allocs = load(counters.allocs) + pooled_allocs;
     row.allocs += allocs;
     row.frees += load(counters.frees) + pooled_frees;
     row.pooled_allocs += pooled_allocs;
     row.pooled_frees += pooled_frees;
-    row.requested_bytes += load(counters.requested_bytes);
+    row.requested_bytes += stats.requested_bytes(c);
     row.usable_bytes += load(counters.usable_bytes) + pooled_allocs * class_size[c];
     row.freed_bytes += load(counters.freed_bytes) + pooled_frees * class_size[c];
     const uint64_t peak = load(stats.peak_seen[c]);

@@ -71,12 +71,22 @@ struct GlobalClassStats {
 // allocation or a free touches a single line of the thread's memory.
 // Blocks served by a pool have the class size as usable size: their bytes
 // follow from their counts, so the pooled fast paths bump fewer counters.
+// A pooled allocation is one add: its count and its requested bytes share
+// a word (pooled_packed: the count from bit kPackedCountShift up, the bytes
+// below), which the owner folds into wide counters long before either part
+// can overflow (fold_packed_if_due, at every tick).
+inline constexpr unsigned kPackedCountShift = 40;
+inline constexpr uint64_t kPackedBytesMask = (uint64_t{1} << kPackedCountShift) - 1;
+// Either part half full: 2^23 allocations, or 512 GiB requested. A tick
+// comes every 256 allocations, which add at most 256 times the largest
+// class (a few MiB).
+inline constexpr uint64_t kPackedFoldDue = (uint64_t{1} << 63) | (uint64_t{1} << (kPackedCountShift - 1));
 struct alignas(64) ClassCounters {
   Counter allocs;           // blocks from the real allocator
   Counter frees;
-  Counter pooled_allocs;    // blocks served by a pool
+  Counter pooled_packed;    // blocks served by a pool, and their requested bytes, since the last fold
   Counter pooled_frees;
-  Counter requested_bytes;  // what the program asked for (both kinds)
+  Counter requested_bytes;  // what the program asked for (both kinds; pooled: up to the last fold)
   Counter usable_bytes;     // what it got from the real allocator (malloc_usable_size)
   Counter freed_bytes;      // usable bytes given back to the real allocator
   int64_t live_delta;       // unpublished change of live bytes (both kinds)
@@ -95,6 +105,26 @@ struct ThreadClassStats {
   Counter peak_seen[kMaxClasses];  // this thread's view of each class's peak live bytes (8 to a line)
   ClassCounters classes[kMaxClasses];
   int64_t pooled_folded[kMaxClasses];  // pooled_allocs - pooled_frees already in live_delta
+  Counter pooled_allocs_folded[kMaxClasses];  // pooled allocations folded out of pooled_packed
+
+  // Class c's pooled allocations and requested bytes (both kinds), from
+  // any thread: a read racing with a fold may count the folded part twice.
+  uint64_t pooled_allocs(unsigned c) const {
+    return pooled_allocs_folded[c].load(std::memory_order_relaxed) +
+           (classes[c].pooled_packed.load(std::memory_order_relaxed) >> kPackedCountShift);
+  }
+  uint64_t requested_bytes(unsigned c) const {
+    return classes[c].requested_bytes.load(std::memory_order_relaxed) +
+           (classes[c].pooled_packed.load(std::memory_order_relaxed) & kPackedBytesMask);
+  }
+  // The owner: pooled_packed into the wide counters when a part is half full.
+  void fold_packed_if_due(unsigned c) {
+    const uint64_t packed = classes[c].pooled_packed.load(std::memory_order_relaxed);
+    if (__builtin_expect((packed & kPackedFoldDue) == 0, 1)) return;
+    bump(pooled_allocs_folded[c], packed >> kPackedCountShift);
+    bump(classes[c].requested_bytes, packed & kPackedBytesMask);
+    classes[c].pooled_packed.store(0, std::memory_order_relaxed);  // only the owner adds to it
+  }
 
   // FAST PATH (real allocator): the class's line plus two read-mostly
   // global loads for the peak view. True when class c is due to be
@@ -140,8 +170,7 @@ struct ThreadClassStats {
   }
   __attribute__((always_inline)) void add_pooled_free(size_t c) { add_pooled_free(classes[c]); }
   static void add_pooled_alloc(ClassCounters& row, size_t requested) {
-    bump(row.pooled_allocs, 1);
-    bump(row.requested_bytes, requested);
+    bump(row.pooled_packed, (uint64_t{1} << kPackedCountShift) + requested);
   }
   static void add_pooled_free(ClassCounters& row) { bump(row.pooled_frees, 1); }
   // Class c's row given line = c * 64 (see recycler::Recycler::line_of).
@@ -152,8 +181,7 @@ struct ThreadClassStats {
   // into its live delta and the total's.
   void fold_pooled(unsigned c, uint64_t size) {
     ClassCounters& row = classes[c];
-    const int64_t net = static_cast<int64_t>(row.pooled_allocs.load(std::memory_order_relaxed) -
-                                             row.pooled_frees.load(std::memory_order_relaxed));
+    const int64_t net = static_cast<int64_t>(pooled_allocs(c) - row.pooled_frees.load(std::memory_order_relaxed));
     if (net == pooled_folded[c]) return;  // nothing to fold: no write (an unused class's page stays untouched)
     const int64_t change = (net - pooled_folded[c]) * static_cast<int64_t>(size);
     pooled_folded[c] = net;
@@ -167,6 +195,7 @@ struct ThreadClassStats {
   }
   void record_pooled_alloc(GlobalClassStats& global, unsigned c, size_t requested, size_t size) {
     add_pooled_alloc(c, requested);
+    fold_packed_if_due(c);  // a class the ticks do not visit (a realloc in place, the shared block)
     fold_pooled(c, size);
     publish_if_due(global, c);
   }

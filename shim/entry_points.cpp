@@ -299,7 +299,7 @@ void* realloc_pooled(void* block, size_t size) {
     if (ThreadState* state = tls.state) {
       state->stats.record_pooled_free(g_global, size_class, old_size);
       state->stats.record_pooled_alloc(g_global, size_class, size, old_size);
-      count_call(*state, 2);  // a free and an allocation
+      count_call(*state);  // the allocation (the free counts through pooled_frees, see thread_ops)
     }
     return block;
   }

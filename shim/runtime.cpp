@@ -371,8 +371,7 @@ void evaluate_policy(ThreadState& state) {
   const unsigned classes = g_classes.count() - 1;  // the large class never pools
   for (unsigned c = 0; c < classes; ++c) {
     const reporter::ClassCounters& row = state.stats.classes[c];
-    const uint64_t now_allocs =
-        row.allocs.load(std::memory_order_relaxed) + row.pooled_allocs.load(std::memory_order_relaxed);
+    const uint64_t now_allocs = row.allocs.load(std::memory_order_relaxed) + state.stats.pooled_allocs(c);
     const uint64_t now_frees =
         row.frees.load(std::memory_order_relaxed) + row.pooled_frees.load(std::memory_order_relaxed);
     allocs[c] = now_allocs - state.policy_allocs[c];
@@ -483,6 +482,17 @@ void tick(ThreadState& state) {
   if (HOTPOOL_UNLIKELY(state.deferred_count)) free_deferred(state);
 }
 
+uint64_t thread_ops(const ThreadState& state) {
+  uint64_t ops = state.stats.calls.load(std::memory_order_relaxed) + state.alloc_base + state.window - state.countdown;
+  for (unsigned word = 0; word < recycler::Recycler::kClassWords; ++word) {
+    for (uint64_t bits = g_recycler.ever_pooled(word); bits; bits &= bits - 1) {
+      const unsigned c = word * 64 + static_cast<unsigned>(__builtin_ctzll(bits));
+      ops += state.stats.classes[c].pooled_frees.load(std::memory_order_relaxed);
+    }
+  }
+  return ops;
+}
+
 // The countdown's next window: to the nearer of the next sample and tick.
 static void restart_window(ThreadState& state) {
   state.window = state.sample_left < state.tick_left ? state.sample_left : state.tick_left;
@@ -521,6 +531,7 @@ static void tick_locked(ThreadState& state) {
   for (unsigned word = 0; word < sizeof(state.cache.sized) / sizeof(uint64_t); ++word) {
     for (uint64_t bits = state.cache.sized[word]; bits; bits &= bits - 1) {
       const unsigned c = word * 64 + static_cast<unsigned>(__builtin_ctzll(bits));
+      stats.fold_packed_if_due(c);
       stats.fold_pooled(c, g_classes.class_size(c));
       stats.publish_if_due(g_global, c);
     }

@@ -82,10 +82,11 @@ HOTPOOL_NOINLINE unsigned take_event(ThreadState& state);
 // in what the current one counted (attach; sampling starting late).
 void arm_countdown(ThreadState& state);
 // The thread's allocator calls so far (the countdown's allocations, this
-// one included, and the other calls), for "temporary".
-inline uint64_t thread_ops(const ThreadState& state) {
-  return state.stats.calls.load(std::memory_order_relaxed) + state.alloc_base + state.window - state.countdown;
-}
+// one included, its frees of pooled blocks and its other calls), for
+// "temporary". A pooled free counts only in its class's pooled_frees (one
+// add less on the fast path), summed here over the classes ever pooled
+// (sampled allocations and frees only; none in mode profile).
+uint64_t thread_ops(const ThreadState& state);
 // The calling thread's state, attaching it if this is its first recorded
 // call; null inside hotpool, after teardown or without memory for a state.
 HOTPOOL_NOINLINE ThreadState* attach_current_thread();
@@ -149,8 +150,8 @@ HOTPOOL_ALWAYS_INLINE void pooled_free_at(void* block, size_t region_offset) {
   if (HOTPOOL_UNLIKELY(!g_recycler.validate_and_mark(size_class, block)))
     return pooled_free_unmarked(block);
   const size_t line = recycler::Recycler::line_of(size_class);  // one shift for the bin and the counters
+  // Its call counts in thread_ops through pooled_frees.
   reporter::ThreadClassStats::add_pooled_free(state->stats.row_at_line(line));
-  count_call(*state);
   // The push as the pop in pooled_malloc: out of a signal handler's reach.
   local.pool_state = nullptr;
   asm volatile("" ::: "memory");
