@@ -51,6 +51,13 @@ uint32_t Recycler::capacity_for(unsigned size_class) const {
   return static_cast<uint32_t>(blocks);
 }
 
+namespace {
+void note_moved(ThreadCache& cache, unsigned size_class, int64_t blocks) {
+  std::atomic<int64_t>& moved = cache.counters[size_class].moved;
+  moved.store(moved.load(std::memory_order_relaxed) + blocks, std::memory_order_relaxed);  // the owner only
+}
+}  // namespace
+
 void* Recycler::allocate_slow(ThreadCache& cache, unsigned size_class) {
   const CancellationOff cancellation_off(kNoCancellationPoint);  // the bin and the depot change together
   Bin& bin = cache.bins[size_class];
@@ -65,6 +72,7 @@ void* Recycler::allocate_slow(ThreadCache& cache, unsigned size_class) {
     got = depot.refill_locked(bin.slots, want, 0);
     bin.count = got;
   }
+  note_moved(cache, size_class, got);
   bump_counter(cache.counters[size_class].refills);
   if (got == 0) {
     bump_counter(cache.counters[size_class].misses);
@@ -95,6 +103,7 @@ void Recycler::drain_and_push(ThreadCache& cache, unsigned size_class, void* blo
       std::memmove(bin.slots, bin.slots + give, (bin.count - give) * sizeof(void*));
       bin.count -= give;
     }
+    note_moved(cache, size_class, -static_cast<int64_t>(give));
     bump_counter(cache.counters[size_class].drains);
     maybe_decay(size_class, now);
   }
@@ -165,6 +174,7 @@ void Recycler::flush(ThreadCache& cache) {
     ClassDepot& depot = region_.depot(c);
     SpinLockGuard guard(depot.lock(), kNoCancellationPoint);  // the bin with the depot (see drain_locked)
     depot.drain_locked(bin.slots, bin.count, now);
+    note_moved(cache, c, -static_cast<int64_t>(bin.count));
     bin.count = 0;
   }
   unsize_bins(cache);
@@ -177,6 +187,7 @@ void Recycler::flush_after_fork(ThreadCache& cache) {
     Bin& bin = cache.bins[c];
     if (bin.count == 0) continue;
     if (!region_.depot(c).lock().held_before_this_fork()) region_.depot(c).drain(bin.slots, bin.count, now);
+    note_moved(cache, c, -static_cast<int64_t>(bin.count));
     bin.count = 0;
   }
   unsize_bins(cache);

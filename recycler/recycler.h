@@ -45,6 +45,11 @@ struct BinCounters {
   std::atomic<uint64_t> refills;  // trips to the depot for blocks
   std::atomic<uint64_t> drains;   // trips to the depot with blocks
   std::atomic<uint64_t> misses;   // pooled-class requests the pool could not serve
+  // Blocks the slow paths put into the bin (refills) minus those they took
+  // out (drains, flushes). The bin's count minus this is the fast paths'
+  // pushes minus their pops: a thread's pooled frees follow from its pooled
+  // allocations, and the free fast path counts nothing (pushes_minus_pops).
+  std::atomic<int64_t> moved;
 };
 
 struct ThreadCache {
@@ -107,6 +112,11 @@ class Recycler {
   }
 
   static Bin& bin_of(ThreadCache& cache, size_t size_class) { return cache.bins[size_class]; }
+  // The owner, or a report (a racing read is off by the operations in flight).
+  static int64_t pushes_minus_pops(const ThreadCache& cache, unsigned size_class) {
+    return static_cast<int64_t>(cache.bins[size_class].count) -
+           cache.counters[size_class].moved.load(std::memory_order_relaxed);
+  }
   // The fast paths' addressing: with line = class * 64 in one register,
   // the class's bin is at bins + line * 8 (one addressing mode), and so is
   // a row of 64 bytes per class elsewhere at rows + line (the shim's

@@ -62,12 +62,13 @@ void StatsSnapshot::clear(unsigned count, const uint64_t* sizes) {
   threads_at_once = 0;
 }
 
-void StatsSnapshot::add(const ThreadClassStats& stats, bool is_thread) {
+void StatsSnapshot::add(const ThreadClassStats& stats, bool is_thread, const uint64_t* pooled_frees_given) {
   bool allocated = false;
   for (unsigned c = 0; c < class_count; ++c) {
     ClassTotals& row = classes[c];
     const ClassCounters& counters = stats.classes[c];
-    const uint64_t pooled_allocs = stats.pooled_allocs(c), pooled_frees = load(counters.pooled_frees);
+    const uint64_t pooled_allocs = stats.pooled_allocs(c);
+    const uint64_t pooled_frees = pooled_frees_given ? pooled_frees_given[c] : load(counters.pooled_frees);
     const uint64_t allocs = load(counters.allocs) + pooled_allocs;
     row.allocs += allocs;
     row.frees += load(counters.frees) + pooled_frees;

@@ -164,15 +164,21 @@ struct ThreadClassStats {
   // are its class's size, so the live bytes of pooled blocks follow from
   // the counts. fold_pooled() brings them into the live deltas; the caller
   // does so every so many pooled operations, at each refill (where the
-  // peak is taken) and before publishing all.
+  // peak is taken) and before publishing all. A thread with a cache counts
+  // no pooled free at all (see set_pooled_frees); the shared block of
+  // threads without one does (record_pooled_free).
   __attribute__((always_inline)) void add_pooled_alloc(size_t c, size_t requested) {
     add_pooled_alloc(classes[c], requested);
   }
-  __attribute__((always_inline)) void add_pooled_free(size_t c) { add_pooled_free(classes[c]); }
   static void add_pooled_alloc(ClassCounters& row, size_t requested) {
     bump(row.pooled_packed, (uint64_t{1} << kPackedCountShift) + requested);
   }
-  static void add_pooled_free(ClassCounters& row) { bump(row.pooled_frees, 1); }
+  // A thread with a cache counts its pooled frees lazily (the shim's
+  // pooled_frees_of): its owner writes the count here.
+  void set_pooled_frees(unsigned c, uint64_t value) {
+    if (classes[c].pooled_frees.load(std::memory_order_relaxed) != value)
+      classes[c].pooled_frees.store(value, std::memory_order_relaxed);
+  }
   // Class c's row given line = c * 64 (see recycler::Recycler::line_of).
   ClassCounters& row_at_line(size_t line) {
     return *reinterpret_cast<ClassCounters*>(reinterpret_cast<char*>(classes) + line);
@@ -193,14 +199,8 @@ struct ThreadClassStats {
   void fold_pooled_all(const Size* sizes, unsigned count) {
     for (unsigned c = 0; c < count && c < kMaxClasses; ++c) fold_pooled(c, sizes[c]);
   }
-  void record_pooled_alloc(GlobalClassStats& global, unsigned c, size_t requested, size_t size) {
-    add_pooled_alloc(c, requested);
-    fold_packed_if_due(c);  // a class the ticks do not visit (a realloc in place, the shared block)
-    fold_pooled(c, size);
-    publish_if_due(global, c);
-  }
   void record_pooled_free(GlobalClassStats& global, unsigned c, size_t size) {
-    add_pooled_free(c);
+    bump(classes[c].pooled_frees, 1);
     fold_pooled(c, size);
     publish_if_due(global, c);
   }
@@ -258,7 +258,9 @@ struct StatsSnapshot {
   // Adds one thread's counters (pooled blocks' bytes from their counts and
   // the class size); is_thread counts it in threads_seen and in
   // the per-class thread counts (false for the shared late-allocation block).
-  void add(const ThreadClassStats& stats, bool is_thread = true);
+  // pooled_frees: the thread's pooled frees per class when its counters
+  // do not have them (a running thread's, counted lazily), else nullptr.
+  void add(const ThreadClassStats& stats, bool is_thread = true, const uint64_t* pooled_frees = nullptr);
   // Adds another snapshot (the retired threads' sums).
   void add(const StatsSnapshot& other);
   // Takes the published peaks into account; call after all add()s.

@@ -238,7 +238,8 @@ HOTPOOL_NOINLINE void* pooled_malloc_refill(unsigned size_class, size_t size) {
   }
   if (HOTPOOL_UNLIKELY(state->deferred_count)) free_deferred(*state);
   if (!block) return recorded_real_malloc(state, size);  // the pool is out of memory
-  state->stats.record_pooled_alloc(g_global, size_class, size, g_recycler.class_size(size_class));
+  state->stats.add_pooled_alloc(size_class, size);
+  note_pooled(*state, size_class);
   // The pooled paths keep no per-operation peak view; a refill is where a
   // class's live bytes grow (the cache ran dry), so the peak is sampled here,
   // within half a cache of blocks of the truth for this thread.
@@ -297,8 +298,9 @@ void* realloc_pooled(void* block, size_t size) {
   const size_t old_size = g_recycler.class_size(size_class);
   if (size <= g_pool_limit && g_classes.class_of(size) == size_class) {
     if (ThreadState* state = tls.state) {
-      state->stats.record_pooled_free(g_global, size_class, old_size);
-      state->stats.record_pooled_alloc(g_global, size_class, size, old_size);
+      // A free and an allocation: the free counts through pooled_frees_of.
+      state->stats.add_pooled_alloc(size_class, size);
+      note_pooled(*state, size_class);
       count_call(*state);  // the allocation (the free counts through pooled_frees, see thread_ops)
     }
     return block;

@@ -372,8 +372,7 @@ void evaluate_policy(ThreadState& state) {
   for (unsigned c = 0; c < classes; ++c) {
     const reporter::ClassCounters& row = state.stats.classes[c];
     const uint64_t now_allocs = row.allocs.load(std::memory_order_relaxed) + state.stats.pooled_allocs(c);
-    const uint64_t now_frees =
-        row.frees.load(std::memory_order_relaxed) + row.pooled_frees.load(std::memory_order_relaxed);
+    const uint64_t now_frees = row.frees.load(std::memory_order_relaxed) + pooled_frees_of(state, c);
     allocs[c] = now_allocs - state.policy_allocs[c];
     frees[c] = now_frees - state.policy_frees[c];
     state.policy_allocs[c] = now_allocs;
@@ -440,8 +439,7 @@ static HOTPOOL_NOINLINE void pooled_free_full_bin(ThreadState* state, unsigned s
   {
     ReentryGuard guard;  // a depot lock is held in there (see pooled_malloc_refill)
     g_recycler.drain_and_push(state->cache, size_class, block);
-    state->stats.fold_pooled(size_class, g_recycler.class_size(size_class));
-    state->stats.publish_if_due(g_global, size_class);
+    note_pooled(*state, size_class);
   }
   free_deferred(*state);
 }
@@ -482,12 +480,20 @@ void tick(ThreadState& state) {
   if (HOTPOOL_UNLIKELY(state.deferred_count)) free_deferred(state);
 }
 
+void note_pooled(ThreadState& state, unsigned c) {
+  reporter::ThreadClassStats& stats = state.stats;
+  stats.set_pooled_frees(c, pooled_frees_of(state, c));
+  stats.fold_packed_if_due(c);
+  stats.fold_pooled(c, g_recycler.class_size(c));
+  stats.publish_if_due(g_global, c);
+}
+
 uint64_t thread_ops(const ThreadState& state) {
   uint64_t ops = state.stats.calls.load(std::memory_order_relaxed) + state.alloc_base + state.window - state.countdown;
   for (unsigned word = 0; word < recycler::Recycler::kClassWords; ++word) {
     for (uint64_t bits = g_recycler.ever_pooled(word); bits; bits &= bits - 1) {
       const unsigned c = word * 64 + static_cast<unsigned>(__builtin_ctzll(bits));
-      ops += state.stats.classes[c].pooled_frees.load(std::memory_order_relaxed);
+      ops += pooled_frees_of(state, c);
     }
   }
   return ops;
@@ -524,16 +530,13 @@ void arm_countdown(ThreadState& state) {
 }
 
 static void tick_locked(ThreadState& state) {
-  reporter::ThreadClassStats& stats = state.stats;
   // The classes this thread's cache is used for (its sized bins), not the
   // whole table: a hundred classes every 256 allocations cost about 1 ns
   // per pooled malloc+free in mode auto.
   for (unsigned word = 0; word < sizeof(state.cache.sized) / sizeof(uint64_t); ++word) {
     for (uint64_t bits = state.cache.sized[word]; bits; bits &= bits - 1) {
       const unsigned c = word * 64 + static_cast<unsigned>(__builtin_ctzll(bits));
-      stats.fold_packed_if_due(c);
-      stats.fold_pooled(c, g_classes.class_size(c));
-      stats.publish_if_due(g_global, c);
+      note_pooled(state, c);
     }
   }
   if (state.policy_countdown != kNever) {

@@ -87,6 +87,10 @@ void arm_countdown(ThreadState& state);
 // add less on the fast path), summed here over the classes ever pooled
 // (sampled allocations and frees only; none in mode profile).
 uint64_t thread_ops(const ThreadState& state);
+// The owner's pooled class c after a slow path (refill, drain, tick,
+// realloc in place): its pooled frees written out (pooled_frees_of), its
+// pooled blocks' live bytes folded into its deltas, published when due.
+void note_pooled(ThreadState& state, unsigned c);
 // The calling thread's state, attaching it if this is its first recorded
 // call; null inside hotpool, after teardown or without memory for a state.
 HOTPOOL_NOINLINE ThreadState* attach_current_thread();
@@ -150,8 +154,7 @@ HOTPOOL_ALWAYS_INLINE void pooled_free_at(void* block, size_t region_offset) {
   if (HOTPOOL_UNLIKELY(!g_recycler.validate_and_mark(size_class, block)))
     return pooled_free_unmarked(block);
   const size_t line = recycler::Recycler::line_of(size_class);  // one shift for the bin and the counters
-  // Its call counts in thread_ops through pooled_frees.
-  reporter::ThreadClassStats::add_pooled_free(state->stats.row_at_line(line));
+  // Nothing counted: the frees follow from the bin (pooled_frees_of).
   // The push as the pop in pooled_malloc: out of a signal handler's reach.
   local.pool_state = nullptr;
   asm volatile("" ::: "memory");

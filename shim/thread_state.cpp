@@ -73,7 +73,9 @@ void add_cache_counters(const recycler::ThreadCache& cache, unsigned classes, re
 }
 
 void ThreadRegistry::retire_locked(ThreadState* state, reporter::GlobalClassStats& global) {
-  // Pooled blocks' live bytes are folded in lazily (see add_pooled_alloc).
+  // Pooled frees are counted lazily (pooled_frees_of), and pooled blocks'
+  // live bytes folded in lazily (see add_pooled_alloc).
+  for (unsigned c = 0; c < retired_.class_count; ++c) state->stats.set_pooled_frees(c, pooled_frees_of(*state, c));
   state->stats.fold_pooled_all(retired_.class_size, retired_.class_count);
   state->stats.publish_all(global);
   retired_.add(state->stats);
@@ -87,6 +89,7 @@ void ThreadRegistry::retire_locked(ThreadState* state, reporter::GlobalClassStat
     if (bin.capacity) bin.capacity = 0;
     recycler::BinCounters& counters = state->cache.counters[c];
     for (auto* counter : {&counters.refills, &counters.drains, &counters.misses}) reporter::clear(*counter);
+    if (counters.moved.load(std::memory_order_relaxed)) counters.moved.store(0, std::memory_order_relaxed);
     if (state->policy_allocs[c]) state->policy_allocs[c] = 0;
     if (state->policy_frees[c]) state->policy_frees[c] = 0;
   }
@@ -113,7 +116,9 @@ void ThreadRegistry::snapshot(reporter::StatsSnapshot* out, reporter::GlobalClas
   SpinLockGuard lock(lock_);
   out->clear(retired_.class_count, retired_.class_size);
   for (ThreadState* state = active_; state; state = state->next) {
-    out->add(state->stats);
+    uint64_t pooled_frees[reporter::kMaxClasses];
+    for (unsigned c = 0; c < out->class_count; ++c) pooled_frees[c] = pooled_frees_of(*state, c);
+    out->add(state->stats, /*is_thread=*/true, pooled_frees);
     add_cache_counters(state->cache, out->class_count, out->pools);
   }
   out->add(retired_);

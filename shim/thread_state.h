@@ -96,6 +96,15 @@ struct ThreadState {
   uint64_t policy_frees[reporter::kMaxClasses];
 };
 
+// A thread's frees of pooled blocks of class c: its pooled allocations
+// (pops, and reallocs in place, which free as they allocate) plus its
+// bin's pushes minus pops. The free fast path counts nothing; the owner
+// writes this into its pooled_frees counter at its slow paths
+// (runtime.cpp, note_pooled), a report computes it for running threads.
+inline uint64_t pooled_frees_of(const ThreadState& state, unsigned c) {
+  return state.stats.pooled_allocs(c) + static_cast<uint64_t>(recycler::Recycler::pushes_minus_pops(state.cache, c));
+}
+
 enum class ThreadStatus : uint8_t { NotAttached = 0, Attached, TornDown };
 
 struct ThreadLocal {
