@@ -66,7 +66,8 @@ HOTPOOL_NOINLINE void* unsampled_malloc(size_t size) {
 HOTPOOL_NOINLINE void* pooled_malloc_refill(unsigned size_class, size_t size);
 
 // The pooled half of malloc once the countdown is passed: the thread
-// cache's pop and two counters; an empty bin is a tail call to the refill.
+// cache's pop and one add (count and bytes, packed); an empty bin is a
+// tail call to the refill.
 // class_plus_one: the class plus one, as the direct table gives it (the
 // minus one folds into the addresses of the class's bin and counters).
 HOTPOOL_ALWAYS_INLINE void* pooled_pop(ThreadLocal& local, ThreadState* state, size_t size, unsigned class_plus_one) {
@@ -248,7 +249,7 @@ HOTPOOL_NOINLINE void* pooled_malloc_refill(unsigned size_class, size_t size) {
 }
 
 // FAST PATH (pooled class, checked by the caller): a TLS load, the
-// countdown, the thread cache's pop and two counters, without a call:
+// countdown, the thread cache's pop and one counter add, without a call:
 // every slow part (refill, an event, no thread state) is a tail call, so
 // the function needs no stack frame. Inlined into malloc (no jump between
 // them); the other callers call pooled_malloc.

@@ -128,8 +128,8 @@ HOTPOOL_ALWAYS_INLINE void record_free(size_t usable) {
 }
 
 // FAST PATH: a block of the pool region back to the pool, whatever the
-// guard says: validation (HOTPOOL_CHECKS), two counters, the cache's push;
-// without a thread state, straight to the depot.
+// guard says: validation (HOTPOOL_CHECKS) and the cache's push, no counter
+// (see pooled_frees_of); without a thread state, straight to the depot.
 HOTPOOL_NOINLINE void pooled_free(void* block);
 // The rare ends of pooled_free_at, given the block alone (the thread's
 // state and the class are found again): the fast path then keeps nothing
