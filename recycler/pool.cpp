@@ -180,21 +180,36 @@ unsigned ClassDepot::refill_locked(void** out, unsigned want, uint64_t now_ns) {
     size_t frontier = check_.handed_out.load(std::memory_order_relaxed);
     const size_t frontier_before = frontier;
     const size_t first_number = static_cast<size_t>(slab - slabs_) * geometry_.blocks;
+    const size_t size = geometry_.size;
     for (uint32_t w = 0; w < geometry_.bitmap_words && taken < want; ++w) {
-      while (bits[w] && taken < want) {
-        const unsigned bit = static_cast<unsigned>(__builtin_ctzll(bits[w]));
-        bits[w] &= bits[w] - 1;
-        char* block = memory + size_t{w * 64 + bit} * geometry_.size;
-        out[taken++] = block;
-        --slab->free_blocks;
-        const size_t end = first_number + w * 64 + bit + 1;
-        if (end > frontier) {
-          // Handed out for the first time: into a thread cache, still free,
-          // so it gets its free marker now (its first write).
-          if (marker_key_) marker_word(block) = marker_key_ ^ reinterpret_cast<uintptr_t>(block);
-          frontier = end;
-        }
+      uint64_t word = bits[w];
+      if (!word) continue;
+      char* word_memory = memory + size_t{w} * 64 * size;
+      const unsigned first = taken;
+      if (first_number + size_t{w} * 64 + 64 <= frontier) {
+        // Every block of the word was handed out before (the common case):
+        // its blocks' addresses, nothing else.
+        do {
+          out[taken++] = word_memory + size_t{static_cast<unsigned>(__builtin_ctzll(word))} * size;
+          word &= word - 1;
+        } while (word && taken < want);
+      } else {
+        do {
+          const unsigned bit = static_cast<unsigned>(__builtin_ctzll(word));
+          word &= word - 1;
+          char* block = word_memory + size_t{bit} * size;
+          out[taken++] = block;
+          const size_t end = first_number + size_t{w} * 64 + bit + 1;
+          if (end > frontier) {
+            // Handed out for the first time: into a thread cache, still free,
+            // so it gets its free marker now (its first write).
+            if (marker_key_) marker_word(block) = marker_key_ ^ reinterpret_cast<uintptr_t>(block);
+            frontier = end;
+          }
+        } while (word && taken < want);
       }
+      bits[w] = word;
+      slab->free_blocks -= taken - first;
     }
     // Before the blocks leave the lock: a free() of one checks the frontier.
     if (frontier != frontier_before) check_.handed_out.store(frontier, std::memory_order_release);
