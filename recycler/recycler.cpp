@@ -27,8 +27,6 @@ bool Recycler::init(const SizeClassTable& classes, const RecyclerConfig& config,
 
 void Recycler::set_pooled(unsigned size_class, bool on) {
   if (size_class >= region_.class_count() || !region_.depot(size_class).ready()) return;
-  // Ever pooled before any block of the class can be handed out.
-  if (on) ever_pooled_[size_class / 64].fetch_or(uint64_t{1} << (size_class % 64), std::memory_order_release);
   pooled_[size_class].store(on, std::memory_order_relaxed);
   static_assert(kMaxClasses < 255, "class + 1 fits a byte");
   // A request belongs to the smallest class that holds it: the class's
@@ -71,8 +69,8 @@ void* Recycler::allocate_slow(ThreadCache& cache, unsigned size_class) {
     SpinLockGuard guard(depot.lock(), kNoCancellationPoint);  // the bin's count with the depot (see refill_locked)
     got = depot.refill_locked(bin.slots, want, 0);
     bin.count = got;
+    note_moved(cache, size_class, got);  // with the count: a report reading both sees them agree
   }
-  note_moved(cache, size_class, got);
   bump_counter(cache.counters[size_class].refills);
   if (got == 0) {
     bump_counter(cache.counters[size_class].misses);
@@ -102,8 +100,8 @@ void Recycler::drain_and_push(ThreadCache& cache, unsigned size_class, void* blo
       depot.drain_locked(bin.slots, give, now);
       std::memmove(bin.slots, bin.slots + give, (bin.count - give) * sizeof(void*));
       bin.count -= give;
+      note_moved(cache, size_class, -static_cast<int64_t>(give));
     }
-    note_moved(cache, size_class, -static_cast<int64_t>(give));
     bump_counter(cache.counters[size_class].drains);
     maybe_decay(size_class, now);
   }

@@ -76,10 +76,6 @@ class Recycler {
   size_t region_bytes() const { return region_.bytes(); }
   size_t class_of_offset(size_t offset) const { return region_.class_of_offset(offset); }
   bool pooled(unsigned size_class) const { return pooled_[size_class].load(std::memory_order_relaxed); }
-  // The classes ever pooled in this process, 64 to a word (only ever
-  // grows): the only classes that can have pooled blocks.
-  static constexpr unsigned kClassWords = (kMaxClasses + 63) / 64;
-  uint64_t ever_pooled(unsigned word) const { return ever_pooled_[word].load(std::memory_order_acquire); }
   // FAST PATH of the entry points: for a request of `size` bytes within the
   // direct class table (SizeClassTable::direct), its class plus one when
   // that class is pooled, else 0: one load instead of the class lookup and
@@ -178,6 +174,11 @@ class Recycler {
   // After a failed push(): give the depot the older half of the bin (or
   // size a bin used for the first time), then push.
   void drain_and_push(ThreadCache& cache, unsigned size_class, void* block) __attribute__((noinline));
+  // Marks class c's bin used (sized) if it is not yet, without a block:
+  // the owner's pooled counts of a class are then among its sized bins'.
+  void ensure_sized(ThreadCache& cache, unsigned size_class) {
+    if (cache.bins[size_class].capacity == 0) size_bin(cache, size_class);
+  }
 
   // For threads without a cache (not attached, or torn down): a free goes
   // straight to the depot (their allocations go to the real allocator).
@@ -220,7 +221,6 @@ class Recycler {
   uint64_t key_ = 0;
   size_t class_size_[kMaxClasses] = {};
   std::atomic<uint8_t> pooled_[kMaxClasses] = {};
-  std::atomic<uint64_t> ever_pooled_[kClassWords] = {};
   // Per 16 bytes of request, up to the direct table's limit: while the
   // request's class is pooled, the class plus one.
   std::atomic<uint8_t> pooled_by_size_[kDirectLookupLimit / kClassAlignment + 1] = {};
@@ -232,13 +232,12 @@ class Recycler {
 // Each thread reports a window of its own activity (per class allocations
 // and frees since its last report); the policy keeps a heat score per class
 // with hysteresis.
-//   hot:   at least kMinShare of the window's allocations, and at least
-//          kMinCount of them;
-//   short-lived: most of the class's sampled blocks lived at most
-//          HOTPOOL_SHORT (when at least kMinSamples were freed), else frees in
-//          the window at least kMinChurn of allocations.
-// A hot, short-lived class gains 2; one that the thread used but that is
-// cold or long-lived loses 1; classes the thread did not use don't move.
+//   hot and short-lived: the class's short-lived allocations alone, its
+//          window's allocations times its short-lived share (see
+//          evaluate), are at least kMinShare of the window's allocations
+//          and at least kMinCount.
+// Such a class gains 2; one that the thread used but that is not loses 1;
+// classes the thread did not use don't move.
 //
 // The counts come per *block* class: for blocks of the real allocator the
 // class of their usable size, which may be one above the class of the

@@ -108,7 +108,8 @@ struct ThreadClassStats {
   Counter pooled_allocs_folded[kMaxClasses];  // pooled allocations folded out of pooled_packed
 
   // Class c's pooled allocations and requested bytes (both kinds), from
-  // any thread: a read racing with a fold may count the folded part twice.
+  // any thread: a read racing with a fold (one every 2^23 allocations of
+  // the class at most) may count the folded part twice, or miss it.
   uint64_t pooled_allocs(unsigned c) const {
     return pooled_allocs_folded[c].load(std::memory_order_relaxed) +
            (classes[c].pooled_packed.load(std::memory_order_relaxed) >> kPackedCountShift);

@@ -128,9 +128,9 @@ void write_frames(const SamplingView& view, uint32_t id, Output& out, const char
   out.ch('\n');
 }
 
-// The tune line: the classes mode auto would pool, those whose short-lived
-// (or recycled: pool_worthy) allocations alone carry at least 1% of all
-// allocations, 1000 at least. The share comes from the sampled frees (8 at
+// The tune line: mode auto's rule on the whole run, the classes whose
+// short-lived (or recycled: pool_worthy) allocations alone carry at least
+// 1% of all allocations, 1000 at least. The share comes from the sampled frees (8 at
 // least), else from the frees keeping up with the allocations. The
 // expected hit rate is the share of all allocations the chosen classes
 // carry (a pooled class serves all its blocks), the rounding waste the

@@ -62,8 +62,8 @@ struct LifetimeStats {
 
 // Of a class's (or site's) sampled frees, those that make it worth a pool:
 // the short-lived ones or the recycled ones, whichever are more (a block
-// may be both). Mode auto and the report's recommendation pool a hot class
-// when they are at least half its sampled frees.
+// may be both). Their share is the class's short-lived share for mode
+// auto's policy and the report's recommendation.
 inline uint64_t pool_worthy(uint64_t short_lived, uint64_t recycled) {
   return short_lived > recycled ? short_lived : recycled;
 }

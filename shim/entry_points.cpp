@@ -234,17 +234,21 @@ HOTPOOL_NOINLINE void* pooled_malloc_refill(unsigned size_class, size_t size) {
   {
     // The depot's lock is held in there: a signal handler that allocates
     // meanwhile must not come back into the pool, but go to the real allocator.
+    // The counts too: note_pooled folds counters that a handler's pooled
+    // allocation would add to.
     ReentryGuard guard;
     block = g_recycler.allocate_slow(state->cache, size_class);
+    if (block) {
+      state->stats.add_pooled_alloc(size_class, size);
+      note_pooled(*state, size_class);
+      // The pooled paths keep no per-operation peak view; a refill is where a
+      // class's live bytes grow (the cache ran dry), so the peak is sampled
+      // here, within half a cache of blocks of the truth for this thread.
+      state->stats.note_peak(g_global, size_class);
+    }
   }
   if (HOTPOOL_UNLIKELY(state->deferred_count)) free_deferred(*state);
   if (!block) return recorded_real_malloc(state, size);  // the pool is out of memory
-  state->stats.add_pooled_alloc(size_class, size);
-  note_pooled(*state, size_class);
-  // The pooled paths keep no per-operation peak view; a refill is where a
-  // class's live bytes grow (the cache ran dry), so the peak is sampled here,
-  // within half a cache of blocks of the truth for this thread.
-  state->stats.note_peak(g_global, size_class);
   return block;
 }
 
@@ -299,10 +303,17 @@ void* realloc_pooled(void* block, size_t size) {
   const size_t old_size = g_recycler.class_size(size_class);
   if (size <= g_pool_limit && g_classes.class_of(size) == size_class) {
     if (ThreadState* state = tls.state) {
-      // A free and an allocation: the free counts through pooled_frees_of.
-      state->stats.add_pooled_alloc(size_class, size);
-      note_pooled(*state, size_class);
-      count_call(*state);  // the allocation (the free counts through pooled_frees, see thread_ops)
+      {
+        // A free and an allocation: the free counts through pooled_frees_of,
+        // among the thread's used bins (thread_ops). Under the guard, as
+        // pooled_malloc_refill.
+        ReentryGuard guard;
+        g_recycler.ensure_sized(state->cache, size_class);
+        state->stats.add_pooled_alloc(size_class, size);
+        note_pooled(*state, size_class);
+        count_call(*state);  // the allocation's call; the free's is in pooled_frees_of
+      }
+      if (HOTPOOL_UNLIKELY(state->deferred_count)) free_deferred(*state);
     }
     return block;
   }

@@ -490,8 +490,11 @@ void note_pooled(ThreadState& state, unsigned c) {
 
 uint64_t thread_ops(const ThreadState& state) {
   uint64_t ops = state.stats.calls.load(std::memory_order_relaxed) + state.alloc_base + state.window - state.countdown;
-  for (unsigned word = 0; word < recycler::Recycler::kClassWords; ++word) {
-    for (uint64_t bits = g_recycler.ever_pooled(word); bits; bits &= bits - 1) {
+  // The classes whose bins this thread used (a pooled free or allocation
+  // sizes its bin first; a realloc in place sizes it too): none in mode
+  // profile, nor where every allocation is sampled.
+  for (unsigned word = 0; word < sizeof(state.cache.sized) / sizeof(uint64_t); ++word) {
+    for (uint64_t bits = state.cache.sized[word]; bits; bits &= bits - 1) {
       const unsigned c = word * 64 + static_cast<unsigned>(__builtin_ctzll(bits));
       ops += pooled_frees_of(state, c);
     }

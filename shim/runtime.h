@@ -83,9 +83,9 @@ HOTPOOL_NOINLINE unsigned take_event(ThreadState& state);
 void arm_countdown(ThreadState& state);
 // The thread's allocator calls so far (the countdown's allocations, this
 // one included, its frees of pooled blocks and its other calls), for
-// "temporary". A pooled free counts only in its class's pooled_frees (one
-// add less on the fast path), summed here over the classes ever pooled
-// (sampled allocations and frees only; none in mode profile).
+// "temporary". A pooled free counts nowhere (one add less on the fast
+// path): pooled_frees_of gives them, summed here over the thread's used
+// bins (sampled allocations and frees only; none in mode profile).
 uint64_t thread_ops(const ThreadState& state);
 // The owner's pooled class c after a slow path (refill, drain, tick,
 // realloc in place): its pooled frees written out (pooled_frees_of), its

@@ -101,8 +101,13 @@ struct ThreadState {
 // bin's pushes minus pops. The free fast path counts nothing; the owner
 // writes this into its pooled_frees counter at its slow paths
 // (runtime.cpp, note_pooled), a report computes it for running threads.
+// From another thread the parts are read while the owner changes them
+// (a pop lowers the bin's count before the allocation is counted): the
+// figure may then read low by an operation or two, never below zero.
 inline uint64_t pooled_frees_of(const ThreadState& state, unsigned c) {
-  return state.stats.pooled_allocs(c) + static_cast<uint64_t>(recycler::Recycler::pushes_minus_pops(state.cache, c));
+  const int64_t frees = static_cast<int64_t>(state.stats.pooled_allocs(c)) +
+                        recycler::Recycler::pushes_minus_pops(state.cache, c);
+  return frees > 0 ? static_cast<uint64_t>(frees) : 0;
 }
 
 enum class ThreadStatus : uint8_t { NotAttached = 0, Attached, TornDown };
