@@ -109,6 +109,34 @@ TEST_F(RecyclerTest, CacheIsLifoAndRefillsAndDrainsInHalves) {
   EXPECT_GT(depot(48).counters().depot_free_bytes.load(), depot_before);
 }
 
+TEST_F(RecyclerTest, PushesMinusPopsFollowsTheFastPathsThroughRefillsDrainsAndFlush) {
+  // The shim derives a thread's pooled frees from it: it must equal the
+  // frees minus the allocations made through the cache, whatever the
+  // refills and drains moved in between.
+  const unsigned c = cls(48);
+  std::vector<void*> blocks;
+  int64_t frees_minus_allocs = 0;
+  for (int round = 0; round < 3; ++round) {
+    for (int i = 0; i < 200; ++i) {  // many refills
+      blocks.push_back(recycler_->allocate(*cache_, c));
+      --frees_minus_allocs;
+      ASSERT_EQ(Recycler::pushes_minus_pops(*cache_, c), frees_minus_allocs);
+    }
+    for (int i = 0; i < 150; ++i) {  // many drains
+      recycler_->deallocate(*cache_, blocks.back());
+      blocks.pop_back();
+      ++frees_minus_allocs;
+      ASSERT_EQ(Recycler::pushes_minus_pops(*cache_, c), frees_minus_allocs);
+    }
+  }
+  recycler_->flush(*cache_);  // the cached blocks leave the bin: no free, no allocation
+  EXPECT_EQ(cache_->bins[c].count, 0u);
+  EXPECT_EQ(Recycler::pushes_minus_pops(*cache_, c), frees_minus_allocs);
+  for (void* block : blocks) recycler_->deallocate(*cache_, block);
+  EXPECT_EQ(Recycler::pushes_minus_pops(*cache_, c), frees_minus_allocs + static_cast<int64_t>(blocks.size()));
+  EXPECT_EQ(Recycler::pushes_minus_pops(*cache_, c), 0) << "as many frees as allocations";
+}
+
 TEST_F(RecyclerTest, FlushReturnsEveryCachedBlockToTheDepot) {
   const unsigned c = cls(1024);
   std::vector<void*> blocks;

@@ -30,6 +30,36 @@ std::string capture(Write write) {
   return text;
 }
 
+TEST(ClassStats, APooledAllocationsCountAndBytesShareOneWordAndFoldWithoutLoss) {
+  auto stats = std::make_unique<ThreadClassStats>();
+  stats->add_pooled_alloc(3, 100);
+  stats->add_pooled_alloc(3, 28);
+  EXPECT_EQ(stats->pooled_allocs(3), 2u);
+  EXPECT_EQ(stats->requested_bytes(3), 128u);
+  stats->fold_packed_if_due(3);  // neither part half full: nothing moves
+  EXPECT_EQ(stats->pooled_allocs_folded[3].load(), 0u);
+  // The count part at 2^23 - 1: one more allocation makes it due.
+  stats->classes[3].pooled_packed.store((((uint64_t{1} << 23) - 3) << kPackedCountShift) +
+                                        stats->classes[3].pooled_packed.load());
+  stats->add_pooled_alloc(3, 64);
+  EXPECT_EQ(stats->pooled_allocs(3), uint64_t{1} << 23);
+  EXPECT_EQ(stats->requested_bytes(3), 192u);
+  stats->fold_packed_if_due(3);
+  EXPECT_EQ(stats->classes[3].pooled_packed.load(), 0u);
+  EXPECT_EQ(stats->pooled_allocs(3), uint64_t{1} << 23) << "the fold loses no allocation";
+  EXPECT_EQ(stats->requested_bytes(3), 192u) << "nor a byte";
+  // The bytes part at half its width (2^39): due too.
+  stats->add_pooled_alloc(3, (uint64_t{1} << 39) - 1);
+  stats->add_pooled_alloc(3, 1);
+  stats->fold_packed_if_due(3);
+  EXPECT_EQ(stats->classes[3].pooled_packed.load(), 0u);
+  EXPECT_EQ(stats->pooled_allocs(3), (uint64_t{1} << 23) + 2);
+  EXPECT_EQ(stats->requested_bytes(3), 192u + (uint64_t{1} << 39));
+  stats->reset();
+  EXPECT_EQ(stats->pooled_allocs(3), 0u);
+  EXPECT_EQ(stats->requested_bytes(3), 0u);
+}
+
 TEST(Output, NumberFormats) {
   EXPECT_EQ(capture([](Output& o) { o.u64(0).ch(' ').u64(18446744073709551615ull); }), "0 18446744073709551615");
   EXPECT_EQ(capture([](Output& o) { o.i64(-42).ch(' ').i64(INT64_MIN); }), "-42 -9223372036854775808");
