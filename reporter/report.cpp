@@ -188,7 +188,7 @@ void write_text_sampling(const StatsSnapshot& stats, const SamplingView& view, O
   else out.str(" (every allocation)");
   out.str(", short-lived = at most ");
   write_duration(out, view.short_ns);
-  out.str(", recycled = freed by its thread within ").count(view.recycle_calls).str(" of its calls\n");
+  out.str(", recycled = freed by its thread within ").u64(view.recycle_calls).str(" of its calls\n");
   out.str("  size class  short-lived  recycled  median life  temporary  frame-local  thread-local  cross-thread\n");
   for (unsigned c = 0; c < stats.class_count; ++c) {
     const LifetimeStats& life = view.class_lifetimes[c];
