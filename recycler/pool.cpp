@@ -185,29 +185,23 @@ unsigned ClassDepot::refill_locked(void** out, unsigned want, uint64_t now_ns) {
       uint64_t word = bits[w];
       if (!word) continue;
       char* word_memory = memory + size_t{w} * 64 * size;
+      const size_t word_number = first_number + size_t{w} * 64;
+      // Every block of the word handed out before (all but the newest
+      // slab's): their addresses, nothing else.
+      const bool handed_out_before = word_number + 64 <= frontier;
       const unsigned first = taken;
-      if (first_number + size_t{w} * 64 + 64 <= frontier) {
-        // Every block of the word was handed out before (the common case):
-        // its blocks' addresses, nothing else.
-        do {
-          out[taken++] = word_memory + size_t{static_cast<unsigned>(__builtin_ctzll(word))} * size;
-          word &= word - 1;
-        } while (word && taken < want);
-      } else {
-        do {
-          const unsigned bit = static_cast<unsigned>(__builtin_ctzll(word));
-          word &= word - 1;
-          char* block = word_memory + size_t{bit} * size;
-          out[taken++] = block;
-          const size_t end = first_number + size_t{w} * 64 + bit + 1;
-          if (end > frontier) {
-            // Handed out for the first time: into a thread cache, still free,
-            // so it gets its free marker now (its first write).
-            if (marker_key_) marker_word(block) = marker_key_ ^ reinterpret_cast<uintptr_t>(block);
-            frontier = end;
-          }
-        } while (word && taken < want);
-      }
+      do {
+        const unsigned bit = static_cast<unsigned>(__builtin_ctzll(word));
+        word &= word - 1;
+        char* block = word_memory + size_t{bit} * size;
+        out[taken++] = block;
+        if (!handed_out_before && word_number + bit + 1 > frontier) {
+          // Handed out for the first time: into a thread cache, still free,
+          // so it gets its free marker now (its first write).
+          if (marker_key_) marker_word(block) = marker_key_ ^ reinterpret_cast<uintptr_t>(block);
+          frontier = word_number + bit + 1;
+        }
+      } while (word && taken < want);
       bits[w] = word;
       slab->free_blocks -= taken - first;
     }

@@ -49,13 +49,6 @@ uint32_t Recycler::capacity_for(unsigned size_class) const {
   return static_cast<uint32_t>(blocks);
 }
 
-namespace {
-void note_moved(ThreadCache& cache, unsigned size_class, int64_t blocks) {
-  std::atomic<int64_t>& moved = cache.counters[size_class].moved;
-  moved.store(moved.load(std::memory_order_relaxed) + blocks, std::memory_order_relaxed);  // the owner only
-}
-}  // namespace
-
 void* Recycler::allocate_slow(ThreadCache& cache, unsigned size_class) {
   const CancellationOff cancellation_off(kNoCancellationPoint);  // the bin and the depot change together
   Bin& bin = cache.bins[size_class];
@@ -69,7 +62,7 @@ void* Recycler::allocate_slow(ThreadCache& cache, unsigned size_class) {
     SpinLockGuard guard(depot.lock(), kNoCancellationPoint);  // the bin's count with the depot (see refill_locked)
     got = depot.refill_locked(bin.slots, want, 0);
     bin.count = got;
-    note_moved(cache, size_class, got);  // with the count: a report reading both sees them agree
+    bump_counter(cache.counters[size_class].moved, int64_t{got});  // with the count: a report reading both sees them agree
   }
   bump_counter(cache.counters[size_class].refills);
   if (got == 0) {
@@ -100,7 +93,7 @@ void Recycler::drain_and_push(ThreadCache& cache, unsigned size_class, void* blo
       depot.drain_locked(bin.slots, give, now);
       std::memmove(bin.slots, bin.slots + give, (bin.count - give) * sizeof(void*));
       bin.count -= give;
-      note_moved(cache, size_class, -static_cast<int64_t>(give));
+      bump_counter(cache.counters[size_class].moved, -static_cast<int64_t>(give));
     }
     bump_counter(cache.counters[size_class].drains);
     maybe_decay(size_class, now);
@@ -172,7 +165,7 @@ void Recycler::flush(ThreadCache& cache) {
     ClassDepot& depot = region_.depot(c);
     SpinLockGuard guard(depot.lock(), kNoCancellationPoint);  // the bin with the depot (see drain_locked)
     depot.drain_locked(bin.slots, bin.count, now);
-    note_moved(cache, c, -static_cast<int64_t>(bin.count));
+    bump_counter(cache.counters[c].moved, -static_cast<int64_t>(bin.count));
     bin.count = 0;
   }
   unsize_bins(cache);
@@ -185,7 +178,7 @@ void Recycler::flush_after_fork(ThreadCache& cache) {
     Bin& bin = cache.bins[c];
     if (bin.count == 0) continue;
     if (!region_.depot(c).lock().held_before_this_fork()) region_.depot(c).drain(bin.slots, bin.count, now);
-    note_moved(cache, c, -static_cast<int64_t>(bin.count));
+    bump_counter(cache.counters[c].moved, -static_cast<int64_t>(bin.count));
     bin.count = 0;
   }
   unsize_bins(cache);
@@ -200,11 +193,9 @@ void Recycler::unsize_bins(ThreadCache& cache) {
   // The cache's next thread sizes each bin again on first use, as a new
   // cache does (and so marks it sized). Only the sized bins are written:
   // the bins of classes never used stay untouched.
-  for (unsigned word = 0; word < sizeof(cache.sized) / sizeof(uint64_t); ++word) {
-    for (uint64_t bits = cache.sized[word]; bits; bits &= bits - 1)
-      cache.bins[word * 64 + static_cast<unsigned>(__builtin_ctzll(bits))].capacity = 0;
-    if (cache.sized[word]) cache.sized[word] = 0;
-  }
+  for_each_sized_bin(cache, [&](unsigned c) { cache.bins[c].capacity = 0; });
+  for (uint64_t& word : cache.sized)
+    if (word) word = 0;
 }
 
 size_t Recycler::trim() { return region_.ready() ? region_.trim(monotonic_ns()) : 0; }

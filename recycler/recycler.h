@@ -61,8 +61,19 @@ struct ThreadCache {
   uint64_t sized[(kMaxClasses + 63) / 64];
 };
 
-inline void bump_counter(std::atomic<uint64_t>& counter) {
-  counter.store(counter.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
+// The owner's add to a counter others only read (a load and a store).
+template <typename T>
+inline void bump_counter(std::atomic<T>& counter, T by = 1) {
+  counter.store(counter.load(std::memory_order_relaxed) + by, std::memory_order_relaxed);
+}
+
+// Calls visit(c) for every class whose bin in `cache` is sized (used since
+// the cache was last flushed).
+template <typename Visit>
+inline void for_each_sized_bin(const ThreadCache& cache, Visit visit) {
+  for (unsigned word = 0; word < sizeof(cache.sized) / sizeof(uint64_t); ++word)
+    for (uint64_t bits = cache.sized[word]; bits; bits &= bits - 1)
+      visit(word * 64 + static_cast<unsigned>(__builtin_ctzll(bits)));
 }
 
 class Recycler {

@@ -493,12 +493,7 @@ uint64_t thread_ops(const ThreadState& state) {
   // The classes whose bins this thread used (a pooled free or allocation
   // sizes its bin first; a realloc in place sizes it too): none in mode
   // profile, nor where every allocation is sampled.
-  for (unsigned word = 0; word < sizeof(state.cache.sized) / sizeof(uint64_t); ++word) {
-    for (uint64_t bits = state.cache.sized[word]; bits; bits &= bits - 1) {
-      const unsigned c = word * 64 + static_cast<unsigned>(__builtin_ctzll(bits));
-      ops += pooled_frees_of(state, c);
-    }
-  }
+  recycler::for_each_sized_bin(state.cache, [&](unsigned c) { ops += pooled_frees_of(state, c); });
   return ops;
 }
 
@@ -536,12 +531,7 @@ static void tick_locked(ThreadState& state) {
   // The classes this thread's cache is used for (its sized bins), not the
   // whole table: a hundred classes every 256 allocations cost about 1 ns
   // per pooled malloc+free in mode auto.
-  for (unsigned word = 0; word < sizeof(state.cache.sized) / sizeof(uint64_t); ++word) {
-    for (uint64_t bits = state.cache.sized[word]; bits; bits &= bits - 1) {
-      const unsigned c = word * 64 + static_cast<unsigned>(__builtin_ctzll(bits));
-      note_pooled(state, c);
-    }
-  }
+  recycler::for_each_sized_bin(state.cache, [&](unsigned c) { note_pooled(state, c); });
   if (state.policy_countdown != kNever) {
     if (state.policy_countdown <= kTickAllocs) evaluate_policy(state);
     else state.policy_countdown -= kTickAllocs;
