@@ -6,6 +6,7 @@
 #include <sched.h>
 #include <sys/auxv.h>
 #include <sys/resource.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -67,6 +68,21 @@ void write_stderr_line(const char* line, void* = nullptr) {
 // after_fork_child).
 __thread ThreadState* tls_exiting_state __attribute__((tls_model("initial-exec")));
 
+// What a thread leaves: its cached blocks back to the depots, its pending
+// sample counts and its counts into the shared ones, its state to the
+// registry. The thread's own exit, or (claimed by another thread, see
+// ThreadRegistry::claim_dead) a thread that is gone.
+void release_state(ThreadState& state, const ReentryGuard& guard) {
+  // Frees a signal handler deferred and no slow path took since (under
+  // this guard free_deferred would do nothing): straight to the depots, as
+  // the frees of a thread without a state.
+  while (state.deferred_count) pooled_free_uncached(state.deferred_frees[--state.deferred_count]);
+  if (g_recycler.ready()) g_recycler.flush(state.cache);
+  flush_sample_stash(state, false);
+  state.pending.flush();
+  g_registry.retire(&state, g_global, guard);
+}
+
 void on_thread_exit(void* arg) {
   auto* state = static_cast<ThreadState*>(arg);
   ReentryGuard guard;
@@ -81,14 +97,7 @@ void on_thread_exit(void* arg) {
   tls.state = nullptr;
   tls.pool_state = nullptr;
   tls.status = ThreadStatus::TornDown;
-  // Frees a signal handler deferred and no slow path took since (under
-  // this guard free_deferred would do nothing): straight to the depots, as
-  // the frees of a thread without a state.
-  while (state->deferred_count) pooled_free_uncached(state->deferred_frees[--state->deferred_count]);
-  if (g_recycler.ready()) g_recycler.flush(state->cache);
-  flush_sample_stash(*state, false);
-  state->pending.flush();
-  g_registry.retire(state, g_global, guard);
+  release_state(*state, guard);
   std::atomic_signal_fence(std::memory_order_seq_cst);
   tls_exiting_state = nullptr;
 }
@@ -146,6 +155,10 @@ void after_fork_child() {
   // its own even while it exits (the handler that forked interrupted
   // on_thread_exit, which goes on in the child).
   ThreadState* survivor = tls.state ? tls.state : tls_exiting_state;
+  if (survivor) {  // the child's own ids
+    survivor->tgid = static_cast<int32_t>(getpid());
+    survivor->tid = static_cast<int32_t>(syscall(SYS_gettid));
+  }
   g_registry.reset_after_fork_child(survivor, g_global, flush_dead_thread_cache);
   g_report_lock.reset_after_fork();
   --recycler::tls_fork_depth;
@@ -363,6 +376,10 @@ static ThreadState* attach_thread(const ReentryGuard& guard) {
   tls.state = state;
   tls.status = ThreadStatus::Attached;
   pthread_setspecific(g_thread_key, state);
+  // A thread that attached in glibc's last round of key destructors never
+  // retires itself: new threads retire such states once their thread is
+  // gone (a system call or two, once per thread).
+  if (ThreadState* dead = g_registry.claim_dead(state, guard)) release_state(*dead, guard);
   return state;  // pool_state follows when the guard is released
 }
 

@@ -1,6 +1,10 @@
 #include "thread_state.h"
 
+#include <errno.h>
+#include <signal.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <new>
 #include <type_traits>
@@ -49,12 +53,18 @@ ThreadState* ThreadRegistry::carve_locked() {
 }
 
 ThreadState* ThreadRegistry::acquire(const ReentryGuard&) {
+  const auto tgid = static_cast<int32_t>(getpid());
+  const auto tid = static_cast<int32_t>(syscall(SYS_gettid));
   SpinLockGuard lock(lock_);
   ThreadState* state = carve_locked();
   if (!state) return nullptr;
   state->prev = nullptr;
   state->next = active_;
   state->destructor_rounds = 0;
+  state->tgid = tgid;
+  state->tid = tid;
+  state->active = true;
+  state->reaped_by = 0;
   state->ordinal = ++next_ordinal_;
   if (active_) active_->prev = state;
   active_ = state;
@@ -94,6 +104,9 @@ void ThreadRegistry::retire_locked(ThreadState* state, reporter::GlobalClassStat
     if (state->policy_frees[c]) state->policy_frees[c] = 0;
   }
   state->policy_countdown = state->policy_window = 0;
+  if (reap_next_ == state) reap_next_ = state->next;
+  state->active = false;
+  state->reaped_by = 0;
   if (state->prev) state->prev->next = state->next; else active_ = state->next;
   if (state->next) state->next->prev = state->prev;
   state->next = free_;
@@ -104,6 +117,42 @@ void ThreadRegistry::retire_locked(ThreadState* state, reporter::GlobalClassStat
 void ThreadRegistry::retire(ThreadState* state, reporter::GlobalClassStats& global, const ReentryGuard&) {
   SpinLockGuard lock(lock_);
   retire_locked(state, global);
+}
+
+ThreadState* ThreadRegistry::claim_dead(const ThreadState* self, const ReentryGuard&) {
+  struct Candidate {
+    ThreadState* state;
+    uint32_t ordinal;
+    int32_t tid;
+  } candidates[kReapChecks];
+  unsigned count = 0;
+  const auto tgid = static_cast<int32_t>(getpid());
+  {
+    SpinLockGuard lock(lock_);
+    // Round-robin over the active list: each state is looked at once in
+    // about active_count_ / kReapChecks new threads.
+    ThreadState* state = reap_next_ ? reap_next_ : active_;
+    for (uint64_t seen = 0; state && seen < active_count_ && count < kReapChecks; ++seen) {
+      if (state != self && state->tgid == tgid && state->tid > 0 && state->reaped_by == 0)
+        candidates[count++] = {state, state->ordinal, state->tid};
+      state = state->next ? state->next : active_;
+    }
+    reap_next_ = state;
+  }
+  for (unsigned i = 0; i < count; ++i) {
+    // Signal 0: whether the thread exists in this process. ESRCH: gone
+    // for good (its id may name a new thread of this process later, which
+    // only keeps the state a while longer). Anything else keeps it.
+    if (syscall(SYS_tgkill, tgid, candidates[i].tid, 0) == 0 || errno != ESRCH) continue;
+    SpinLockGuard lock(lock_);
+    ThreadState* state = candidates[i].state;
+    // Still the same attachment (not retired, nor carved again since).
+    if (state->active && state->ordinal == candidates[i].ordinal && state->reaped_by == 0) {
+      state->reaped_by = self->ordinal;
+      return state;
+    }
+  }
+  return nullptr;
 }
 
 void ThreadRegistry::for_each_active(void (*visit)(ThreadState&), const ReentryGuard&) {
@@ -151,7 +200,10 @@ void ThreadRegistry::reset_after_fork_child(ThreadState* survivor, reporter::Glo
   }
   for (ThreadState* state = active_; state;) {
     ThreadState* next = state->next;
-    if (state != survivor) {
+    // A dead thread's state the survivor was retiring (a signal handler's
+    // fork() interrupted it): the survivor finishes that when it returns.
+    const bool survivor_retires = survivor && state->reaped_by == survivor->ordinal;
+    if (state != survivor && !survivor_retires) {
       on_dead_thread(*state);
       retire_locked(state, global);
     }

@@ -57,6 +57,13 @@ struct ThreadState {
   ThreadState* prev;  // active list, or free list (next only)
   ThreadState* next;
   unsigned destructor_rounds;
+  // The thread's kernel ids (getpid, gettid), for the registry's check
+  // whether it still exists (see ThreadRegistry::claim_dead); set at
+  // attach, and in a fork child for the forking thread.
+  int32_t tgid;
+  int32_t tid;
+  bool active;            // in the active list (registry lock)
+  uint32_t reaped_by;     // the ordinal of the thread retiring this dead one, 0 if none (registry lock)
   uint32_t ordinal;            // 1, 2, ... in the order threads attached (sampled blocks name their thread)
   // Sampling: the generator of the geometric intervals (seeded from the
   // ordinal: runs are repeatable).
@@ -158,10 +165,25 @@ class ThreadRegistry {
  public:
   void init(unsigned class_count, const uint64_t* class_sizes, const ReentryGuard&);
 
-  // A fresh state, linked into the active list; nullptr if no memory.
+  // A fresh state for the calling thread, linked into the active list;
+  // nullptr if no memory.
   ThreadState* acquire(const ReentryGuard&);
   // Folds an exiting thread's counts into the retired sums, recycles the state.
   void retire(ThreadState* state, reporter::GlobalClassStats& global, const ReentryGuard&);
+
+  // A thread whose first allocation comes in glibc's last round of key
+  // destructors attaches, and is never told it exits (no round follows).
+  // So each new thread looks at up to kReapChecks other active states of
+  // its own process, in turn, and claims the first whose thread no longer
+  // exists (tgkill(pid, tid, 0) says ESRCH; the system calls outside the
+  // lock) for `self` to retire (see shim::release_state); nullptr if none.
+  // A claimed state stays active, its counts in the reports, until it is
+  // retired. (tgkill to its own process is what raise() and abort() use:
+  // sandboxes allow it. A task sharing memory without being a thread of
+  // this process, clone() without CLONE_THREAD, has a pid of its own and
+  // its state is never claimed here.)
+  static constexpr unsigned kReapChecks = 2;
+  ThreadState* claim_dead(const ThreadState* self, const ReentryGuard&);
 
   // Threads that lost their state (exited, still allocating in late
   // destructors) count into one shared block under a lock.
@@ -195,6 +217,7 @@ class ThreadRegistry {
   SpinLock lock_;
   SpinLock fallback_lock_;
   ThreadState* active_ = nullptr;
+  ThreadState* reap_next_ = nullptr;  // the active state claim_dead looks at next (null: the list's head)
   ThreadState* free_ = nullptr;
   ThreadState* fallback_ = nullptr;
   std::atomic<ThreadState*> carved_{nullptr};

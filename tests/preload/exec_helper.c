@@ -18,6 +18,14 @@
  *                                       to <report>.on-demand, exit(0)
  *   exit-from-thread <count> <size>     a second thread allocates count blocks
  *                                       and calls exit(0) while main waits
+ *   late-first-allocation <count> <size>
+ *                                       count threads, one after another, each
+ *                                       of which allocates for the first time
+ *                                       in glibc's last round of pthread key
+ *                                       destructors (its key's destructor sets
+ *                                       the key again until then), a block of
+ *                                       size; then hotpool_report(), moved
+ *                                       aside to <report>.on-demand, exit(0)
  *   first                               print what the first allocator call of the
  *                                       process returned: the call named by
  *                                       PRELOAD_TEST_FIRST_CALL, made by the
@@ -27,6 +35,7 @@
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
+#include <limits.h>
 #include <malloc.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -92,6 +101,35 @@ static void* allocate_then_exit(void* unused) {
   exit(0); /* from this thread, with the blocks still live */
 }
 
+static pthread_key_t g_late_key;
+static int g_late_failures;
+
+/* Rounds 1 .. PTHREAD_DESTRUCTOR_ITERATIONS - 1 set the key again; the
+ * last one makes the thread's first allocation, which glibc follows with
+ * no further round. */
+static void late_destructor(void* value) {
+  const size_t round = (size_t)value;
+  if (round < PTHREAD_DESTRUCTOR_ITERATIONS) {
+    pthread_setspecific(g_late_key, (void*)(round + 1));
+    return;
+  }
+  unsigned char* block = malloc(g_thread_size);
+  if (!block) {
+    __atomic_add_fetch(&g_late_failures, 1, __ATOMIC_RELAXED);
+    return;
+  }
+  memset(block, 0x5a, g_thread_size);
+  if (block[g_thread_size - 1] != 0x5a) __atomic_add_fetch(&g_late_failures, 1, __ATOMIC_RELAXED);
+  free(block);
+}
+
+static void* set_late_key(void* unused) {
+  (void)unused;
+  /* No allocation before: a key below 32 takes no memory to set. */
+  pthread_setspecific(g_late_key, (void*)(size_t)1);
+  return NULL;
+}
+
 /* From libpreload_first_call.so: what its constructor's call returned. */
 const char* first_call_outcome(void);
 
@@ -133,6 +171,19 @@ int main(int argc, char** argv) {
     printf("mode=%s pid=%d usable=%zu on_demand_saved=%d\n", hotpool_mode_or_none(), (int)getpid(),
            malloc_usable_size(live[0]), saved);
     free_blocks(live, count, size);
+    return 0;
+  }
+  if (strcmp(command, "late-first-allocation") == 0) {
+    g_thread_size = size;
+    if (pthread_key_create(&g_late_key, late_destructor) != 0) return 5;
+    for (size_t i = 0; i < count; ++i) {
+      pthread_t thread;
+      if (pthread_create(&thread, NULL, set_late_key, NULL) != 0) return 5;
+      pthread_join(thread, NULL);
+    }
+    const int saved = save_on_demand_report();
+    printf("mode=%s pid=%d key=%u failures=%d on_demand_saved=%d\n", hotpool_mode_or_none(), (int)getpid(),
+           (unsigned)g_late_key, g_late_failures, saved);
     return 0;
   }
   if (strcmp(command, "exit-from-thread") == 0) {
