@@ -144,14 +144,14 @@ bool Unwinder::skipped(uintptr_t ip) const {
 
 namespace {
 struct GccTrace {
-  void** frames;
+  uintptr_t* frames;
   uintptr_t* cfas;
   int capacity;
   int count;
   uintptr_t (*get_ip)(void*);
   uintptr_t (*get_cfa)(void*);
   const TraceCache* cache;  // the previous capture, or null
-  unsigned scan;            // cache->cfas[scan] is the first not below this frame's
+  unsigned scan;            // cache->cfas()[scan] is the first not below this frame's
   int (*get_ip_info)(void*, int*);  // null: no signal-frame test
   uintptr_t (*get_gr)(void*, int);  // _Unwind_GetGR, for the frame pointer
   uintptr_t* rbps;          // with each frame, its %rbp (when table is set)
@@ -160,36 +160,44 @@ struct GccTrace {
   int walked;               // frames libgcc reported (the rest came from the cache)
 };
 
-// Whether the previous capture's frames from `at` outwards are still
-// this thread's: every return address still in its slot, every slot on
-// the thread's stack above `floor`, in order.
-bool cached_frames_intact(const TraceCache& cache, unsigned at, uintptr_t floor) {
-  for (unsigned j = at; j < cache.count; ++j) {
-    const uintptr_t cfa = cache.cfas[j];
-    if (cfa <= floor || cfa > cache.stack_high || cfa - sizeof(uintptr_t) < cache.stack_low) return false;
-    if (*reinterpret_cast<const uintptr_t*>(cfa - sizeof(uintptr_t)) != cache.ips[j]) return false;
-    floor = cfa;
-  }
-  return true;
+// Where a capture meets the thread's previous one (frames listed outwards,
+// CFAs rising: `scan` keeps one pass over the previous one): true when the
+// frame at `count - 1` just recorded, (ip, cfa), is the previous capture's
+// frame at the same place. Inlined: most frames are not.
+inline bool meets(const TraceCache& cache, unsigned& scan, uintptr_t ip, uintptr_t cfa) {
+  const uintptr_t* cached_cfas = cache.cfas();
+  while (scan < cache.count && cached_cfas[scan] < cfa) ++scan;
+  return scan < cache.count && cached_cfas[scan] == cfa && cache.ips()[scan] == ip;
 }
 
-// Where a capture meets the thread's previous one (frames listed outwards,
-// CFAs rising: `scan` keeps one pass over the previous one): when the frame
-// at `count - 1` just recorded, (ip, cfa), is the previous capture's frame
-// at the same place, called from the same, unchanged frames, the rest of
-// the stack is the previous capture's: copied after it (count grows), true.
-// A truncated previous capture serves only if it fills this one.
-bool rejoin(const TraceCache& cache, unsigned& scan, uintptr_t ip, uintptr_t cfa, void** frames, uintptr_t* cfas,
-            int& count, int capacity) {
-  while (scan < cache.count && cache.cfas[scan] < cfa) ++scan;
-  const unsigned at = scan;
-  if (at >= cache.count || cache.cfas[at] != cfa || cache.ips[at] != ip) return false;
-  const bool long_enough = !cache.truncated || count + (cache.count - at - 1) >= static_cast<unsigned>(capacity);
-  if (!long_enough || !cached_frames_intact(cache, at + 1, cfa)) return false;
-  for (unsigned j = at + 1; j < cache.count && count < capacity; ++j) {
-    cfas[count] = cache.cfas[j];
-    frames[count++] = reinterpret_cast<void*>(cache.ips[j]);
+// Where the capture meets the previous one at `at` (see meets), called
+// from the same, unchanged frames, the rest of the stack is the previous
+// capture's: copied after it (count grows), true. Unchanged: every return
+// address of the previous capture from there out still in its slot on the
+// thread's stack (its CFAs rose when it was taken). The copy goes with the
+// check, and counts only if all of it holds. A truncated previous capture
+// serves only if it fills this one.
+bool rejoin_at(const TraceCache& cache, unsigned at, uintptr_t* frames, uintptr_t* cfas, int& count, int capacity) {
+  const unsigned outer = cache.count - at - 1;  // the previous capture's frames beyond `at`
+  const unsigned room = static_cast<unsigned>(capacity - count);
+  if (cache.truncated && outer < room) return false;
+  const unsigned n = outer < room ? outer : room;
+  // A slot is read only inside the thread's stack: [stack_low, stack_high - 8]
+  // for the slot at cfa - 8, one unsigned compare.
+  const uintptr_t low = cache.stack_low + sizeof(uintptr_t);
+  const uintptr_t span = cache.stack_high - low;
+  const uintptr_t* from_cfas = cache.cfas() + at + 1;
+  const uintptr_t* from_ips = cache.ips() + at + 1;
+  uintptr_t* to_cfas = cfas + count;
+  uintptr_t* to_ips = frames + count;
+  for (unsigned k = 0; k < n; ++k) {
+    const uintptr_t frame_cfa = from_cfas[k];
+    const uintptr_t ip = from_ips[k];
+    if (frame_cfa - low > span || *reinterpret_cast<const uintptr_t*>(frame_cfa - sizeof(uintptr_t)) != ip) return false;
+    to_cfas[k] = frame_cfa;
+    to_ips[k] = ip;
   }
+  count += static_cast<int>(n);  // frames beyond the capacity are neither this capture's nor the next cache's
   return true;
 }
 
@@ -212,14 +220,15 @@ int gcc_frame(void* context, void* arg) {
     trace->get_ip_info(context, &before_instruction);
     if (before_instruction) {
       trace->table->learn(ip, FrameTable::kVarying);
-      if (trace->count) trace->table->learn(reinterpret_cast<uintptr_t>(trace->frames[trace->count - 1]), FrameTable::kVarying);
+      if (trace->count) trace->table->learn(trace->frames[trace->count - 1], FrameTable::kVarying);
     }
   }
   trace->cfas[trace->count] = cfa;
-  trace->frames[trace->count++] = reinterpret_cast<void*>(ip);
+  trace->frames[trace->count++] = ip;
   if (const TraceCache* cache = trace->cache; cache && cfa) {
     const int walked = trace->count;
-    if (rejoin(*cache, trace->scan, ip, cfa, trace->frames, trace->cfas, trace->count, trace->capacity)) {
+    if (meets(*cache, trace->scan, ip, cfa) &&
+        rejoin_at(*cache, trace->scan, trace->frames, trace->cfas, trace->count, trace->capacity)) {
       trace->walked = walked;
       return 5;
     }
@@ -228,23 +237,23 @@ int gcc_frame(void* context, void* arg) {
 }
 }  // namespace
 
-int Unwinder::replay(uintptr_t return_address, uintptr_t cfa, void** raw, uintptr_t* cfas, int capacity,
+int Unwinder::replay(uintptr_t return_address, uintptr_t cfa, uintptr_t* raw, uintptr_t* cfas, int capacity,
                      const TraceCache& cache) const {
   if (!replay_ok_.load(std::memory_order_relaxed) || !first_frame_.load(std::memory_order_relaxed)) return -1;
   // Frame 0 is capture() itself, as in libgcc's walks: the same address
   // as theirs (where capture() calls it).
-  raw[0] = reinterpret_cast<void*>(first_frame_.load(std::memory_order_relaxed));
+  raw[0] = first_frame_.load(std::memory_order_relaxed);
   cfas[0] = 0;
   int count = 1;
   uintptr_t ip = return_address;
   unsigned scan = 0;
   for (;;) {
     if (count == capacity) return count;
-    raw[count] = reinterpret_cast<void*>(ip);
+    raw[count] = ip;
     cfas[count++] = cfa;
     // Where the stack rejoins the thread's previous capture, the rest is
     // that capture's: a compare per frame instead of a lookup.
-    if (cache.count && rejoin(cache, scan, ip, cfa, raw, cfas, count, capacity)) return count;
+    if (meets(cache, scan, ip, cfa) && rejoin_at(cache, scan, raw, cfas, count, capacity)) return count;
     const uint16_t words = frames_.lookup(ip);
     if (words == FrameTable::kOutermost) return count;
     if (words == FrameTable::kUnknown || words == FrameTable::kVarying) return -1;
@@ -260,19 +269,19 @@ int Unwinder::replay(uintptr_t return_address, uintptr_t cfa, void** raw, uintpt
   }
 }
 
-void Unwinder::learn(void* const* raw, const uintptr_t* cfas, const uintptr_t* rbps, int walked, int got,
+void Unwinder::learn(const uintptr_t* raw, const uintptr_t* cfas, const uintptr_t* rbps, int walked, int got,
                      bool outermost_reached, uintptr_t return_address, uintptr_t cfa) const {
   // Frame 1 is capture()'s caller, as replay() starts from it.
   if (got < 2) return;  // libgcc gave up at once: nothing to learn
-  if (reinterpret_cast<uintptr_t>(raw[1]) != return_address || cfas[1] != cfa) {
+  if (raw[1] != return_address || cfas[1] != cfa) {
     replay_ok_.store(false, std::memory_order_relaxed);
     return;
   }
-  first_frame_.store(reinterpret_cast<uintptr_t>(raw[0]), std::memory_order_relaxed);
+  first_frame_.store(raw[0], std::memory_order_relaxed);
   // The frames libgcc walked (those taken from the trace cache were
   // learned when they were walked).
   for (int i = 1; i < walked && i + 1 < got; ++i) {
-    const uintptr_t ip = reinterpret_cast<uintptr_t>(raw[i]);
+    const uintptr_t ip = raw[i];
     const uintptr_t distance = cfas[i + 1] - cfas[i];
     // A frame with a frame pointer (its CFA 16 bytes above %rbp): code
     // built without one sets it up only when the frame's size varies
@@ -282,7 +291,7 @@ void Unwinder::learn(void* const* raw, const uintptr_t* cfas, const uintptr_t* r
                         distance / sizeof(uintptr_t) < FrameTable::kVarying;
     frames_.learn(ip, usable ? static_cast<uint16_t>(distance / sizeof(uintptr_t)) : FrameTable::kVarying);
   }
-  if (outermost_reached && walked == got) frames_.learn(reinterpret_cast<uintptr_t>(raw[got - 1]), FrameTable::kOutermost);
+  if (outermost_reached && walked == got) frames_.learn(raw[got - 1], FrameTable::kOutermost);
 }
 
 // Not inlined: replay() starts from this function's own return address and
@@ -293,16 +302,28 @@ __attribute__((noinline)) bool Unwinder::capture(unsigned depth, CapturedStack* 
   if (!ready_) return false;
   if (depth > kMaxDepth) depth = kMaxDepth;
   constexpr unsigned kLeading = kLeadingFrames;
-  void* raw[kMaxDepth + kLeading];
-  uintptr_t cfas[kMaxDepth + kLeading];  // filled up to got
+  uintptr_t own_raw[kMaxDepth + kLeading];
+  uintptr_t own_cfas[kMaxDepth + kLeading];
+  uintptr_t* raw = own_raw;
+  uintptr_t* cfas = own_cfas;  // filled up to got
   int got;
   if (backtrace_) {
     using Backtrace = int (*)(void**, int);
-    got = reinterpret_cast<Backtrace>(backtrace_)(raw, static_cast<int>(depth + kLeading));
-    for (int i = 0; i < got; ++i) cfas[i] = 0;  // unknown
+    void* frames[kMaxDepth + kLeading];
+    got = reinterpret_cast<Backtrace>(backtrace_)(frames, static_cast<int>(depth + kLeading));
+    for (int i = 0; i < got; ++i) {
+      raw[i] = reinterpret_cast<uintptr_t>(frames[i]);
+      cfas[i] = 0;  // unknown
+    }
   } else {
     const bool cached = cache && gcc_get_cfa_ && cache->stack_high;
     const int capacity = static_cast<int>(cached ? kMaxDepth + kLeading : depth + kLeading);
+    static_assert(TraceCache::kFrames == kMaxDepth + kLeading, "a capture fills a cache buffer");
+    const unsigned next = cached ? (cache->current + 1) & 1 : 0;
+    if (cached) {  // straight into the cache's other buffer (see TraceCache)
+      raw = cache->ips_[next];
+      cfas = cache->cfas_[next];
+    }
     const uintptr_t own_return = reinterpret_cast<uintptr_t>(__builtin_return_address(0));
     const uintptr_t own_cfa = reinterpret_cast<uintptr_t>(__builtin_dwarf_cfa());
     // The replay too goes to the capacity (the whole stack, with a cache):
@@ -341,19 +362,18 @@ __attribute__((noinline)) bool Unwinder::capture(unsigned depth, CapturedStack* 
     if (cached) {
       cache->count = static_cast<unsigned>(got);
       cache->truncated = got == capacity;
-      for (int i = 0; i < got; ++i) {
-        cache->ips[i] = reinterpret_cast<uintptr_t>(raw[i]);
-        cache->cfas[i] = cfas[i];
-      }
+      cache->current = next;
     }
   }
   int first = 0;
-  while (first < got && skipped(reinterpret_cast<uintptr_t>(raw[first]))) ++first;
+  while (first < got && skipped(raw[first])) ++first;
   // libgcc reports with each return address the canonical frame address of
   // the frame it returns from (the address above the slot that holds it):
   // the allocating function's own is the one that comes with its caller's.
   if (first + 1 < got) out->cfa = cfas[first + 1];
-  for (int i = first; i < got && out->depth < depth; ++i) out->ips[out->depth++] = reinterpret_cast<uintptr_t>(raw[i]);
+  const unsigned frames = first < got ? static_cast<unsigned>(got - first) : 0;
+  out->depth = frames < depth ? frames : depth;
+  std::memcpy(out->ips, raw + first, out->depth * sizeof(uintptr_t));
   return out->depth > 0;
 }
 

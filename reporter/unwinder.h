@@ -25,14 +25,22 @@ inline constexpr unsigned kLeadingFrames = 12;
 // still in its slot (the word below the CFA that comes with it). Reads of
 // those slots stay inside [stack_low, stack_high), the thread's stack.
 struct TraceCache {
+  static constexpr unsigned kFrames = kMaxDepth + kLeadingFrames;
   // Captures through this cache replayed from the frame table, and walked
   // by libgcc (per thread: shared counters would bounce between CPUs).
   uint64_t replayed, walked;
   unsigned count;
-  bool truncated;  // the stack went on beyond ips[count - 1]
+  bool truncated;  // the stack went on beyond ips()[count - 1]
   uintptr_t stack_low, stack_high;
-  uintptr_t ips[kMaxDepth + kLeadingFrames];
-  uintptr_t cfas[kMaxDepth + kLeadingFrames];  // with ips[i]: the address above the slot holding it
+  // Two buffers: a capture is written straight into the one the previous
+  // capture is not in (rejoining copies that one's outer frames), then
+  // becomes the cache. No copy of the whole stack per capture.
+  unsigned current;
+  uintptr_t ips_[2][kFrames];
+  uintptr_t cfas_[2][kFrames];  // with ips_[b][i]: the address above the slot holding it
+
+  const uintptr_t* ips() const { return ips_[current & 1]; }
+  const uintptr_t* cfas() const { return cfas_[current & 1]; }
 };
 
 struct CapturedStack {
@@ -118,9 +126,9 @@ class Unwinder {
   // The walk from capture()'s caller outwards, from the frame table:
   // frames in raw[1..], their CFAs in cfas[1..]; -1 when the table does
   // not know a frame (or replaying is off).
-  int replay(uintptr_t return_address, uintptr_t cfa, void** raw, uintptr_t* cfas, int capacity,
+  int replay(uintptr_t return_address, uintptr_t cfa, uintptr_t* raw, uintptr_t* cfas, int capacity,
              const TraceCache& cache) const;
-  void learn(void* const* raw, const uintptr_t* cfas, const uintptr_t* rbps, int walked, int got,
+  void learn(const uintptr_t* raw, const uintptr_t* cfas, const uintptr_t* rbps, int walked, int got,
              bool outermost_reached, uintptr_t return_address, uintptr_t cfa) const;
 
   bool ready_ = false;
