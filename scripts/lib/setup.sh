@@ -6,9 +6,10 @@ HOTPOOL_BUILD=${HOTPOOL_BUILD:-$HOTPOOL_ROOT/build}
 
 # Packages the build and the tests need (the real-binary tests run python3,
 # sort, gzip, git, perl and sqlite3 from Debian, also with hotpool stacked
-# on jemalloc).
+# on jemalloc; the converter's test decodes pprof output with protoc's code).
 HOTPOOL_PACKAGES=(cmake make g++ libgtest-dev googletest nlohmann-json3-dev
-                  python3 sqlite3 gzip git perl coreutils libjemalloc2)
+                  python3 sqlite3 gzip git perl coreutils libjemalloc2
+                  protobuf-compiler python3-protobuf)
 
 hotpool_install_packages() {
   local missing=() package

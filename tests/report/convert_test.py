@@ -1,0 +1,147 @@
+#!/usr/bin/env python3
+"""scripts/hotpool-convert on the report of a program with known sites
+(sites_program, every allocation sampled): the collapsed stacks and the
+pprof profile must carry the report's sites, frames and values exactly.
+The pprof output is decoded with the protobuf library (protoc and
+python3-protobuf, which scripts/test installs) through pprof_subset.proto.
+
+  convert_test.py --library L --program P --converter C --proto F --workdir D
+"""
+import argparse
+import gzip
+import importlib
+import json
+import os
+import subprocess
+import sys
+
+COUNT = 300
+failures = []
+
+
+def check(condition, what):
+    if not condition:
+        failures.append(what)
+        print("FAILED: " + what)
+
+
+def run_report(args):
+    report = os.path.join(args.workdir, "run.json")
+    if os.path.exists(report):
+        os.remove(report)
+    env = dict(os.environ, LD_PRELOAD=args.library, HOTPOOL_MODE="profile", HOTPOOL_SAMPLE="1",
+               HOTPOOL_OUTPUT=report)
+    subprocess.run([args.program, "patterns", str(COUNT)], env=env, check=True, stdout=subprocess.DEVNULL)
+    with open(report) as file:
+        return report, json.load(file)
+
+
+def convert(args, report, *options):
+    return subprocess.run([sys.executable, args.converter, *options, report], check=True, capture_output=True,
+                          text=True).stdout
+
+
+def collapsed_lines(text):
+    lines = []
+    for line in text.splitlines():
+        stack, _, value = line.rpartition(" ")
+        lines.append((stack.split(";"), int(value)))
+    return lines
+
+
+def leaf_function(frames):
+    return frames[-1].split(" (")[0]
+
+
+def test_collapsed(args, path, report):
+    sites = [site for site in report["sites"] if site["frames"]]
+    lines = collapsed_lines(convert(args, path))
+    check(len(lines) == len(sites), "collapsed: one line per site (%d lines, %d sites)" % (len(lines), len(sites)))
+    check(sum(value for _, value in lines) == sum(site["estimated_allocations"] for site in sites),
+          "collapsed: the allocations add up to the sites'")
+    # Outermost first: main before the pattern function, which is the leaf.
+    frame_local = [(stack, value) for stack, value in lines if "frame_local_site" in stack[-1]]
+    check(len(frame_local) == 2, "collapsed: frame_local_site's two sites (100 B and 8 B), got %d" % len(frame_local))
+    for stack, value in frame_local:
+        check(any(frame == "main" for frame in stack[:-1]), "collapsed: main is an outer frame of " + stack[-1])
+        check(value == COUNT, "collapsed: %d allocations at a frame_local_site site, got %d" % (COUNT, value))
+    # --lines tells the two sites of frame_local_site apart by line.
+    with_lines = collapsed_lines(convert(args, path, "--lines"))
+    leaves = {stack[-1] for stack, _ in with_lines if "frame_local_site" in stack[-1]}
+    check(len(leaves) == 2 and all(":" in leaf and leaf.endswith(")") for leaf in leaves),
+          "collapsed --lines: two leaves with file:line, got %s" % sorted(leaves))
+    # Other values: bytes and live-at-exit, as the report has them (rate 1).
+    bytes_lines = collapsed_lines(convert(args, path, "--value", "bytes"))
+    check(sum(value for _, value in bytes_lines) == sum(site["sampled_bytes"] for site in sites),
+          "collapsed --value bytes: the bytes add up to the sites'")
+    leaks = [(stack, value) for stack, value in collapsed_lines(convert(args, path, "--value", "live-at-exit"))
+             if "leak_site" in leaf_function(stack)]
+    check(len(leaks) == 1 and leaks[0][1] == COUNT, "collapsed --value live-at-exit: %d leaked at leak_site, got %s"
+          % (COUNT, [value for _, value in leaks]))
+
+
+def test_pprof(args, path, report):
+    subprocess.run(["protoc", "--proto_path=" + os.path.dirname(args.proto), "--python_out=" + args.workdir,
+                    args.proto], check=True)
+    sys.path.insert(0, args.workdir)
+    module = importlib.import_module(os.path.splitext(os.path.basename(args.proto))[0] + "_pb2")
+    output = os.path.join(args.workdir, "run.pb.gz")
+    convert(args, path, "--format", "pprof", "--output", output)
+    with open(output, "rb") as file:
+        profile = module.Profile.FromString(gzip.decompress(file.read()))
+    strings = list(profile.string_table)
+    check(strings and strings[0] == "", "pprof: string_table[0] is empty")
+    types = [(strings[t.type], strings[t.unit]) for t in profile.sample_type]
+    check(types[:2] == [("allocations", "count"), ("space", "bytes")], "pprof: allocations, then bytes: %s" % types)
+    check(("live_at_exit", "count") in types, "pprof: live_at_exit is a sample type")
+    check(profile.period == 1, "pprof: the period is the sampling rate (1)")
+    sites = [site for site in report["sites"] if site["frames"]]
+    check(len(profile.sample) == len(sites), "pprof: one sample per site")
+    locations = {location.id: location for location in profile.location}
+    functions = {function.id: function for function in profile.function}
+    mappings = {mapping.id: mapping for mapping in profile.mapping}
+    keys = {"allocations": "estimated_allocations", "space": "sampled_bytes", "live_at_exit": "live_at_exit",
+            "short_lived": "short_lived", "frame_local": "frame_local"}
+    for sample, site in zip(profile.sample, sites):
+        check(len(sample.location_id) == len(site["frames"]), "pprof: a location per frame of site %d" % site["id"])
+        for location_id, frame in zip(sample.location_id, site["frames"]):  # the leaf first in both
+            location = locations.get(location_id)
+            if location is None or not location.line or location.mapping_id not in mappings:
+                check(False, "pprof: location %d resolves" % location_id)
+                continue
+            function = functions[location.line[0].function_id]
+            if frame["function"] != "??":
+                check(strings[function.name] == frame["function"], "pprof: function %s" % frame["function"])
+            check(location.line[0].line == frame["line"], "pprof: line of %s" % frame["function"])
+            check(strings[mappings[location.mapping_id].filename] == frame["module"], "pprof: module of a frame")
+        for index, (kind, _) in enumerate(types):
+            if kind in keys:
+                check(sample.value[index] == site[keys[kind]], "pprof: %s of site %d" % (kind, site["id"]))
+        labels = {strings[label.key]: label for label in sample.label}
+        check(labels.get("min_size") is not None and labels["min_size"].num == site["min_size"],
+              "pprof: min_size label of site %d" % site["id"])
+    leaf_lines = [locations[sample.location_id[0]].line[0] for sample in profile.sample]
+    named = [strings[functions[line.function_id].name] for line in leaf_lines]
+    check(any("frame_local_site" in name for name in named), "pprof: a sample's leaf is frame_local_site")
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    for option in ("--library", "--program", "--converter", "--proto", "--workdir"):
+        parser.add_argument(option, required=True)
+    args = parser.parse_args()
+    os.makedirs(args.workdir, exist_ok=True)
+    path, report = run_report(args)
+    check(report["sampling"]["rate"] == 1, "the report samples every allocation")
+    test_collapsed(args, path, report)
+    test_pprof(args, path, report)
+    bad = subprocess.run([sys.executable, args.converter, args.converter], capture_output=True, text=True)
+    check(bad.returncode != 0 and bad.stderr.startswith("hotpool-convert: "),
+          "a file that is not a report: one hotpool-convert: line, a failure status")
+    if failures:
+        sys.exit("%d check(s) failed" % len(failures))
+    print("all checks passed")
+
+
+if __name__ == "__main__":
+    main()
