@@ -379,7 +379,9 @@ static ThreadState* attach_thread(const ReentryGuard& guard) {
   // A thread that attached in glibc's last round of key destructors never
   // retires itself: new threads retire such states once their thread is
   // gone (a system call or two, once per thread).
-  if (ThreadState* dead = g_registry.claim_dead(state, guard)) release_state(*dead, guard);
+  ThreadState* dead[ThreadRegistry::kReapChecks];
+  const unsigned claimed = g_registry.claim_dead(state, dead, guard);
+  for (unsigned i = 0; i < claimed; ++i) release_state(*dead[i], guard);
   return state;  // pool_state follows when the guard is released
 }
 

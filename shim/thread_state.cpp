@@ -65,7 +65,9 @@ ThreadState* ThreadRegistry::acquire(const ReentryGuard&) {
   state->tid = tid;
   state->active = true;
   state->reaped_by = 0;
-  state->ordinal = ++next_ordinal_;
+  // 0 means "none" to claim_dead (reaped_by): skipped when the count wraps.
+  if (++next_ordinal_ == 0) ++next_ordinal_;
+  state->ordinal = next_ordinal_;
   if (active_) active_->prev = state;
   active_ = state;
   if (++active_count_ > retired_.threads_at_once) retired_.threads_at_once = active_count_;
@@ -119,7 +121,7 @@ void ThreadRegistry::retire(ThreadState* state, reporter::GlobalClassStats& glob
   retire_locked(state, global);
 }
 
-ThreadState* ThreadRegistry::claim_dead(const ThreadState* self, const ReentryGuard&) {
+unsigned ThreadRegistry::claim_dead(const ThreadState* self, ThreadState** dead, const ReentryGuard&) {
   struct Candidate {
     ThreadState* state;
     uint32_t ordinal;
@@ -139,6 +141,9 @@ ThreadState* ThreadRegistry::claim_dead(const ThreadState* self, const ReentryGu
     }
     reap_next_ = state;
   }
+  // The caller is a malloc or a free that succeeds: errno stays as it was.
+  const int saved_errno = errno;
+  unsigned claimed = 0;
   for (unsigned i = 0; i < count; ++i) {
     // Signal 0: whether the thread exists in this process. ESRCH: gone
     // for good (its id may name a new thread of this process later, which
@@ -149,10 +154,11 @@ ThreadState* ThreadRegistry::claim_dead(const ThreadState* self, const ReentryGu
     // Still the same attachment (not retired, nor carved again since).
     if (state->active && state->ordinal == candidates[i].ordinal && state->reaped_by == 0) {
       state->reaped_by = self->ordinal;
-      return state;
+      dead[claimed++] = state;
     }
   }
-  return nullptr;
+  errno = saved_errno;
+  return claimed;
 }
 
 void ThreadRegistry::for_each_active(void (*visit)(ThreadState&), const ReentryGuard&) {

@@ -174,16 +174,16 @@ class ThreadRegistry {
   // A thread whose first allocation comes in glibc's last round of key
   // destructors attaches, and is never told it exits (no round follows).
   // So each new thread looks at up to kReapChecks other active states of
-  // its own process, in turn, and claims the first whose thread no longer
-  // exists (tgkill(pid, tid, 0) says ESRCH; the system calls outside the
-  // lock) for `self` to retire (see shim::release_state); nullptr if none.
-  // A claimed state stays active, its counts in the reports, until it is
-  // retired. (tgkill to its own process is what raise() and abort() use:
+  // its own process, in turn, and claims into dead[] those whose thread no
+  // longer exists (tgkill(pid, tid, 0) says ESRCH; the system calls outside
+  // the lock, errno kept) for `self` to retire (see shim::release_state);
+  // returns how many. A claimed state stays active, its counts in the
+  // reports, until it is retired. (tgkill to its own process is what raise() and abort() use:
   // sandboxes allow it. A task sharing memory without being a thread of
   // this process, clone() without CLONE_THREAD, has a pid of its own and
   // its state is never claimed here.)
   static constexpr unsigned kReapChecks = 2;
-  ThreadState* claim_dead(const ThreadState* self, const ReentryGuard&);
+  unsigned claim_dead(const ThreadState* self, ThreadState** dead, const ReentryGuard&);
 
   // Threads that lost their state (exited, still allocating in late
   // destructors) count into one shared block under a lock.

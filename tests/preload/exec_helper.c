@@ -35,6 +35,7 @@
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
+#include <errno.h>
 #include <limits.h>
 #include <malloc.h>
 #include <pthread.h>
@@ -113,14 +114,19 @@ static void late_destructor(void* value) {
     pthread_setspecific(g_late_key, (void*)(round + 1));
     return;
   }
+  /* A malloc and a free that succeed leave errno alone, whatever hotpool
+   * does in them (this thread's attach retires states of threads gone). */
+  errno = EBADMSG;
   unsigned char* block = malloc(g_thread_size);
-  if (!block) {
+  if (!block || errno != EBADMSG) {
     __atomic_add_fetch(&g_late_failures, 1, __ATOMIC_RELAXED);
+    free(block);
     return;
   }
   memset(block, 0x5a, g_thread_size);
   if (block[g_thread_size - 1] != 0x5a) __atomic_add_fetch(&g_late_failures, 1, __ATOMIC_RELAXED);
   free(block);
+  if (errno != EBADMSG) __atomic_add_fetch(&g_late_failures, 1, __ATOMIC_RELAXED);
 }
 
 static void* set_late_key(void* unused) {

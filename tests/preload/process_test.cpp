@@ -592,7 +592,8 @@ TEST(Exec, AThreadFirstAllocatingInTheLastDestructorRoundIsRetiredOnceGone) {
   // Each of 64 threads, one after another, allocates for the first time in
   // glibc's last round of key destructors: it attaches then, and no round
   // follows to retire it. The threads after it retire its state once it
-  // is gone: the registry never holds more than a few at once.
+  // is gone: the registry never holds more than a few at once (it held 65
+  // before they did).
   constexpr int kThreads = 64;
   const HelperRun run = run_helper({"late-first-allocation", std::to_string(kThreads), "9000"});
   ASSERT_EQ(run.status, "exit 0") << run.output;
@@ -614,7 +615,9 @@ TEST(Exec, AThreadFirstAllocatingInTheLastDestructorRoundIsRetiredOnceGone) {
   ASSERT_NE(late, nullptr) << "no class of 9000 B or more in the report";
   EXPECT_GE((*late)["allocations"].get<uint64_t>(), uint64_t{kThreads}) << *late;
   EXPECT_GE((*late)["frees"].get<uint64_t>(), uint64_t{kThreads}) << *late;
-  EXPECT_LE(totals["threads_at_once"].get<uint64_t>(), 4u)
+  // A thread just joined may still exist for a moment (its id is cleared
+  // before the kernel lets it go): its state goes with a later check.
+  EXPECT_LE(totals["threads_at_once"].get<uint64_t>(), 8u)
       << "the states of threads gone before the next one attached were retired: " << totals;
 }
 

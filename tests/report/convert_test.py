@@ -25,11 +25,11 @@ def check(condition, what):
         print("FAILED: " + what)
 
 
-def run_report(args):
-    report = os.path.join(args.workdir, "run.json")
+def run_report(args, sample="1"):
+    report = os.path.join(args.workdir, "run-%s.json" % sample)
     if os.path.exists(report):
         os.remove(report)
-    env = dict(os.environ, LD_PRELOAD=args.library, HOTPOOL_MODE="profile", HOTPOOL_SAMPLE="1",
+    env = dict(os.environ, LD_PRELOAD=args.library, HOTPOOL_MODE="profile", HOTPOOL_SAMPLE=sample,
                HOTPOOL_OUTPUT=report)
     subprocess.run([args.program, "patterns", str(COUNT)], env=env, check=True, stdout=subprocess.DEVNULL)
     with open(report) as file:
@@ -85,7 +85,7 @@ def test_pprof(args, path, report):
                     args.proto], check=True)
     sys.path.insert(0, args.workdir)
     module = importlib.import_module(os.path.splitext(os.path.basename(args.proto))[0] + "_pb2")
-    output = os.path.join(args.workdir, "run.pb.gz")
+    output = os.path.join(args.workdir, "run-1.pb.gz")
     convert(args, path, "--format", "pprof", "--output", output)
     with open(output, "rb") as file:
         profile = module.Profile.FromString(gzip.decompress(file.read()))
@@ -95,6 +95,10 @@ def test_pprof(args, path, report):
     check(types[:2] == [("allocations", "count"), ("space", "bytes")], "pprof: allocations, then bytes: %s" % types)
     check(("live_at_exit", "count") in types, "pprof: live_at_exit is a sample type")
     check(profile.period == 1, "pprof: the period is the sampling rate (1)")
+    check(strings[profile.default_sample_type] == "allocations", "pprof: allocations is the default sample type")
+    ranges = sorted((mapping.memory_start, mapping.memory_limit) for mapping in profile.mapping)
+    check(all(mapping.id and mapping.memory_start < mapping.memory_limit for mapping in profile.mapping)
+          and all(a[1] <= b[0] for a, b in zip(ranges, ranges[1:])), "pprof: mappings have ids and lie apart")
     sites = [site for site in report["sites"] if site["frames"]]
     check(len(profile.sample) == len(sites), "pprof: one sample per site")
     locations = {location.id: location for location in profile.location}
@@ -109,6 +113,9 @@ def test_pprof(args, path, report):
             if location is None or not location.line or location.mapping_id not in mappings:
                 check(False, "pprof: location %d resolves" % location_id)
                 continue
+            mapping = mappings[location.mapping_id]
+            check(location.id and mapping.memory_start <= location.address < mapping.memory_limit,
+                  "pprof: location %d has an id and lies in its mapping" % location_id)
             function = functions[location.line[0].function_id]
             if frame["function"] != "??":
                 check(strings[function.name] == frame["function"], "pprof: function %s" % frame["function"])
@@ -125,6 +132,45 @@ def test_pprof(args, path, report):
     check(any("frame_local_site" in name for name in named), "pprof: a sample's leaf is frame_local_site")
 
 
+def test_scaled(args):
+    # One allocation in 7 sampled: counts kept per sample are scaled by the
+    # rate; the allocations are the report's own estimates.
+    path, report = run_report(args, "7")
+    check(report["sampling"]["rate"] == 7, "the second report samples one allocation in 7")
+    sites = [site for site in report["sites"] if site["frames"]]
+    lines = collapsed_lines(convert(args, path, "--value", "bytes"))
+    check(sum(value for _, value in lines) == 7 * sum(site["sampled_bytes"] for site in sites),
+          "collapsed --value bytes at rate 7: the sampled bytes times 7")
+    lines = collapsed_lines(convert(args, path))
+    check(sum(value for _, value in lines) == sum(site["estimated_allocations"] for site in sites),
+          "collapsed at rate 7: the report's estimated allocations")
+
+
+def test_inputs(args):
+    # A frame without a function name, written by hand; then reports the
+    # converter must refuse in one line.
+    frame = {"function": "??", "file": "", "line": 0, "module": "libx.so", "offset": 0x1234}
+    main = {"function": "main", "file": "m.c", "line": 3, "module": "prog", "offset": 16}
+    site = {"id": 1, "estimated_allocations": 8, "sampled_allocations": 2, "sampled_bytes": 10, "live_at_exit": 1,
+            "frames": [frame, main]}
+    report = {"schema": "hotpool-report", "version": 1, "sampling": {"rate": 4}, "sites": [site]}
+    cases = {"by-hand": report, "no-sampling": dict(report, sampling=None), "version-2": dict(report, version=2),
+             "not-a-report": {"sites": []}}
+    paths = {}
+    for name, content in cases.items():
+        paths[name] = os.path.join(args.workdir, name + ".json")
+        with open(paths[name], "w") as file:
+            json.dump(content, file)
+    check(convert(args, paths["by-hand"]) == "main;libx.so+0x1234 8\n", "collapsed: a nameless frame is module+0xoffset")
+    check(convert(args, paths["by-hand"], "--value", "bytes") == "main;libx.so+0x1234 40\n",
+          "collapsed: sampled bytes times the rate")
+    check(convert(args, paths["by-hand"], "--lines") == "main (m.c:3);libx.so+0x1234 8\n", "collapsed --lines")
+    for name in ("no-sampling", "version-2", "not-a-report"):
+        run = subprocess.run([sys.executable, args.converter, paths[name]], capture_output=True, text=True)
+        check(run.returncode != 0 and run.stderr.startswith("hotpool-convert: ") and run.stderr.count("\n") == 1,
+              "%s: one hotpool-convert: line and a failure status, got %r" % (name, run.stderr))
+
+
 def main():
     parser = argparse.ArgumentParser()
     for option in ("--library", "--program", "--converter", "--proto", "--workdir"):
@@ -135,9 +181,11 @@ def main():
     check(report["sampling"]["rate"] == 1, "the report samples every allocation")
     test_collapsed(args, path, report)
     test_pprof(args, path, report)
+    test_scaled(args)
+    test_inputs(args)
     bad = subprocess.run([sys.executable, args.converter, args.converter], capture_output=True, text=True)
     check(bad.returncode != 0 and bad.stderr.startswith("hotpool-convert: "),
-          "a file that is not a report: one hotpool-convert: line, a failure status")
+          "a file that is not JSON: one hotpool-convert: line, a failure status")
     if failures:
         sys.exit("%d check(s) failed" % len(failures))
     print("all checks passed")
