@@ -1,7 +1,6 @@
 #include "thread_state.h"
 
 #include <errno.h>
-#include <signal.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -128,7 +127,7 @@ unsigned ThreadRegistry::claim_dead(const ThreadState* self, ThreadState** dead,
     int32_t tid;
   } candidates[kReapChecks];
   unsigned count = 0;
-  const auto tgid = static_cast<int32_t>(getpid());
+  const int32_t tgid = self->tgid;  // this process's (acquire just took it)
   {
     SpinLockGuard lock(lock_);
     // Round-robin over the active list: each state is looked at once in
