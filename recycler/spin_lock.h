@@ -5,6 +5,7 @@
 
 #include <pthread.h>
 #include <sched.h>
+#include <signal.h>
 
 #include <atomic>
 #include <cstdint>
@@ -158,6 +159,27 @@ class CancellationOff {
   bool outer_;
   int state_ = PTHREAD_CANCEL_ENABLE;
   int type_ = PTHREAD_CANCEL_DEFERRED;
+};
+
+// Every signal the C library lets a thread block (all but its own two),
+// blocked for a scope: no handler runs on this thread inside it. For the
+// locks of a thread without a hotpool state of its own (torn down, or
+// never given one), which neither its recursion guard nor its deferred
+// frees cover: a handler that allocates or frees would take the same lock
+// and wait for itself. Two system calls: never on a fast path.
+class SignalsBlocked {
+ public:
+  SignalsBlocked() {
+    sigset_t all;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &saved_);  // returns its error: errno stays
+  }
+  ~SignalsBlocked() { pthread_sigmask(SIG_SETMASK, &saved_, nullptr); }
+  SignalsBlocked(const SignalsBlocked&) = delete;
+  SignalsBlocked& operator=(const SignalsBlocked&) = delete;
+
+ private:
+  sigset_t saved_;
 };
 
 // Holds the lock with the thread's cancellation off (see CancellationOff).

@@ -446,12 +446,17 @@ void evaluate_policy(ThreadState& state) {
 // The slow parts of pooled_free, each entered by a tail call.
 static HOTPOOL_NOINLINE void pooled_free_uncached(void* block) {
   // Not attached yet, or torn down: straight to the depot, counted in the
-  // shared block.
+  // shared block. Both locks with signals blocked: a handler's free of a
+  // pooled block on this thread would come here too (no recursion guard
+  // sends it around: the thread has no state to defer it to).
+  const recycler::SignalsBlocked blocked;
   const unsigned size_class = g_recycler.class_of_block(block);
   g_recycler.deallocate_uncached(block);
-  if (!g_registry.has_fallback()) return;
-  SpinLockGuard lock(g_registry.fallback_lock());
-  g_registry.fallback().record_pooled_free(g_global, size_class, g_recycler.class_size(size_class));
+  g_registry.record_in_fallback(
+      [&](reporter::ThreadClassStats& stats) {
+        stats.record_pooled_free(g_global, size_class, g_recycler.class_size(size_class));
+      },
+      /*signals_blocked=*/true);
 }
 
 static HOTPOOL_NOINLINE void pooled_free_full_bin(ThreadState* state, unsigned size_class, void* block) {
@@ -590,9 +595,9 @@ void record_alloc_slow(unsigned size_class, size_t requested, size_t usable) {
     }
     local.status = ThreadStatus::TornDown;  // no memory for a state: share the fallback
   }
-  if (!g_registry.has_fallback()) return;  // start-up found no memory at all: count nothing
-  SpinLockGuard lock(g_registry.fallback_lock());
-  g_registry.fallback().record_alloc(g_global, size_class, requested, usable);
+  // Without a fallback block (start-up found no memory at all), nothing counts.
+  g_registry.record_in_fallback(
+      [&](reporter::ThreadClassStats& stats) { stats.record_alloc(g_global, size_class, requested, usable); });
 }
 
 ThreadState* attach_current_thread() {
@@ -619,9 +624,8 @@ void record_free_slow(unsigned size_class, size_t usable) {
     }
     local.status = ThreadStatus::TornDown;
   }
-  if (!g_registry.has_fallback()) return;
-  SpinLockGuard lock(g_registry.fallback_lock());
-  g_registry.fallback().record_free(g_global, size_class, usable);
+  g_registry.record_in_fallback(
+      [&](reporter::ThreadClassStats& stats) { stats.record_free(g_global, size_class, usable); });
 }
 
 void warn_invalid_pointer(const char* function, const void* block) {

@@ -400,9 +400,9 @@ void sampled_free_record(void* block) {
   if (state) {
     state->stats.record_free(g_global, size_class, usable);
     count_call(*state);
-  } else if (g_registry.has_fallback()) {
-    SpinLockGuard lock(g_registry.fallback_lock());
-    g_registry.fallback().record_free(g_global, size_class, usable);
+  } else {
+    g_registry.record_in_fallback(
+        [&](reporter::ThreadClassStats& stats) { stats.record_free(g_global, size_class, usable); });
   }
 }
 
@@ -415,7 +415,13 @@ void sampled_free_release(void* block) {
   const bool nested = tls.in_hotpool;
   ReentryGuard guard;
   ThreadState* state = tls.state;
-  if (nested || !state) return g_sample_region.depot(region_class).drain(&raw, 1, now_ns());
+  if (nested) return g_sample_region.depot(region_class).drain(&raw, 1, now_ns());
+  if (!state) {
+    // A thread without a state: the depot's lock with signals blocked
+    // (see recycler::SignalsBlocked).
+    const recycler::SignalsBlocked blocked;
+    return g_sample_region.depot(region_class).drain(&raw, 1, now_ns());
+  }
   SampleStash& stash = state->sample_stash[region_class];
   const unsigned capacity = stash_capacity(region_class);
   if (stash.count >= capacity) {

@@ -186,10 +186,25 @@ class ThreadRegistry {
   unsigned claim_dead(const ThreadState* self, ThreadState** dead, const ReentryGuard&);
 
   // Threads that lost their state (exited, still allocating in late
-  // destructors) count into one shared block under a lock.
+  // destructors) count into one shared block under a lock. They have no
+  // recursion guard to send a signal handler's calls around it: the lock
+  // is held with signals blocked (see recycler::SignalsBlocked).
   SpinLock& fallback_lock() { return fallback_lock_; }
   bool has_fallback() const { return fallback_ != nullptr; }
   reporter::ThreadClassStats& fallback() { return fallback_->stats; }
+  // record(fallback()) under the fallback lock, signals blocked (unless the
+  // caller blocked them already); nothing without a fallback block.
+  template <typename Record>
+  void record_in_fallback(Record record, bool signals_blocked = false) {
+    if (!fallback_) return;
+    if (!signals_blocked) {
+      const recycler::SignalsBlocked blocked;
+      SpinLockGuard lock(fallback_lock_);
+      return record(fallback_->stats);
+    }
+    SpinLockGuard lock(fallback_lock_);
+    record(fallback_->stats);
+  }
 
   // Calls `visit` for every state ever carved (active, free, the fallback),
   // without the registry's lock: the list only grows, at its head, and

@@ -1,5 +1,6 @@
 // Signals under libhotpool.so: a handler that allocates, run every ~50 µs
-// by an interval timer while the interrupted thread allocates too; and
+// by an interval timer while the interrupted thread allocates too (also a
+// thread that hotpool has let go, in its last key destructor round); and
 // fork() from a handler that interrupted malloc (glibc's tst-mallocfork2),
 // also while a second thread holds pooled blocks in its thread cache or
 // forks too.
@@ -183,6 +184,125 @@ TEST(SignalHandler, ItimerHandlerThatMallocsEvery50usNeverHangsOrCorruptsTheLoop
     EXPECT_EQ(hotpool.value("pooled"), "1") << "the handler's classes must be pooled for this test to mean "
                                                "anything: "
                                             << describe(hotpool);
+  }
+  if (hotpool.status == "exit 0") {
+    EXPECT_GE(hotpool.number("ticks"), 10u) << describe(hotpool);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// The same handler on a thread hotpool has already let go of: in glibc's
+// last round of key destructors (hotpool's own ran earlier in that round),
+// the thread frees pooled blocks it allocated before and allocates more.
+// Such a thread has no state of its own: it counts in a shared block under
+// a lock, and its frees of pooled blocks go straight to the depot, under
+// the depot's lock. A handler that allocates, or frees one of the blocks
+// set aside for it, takes the same locks; interrupting its own thread
+// inside one of them, it would wait for itself forever.
+
+// Sizes in hotpool's class 320 (pooled in modes fixed and auto), each in a
+// glibc tcache bin of its own: 300 (chunk 320) for the thread's blocks,
+// 316 (chunk 336) for the handler's, apart from the handler's 296 (304).
+// So on glibc the thread's loop never leaves its tcache (each free of a
+// block is followed by a malloc of the same size), and the handler's
+// frees beyond its tcache take an arena lock the thread never holds.
+constexpr size_t kLateBlocks = 16384;   // pooled blocks the destructor frees
+constexpr size_t kHandlerBlocks = 8192; // pooled blocks the handler frees, one per tick
+constexpr size_t kLateSize = 300;
+constexpr size_t kHandlerFreeSize = 316;
+void* g_late_blocks[kLateBlocks];
+void* g_handler_blocks[kHandlerBlocks];
+std::atomic<size_t> g_handler_next{0};
+std::atomic<long> g_late_ticks{0};
+pthread_key_t g_late_key;
+uint64_t g_late_rounds = 0;
+
+void late_handler(int) {
+  const int saved_errno = errno;
+  allocating_handler(0);
+  const size_t next = g_handler_next.fetch_add(1);
+  if (next < kHandlerBlocks) free(g_handler_blocks[next]);
+  ++g_late_ticks;
+  errno = saved_errno;
+}
+
+void late_destructor(void* value) {
+  // Glibc calls a key's destructor again in the next round when it sets
+  // the key again: round 4 of 4 is where hotpool has let the thread go.
+  const uintptr_t round = reinterpret_cast<uintptr_t>(value);
+  if (round < PTHREAD_DESTRUCTOR_ITERATIONS) {
+    pthread_setspecific(g_late_key, reinterpret_cast<void*>(round + 1));
+    return;
+  }
+  sigset_t alarm;
+  sigemptyset(&alarm);
+  sigaddset(&alarm, SIGALRM);
+  pthread_sigmask(SIG_UNBLOCK, &alarm, nullptr);
+  const double start = now_seconds();
+  size_t next_late = 0;
+  while (keep_running(start, kTimerSeconds, g_late_ticks, kWantedTicks)) {
+    // Under hotpool: the pooled blocks go back to the depot, the rest of
+    // the calls count in the shared block; one lock or the other each.
+    for (int i = 0; i < 16; ++i, next_late = (next_late + 1) % kLateBlocks) {
+      free(g_late_blocks[next_late]);
+      g_late_blocks[next_late] = malloc(opaque(kLateSize));
+    }
+    for (int i = 0; i < 16; ++i) free(malloc(opaque(40)));
+    ++g_late_rounds;
+  }
+  pthread_sigmask(SIG_BLOCK, &alarm, nullptr);
+}
+
+void* late_thread(void*) {
+  sigset_t alarm;
+  sigemptyset(&alarm);
+  sigaddset(&alarm, SIGALRM);
+  pthread_sigmask(SIG_BLOCK, &alarm, nullptr);  // until the destructor's loop
+  warm_up();
+  for (void*& block : g_late_blocks) block = malloc(opaque(kLateSize));
+  for (void*& block : g_handler_blocks) block = malloc(opaque(kHandlerFreeSize));
+  say("late_blocks_pooled=%d", torture::served_by_pool(kLateSize, 320) && torture::served_by_pool(kHandlerFreeSize, 320) ? 1 : 0);
+  pthread_setspecific(g_late_key, reinterpret_cast<void*>(uintptr_t{1}));
+  return nullptr;
+}
+
+TORTURE_SCENARIO(itimer_malloc_after_teardown) {
+  // The timer's signal goes to the one thread that does not block it: the
+  // late thread, in its destructor's loop.
+  sigset_t alarm;
+  sigemptyset(&alarm);
+  sigaddset(&alarm, SIGALRM);
+  pthread_sigmask(SIG_BLOCK, &alarm, nullptr);
+  struct sigaction action = {};
+  action.sa_handler = late_handler;
+  action.sa_flags = SA_RESTART;
+  sigaction(SIGALRM, &action, nullptr);
+  if (pthread_key_create(&g_late_key, late_destructor) != 0) return 2;
+  const itimerval every_50us = {{0, 50}, {0, 50}};
+  setitimer(ITIMER_REAL, &every_50us, nullptr);
+  say("timer=started");
+  pthread_t thread;
+  if (pthread_create(&thread, nullptr, late_thread, nullptr) != 0) return 2;
+  pthread_join(thread, nullptr);
+  const itimerval stop = {};
+  setitimer(ITIMER_REAL, &stop, nullptr);
+  say("ticks=%ld rounds=%llu handler_corrupted=%ld", g_late_ticks.load(),
+      static_cast<unsigned long long>(g_late_rounds), g_handler_corrupted.load());
+  return g_handler_corrupted ? 3 : 0;
+}
+
+TEST(SignalHandler, ItimerHandlerThatMallocsOnAThreadHotpoolLetGoNeverHangs) {
+  const ScenarioRun glibc = run_scenario("itimer_malloc_after_teardown", Preload::No, {}, kLongestSeconds + 4);
+  if (glibc.status != "exit 0") {
+    GTEST_SKIP() << "plain glibc fails this scenario itself: " << describe(glibc);
+  }
+  ASSERT_GE(glibc.number("ticks"), 10u) << "the timer hardly fired: " << describe(glibc);
+
+  const ScenarioRun hotpool = run_scenario("itimer_malloc_after_teardown", Preload::Yes, {}, hotpool_deadline(glibc));
+  EXPECT_EQ(hotpool.status, "exit 0") << (hotpool.timed_out ? "hotpool deadlocked where glibc did not. " : "")
+                                      << describe(hotpool);
+  if (mode_pools()) {
+    EXPECT_EQ(hotpool.value("late_blocks_pooled"), "1") << describe(hotpool);
   }
   if (hotpool.status == "exit 0") {
     EXPECT_GE(hotpool.number("ticks"), 10u) << describe(hotpool);
