@@ -174,18 +174,15 @@ inline bool meets(const TraceCache& cache, unsigned& scan, uintptr_t ip, uintptr
 // from the same, unchanged frames, the rest of the stack is the previous
 // capture's: copied after it (count grows), true. Unchanged: every return
 // address of the previous capture from there out still in its slot on the
-// thread's stack (its CFAs rose when it was taken). The copy goes with the
-// check, and counts only if all of it holds. A truncated previous capture
-// serves only if it fills this one.
+// thread's stack (its CFAs rose when it was taken; each is inside the
+// stack, see TraceCache). The copy goes with the check, and counts only if
+// all of it holds. A truncated previous capture serves only if it fills
+// this one.
 bool rejoin_at(const TraceCache& cache, unsigned at, uintptr_t* frames, uintptr_t* cfas, int& count, int capacity) {
   const unsigned outer = cache.count - at - 1;  // the previous capture's frames beyond `at`
   const unsigned room = static_cast<unsigned>(capacity - count);
   if (cache.truncated && outer < room) return false;
   const unsigned n = outer < room ? outer : room;
-  // A slot is read only inside the thread's stack: [stack_low, stack_high - 8]
-  // for the slot at cfa - 8, one unsigned compare.
-  const uintptr_t low = cache.stack_low + sizeof(uintptr_t);
-  const uintptr_t span = cache.stack_high - low;
   const uintptr_t* from_cfas = cache.cfas() + at + 1;
   const uintptr_t* from_ips = cache.ips() + at + 1;
   uintptr_t* to_cfas = cfas + count;
@@ -193,7 +190,7 @@ bool rejoin_at(const TraceCache& cache, unsigned at, uintptr_t* frames, uintptr_
   for (unsigned k = 0; k < n; ++k) {
     const uintptr_t frame_cfa = from_cfas[k];
     const uintptr_t ip = from_ips[k];
-    if (frame_cfa - low > span || *reinterpret_cast<const uintptr_t*>(frame_cfa - sizeof(uintptr_t)) != ip) return false;
+    if (*reinterpret_cast<const uintptr_t*>(frame_cfa - sizeof(uintptr_t)) != ip) return false;
     to_cfas[k] = frame_cfa;
     to_ips[k] = ip;
   }
@@ -242,6 +239,9 @@ int Unwinder::replay(uintptr_t return_address, uintptr_t cfa, uintptr_t* raw, ui
   if (!replay_ok_.load(std::memory_order_relaxed) || !first_frame_.load(std::memory_order_relaxed)) return -1;
   // Frame 0 is capture() itself, as in libgcc's walks: the same address
   // as theirs (where capture() calls it).
+  // The first CFA inside the thread's stack too, as each next one (a
+  // capture on another stack, a signal handler's, is libgcc's to walk).
+  if (cfa < cache.stack_low + sizeof(uintptr_t) || cfa > cache.stack_high) return -1;
   raw[0] = first_frame_.load(std::memory_order_relaxed);
   cfas[0] = 0;
   int count = 1;
@@ -296,7 +296,8 @@ void Unwinder::learn(const uintptr_t* raw, const uintptr_t* cfas, const uintptr_
 
 // Not inlined: replay() starts from this function's own return address and
 // CFA, which are libgcc's second frame.
-__attribute__((noinline)) bool Unwinder::capture(unsigned depth, CapturedStack* out, TraceCache* cache) const {
+__attribute__((noinline)) bool Unwinder::capture(unsigned depth, CapturedStack* out, TraceCache* cache,
+                                                  Frame start) const {
   out->depth = 0;
   out->cfa = 0;
   if (!ready_) return false;
@@ -329,7 +330,13 @@ __attribute__((noinline)) bool Unwinder::capture(unsigned depth, CapturedStack* 
     const uintptr_t own_cfa = reinterpret_cast<uintptr_t>(__builtin_dwarf_cfa());
     // The replay too goes to the capacity (the whole stack, with a cache):
     // a libgcc walk that rejoins a truncated capture cannot take its frames.
-    got = cached ? replay(own_return, own_cfa, raw, cfas, capacity, *cache) : -1;
+    // From the caller's start frame if it gave one (its frame lies above
+    // this one on the stack), else from this function's caller.
+    const bool from_start = start.return_address && start.cfa > own_cfa;
+    got = cached ? replay(from_start ? start.return_address : own_return, from_start ? start.cfa : own_cfa, raw, cfas,
+                          capacity, *cache)
+                 : -1;
+    int cache_count = got;  // what the cache keeps of this capture
     if (got >= 0) {
       ++cache->replayed;
     } else {
@@ -359,10 +366,20 @@ __attribute__((noinline)) bool Unwinder::capture(unsigned depth, CapturedStack* 
       if (cached) ++cache->walked;
       // _URC_END_OF_STACK: libgcc found no caller beyond the last frame.
       if (learning) learn(raw, cfas, rbps, trace.walked, got, trace.outermost || status == 5, own_return, own_cfa);
+      // The cache ends before the first frame libgcc found outside the
+      // thread's stack (a signal handler's alternate stack), see TraceCache;
+      // the frames it rejoined came from the cache.
+      cache_count = got;
+      for (int i = 1; cached && i < trace.walked && i < got; ++i) {
+        if (cfas[i] < cache->stack_low + sizeof(uintptr_t) || cfas[i] > cache->stack_high) {
+          cache_count = i;
+          break;
+        }
+      }
     }
     if (cached) {
-      cache->count = static_cast<unsigned>(got);
-      cache->truncated = got == capacity;
+      cache->count = static_cast<unsigned>(cache_count);
+      cache->truncated = cache_count < got || got == capacity;
       cache->current = next;
     }
   }

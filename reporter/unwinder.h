@@ -23,7 +23,10 @@ inline constexpr unsigned kLeadingFrames = 12;
 // one can stop where it rejoins it: the frames outside the one where the
 // two stacks meet are the same when each of their return addresses is
 // still in its slot (the word below the CFA that comes with it). Reads of
-// those slots stay inside [stack_low, stack_high), the thread's stack.
+// those slots stay inside [stack_low, stack_high), the thread's stack:
+// every CFA the cache holds past its first frame lies in
+// [stack_low + 8, stack_high] (checked as captures are made, so that a
+// rejoin reads the slots without a check per frame).
 struct TraceCache {
   static constexpr unsigned kFrames = kMaxDepth + kLeadingFrames;
   // Captures through this cache replayed from the frame table, and walked
@@ -117,7 +120,15 @@ class Unwinder {
   // handler that interrupts the capture.
   // With a cache, libgcc's walks are replayed from the frame table when it
   // knows every frame (see FrameTable).
-  bool capture(unsigned depth, CapturedStack* out, TraceCache* cache = nullptr) const;
+  // `start` (optional, with a cache): a frame of the calling thread outside
+  // capture()'s own, e.g. the allocator's entry point, given as the return
+  // address in it and its CFA: the replay starts there instead of at
+  // capture()'s caller, and the frames in between (hotpool's, skipped
+  // anyway) are not walked. A walk by libgcc still starts at capture().
+  struct Frame {
+    uintptr_t return_address, cfa;
+  };
+  bool capture(unsigned depth, CapturedStack* out, TraceCache* cache = nullptr, Frame start = {0, 0}) const;
   const FrameTable& frame_table() const { return frames_; }
   void forget_frames() const { frames_.clear(); }
 

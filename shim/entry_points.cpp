@@ -124,12 +124,22 @@ HOTPOOL_ALWAYS_INLINE void* record_real_block(ThreadState* state, void* block, s
   return block;
 }
 
+// The frame of the function calling this one, for a sampled stack's
+// capture to start from (see reporter::Unwinder::capture): as built, malloc
+// and recorded_malloc reach event_malloc by tail jumps, so its return
+// address is the program's call into malloc, and hotpool's frames between
+// the capture and there are not walked. Where a compiler makes calls of
+// them instead, the capture walks those frames as any others.
+#define HOTPOOL_CALLER_FRAME()                                                           \
+  (hotpool::reporter::Unwinder::Frame{reinterpret_cast<uintptr_t>(__builtin_return_address(0)), \
+                                      reinterpret_cast<uintptr_t>(__builtin_dwarf_cfa())})
+
 // The allocation that brought the countdown to zero (class_plus_one: its
 // pooled class plus one, or 0): sampled if a sample is due, else served as
 // any other; then the tick if one is due.
 HOTPOOL_NOINLINE void* event_malloc(ThreadState* state, size_t size, unsigned class_plus_one) {
   const unsigned event = take_event(*state);
-  void* block = (event & kSampleEvent) ? sampled_allocate(*state, size) : nullptr;
+  void* block = (event & kSampleEvent) ? sampled_allocate(*state, size, HOTPOOL_CALLER_FRAME()) : nullptr;
   if (block == nullptr) {
     if (class_plus_one) block = pooled_pop(tls, state, size, class_plus_one);
     else block = recorded_real_malloc(state, size);
@@ -197,7 +207,7 @@ HOTPOOL_NOINLINE void* event_calloc(ThreadState* state, size_t count, size_t siz
   if (__builtin_mul_overflow(count, size, &bytes)) {
     errno = ENOMEM;
   } else {
-    if (event & kSampleEvent) block = sampled_allocate(*state, bytes);
+    if (event & kSampleEvent) block = sampled_allocate(*state, bytes, HOTPOOL_CALLER_FRAME());
     if (block) std::memset(block, 0, bytes);
     else if ((block = g_real.calloc(count, size)) != nullptr) record_real_block(state, block, bytes);
   }

@@ -71,7 +71,7 @@ unsigned stash_capacity(unsigned region_class) {
 
 // The stack of this call, above hotpool, the C++ runtime and libc; empty
 // while a fork is pending (see the fork gate).
-void capture_stack(reporter::CapturedStack* stack) {
+void capture_stack(reporter::CapturedStack* stack, reporter::Unwinder::Frame start = {0, 0}) {
   // libunwind may read files: read() is a cancellation point, and malloc
   // is not; and a thread cancelled while counted as unwinding would hold
   // every fork back. So cancellation waits until the capture is done
@@ -105,7 +105,7 @@ void capture_stack(reporter::CapturedStack* stack) {
     reporter::TraceCache* cache = state && !tls_unwinding ? &state->trace_cache : nullptr;
     const bool nested = tls_unwinding;
     tls_unwinding = true;
-    g_unwinder.capture(g_depth, stack, cache);
+    g_unwinder.capture(g_depth, stack, cache, start);
     tls_unwinding = nested;
   }
   if (own_count) {
@@ -277,7 +277,7 @@ uint64_t next_sample_interval(ThreadState& state) {
   return 1 + static_cast<uint64_t>(reporter::natural_log(uniform) / g_log_keep);
 }
 
-void* sampled_allocate(ThreadState& state, size_t size) {
+void* sampled_allocate(ThreadState& state, size_t size, reporter::Unwinder::Frame entry) {
   if (!g_active || size > g_limit) return nullptr;
   if (HOTPOOL_UNLIKELY(!state.stack_probed)) {
     // The thread's stack bounds, at its first sample rather than when it
@@ -310,7 +310,7 @@ void* sampled_allocate(ThreadState& state, size_t size) {
     --stash.count;
   }
   reporter::CapturedStack stack;
-  capture_stack(&stack);
+  capture_stack(&stack, entry);
   if (!stack.cfa) stack.cfa = find_frame_cfa(stack, state, reinterpret_cast<uintptr_t>(&stack + 1));
   uint32_t site;
   if (HOTPOOL_LIKELY(!state.memo_busy)) {

@@ -52,7 +52,9 @@ uint64_t next_sample_interval(ThreadState& state);
 
 // A sampled allocation: nullptr when it cannot be sampled (too large, the
 // region full); the caller then allocates as usual.
-void* sampled_allocate(ThreadState& state, size_t size);
+// `entry`: the allocator's entry frame, where the stack capture may start
+// (see reporter::Unwinder::capture); {0, 0} for capture()'s caller.
+void* sampled_allocate(ThreadState& state, size_t size, reporter::Unwinder::Frame entry = {0, 0});
 inline bool is_sampled(const void* block) { return g_sample_region.contains(block); }
 void sampled_free(void* block);
 // realloc's two halves of sampled_free (see sampler.cpp).

@@ -4,6 +4,9 @@
 #include <gtest/gtest.h>
 
 #include <alloca.h>
+#include <signal.h>
+
+#include <algorithm>
 
 #include <atomic>
 #include <cmath>
@@ -501,6 +504,125 @@ TEST(FrameTable, ReplayedCapturesEqualFullUnwinds) {
   other.join();
   if (!frame_pointers) {
     EXPECT_GT(replayed_there, 0u);  // the table learned on this thread serves that one
+  }
+}
+
+// A capture may start at a frame above its caller's (the allocator's entry
+// point): a replayed capture leaves out the frames in between (hotpool's,
+// which are skipped anyway); one that libgcc walks has them. From the
+// start frame on, either is what a full unwind gives.
+__attribute__((noinline)) uintptr_t capture_from_here(const Unwinder& unwinder, TraceCache& cache, unsigned frames,
+                                                      Captures& out) {
+  const Unwinder::Frame here{reinterpret_cast<uintptr_t>(__builtin_return_address(0)),
+                             reinterpret_cast<uintptr_t>(__builtin_dwarf_cfa())};
+  unwinder.capture(frames, &out.full, nullptr);
+  unwinder.capture(frames, &out.cached, &cache, here);
+  asm volatile("" ::: "memory");
+  return here.return_address;
+}
+
+__attribute__((noinline)) uintptr_t recurse_and_capture_from_start(const Unwinder& unwinder, TraceCache& cache,
+                                                                   unsigned depth, unsigned frames, Captures& out) {
+  if (depth == 0) return capture_from_here(unwinder, cache, frames, out);
+  const uintptr_t start = recurse_and_capture_from_start(unwinder, cache, depth - 1, frames, out);
+  asm volatile("" ::: "memory");
+  return start;
+}
+
+unsigned index_of(const CapturedStack& stack, uintptr_t ip) {
+  for (unsigned i = 0; i < stack.depth; ++i)
+    if (stack.ips[i] == ip) return i;
+  return stack.depth;
+}
+
+TEST(TraceCache, ACaptureFromAStartFrameEqualsAFullUnwindFromThere) {
+  Unwinder unwinder;
+  ASSERT_TRUE(unwinder.load(false));
+  auto cache = thread_cache();
+  unsigned from_start = 0;
+  for (int round = 0; round < 3; ++round) {  // walked by libgcc first, then replayed
+    for (unsigned depth : {0u, 5u, 40u, 5u, 100u, 0u}) {
+      const uint64_t replayed_before = cache->replayed;
+      Captures captures;
+      const uintptr_t start = recurse_and_capture_from_start(unwinder, *cache, depth, 24, captures);
+      const unsigned in_full = index_of(captures.full, start);
+      const unsigned in_cached = index_of(captures.cached, start);
+      ASSERT_EQ(in_full, 2u) << "capture(), the call in capture_from_here, then the start frame";
+      ASSERT_LT(in_cached, captures.cached.depth) << "recursion " << depth;
+      if (cache->replayed > replayed_before) {
+        EXPECT_EQ(in_cached, 1u) << "a replay starts at the start frame";
+        from_start += in_cached == 1;
+      }
+      const unsigned compared = std::min(captures.full.depth - in_full, captures.cached.depth - in_cached);
+      EXPECT_GE(compared, std::min(depth + 1, 20u)) << "recursion " << depth;
+      for (unsigned i = 0; i < compared; ++i)
+        EXPECT_EQ(captures.cached.ips[in_cached + i], captures.full.ips[in_full + i])
+            << "frame " << i << " from the start, recursion " << depth;
+    }
+  }
+  if (!kBuiltWithFramePointers) {
+    EXPECT_GT(from_start, 0u);
+  }
+}
+
+// A capture in a signal handler on an alternate stack: libgcc walks it
+// (the replay keeps to the thread's stack), and the trace cache keeps none
+// of the frames outside the thread's stack, which a later capture's rejoin
+// reads without a check (see TraceCache).
+struct AltStackRun {
+  const Unwinder* unwinder;
+  TraceCache* cache;
+  Captures captures;
+  bool ran;
+};
+AltStackRun* g_alt_run = nullptr;
+
+void capture_on_alternate_stack(int) {
+  recurse_and_capture(*g_alt_run->unwinder, *g_alt_run->cache, 6, 24, g_alt_run->captures);
+  g_alt_run->ran = true;
+}
+
+void expect_cache_inside_its_stack(const TraceCache& cache) {
+  for (unsigned i = 1; i < cache.count; ++i) {
+    EXPECT_GE(cache.cfas()[i], cache.stack_low + sizeof(uintptr_t)) << "frame " << i;
+    EXPECT_LE(cache.cfas()[i], cache.stack_high) << "frame " << i;
+  }
+}
+
+TEST(TraceCache, KeepsNoFrameOfASignalHandlersAlternateStack) {
+  Unwinder unwinder;
+  ASSERT_TRUE(unwinder.load(false));
+  auto cache = thread_cache();
+  {
+    Captures captures;  // a capture on the thread's stack, for the handler's to meet
+    recurse_and_capture(unwinder, *cache, 6, 24, captures);
+    expect_cache_inside_its_stack(*cache);
+  }
+  std::vector<char> alternate(1 << 16);
+  stack_t stack = {};
+  stack.ss_sp = alternate.data();
+  stack.ss_size = alternate.size();
+  stack_t previous_stack;
+  ASSERT_EQ(sigaltstack(&stack, &previous_stack), 0);
+  struct sigaction action = {}, previous_action;
+  action.sa_handler = capture_on_alternate_stack;
+  action.sa_flags = SA_ONSTACK;
+  ASSERT_EQ(sigaction(SIGUSR2, &action, &previous_action), 0);
+  AltStackRun run{&unwinder, cache.get(), {}, false};
+  g_alt_run = &run;
+  raise(SIGUSR2);
+  sigaction(SIGUSR2, &previous_action, nullptr);
+  sigaltstack(&previous_stack, nullptr);
+  g_alt_run = nullptr;
+  ASSERT_TRUE(run.ran);
+  expect_same(run.captures.full, run.captures.cached, 6);
+  EXPECT_GT(run.captures.cached.depth, 8u) << "the walk went past the handler's frames";
+  expect_cache_inside_its_stack(*cache);
+  for (unsigned depth : {3u, 9u}) {  // and on the thread's stack again
+    Captures captures;
+    recurse_and_capture(unwinder, *cache, depth, 24, captures);
+    expect_same(captures.full, captures.cached, depth);
+    expect_cache_inside_its_stack(*cache);
   }
 }
 
