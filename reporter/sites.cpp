@@ -3,12 +3,16 @@
 #include <sched.h>
 #include <sys/mman.h>
 
+#include <cstring>
+
 namespace hotpool::reporter {
 
 unsigned lifetime_bucket(uint64_t ns) {
-  unsigned bucket = 0;
-  for (uint64_t bound = 256; bucket + 1 < kLifetimeBuckets && ns >= bound; bound *= 4) ++bucket;
-  return bucket;
+  // Bucket b >= 1 holds [256 * 4^(b-1), 256 * 4^b): from the top bit's
+  // position, without a loop (one per sampled free).
+  if (ns < 256) return 0;
+  const unsigned bucket = (63 - static_cast<unsigned>(__builtin_clzll(ns)) - 8) / 2 + 1;
+  return bucket < kLifetimeBuckets ? bucket : kLifetimeBuckets - 1;
 }
 
 uint64_t lifetime_bucket_low(unsigned bucket) {
@@ -274,10 +278,7 @@ uint32_t StackDepot::insert(const uintptr_t* ips, unsigned depth) {
     if ((slot >> 32 << 32) != tag) continue;
     const uint32_t id = static_cast<uint32_t>(slot);
     const uintptr_t* stored = arena_ + (offsets_[id] - 1);
-    if (stored[0] != depth) continue;
-    bool same = true;
-    for (unsigned i = 0; i < depth && same; ++i) same = stored[1 + i] == ips[i];
-    if (same) return id;
+    if (stored[0] == depth && std::memcmp(stored + 1, ips, depth * sizeof(uintptr_t)) == 0) return id;
   }
   return 0;
 }
@@ -295,13 +296,9 @@ uint32_t SiteMemo::site_of(StackDepot& depot, const uintptr_t* ips, unsigned dep
   if (depth == 0 || depth > kDepth) return depot.insert(ips, depth);
   const uint64_t key = (ips[0] ^ (ips[depth > 1 ? 1 : 0] * 0x9e3779b97f4a7c15ull) ^ depth) * 0xff51afd7ed558ccdull;
   Entry& entry = entries_[key >> (64 - kEntriesLog2)];
-  if (entry.site && entry.depth == depth) {
-    bool same = true;
-    for (unsigned i = 0; i < depth && same; ++i) same = entry.ips[i] == ips[i];
-    if (same) {
-      ++hits_;
-      return entry.site;
-    }
+  if (entry.site && entry.depth == depth && std::memcmp(entry.ips, ips, depth * sizeof(uintptr_t)) == 0) {
+    ++hits_;
+    return entry.site;
   }
   const uint32_t site = depot.insert(ips, depth);
   if (site) {
@@ -310,7 +307,7 @@ uint32_t SiteMemo::site_of(StackDepot& depot, const uintptr_t* ips, unsigned dep
     entry.site = 0;
     asm volatile("" ::: "memory");
     entry.depth = depth;
-    for (unsigned i = 0; i < depth; ++i) entry.ips[i] = ips[i];
+    std::memcpy(entry.ips, ips, depth * sizeof(uintptr_t));
     asm volatile("" ::: "memory");
     entry.site = site;
   }
