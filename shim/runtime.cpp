@@ -76,7 +76,11 @@ void release_state(ThreadState& state, const ReentryGuard& guard) {
   // Frees a signal handler deferred and no slow path took since (under
   // this guard free_deferred would do nothing): straight to the depots, as
   // the frees of a thread without a state.
-  while (state.deferred_count) pooled_free_uncached(state.deferred_frees[--state.deferred_count]);
+  while (state.deferred_count) {
+    void* block = state.deferred_frees[--state.deferred_count];
+    if (is_sampled(block)) sampled_release_to_depot(block);
+    else pooled_free_uncached(block);
+  }
   if (g_recycler.ready()) g_recycler.flush(state.cache);
   flush_sample_stash(state, false);
   state.pending.flush();
@@ -468,14 +472,14 @@ static HOTPOOL_NOINLINE void pooled_free_full_bin(ThreadState* state, unsigned s
   free_deferred(*state);
 }
 
-static HOTPOOL_NOINLINE void defer_free(ThreadState* state, void* block) {
+HOTPOOL_NOINLINE void defer_free(ThreadState& state, void* block) {
   // The slot before the count (as the thread cache's push): a handler that
   // interrupts this one, or a fork() child, never sees a stale slot counted.
-  const unsigned count = state->deferred_count;
+  const unsigned count = state.deferred_count;
   if (count >= ThreadState::kDeferredFrees) return;
-  state->deferred_frees[count] = block;
+  state.deferred_frees[count] = block;
   asm volatile("" ::: "memory");
-  state->deferred_count = count + 1;
+  state.deferred_count = count + 1;
 }
 
 void free_deferred(ThreadState& state) {
@@ -490,7 +494,8 @@ void free_deferred(ThreadState& state) {
     void* block = state.deferred_frees[--state.deferred_count];
     asm volatile("" ::: "memory");
     local.pool_state = &state;
-    pooled_free(block);
+    if (is_sampled(block)) sampled_free_release(block);  // its free was recorded when it came
+    else pooled_free(block);
   }
 }
 
@@ -572,7 +577,7 @@ void pooled_free_gated(void* block) {
     if (attach_current_thread() != nullptr) return pooled_free(block);
     return pooled_free_uncached(block);
   }
-  defer_free(state, block);
+  defer_free(*state, block);
 }
 
 void pooled_free_unmarked(void* block) {

@@ -163,7 +163,11 @@ HOTPOOL_ALWAYS_INLINE void pooled_free_at(void* block, size_t region_offset) {
   local.pool_state = state;
   if (HOTPOOL_UNLIKELY(!pushed)) return pooled_free_full(block);
 }
-// Pooled frees deferred while the thread was inside hotpool, done now.
+// A free that cannot be done now (a signal handler's, while its thread is
+// inside hotpool): a pooled block, or a sampled one whose free is recorded
+// already, kept until free_deferred (16 at most; more leak).
+HOTPOOL_NOINLINE void defer_free(ThreadState& state, void* block);
+// Frees deferred while the thread was inside hotpool, done now.
 void free_deferred(ThreadState& state);
 
 // True when a call made in `phase` should be recorded: hotpool is recording

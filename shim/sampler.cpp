@@ -411,11 +411,15 @@ void sampled_free_release(void* block) {
   const unsigned region_class = g_sample_region.class_of_block(block);
   // Into this thread's stash when its slot is free, unless this free runs
   // inside another hotpool call (a signal handler's): that call may be
-  // changing the stash.
+  // changing the stash, or hold the depot's lock. The block then waits
+  // until the thread is out (free_deferred), as a pooled block does.
   const bool nested = tls.in_hotpool;
   ReentryGuard guard;
   ThreadState* state = tls.state;
-  if (nested) return g_sample_region.depot(region_class).drain(&raw, 1, now_ns());
+  if (nested) {
+    if (state) return defer_free(*state, block);
+    return g_sample_region.depot(region_class).drain(&raw, 1, now_ns());
+  }
   if (!state) {
     // A thread without a state: the depot's lock with signals blocked
     // (see recycler::SignalsBlocked).
@@ -453,6 +457,11 @@ void flush_sample_stash(ThreadState& state, bool after_fork) {
     if (!(after_fork && depot.lock().held_before_this_fork())) depot.drain(stash.slots, count, now_ns());
     stash.count = 0;
   }
+}
+
+void sampled_release_to_depot(void* block) {
+  void* raw = static_cast<char*>(block) - kHeader;
+  g_sample_region.depot(g_sample_region.class_of_block(block)).drain(&raw, 1, now_ns());
 }
 
 void sampled_free(void* block) {

@@ -310,6 +310,87 @@ TEST(SignalHandler, ItimerHandlerThatMallocsOnAThreadHotpoolLetGoNeverHangs) {
 }
 
 // ---------------------------------------------------------------------------
+// A handler that frees blocks allocated earlier, while the thread it
+// interrupts allocates and frees blocks of the same size, every one of them
+// sampled (HOTPOOL_SAMPLE=1): sampled blocks come from a region of their
+// own, through a per-thread stash and, past it, a depot under a lock,
+// which the interrupted code may hold.
+//
+// 132 KiB: on glibc the handler's blocks, allocated first, are mmapped
+// chunks, whose free takes no lock (the loop's, once glibc raised its
+// mmap threshold, come from the heap); under hotpool the stash of that
+// class holds a single block, so the loop goes to the depot at nearly
+// every call.
+
+constexpr size_t kBigSize = 132 << 10;
+constexpr size_t kBigHandlerBlocks = 1024;
+void* g_big_blocks[kBigHandlerBlocks];
+std::atomic<size_t> g_big_next{0};
+std::atomic<long> g_big_ticks{0};
+
+void freeing_handler(int) {
+  const int saved_errno = errno;
+  const size_t next = g_big_next.fetch_add(1);
+  if (next < kBigHandlerBlocks) free(g_big_blocks[next]);
+  ++g_big_ticks;
+  errno = saved_errno;
+}
+
+TORTURE_SCENARIO(itimer_free_sampled) {
+  for (void*& block : g_big_blocks) {
+    block = malloc(opaque(kBigSize));
+    if (!block) return 2;
+    static_cast<char*>(block)[0] = 1;
+  }
+  struct sigaction action = {};
+  action.sa_handler = freeing_handler;
+  action.sa_flags = SA_RESTART;
+  sigaction(SIGALRM, &action, nullptr);
+  const itimerval every_50us = {{0, 50}, {0, 50}};
+  setitimer(ITIMER_REAL, &every_50us, nullptr);
+  say("timer=started");
+  const double start = now_seconds();
+  uint64_t rounds = 0, corrupted = 0;
+  while (keep_running(start, kTimerSeconds, g_big_next, static_cast<long>(kBigHandlerBlocks))) {
+    unsigned char* blocks[4];
+    for (unsigned i = 0; i < 4; ++i) {
+      blocks[i] = static_cast<unsigned char*>(malloc(opaque(kBigSize)));
+      if (blocks[i]) blocks[i][0] = blocks[i][kBigSize - 1] = static_cast<unsigned char>(i + rounds);
+    }
+    for (unsigned i = 0; i < 4; ++i) {
+      if (!blocks[i] || blocks[i][0] != static_cast<unsigned char>(i + rounds) ||
+          blocks[i][kBigSize - 1] != static_cast<unsigned char>(i + rounds))
+        ++corrupted;
+      free(blocks[i]);
+    }
+    ++rounds;
+  }
+  const itimerval stop = {};
+  setitimer(ITIMER_REAL, &stop, nullptr);
+  const size_t freed = std::min(g_big_next.load(), kBigHandlerBlocks);
+  for (size_t i = freed; i < kBigHandlerBlocks; ++i) free(g_big_blocks[i]);
+  say("ticks=%ld handler_frees=%zu rounds=%llu corrupted=%llu", g_big_ticks.load(), freed,
+      static_cast<unsigned long long>(rounds), static_cast<unsigned long long>(corrupted));
+  return corrupted ? 3 : 0;
+}
+
+TEST(SignalHandler, ItimerHandlerThatFreesSampledBlocksNeverHangs) {
+  const ScenarioRun glibc = run_scenario("itimer_free_sampled", Preload::No, {}, kLongestSeconds + 4);
+  if (glibc.status != "exit 0") {
+    GTEST_SKIP() << "plain glibc fails this scenario itself: " << describe(glibc);
+  }
+  ASSERT_GE(glibc.number("handler_frees"), 10u) << "the timer hardly fired: " << describe(glibc);
+
+  const ScenarioRun hotpool =
+      run_scenario("itimer_free_sampled", Preload::Yes, {"HOTPOOL_SAMPLE=1"}, hotpool_deadline(glibc));
+  EXPECT_EQ(hotpool.status, "exit 0") << (hotpool.timed_out ? "hotpool deadlocked where glibc did not. " : "")
+                                      << describe(hotpool);
+  if (hotpool.status == "exit 0") {
+    EXPECT_GE(hotpool.number("handler_frees"), 10u) << describe(hotpool);
+  }
+}
+
+// ---------------------------------------------------------------------------
 // fork() from a handler that interrupted malloc (glibc's tst-mallocfork2):
 // a sender process sends SIGUSR1 over and over; the handler forks, the
 // child _exits at once, the handler waits for it. fork() runs hotpool's
