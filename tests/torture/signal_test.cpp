@@ -148,21 +148,29 @@ void allocating_handler(int) {
 constexpr double kTimerSeconds = 0.4;
 constexpr long kWantedTicks = 2000;
 
-TORTURE_SCENARIO(itimer_malloc) {
-  warm_up();
-  say_pooled();
+// SIGALRM runs `handler` every 50 µs from now on (until stop_timer).
+void start_timer(void (*handler)(int)) {
   struct sigaction action = {};
-  action.sa_handler = allocating_handler;
+  action.sa_handler = handler;
   action.sa_flags = SA_RESTART;
   sigaction(SIGALRM, &action, nullptr);
   const itimerval every_50us = {{0, 50}, {0, 50}};
   setitimer(ITIMER_REAL, &every_50us, nullptr);
   say("timer=started");
+}
+void stop_timer() {
+  const itimerval stop = {};
+  setitimer(ITIMER_REAL, &stop, nullptr);
+}
+
+TORTURE_SCENARIO(itimer_malloc) {
+  warm_up();
+  say_pooled();
+  start_timer(allocating_handler);
   const double start = now_seconds();
   uint64_t rounds = 0, corrupted = 0;
   while (keep_running(start, kTimerSeconds, g_ticks, kWantedTicks)) corrupted += main_batch(rounds++, true);
-  const itimerval stop = {};
-  setitimer(ITIMER_REAL, &stop, nullptr);
+  stop_timer();
   say("ticks=%ld rounds=%llu corrupted=%llu handler_corrupted=%ld", g_ticks.load(),
       static_cast<unsigned long long>(rounds), static_cast<unsigned long long>(corrupted),
       g_handler_corrupted.load());
@@ -273,19 +281,12 @@ TORTURE_SCENARIO(itimer_malloc_after_teardown) {
   sigemptyset(&alarm);
   sigaddset(&alarm, SIGALRM);
   pthread_sigmask(SIG_BLOCK, &alarm, nullptr);
-  struct sigaction action = {};
-  action.sa_handler = late_handler;
-  action.sa_flags = SA_RESTART;
-  sigaction(SIGALRM, &action, nullptr);
   if (pthread_key_create(&g_late_key, late_destructor) != 0) return 2;
-  const itimerval every_50us = {{0, 50}, {0, 50}};
-  setitimer(ITIMER_REAL, &every_50us, nullptr);
-  say("timer=started");
+  start_timer(late_handler);
   pthread_t thread;
   if (pthread_create(&thread, nullptr, late_thread, nullptr) != 0) return 2;
   pthread_join(thread, nullptr);
-  const itimerval stop = {};
-  setitimer(ITIMER_REAL, &stop, nullptr);
+  stop_timer();
   say("ticks=%ld rounds=%llu handler_corrupted=%ld", g_late_ticks.load(),
       static_cast<unsigned long long>(g_late_rounds), g_handler_corrupted.load());
   return g_handler_corrupted ? 3 : 0;
@@ -342,13 +343,7 @@ TORTURE_SCENARIO(itimer_free_sampled) {
     if (!block) return 2;
     static_cast<char*>(block)[0] = 1;
   }
-  struct sigaction action = {};
-  action.sa_handler = freeing_handler;
-  action.sa_flags = SA_RESTART;
-  sigaction(SIGALRM, &action, nullptr);
-  const itimerval every_50us = {{0, 50}, {0, 50}};
-  setitimer(ITIMER_REAL, &every_50us, nullptr);
-  say("timer=started");
+  start_timer(freeing_handler);
   const double start = now_seconds();
   uint64_t rounds = 0, corrupted = 0;
   while (keep_running(start, kTimerSeconds, g_big_next, static_cast<long>(kBigHandlerBlocks))) {
@@ -365,8 +360,7 @@ TORTURE_SCENARIO(itimer_free_sampled) {
     }
     ++rounds;
   }
-  const itimerval stop = {};
-  setitimer(ITIMER_REAL, &stop, nullptr);
+  stop_timer();
   const size_t freed = std::min(g_big_next.load(), kBigHandlerBlocks);
   for (size_t i = freed; i < kBigHandlerBlocks; ++i) free(g_big_blocks[i]);
   say("ticks=%ld handler_frees=%zu rounds=%llu corrupted=%llu", g_big_ticks.load(), freed,
