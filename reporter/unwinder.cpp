@@ -317,7 +317,8 @@ __attribute__((noinline)) bool Unwinder::capture(unsigned depth, CapturedStack* 
       cfas[i] = 0;  // unknown
     }
   } else {
-    // A stack of at least two words: rejoin_at's range check needs one.
+    // A stack of at least two words: where the cache's CFAs lie (see
+    // TraceCache) is then a range.
     const bool cached = cache && gcc_get_cfa_ && cache->stack_high >= cache->stack_low + 2 * sizeof(uintptr_t);
     const int capacity = static_cast<int>(cached ? kMaxDepth + kLeading : depth + kLeading);
     static_assert(TraceCache::kFrames == kMaxDepth + kLeading, "a capture fills a cache buffer");

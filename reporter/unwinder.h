@@ -134,9 +134,10 @@ class Unwinder {
 
  private:
   bool skipped(uintptr_t ip) const;
-  // The walk from capture()'s caller outwards, from the frame table:
-  // frames in raw[1..], their CFAs in cfas[1..]; -1 when the table does
-  // not know a frame (or replaying is off).
+  // The walk outwards from (return_address, cfa), capture()'s caller or
+  // the start frame it was given, from the frame table: frames in raw[1..],
+  // their CFAs in cfas[1..]; -1 when the table does not know a frame, the
+  // first CFA is outside the thread's stack (or replaying is off).
   int replay(uintptr_t return_address, uintptr_t cfa, uintptr_t* raw, uintptr_t* cfas, int capacity,
              const TraceCache& cache) const;
   void learn(const uintptr_t* raw, const uintptr_t* cfas, const uintptr_t* rbps, int walked, int got,

@@ -96,6 +96,11 @@ void on_thread_exit(void* arg) {
     pthread_setspecific(g_thread_key, state);
     return;
   }
+  // From here on the thread has no state: a signal handler's free of a
+  // pooled block would go straight to a depot whose lock the hand-back
+  // below may hold (see recycler::SignalsBlocked). Two system calls per
+  // thread exit.
+  const recycler::SignalsBlocked blocked;
   tls_exiting_state = state;
   std::atomic_signal_fence(std::memory_order_seq_cst);
   tls.state = nullptr;
@@ -488,10 +493,21 @@ void free_deferred(ThreadState& state) {
   while (state.deferred_count && local.pool_state == &state) {
     // Taken with the pool closed, as the fast paths' pop: a signal handler
     // that came in between and went through a slow path would free the
-    // same entry (free_deferred there too).
+    // same entry (free_deferred there too). The count is read again once
+    // the pool is closed (a handler between the loop's test and here may
+    // have emptied the list), and lowered after its slot is read (a
+    // handler's defer_free in between then costs one lost block, never a
+    // block freed twice).
     local.pool_state = nullptr;
     asm volatile("" ::: "memory");
-    void* block = state.deferred_frees[--state.deferred_count];
+    const unsigned count = state.deferred_count;
+    if (count == 0) {
+      local.pool_state = &state;
+      break;
+    }
+    void* block = state.deferred_frees[count - 1];
+    asm volatile("" ::: "memory");
+    state.deferred_count = count - 1;
     asm volatile("" ::: "memory");
     local.pool_state = &state;
     if (is_sampled(block)) sampled_free_release(block);  // its free was recorded when it came

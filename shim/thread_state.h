@@ -96,9 +96,10 @@ struct ThreadState {
   // being read or changed (a signal handler's sample then goes to the depot).
   reporter::SiteMemo site_memo;
   bool memo_busy;
-  // Pooled blocks freed while this thread was inside hotpool (a signal
-  // handler that interrupted a cache drain): cached here, not in the bin
-  // being rearranged, until the slow path is over. Full: the block leaks.
+  // Pooled or sampled blocks a signal handler freed while this thread was
+  // inside hotpool (a cache's or a stash's change, a depot's lock): kept
+  // here until the thread is out (free_deferred) or exits. A sampled
+  // block's free is recorded when it comes. Full: the block leaks.
   static constexpr unsigned kDeferredFrees = 16;
   void* deferred_frees[kDeferredFrees];
   unsigned deferred_count;

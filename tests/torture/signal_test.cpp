@@ -18,13 +18,17 @@
 #include <pthread.h>
 #include <signal.h>
 #include <sys/prctl.h>
+#include <sys/syscall.h>
 #include <sys/time.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <string>
+#include <vector>
 
 #include <gtest/gtest.h>
 
@@ -34,6 +38,7 @@ namespace {
 
 using torture::describe;
 using torture::mode_pools;
+using torture::mode_under_test;
 using torture::opaque;
 using torture::Preload;
 using torture::run_scenario;
@@ -307,6 +312,130 @@ TEST(SignalHandler, ItimerHandlerThatMallocsOnAThreadHotpoolLetGoNeverHangs) {
   }
   if (hotpool.status == "exit 0") {
     EXPECT_GE(hotpool.number("ticks"), 10u) << describe(hotpool);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// A handler that frees pooled blocks allocated earlier, run over and over
+// on a thread while it exits (a timer of its own, every 10 µs, from its
+// third round of key destructors on): hotpool hands the thread's cached blocks back
+// to the depots then, under their locks, and the handler's frees go to the
+// same depots (found in review).
+//
+// glibc's mmap threshold is lowered to 4 KiB (mallopt) while the handler's
+// blocks are allocated: on glibc they are mmapped chunks, whose free takes
+// no lock, so glibc itself survives a handler in its thread-exit path. In
+// hotpool's default table the sizes are the classes 5K, 6K, 7K and 9K
+// (mode fixed gets them as HOTPOOL_CLASSES); each signal frees one block.
+// The threads fill their caches (HOTPOOL_CACHE=256K: up to 51 blocks of a
+// class) so that handing them back takes a while.
+
+constexpr size_t kExitSizes[] = {5000, 6000, 7000, 9000};
+constexpr size_t kExitClasses[] = {5 << 10, 6 << 10, 7 << 10, 9 << 10};
+constexpr size_t kExitHandlerBlocks = 16384;
+constexpr int kExitThreads = 1000;
+void* g_exit_blocks[kExitHandlerBlocks];
+std::atomic<size_t> g_exit_next{0};
+std::atomic<long> g_exit_signals{0};
+timer_t g_exit_timer;
+bool g_exit_timer_failed = false;
+pthread_key_t g_exit_key;
+
+void exit_handler(int) {
+  const int saved_errno = errno;
+  const size_t next = g_exit_next.fetch_add(1);
+  if (next < kExitHandlerBlocks) free(g_exit_blocks[next]);
+  ++g_exit_signals;
+  errno = saved_errno;
+}
+
+// The timer starts in glibc's third round of key destructors, just
+// before the last, where hotpool lets the thread go (its key, created
+// first, runs first in each round).
+void exit_destructor(void* value) {
+  const uintptr_t round = reinterpret_cast<uintptr_t>(value);
+  if (round < PTHREAD_DESTRUCTOR_ITERATIONS - 1) {
+    pthread_setspecific(g_exit_key, reinterpret_cast<void*>(round + 1));
+    return;
+  }
+  // A timer of the thread's own, every 10 µs, from here on (the main
+  // thread deletes it after the join).
+  sigevent event = {};
+  event.sigev_notify = SIGEV_THREAD_ID;
+  event.sigev_signo = SIGALRM;
+  event._sigev_un._tid = gettid();
+  if (timer_create(CLOCK_MONOTONIC, &event, &g_exit_timer) != 0) {
+    g_exit_timer_failed = true;
+    return;
+  }
+  const itimerspec every_10us = {{0, 10000}, {0, 1000}};  // the first after 1 µs
+  timer_settime(g_exit_timer, 0, &every_10us, nullptr);
+}
+
+void* exiting_thread(void*) {
+  // Blocks of every size in the thread's cache when it exits.
+  void* mine[4][64];
+  for (int s = 0; s < 4; ++s)
+    for (void*& block : mine[s]) block = malloc(opaque(kExitSizes[s]));
+  for (int s = 0; s < 4; ++s)
+    for (void* block : mine[s]) free(block);
+  pthread_setspecific(g_exit_key, reinterpret_cast<void*>(uintptr_t{1}));
+  return nullptr;
+}
+
+TORTURE_SCENARIO(signals_at_thread_exit) {
+  bool pooled = true;
+  for (int s = 0; s < 4; ++s) pooled = torture::warm_until_pooled(kExitSizes[s], kExitClasses[s]) && pooled;
+  say("pooled=%d", pooled ? 1 : 0);
+  mallopt(M_MMAP_THRESHOLD, 4096);  // the handler's blocks: mmapped chunks on glibc
+  for (size_t i = 0; i < kExitHandlerBlocks; ++i) {
+    g_exit_blocks[i] = malloc(opaque(kExitSizes[i % 4]));
+    if (!g_exit_blocks[i]) return 2;
+  }
+  mallopt(M_MMAP_THRESHOLD, 128 << 10);  // the threads' blocks: glibc's heap again
+  struct sigaction action = {};
+  action.sa_handler = exit_handler;
+  action.sa_flags = SA_RESTART;
+  sigaction(SIGALRM, &action, nullptr);
+  sigset_t alarm;
+  sigemptyset(&alarm);
+  sigaddset(&alarm, SIGALRM);
+  pthread_sigmask(SIG_BLOCK, &alarm, nullptr);  // the main thread never takes it
+  if (pthread_key_create(&g_exit_key, exit_destructor) != 0) return 2;
+  int threads = 0;
+  for (; threads < kExitThreads && g_exit_next.load() < kExitHandlerBlocks; ++threads) {
+    pthread_sigmask(SIG_UNBLOCK, &alarm, nullptr);  // for the new thread's mask
+    pthread_t thread;
+    const bool created = pthread_create(&thread, nullptr, exiting_thread, nullptr) == 0;
+    pthread_sigmask(SIG_BLOCK, &alarm, nullptr);
+    if (!created) return 2;
+    pthread_join(thread, nullptr);
+    if (g_exit_timer_failed) return 4;
+    timer_delete(g_exit_timer);
+  }
+  const size_t freed = std::min(g_exit_next.load(), kExitHandlerBlocks);
+  for (size_t i = freed; i < kExitHandlerBlocks; ++i) free(g_exit_blocks[i]);
+  say("threads=%d signals=%ld handler_frees=%zu", threads, g_exit_signals.load(), freed);
+  return 0;
+}
+
+TEST(SignalHandler, HandlerThatFreesPooledBlocksWhileItsThreadExitsNeverHangs) {
+  const ScenarioRun glibc = run_scenario("signals_at_thread_exit", Preload::No, {}, 30);
+  if (glibc.status != "exit 0") {
+    GTEST_SKIP() << "plain glibc fails this scenario itself: " << describe(glibc);
+  }
+  ASSERT_GE(glibc.number("handler_frees"), 10u) << "hardly a signal was handled: " << describe(glibc);
+  std::vector<std::string> environment = {"HOTPOOL_CACHE=256K"};
+  if (mode_under_test() == "fixed") environment.push_back("HOTPOOL_CLASSES=5K,6K,7K,9K");
+  const ScenarioRun hotpool =
+      run_scenario("signals_at_thread_exit", Preload::Yes, environment, 2 * glibc.seconds + 20);
+  EXPECT_EQ(hotpool.status, "exit 0") << (hotpool.timed_out ? "hotpool deadlocked where glibc did not. " : "")
+                                      << describe(hotpool);
+  if (mode_pools()) {
+    EXPECT_EQ(hotpool.value("pooled"), "1") << describe(hotpool);
+  }
+  if (hotpool.status == "exit 0") {
+    EXPECT_GE(hotpool.number("handler_frees"), 10u) << describe(hotpool);
   }
 }
 
