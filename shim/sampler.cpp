@@ -309,11 +309,6 @@ void* sampled_allocate(ThreadState& state, size_t size, reporter::Unwinder::Fram
     asm volatile("" ::: "memory");
     --stash.count;
   }
-  // A block handed out twice (the same block in the stash twice) is caught
-  // here, not left to corrupt two allocations.
-  if (HOTPOOL_UNLIKELY(static_cast<SampleHeader*>(raw)->state == kLive))
-    recycler::fatal_pointer_error("a sampled block still in use was about to be handed out again",
-                                  static_cast<char*>(raw) + kHeader);
   reporter::CapturedStack stack;
   capture_stack(&stack, entry);
   if (!stack.cfa) stack.cfa = find_frame_cfa(stack, state, reinterpret_cast<uintptr_t>(&stack + 1));
