@@ -24,16 +24,12 @@ using recycler::SpinLock;
 using recycler::SpinLockGuard;
 
 // A thread's LIFO of free sampled blocks of one class (see
-// ThreadState::sample_stash): four cache lines, of which a thread touches
-// only those of the classes it samples. With every allocation sampled
-// (HOTPOOL_SAMPLE=1) all of a thread's allocations pass through it: with
-// 7 slots (one line) one in eight of clang-format's went to or came from
-// the depot, under its lock; with 31, one in 37. A slot is stored before the
+// ThreadState::sample_stash): one cache line. A slot is stored before the
 // count that covers it, and the count lowered before its slot is reused: a
 // fork() by another thread at any instant leaves the child a stash whose
 // counted slots are blocks out of the depot.
 struct alignas(64) SampleStash {
-  static constexpr unsigned kSlots = 31;
+  static constexpr unsigned kSlots = 7;
   uint32_t count;
   void* slots[kSlots];
 };
