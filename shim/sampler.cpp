@@ -406,6 +406,11 @@ void sampled_free_record(void* block) {
   }
 }
 
+void sampled_release_to_depot(void* block) {
+  void* raw = static_cast<char*>(block) - kHeader;
+  g_sample_region.depot(g_sample_region.class_of_block(block)).drain(&raw, 1, now_ns());
+}
+
 void sampled_free_release(void* block) {
   void* raw = static_cast<char*>(block) - kHeader;
   const unsigned region_class = g_sample_region.class_of_block(block);
@@ -416,16 +421,13 @@ void sampled_free_release(void* block) {
   const bool nested = tls.in_hotpool;
   ReentryGuard guard;
   ThreadState* state = tls.state;
-  if (nested) {
-    if (state) return defer_free(*state, block);
-    return g_sample_region.depot(region_class).drain(&raw, 1, now_ns());
-  }
   if (!state) {
     // A thread without a state: the depot's lock with signals blocked
     // (see recycler::SignalsBlocked).
     const recycler::SignalsBlocked blocked;
-    return g_sample_region.depot(region_class).drain(&raw, 1, now_ns());
+    return sampled_release_to_depot(block);
   }
+  if (nested) return defer_free(*state, block);
   SampleStash& stash = state->sample_stash[region_class];
   const unsigned capacity = stash_capacity(region_class);
   if (stash.count >= capacity) {
@@ -457,11 +459,6 @@ void flush_sample_stash(ThreadState& state, bool after_fork) {
     if (!(after_fork && depot.lock().held_before_this_fork())) depot.drain(stash.slots, count, now_ns());
     stash.count = 0;
   }
-}
-
-void sampled_release_to_depot(void* block) {
-  void* raw = static_cast<char*>(block) - kHeader;
-  g_sample_region.depot(g_sample_region.class_of_block(block)).drain(&raw, 1, now_ns());
 }
 
 void sampled_free(void* block) {

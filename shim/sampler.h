@@ -60,7 +60,8 @@ void sampled_free(void* block);
 // realloc's two halves of sampled_free (see sampler.cpp).
 void sampled_free_record(void* block);
 void sampled_free_release(void* block);
-// The second half straight to the depot (a deferred free at thread exit).
+// The second half straight to the depot: a thread without a state, or a
+// deferred free at thread exit.
 void sampled_release_to_depot(void* block);
 // A thread's stashed sampled blocks back to their depots: at thread exit,
 // and in a fork child for the threads that are gone (under the guard).

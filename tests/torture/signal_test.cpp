@@ -126,7 +126,41 @@ bool keep_running(double start, double seconds, long handled, long wanted) {
 // The scenarios stop after a bounded time. The deadline only tells a hang
 // from a slow run: hotpool's run gets twice glibc's time and 10 s more
 // (a loaded machine may slow one run and not the other).
-double hotpool_deadline(const ScenarioRun& glibc) { return 2 * glibc.seconds + 10.0; }
+double hotpool_deadline(const ScenarioRun& glibc, double slack = 10.0) { return 2 * glibc.seconds + slack; }
+
+// How the scenarios that plain glibc survives are judged: `scenario` runs
+// on glibc first (the test is skipped if glibc fails it; `counted`, what
+// shows the handler ran, must reach 10), then under hotpool with
+// `environment`, which must exit 0 before its deadline, count 10 too and,
+// in the pooling modes, say `pooled_key`=1 (unless it is empty).
+struct GlibcFirst {
+  const char* scenario;
+  const char* counted;
+  const char* pooled_key = "pooled";
+  std::vector<std::string> environment = {};
+  double glibc_deadline = kLongestSeconds + 4;
+  double slack = 10.0;  // see hotpool_deadline
+};
+
+void expect_hotpool_survives_as_glibc_does(const GlibcFirst& run) {
+  const ScenarioRun glibc = run_scenario(run.scenario, Preload::No, {}, run.glibc_deadline);
+  if (glibc.status != "exit 0") {
+    GTEST_SKIP() << "plain glibc fails this scenario itself: " << describe(glibc);
+  }
+  ASSERT_GE(glibc.number(run.counted), 10u) << "too few signals were handled: " << describe(glibc);
+
+  const ScenarioRun hotpool =
+      run_scenario(run.scenario, Preload::Yes, run.environment, hotpool_deadline(glibc, run.slack));
+  EXPECT_EQ(hotpool.status, "exit 0") << (hotpool.timed_out ? "hotpool deadlocked where glibc did not. " : "")
+                                      << describe(hotpool);
+  if (mode_pools() && *run.pooled_key) {
+    EXPECT_EQ(hotpool.value(run.pooled_key), "1")
+        << "the classes the handler meets must be pooled for this test to mean anything: " << describe(hotpool);
+  }
+  if (hotpool.status == "exit 0") {
+    EXPECT_GE(hotpool.number(run.counted), 10u) << describe(hotpool);
+  }
+}
 
 // ---------------------------------------------------------------------------
 // An interval timer whose handler allocates
@@ -183,24 +217,7 @@ TORTURE_SCENARIO(itimer_malloc) {
 }
 
 TEST(SignalHandler, ItimerHandlerThatMallocsEvery50usNeverHangsOrCorruptsTheLoopItInterrupts) {
-  const ScenarioRun glibc = run_scenario("itimer_malloc", Preload::No, {}, kLongestSeconds + 4);
-  if (glibc.status != "exit 0") {
-    GTEST_SKIP() << "plain glibc fails this scenario itself: " << describe(glibc);
-  }
-  ASSERT_GE(glibc.number("ticks"), 10u) << "the timer hardly fired: " << describe(glibc);
-
-  const ScenarioRun hotpool = run_scenario("itimer_malloc", Preload::Yes, {}, hotpool_deadline(glibc));
-  EXPECT_EQ(hotpool.status, "exit 0")
-      << (hotpool.timed_out ? "hotpool deadlocked where glibc did not. " : "")
-      << (hotpool.said("timer=started") ? "" : "It never started its timer. ") << describe(hotpool);
-  if (mode_pools()) {
-    EXPECT_EQ(hotpool.value("pooled"), "1") << "the handler's classes must be pooled for this test to mean "
-                                               "anything: "
-                                            << describe(hotpool);
-  }
-  if (hotpool.status == "exit 0") {
-    EXPECT_GE(hotpool.number("ticks"), 10u) << describe(hotpool);
-  }
+  expect_hotpool_survives_as_glibc_does({.scenario = "itimer_malloc", .counted = "ticks"});
 }
 
 // ---------------------------------------------------------------------------
@@ -298,21 +315,8 @@ TORTURE_SCENARIO(itimer_malloc_after_teardown) {
 }
 
 TEST(SignalHandler, ItimerHandlerThatMallocsOnAThreadHotpoolLetGoNeverHangs) {
-  const ScenarioRun glibc = run_scenario("itimer_malloc_after_teardown", Preload::No, {}, kLongestSeconds + 4);
-  if (glibc.status != "exit 0") {
-    GTEST_SKIP() << "plain glibc fails this scenario itself: " << describe(glibc);
-  }
-  ASSERT_GE(glibc.number("ticks"), 10u) << "the timer hardly fired: " << describe(glibc);
-
-  const ScenarioRun hotpool = run_scenario("itimer_malloc_after_teardown", Preload::Yes, {}, hotpool_deadline(glibc));
-  EXPECT_EQ(hotpool.status, "exit 0") << (hotpool.timed_out ? "hotpool deadlocked where glibc did not. " : "")
-                                      << describe(hotpool);
-  if (mode_pools()) {
-    EXPECT_EQ(hotpool.value("late_blocks_pooled"), "1") << describe(hotpool);
-  }
-  if (hotpool.status == "exit 0") {
-    EXPECT_GE(hotpool.number("ticks"), 10u) << describe(hotpool);
-  }
+  expect_hotpool_survives_as_glibc_does(
+      {.scenario = "itimer_malloc_after_teardown", .counted = "ticks", .pooled_key = "late_blocks_pooled"});
 }
 
 // ---------------------------------------------------------------------------
@@ -420,23 +424,13 @@ TORTURE_SCENARIO(signals_at_thread_exit) {
 }
 
 TEST(SignalHandler, HandlerThatFreesPooledBlocksWhileItsThreadExitsNeverHangs) {
-  const ScenarioRun glibc = run_scenario("signals_at_thread_exit", Preload::No, {}, 30);
-  if (glibc.status != "exit 0") {
-    GTEST_SKIP() << "plain glibc fails this scenario itself: " << describe(glibc);
-  }
-  ASSERT_GE(glibc.number("handler_frees"), 10u) << "hardly a signal was handled: " << describe(glibc);
   std::vector<std::string> environment = {"HOTPOOL_CACHE=256K"};
   if (mode_under_test() == "fixed") environment.push_back("HOTPOOL_CLASSES=5K,6K,7K,9K");
-  const ScenarioRun hotpool =
-      run_scenario("signals_at_thread_exit", Preload::Yes, environment, 2 * glibc.seconds + 20);
-  EXPECT_EQ(hotpool.status, "exit 0") << (hotpool.timed_out ? "hotpool deadlocked where glibc did not. " : "")
-                                      << describe(hotpool);
-  if (mode_pools()) {
-    EXPECT_EQ(hotpool.value("pooled"), "1") << describe(hotpool);
-  }
-  if (hotpool.status == "exit 0") {
-    EXPECT_GE(hotpool.number("handler_frees"), 10u) << describe(hotpool);
-  }
+  expect_hotpool_survives_as_glibc_does({.scenario = "signals_at_thread_exit",
+                                         .counted = "handler_frees",
+                                         .environment = environment,
+                                         .glibc_deadline = 30,
+                                         .slack = 20});
 }
 
 // ---------------------------------------------------------------------------
@@ -498,19 +492,10 @@ TORTURE_SCENARIO(itimer_free_sampled) {
 }
 
 TEST(SignalHandler, ItimerHandlerThatFreesSampledBlocksNeverHangs) {
-  const ScenarioRun glibc = run_scenario("itimer_free_sampled", Preload::No, {}, kLongestSeconds + 4);
-  if (glibc.status != "exit 0") {
-    GTEST_SKIP() << "plain glibc fails this scenario itself: " << describe(glibc);
-  }
-  ASSERT_GE(glibc.number("handler_frees"), 10u) << "the timer hardly fired: " << describe(glibc);
-
-  const ScenarioRun hotpool =
-      run_scenario("itimer_free_sampled", Preload::Yes, {"HOTPOOL_SAMPLE=1"}, hotpool_deadline(glibc));
-  EXPECT_EQ(hotpool.status, "exit 0") << (hotpool.timed_out ? "hotpool deadlocked where glibc did not. " : "")
-                                      << describe(hotpool);
-  if (hotpool.status == "exit 0") {
-    EXPECT_GE(hotpool.number("handler_frees"), 10u) << describe(hotpool);
-  }
+  expect_hotpool_survives_as_glibc_does({.scenario = "itimer_free_sampled",
+                                         .counted = "handler_frees",
+                                         .pooled_key = "",
+                                         .environment = {"HOTPOOL_SAMPLE=1"}});
 }
 
 // ---------------------------------------------------------------------------
@@ -611,21 +596,7 @@ TORTURE_SCENARIO(fork_in_handler) {
 }
 
 TEST(SignalHandler, ForkFromAHandlerThatInterruptedMallocNeverHangs) {
-  const ScenarioRun glibc = run_scenario("fork_in_handler", Preload::No, {}, kLongestSeconds + 4);
-  if (glibc.status != "exit 0") {
-    GTEST_SKIP() << "plain glibc fails this scenario itself: " << describe(glibc);
-  }
-  ASSERT_GE(glibc.number("forks"), 10u) << "too few signals arrived: " << describe(glibc);
-
-  const ScenarioRun hotpool = run_scenario("fork_in_handler", Preload::Yes, {}, hotpool_deadline(glibc));
-  EXPECT_EQ(hotpool.status, "exit 0") << (hotpool.timed_out ? "hotpool deadlocked where glibc did not. " : "")
-                                      << describe(hotpool);
-  if (mode_pools()) {
-    EXPECT_EQ(hotpool.value("pooled"), "1") << describe(hotpool);
-  }
-  if (hotpool.status == "exit 0") {
-    EXPECT_GE(hotpool.number("forks"), 10u) << describe(hotpool);
-  }
+  expect_hotpool_survives_as_glibc_does({.scenario = "fork_in_handler", .counted = "forks"});
 }
 
 // The same, while the interrupted thread forks too: the handler's fork()
@@ -660,15 +631,8 @@ TORTURE_SCENARIO(fork_in_handler_while_forking) {
 }
 
 TEST(SignalHandler, ForkFromAHandlerThatInterruptedForkNeverHangs) {
-  const ScenarioRun glibc = run_scenario("fork_in_handler_while_forking", Preload::No, {}, kLongestSeconds + 4);
-  if (glibc.status != "exit 0") {
-    GTEST_SKIP() << "plain glibc fails this scenario itself: " << describe(glibc);
-  }
-  ASSERT_GE(glibc.number("forks"), 10u) << "too few signals arrived: " << describe(glibc);
-
-  const ScenarioRun hotpool = run_scenario("fork_in_handler_while_forking", Preload::Yes, {}, hotpool_deadline(glibc));
-  EXPECT_EQ(hotpool.status, "exit 0") << (hotpool.timed_out ? "hotpool deadlocked where glibc did not. " : "")
-                                      << describe(hotpool);
+  expect_hotpool_survives_as_glibc_does(
+      {.scenario = "fork_in_handler_while_forking", .counted = "forks", .pooled_key = ""});
 }
 
 // The same with a second thread whose thread cache holds pooled blocks of
