@@ -4,7 +4,6 @@
 #include <unistd.h>
 
 #include <cstdlib>
-#include <cstring>
 
 namespace hotpool::recycler {
 
@@ -88,19 +87,12 @@ bool ClassDepot::init(uint32_t block_size, char* area, size_t area_bytes, uint64
   check_.twos = geometry_.twos;
   max_slabs_ = area_bytes / geometry_.slab_bytes();
   if (max_slabs_ == 0) return false;
-  size_t stack_slots = kStackBytes / block_size;
-  if (stack_slots > kStackSlots) stack_slots = kStackSlots;
-  if (stack_slots < 2) stack_slots = 2;
-  stack_capacity_ = static_cast<uint32_t>(stack_slots);
-  const size_t stack_bytes = stack_slots * sizeof(void*);
   const size_t slab_meta = (max_slabs_ * sizeof(Slab) + 63) & ~size_t{63};
   const size_t bitmap_bytes = max_slabs_ * geometry_.bitmap_words * sizeof(uint64_t);
-  // Untouched pages of it cost nothing: the stack's as it grows, the slabs' as they are carved.
-  char* meta = static_cast<char*>(map_noreserve(stack_bytes + slab_meta + bitmap_bytes));
+  char* meta = static_cast<char*>(map_noreserve(slab_meta + bitmap_bytes));
   if (!meta) return false;
-  stack_ = reinterpret_cast<void**>(meta);
-  slabs_ = reinterpret_cast<Slab*>(meta + stack_bytes);
-  bitmaps_ = reinterpret_cast<uint64_t*>(meta + stack_bytes + slab_meta);
+  slabs_ = reinterpret_cast<Slab*>(meta);
+  bitmaps_ = reinterpret_cast<uint64_t*>(meta + slab_meta);
   return true;
 }
 
@@ -165,11 +157,7 @@ unsigned ClassDepot::refill(void** out, unsigned want, uint64_t now_ns) {
 
 unsigned ClassDepot::refill_locked(void** out, unsigned want, uint64_t now_ns) {
   (void)now_ns;
-  // The transfer stack first, its top (the last drained) last into `out`,
-  // so that it is the first a bin pops.
-  unsigned taken = want < stack_count_ ? want : stack_count_;
-  stack_count_ -= taken;
-  std::memcpy(out, stack_ + stack_count_, taken * sizeof(void*));
+  unsigned taken = 0;
   while (taken < want) {
     // Fuller slabs first: a partial slab before an empty one, so that empty
     // slabs stay empty long enough to be given back.
@@ -231,20 +219,6 @@ void ClassDepot::drain(void* const* blocks, unsigned count, uint64_t now_ns) {
 }
 
 void ClassDepot::drain_locked(void* const* blocks, unsigned count, uint64_t now_ns) {
-  const unsigned room = stack_capacity_ - stack_count_;
-  const unsigned stacked = count < room ? count : room;
-  std::memcpy(stack_ + stack_count_, blocks, stacked * sizeof(void*));
-  stack_count_ += stacked;
-  if (stacked < count) free_into_slabs(blocks + stacked, count - stacked, now_ns);
-  counters_.depot_free_bytes.fetch_add(uint64_t{count} * geometry_.size, std::memory_order_relaxed);
-}
-
-void ClassDepot::spill_stack(uint64_t now_ns) {
-  free_into_slabs(stack_, stack_count_, now_ns);
-  stack_count_ = 0;
-}
-
-void ClassDepot::free_into_slabs(void* const* blocks, unsigned count, uint64_t now_ns) {
   for (unsigned i = 0; i < count; ++i) {
     uint32_t index;
     Slab* slab = slab_at(static_cast<size_t>(static_cast<char*>(blocks[i]) - area_), &index);
@@ -260,13 +234,11 @@ void ClassDepot::free_into_slabs(void* const* blocks, unsigned count, uint64_t n
       push(partial_, slab, kPartial);
     }
   }
+  counters_.depot_free_bytes.fetch_add(uint64_t{count} * geometry_.size, std::memory_order_relaxed);
 }
 
 bool ClassDepot::holds_free(const void* block) {
   SpinLockGuard guard(lock_, kNoCancellationPoint);
-  for (uint32_t i = 0; i < stack_count_; ++i) {  // a double free's confirmation: a slow path
-    if (stack_[i] == block) return true;
-  }
   uint32_t index;
   const Slab* slab = slab_at(static_cast<size_t>(static_cast<const char*>(block) - area_), &index);
   return bitmap(slab)[index / 64] & (uint64_t{1} << (index % 64));
@@ -274,9 +246,6 @@ bool ClassDepot::holds_free(const void* block) {
 
 size_t ClassDepot::release_empty(uint64_t now_ns, uint64_t idle_ns, size_t keep_bytes) {
   SpinLockGuard guard(lock_, kNoCancellationPoint);
-  // Which slabs are wholly free only the bitmaps tell. A slab freed through
-  // the stack counts as empty from now: idle from the next call on.
-  spill_stack(now_ns);
   size_t released = 0;
   uint64_t released_slabs = 0;
   // The list is newest first: walk it and release from the oldest end by

@@ -12,11 +12,9 @@
 // multiple of the block size (the free path's check, see is_block_start).
 //
 // Everything about free blocks lives out of band, in a metadata mapping:
-// per slab a bitmap (bit set = the block is free in the depot) and a count,
-// and per class a stack of free block pointers in front of the bitmaps
-// (the depot's transfer stack: see ClassDepot). Freed memory holds at most
-// the free marker (see marker_word), so a write after free corrupts no
-// allocator state.
+// per slab a bitmap (bit set = the block is free in the depot) and a count.
+// Freed memory holds at most the free marker (see marker_word), so a write
+// after free corrupts no allocator state.
 #pragma once
 
 #include <atomic>
@@ -101,18 +99,6 @@ struct PoolCounters {
 };
 
 // The central depot of one class: free blocks not in any thread cache.
-//
-// Its free blocks are in two places: a stack of block pointers (the
-// transfer stack, at most kStackBytes of blocks and kStackSlots of them)
-// and the slabs' bitmaps. A drain pushes onto the stack while it has room
-// and spills the rest into the bitmaps; a refill pops from the stack first.
-// Programs that allocate a batch and free it later (a parser's nodes, an
-// interpreter's objects) move most of their blocks through the depot: the
-// stack moves a batch with one copy, where the bitmaps cost a slab lookup,
-// a bit and the slab's lists per block (measured: about 35 instructions a
-// block, 3.6% of python3's run). The bitmaps keep what only they can do:
-// lowest-first reuse, and telling which slabs are wholly free, so
-// release_empty() spills the stack into them first.
 class alignas(64) ClassDepot {
  public:
   // Sets up the class's area [area, area + area_bytes) and its metadata.
@@ -135,13 +121,8 @@ class alignas(64) ClassDepot {
   // depot (a block in both, or in neither).
   unsigned refill_locked(void** out, unsigned want, uint64_t now_ns);
   void drain_locked(void* const* blocks, unsigned count, uint64_t now_ns);
-  // True when the depot holds `block` as free (takes the lock).
+  // True when the depot holds `block` as free (under the lock).
   bool holds_free(const void* block);
-  // Blocks on the transfer stack now, and at most (under the lock, or racy).
-  uint32_t stacked() const { return stack_count_; }
-  uint32_t stack_capacity() const { return stack_capacity_; }
-  static constexpr uint32_t kStackSlots = 4096;
-  static constexpr size_t kStackBytes = size_t{1} << 20;
   // Gives wholly free slabs back to the OS: those idle for at least
   // `idle_ns`, and beyond the first `keep_bytes` of empty slabs all of them.
   size_t release_empty(uint64_t now_ns, uint64_t idle_ns, size_t keep_bytes);
@@ -171,10 +152,6 @@ class alignas(64) ClassDepot {
   void push(Slab*& list, Slab* slab, uint8_t which);
   Slab* carve_slab();
   void mark_free_blocks(Slab* slab);
-  // Into the bitmaps: blocks freed into the depot (aborts on one already free there).
-  void free_into_slabs(void* const* blocks, unsigned count, uint64_t now_ns);
-  // The transfer stack, every block of it, into the bitmaps.
-  void spill_stack(uint64_t now_ns);
   uint64_t* bitmap(const Slab* slab) const { return bitmaps_ + (slab - slabs_) * geometry_.bitmap_words; }
   char* slab_memory(const Slab* slab) const {
     return area_ + static_cast<size_t>(slab - slabs_) * geometry_.slab_bytes();
@@ -211,9 +188,6 @@ class alignas(64) ClassDepot {
   uint64_t marker_key_ = 0;
   Slab* slabs_ = nullptr;       // metadata, [max_slabs_]
   uint64_t* bitmaps_ = nullptr; // [max_slabs_ * bitmap_words]
-  void** stack_ = nullptr;      // [stack_capacity_], the transfer stack
-  uint32_t stack_capacity_ = 0;
-  uint32_t stack_count_ = 0;
   Slab* partial_ = nullptr;     // some blocks free
   Slab* empty_ = nullptr;       // every block free
   size_t empty_bytes_ = 0;

@@ -232,51 +232,6 @@ TEST_F(RecyclerTest, DecayKeepsYoungEmptySlabsAndReleasesOldOnes) {
   EXPECT_GT(d.release_empty(/*now=*/4000, /*idle=*/1000000, /*keep=*/0), 0u) << "beyond keep: released at once";
 }
 
-TEST_F(RecyclerTest, TheDepotsStackHandsBackTheLastDrainedBlocksAndSpillsTheRestIntoTheSlabs) {
-  ClassDepot& d = depot(1024);
-  ASSERT_EQ(d.stack_capacity(), ClassDepot::kStackBytes / 1024);
-  const unsigned capacity = d.stack_capacity();
-  std::vector<void*> blocks(capacity + 2 * d.geometry().blocks);  // whole slabs: the depot holds no other block
-  ASSERT_EQ(d.refill(blocks.data(), static_cast<unsigned>(blocks.size()), 0), blocks.size());
-  const uint64_t free_before = d.counters().depot_free_bytes.load();
-  d.drain(blocks.data(), 10, 0);
-  EXPECT_EQ(d.stacked(), 10u);
-  EXPECT_EQ(d.counters().depot_free_bytes.load(), free_before + 10 * 1024) << "stacked blocks are the depot's free blocks";
-  EXPECT_TRUE(d.holds_free(blocks[3]));
-  EXPECT_FALSE(d.holds_free(blocks[10]));
-  // A refill takes the stack's top: the same blocks, the last drained last
-  // (a bin pops it first).
-  void* back[4];
-  ASSERT_EQ(d.refill(back, 4, 0), 4u);
-  EXPECT_EQ(std::vector<void*>(back, back + 4), std::vector<void*>(blocks.begin() + 6, blocks.begin() + 10));
-  EXPECT_EQ(d.stacked(), 6u);
-  // Beyond the stack's room, a drain spills into the slabs' bitmaps.
-  std::copy(back, back + 4, blocks.begin() + 6);
-  d.drain(blocks.data() + 6, static_cast<unsigned>(blocks.size()) - 6, 0);
-  EXPECT_EQ(d.stacked(), capacity);
-  EXPECT_TRUE(d.holds_free(blocks.back())) << "in a bitmap";
-  EXPECT_EQ(d.counters().depot_free_bytes.load(), free_before + blocks.size() * 1024);
-  // Every block comes out again, each once.
-  std::vector<void*> again(blocks.size() + 10);
-  ASSERT_EQ(d.refill(again.data(), static_cast<unsigned>(blocks.size()), 0), blocks.size());
-  EXPECT_EQ(d.stacked(), 0u);
-  std::set<void*> seen(again.begin(), again.begin() + static_cast<long>(blocks.size()));
-  EXPECT_EQ(seen, std::set<void*>(blocks.begin(), blocks.end()));
-}
-
-TEST_F(RecyclerTest, ReleaseEmptySeesTheSlabsOfStackedBlocksAsWhollyFree) {
-  ClassDepot& d = depot(1024);
-  std::vector<void*> blocks(d.geometry().blocks);
-  ASSERT_EQ(d.refill(blocks.data(), static_cast<unsigned>(blocks.size()), 0), blocks.size());
-  for (void* block : blocks) std::memset(block, 0x5a, 1024);
-  d.drain(blocks.data(), static_cast<unsigned>(blocks.size()), 0);
-  ASSERT_EQ(d.stacked(), blocks.size()) << "the whole slab on the stack";
-  EXPECT_EQ(d.release_empty(/*now=*/1000, /*idle=*/1000000, /*keep=*/1 << 20), 0u) << "young and within keep";
-  EXPECT_EQ(d.stacked(), 0u) << "spilled into the bitmaps";
-  EXPECT_GT(d.release_empty(/*now=*/2000000, /*idle=*/1000000, /*keep=*/1 << 20), 0u) << "idle since the spill";
-  EXPECT_EQ(d.counters().committed_bytes.load(), 0u);
-}
-
 TEST_F(RecyclerTest, BlocksSurviveUseAcrossThreads) {
   // Producer/consumer: blocks allocated by one thread, freed into another's
   // cache, flowing back through the depot.
@@ -420,16 +375,35 @@ TEST_F(RecyclerTest, ASecondFreeFromAThreadWithoutCacheIsQuarantined) {
   for (int i = 0; i < 500; ++i) EXPECT_TRUE(handed_out.insert(recycler_->allocate(*cache_, cls(48))).second);
 }
 
-TEST_F(RecyclerDeathTest, DoubleFreeIsCaughtEvenWithChecksOffOnceInTheDepotsSlabs) {
+TEST_F(RecyclerDeathTest, DoubleFreeIsCaughtEvenWithChecksOffOnceInTheDepot) {
   build(/*checks=*/false);
   void* block = recycler_->allocate(*cache_, cls(48));
   recycler_->deallocate(*cache_, block);
-  recycler_->flush(*cache_);              // onto the depot's transfer stack
+  recycler_->flush(*cache_);
   recycler_->deallocate(*cache_, block);  // checks off: cached again, undetected here
-  recycler_->flush(*cache_);              // on the stack twice: it holds pointers, it checks nothing
-  EXPECT_EQ(cache_->bins[cls(48)].count, 0u);
-  // Back into the slabs' bitmaps (a trim, a decay or a full stack), the second copy aborts.
-  EXPECT_DEATH(recycler_->trim(), "hotpool: double free: the block is already free in the pool");
+  EXPECT_DEATH(recycler_->flush(*cache_), "hotpool: double free: the block is already free in the pool");
+}
+
+TEST_F(RecyclerDeathTest, DoubleFreeOfABlockWhoseMarkerWasOverwrittenIsCaughtInTheDepot) {
+  // A write after free clobbers the free marker, so the second free passes
+  // the fast path's check; the depot's bitmap catches it.
+  void* block = recycler_->allocate(*cache_, cls(48));
+  recycler_->deallocate(*cache_, block);
+  recycler_->flush(*cache_);
+  std::memset(block, 0x41, 48);
+  recycler_->deallocate(*cache_, block);
+  EXPECT_DEATH(recycler_->flush(*cache_), "hotpool: double free: the block is already free in the pool");
+}
+
+TEST_F(RecyclerDeathTest, DoubleFreeOfABlockInAReleasedSlabIsCaughtInTheDepot) {
+  // malloc_trim gave the block's pages back: its free marker reads zero.
+  void* block = recycler_->allocate(*cache_, cls(48));
+  recycler_->deallocate(*cache_, block);
+  recycler_->flush(*cache_);
+  ASSERT_GT(recycler_->trim(), 0u);
+  ASSERT_EQ(recycler::marker_word(block), 0u);
+  recycler_->deallocate(*cache_, block);
+  EXPECT_DEATH(recycler_->flush(*cache_), "hotpool: double free: the block is already free in the pool");
 }
 
 TEST_F(RecyclerDeathTest, InteriorMisalignedAndNeverAllocatedPointers) {
