@@ -384,6 +384,7 @@ static ThreadState* attach_thread(const ReentryGuard& guard) {
   state->policy_countdown = auto_mode ? kFirstPolicyWindow : kNever;
   tls.state = state;
   tls.status = ThreadStatus::Attached;
+  tls.ordinal = state->ordinal;
   pthread_setspecific(g_thread_key, state);
   // A thread that attached in glibc's last round of key destructors never
   // retires itself: new threads retire such states once their thread is

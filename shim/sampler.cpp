@@ -365,7 +365,11 @@ void sampled_free_record(void* block) {
   header->state = kFreed;
   const uint64_t now = now_ns();
   ThreadState* state = tls.state;
-  const bool same_thread = state && state->ordinal == header->thread;
+  // The allocating thread's free, also after hotpool let it go (its last
+  // key destructors): then without its calls or its stack, so neither
+  // temporary, recycled nor frame-local can be told (same_thread is false).
+  const bool own_block = header->thread == (state ? state->ordinal : tls.ordinal);
+  const bool same_thread = state && own_block;
   const uint64_t ops = state ? thread_ops(*state) : 0;
   // Frame-local: the allocating function is still active, i.e. its callers
   // (the site's stack beyond its first frame) are the outer end of ours.
@@ -380,7 +384,7 @@ void sampled_free_record(void* block) {
     capture_stack(&current);
     frame_local = reporter::allocating_frame_active(allocation, depth, current);
   }
-  const reporter::Escape escape = !same_thread ? reporter::Escape::CrossThread
+  const reporter::Escape escape = !own_block ? reporter::Escape::CrossThread
                                   : frame_local ? reporter::Escape::FrameLocal
                                                 : reporter::Escape::ThreadLocal;
   const uint64_t lifetime = now - header->alloc_ns;

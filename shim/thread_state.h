@@ -128,6 +128,10 @@ struct ThreadLocal {
   ThreadState* pool_state;
   ThreadStatus status;
   bool in_hotpool;          // the recursion guard
+  // The thread's ThreadState::ordinal from its attach on, kept after its
+  // teardown (0 before): a sampled block it frees in its last key
+  // destructors is still its own, not another thread's.
+  uint32_t ordinal;
 };
 
 extern __thread ThreadLocal tls __attribute__((tls_model("initial-exec")));

@@ -8,7 +8,10 @@
 //   sites_program recursion D N  N allocations at the bottom of a D-deep recursion
 //   sites_program dlopen LIB1 LIB2 N  N allocations in LIB1's function
 //                              (kept loaded) and in LIB2's (unloaded before exit)
+//   sites_program exit_free N  a thread's N allocations, freed by the same
+//                              thread in its last round of key destructors
 #include <dlfcn.h>
+#include <limits.h>  // PTHREAD_DESTRUCTOR_ITERATIONS
 #include <pthread.h>
 
 #include <cstdio>
@@ -186,6 +189,46 @@ NOINLINE int call_library(const char* path, bool unload, int count) {
   return 0;
 }
 
+// A thread's blocks freed by that thread at its very end: in the last
+// round of pthread key destructors, after hotpool has let the thread go (a
+// key created after hotpool's own runs after it in every round).
+struct ExitFree {
+  pthread_key_t key;
+  int rounds = 0;
+  std::vector<void*> blocks;
+};
+
+void free_in_the_last_round(void* value) {
+  auto* state = static_cast<ExitFree*>(value);
+  if (++state->rounds < PTHREAD_DESTRUCTOR_ITERATIONS) {
+    pthread_setspecific(state->key, state);  // again next round
+    return;
+  }
+  for (void* block : state->blocks) std::free(block);
+  state->blocks.clear();
+}
+
+NOINLINE void* exit_free_block() {
+  return std::malloc(700);  // SITE: freed_at_exit
+}
+
+int exit_free_thread(int count) {
+  ExitFree state;
+  if (pthread_key_create(&state.key, free_in_the_last_round) != 0) return 1;
+  state.blocks.reserve(static_cast<size_t>(count));
+  pthread_t thread;
+  auto body = [](void* arg) -> void* {
+    auto* exit_free = static_cast<ExitFree*>(arg);
+    for (size_t i = 0; i < exit_free->blocks.capacity(); ++i) exit_free->blocks.push_back(exit_free_block());
+    pthread_setspecific(exit_free->key, exit_free);
+    return nullptr;
+  };
+  if (pthread_create(&thread, nullptr, body, &state) != 0) return 1;
+  pthread_join(thread, nullptr);
+  pthread_key_delete(state.key);
+  return state.rounds == PTHREAD_DESTRUCTOR_ITERATIONS && state.blocks.empty() ? 0 : 1;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -206,6 +249,8 @@ int main(int argc, char** argv) {
   } else if (std::strcmp(what, "recursion") == 0) {
     const int repeat = argc > 3 ? std::atoi(argv[3]) : 100;
     for (int i = 0; i < repeat; ++i) recurse(count);
+  } else if (std::strcmp(what, "exit_free") == 0) {
+    if (exit_free_thread(count) != 0) return 1;
   } else if (std::strcmp(what, "dlopen") == 0) {
     const int repeat = argc > 4 ? std::atoi(argv[4]) : 100;
     if (argc < 4 || call_library(argv[2], false, repeat) != 0 || call_library(argv[3], true, repeat) != 0) return 1;

@@ -245,6 +245,20 @@ TEST_F(SitesTest, HundredsOfThreadsAddUpToOneSiteWithExactCounts) {
   EXPECT_EQ(figures["cross_thread"], 0u);
 }
 
+// A thread frees its own blocks in its last round of key destructors,
+// after hotpool has let it go: the same thread, so thread-local, not
+// cross-thread (what the lifetime in the thread's calls would need, it no
+// longer has: neither temporary nor recycled).
+TEST_F(SitesTest, BlocksAThreadFreesAfterHotpoolLetItGoAreItsOwn) {
+  const Json report = run({"exit_free", std::to_string(kCount)}, {"HOTPOOL_SAMPLE=1", "HOTPOOL_MODE=profile"});
+  auto figures = site(report, "exit_free_block", "freed_at_exit");
+  EXPECT_EQ(figures["sampled_allocations"], kCount);
+  EXPECT_EQ(figures["sampled_frees"], kCount);
+  EXPECT_EQ(figures["thread_local"], kCount);
+  EXPECT_EQ(figures["cross_thread"], 0u);
+  EXPECT_EQ(figures["live_at_exit"], 0u);
+}
+
 // A recursion much deeper than HOTPOOL_DEPTH: the stack is cut at that
 // many frames, innermost first, and the escape analysis still works on it.
 TEST_F(SitesTest, ARecursionDeeperThanTheDepthOptionKeepsItsInnermostFrames) {
