@@ -73,6 +73,7 @@ unsigned collect_sites(const SamplingView& view) {
 template <typename Key>
 unsigned top_rows(unsigned count, unsigned top, Key key, unsigned* out) {
   unsigned chosen = 0;
+  if (top == 0) return 0;  // HOTPOOL_TOP=0: no list
   for (unsigned i = 0; i < count; ++i) {
     if (key(g_rows[i]) == 0) continue;
     unsigned pos = chosen < top ? chosen++ : top;
@@ -207,8 +208,8 @@ void write_text_sampling(const StatsSnapshot& stats, const SamplingView& view, O
         .padded(14, [&](Output& o) { o.percent(load(life.escapes[2]), freed); })
         .ch('\n');
   }
-  unsigned order[64];
-  const unsigned top = view.top < 64 ? view.top : 64;
+  unsigned order[kMaxTop];
+  const unsigned top = view.top < kMaxTop ? view.top : kMaxTop;
   auto site_line = [&](const SiteRow& row, unsigned rank) {
     out.str("   #").u64(rank).str("  ").str(estimated ? "~" : "").count(row.allocs * view.rate).str(" x ");
     if (row.min_size == row.max_size) out.bytes(row.min_size);

@@ -13,13 +13,15 @@
 namespace hotpool::reporter {
 
 inline constexpr int kJsonSchemaVersion = 1;
+// Sites shown per list in the text report, at most (HOTPOOL_TOP).
+inline constexpr unsigned kMaxTop = 64;
 
 // What sampling found, for the report's site, lifetime and advice sections.
 struct SamplingView {
   uint64_t rate;            // mean allocations per sample (1: every allocation)
   uint64_t short_ns;        // the short-lived threshold
   uint64_t recycle_calls;   // the recycled threshold (the freeing thread's allocator calls)
-  unsigned top;             // sites shown per list
+  unsigned top;             // sites shown per list (0 to kMaxTop)
   unsigned frames;          // frames shown per site
   const StackDepot* depot;
   const LifetimeStats* class_lifetimes;  // [class_count], by block class

@@ -186,6 +186,9 @@ size_t region_bytes() {
 }
 
 // Modes fixed and auto: reserve the region and decide what pools first.
+// True when HOTPOOL_CLASSES gave the class table (mode fixed pools exactly those).
+static bool g_explicit_classes = false;
+
 void start_recycler() {
   const recycler::RecyclerConfig config{region_bytes(), g_options.cache_bytes, g_options.decay, g_options.keep_empty,
                                         g_options.checks};
@@ -202,8 +205,10 @@ void start_recycler() {
     if (g_options.classes.count == 0) {
       g_pool_note = "mode fixed without HOTPOOL_CLASSES: nothing was pooled";
       write_stderr_line("hotpool: mode fixed needs HOTPOOL_CLASSES (e.g. 48,64,1K); nothing will be pooled");
+    } else if (!g_explicit_classes) {
+      g_pool_note = "mode fixed: no size of HOTPOOL_CLASSES can be pooled: nothing was pooled";
     }
-    for (unsigned c = 0; g_options.classes.count && c + 1 < g_classes.count(); ++c) g_recycler.set_pooled(c, true);
+    for (unsigned c = 0; g_explicit_classes && c + 1 < g_classes.count(); ++c) g_recycler.set_pooled(c, true);
   }
   g_pool_limit = g_classes.max_class_size();
   // The auto policy counts blocks by their usable size: tell it which block
@@ -245,10 +250,18 @@ void print_options() {
 }
 
 void build_class_table() {
-  if (g_options.classes.count == 0 ||
-      !g_classes.build_from_list(g_options.classes.values, g_options.classes.count)) {
-    g_classes.build_default(g_options.max_class);
+  const SizeList& list = g_options.classes;
+  g_explicit_classes = list.count && g_classes.build_from_list(list.values, list.count);
+  unsigned too_large = 0;
+  for (unsigned i = 0; i < list.count; ++i) too_large += list.values[i] > recycler::kLargestClassLimit;
+  if (too_large) {
+    reporter::Output out(STDERR_FILENO);
+    out.str("hotpool: HOTPOOL_CLASSES: ").u64(too_large).str(too_large == 1 ? " size" : " sizes")
+        .str(" above 1 GiB (the largest class) ignored");
+    if (!g_explicit_classes) out.str("; none left: the default table is used, and mode fixed pools nothing");
+    out.ch('\n');
   }
+  if (!g_explicit_classes) g_classes.build_default(g_options.max_class);
 }
 
 // Start-up at load time too, so that options are checked and a report is

@@ -1,5 +1,7 @@
 #include "sampler.h"
 
+#include "reporter/report.h"
+
 #include <pthread.h>
 #include <dlfcn.h>
 #include <errno.h>
@@ -201,6 +203,14 @@ bool start_sampling(const ReentryGuard&) {
   }
   g_depth = static_cast<unsigned>(options.depth < reporter::kMaxDepth ? options.depth : reporter::kMaxDepth);
   if (g_depth == 0) g_depth = 1;
+  if (g_depth != options.depth) {
+    reporter::Output(STDERR_FILENO).str("hotpool: HOTPOOL_DEPTH=").u64(options.depth).str(": ").u64(g_depth)
+        .str(g_depth == 1 ? " frame" : " frames").str(" captured (1 to ").u64(reporter::kMaxDepth).str(")\n");
+  }
+  if (options.top > reporter::kMaxTop) {
+    reporter::Output(STDERR_FILENO).str("hotpool: HOTPOOL_TOP=").u64(options.top).str(": ").u64(reporter::kMaxTop)
+        .str(" sites shown per list (at most ").u64(reporter::kMaxTop).str("; the JSON report has them all)\n");
+  }
   g_short_ns = options.short_lived;
   g_recycle_calls = options.recycle_calls;
   const bool use_libunwind = options.unwinder == Unwinder::Libunwind;

@@ -199,6 +199,36 @@ TEST_F(ReportTest, MalformedOptionsWarnOnceEachAndChangeNothingElse) {
   EXPECT_EQ(only_json_report()["mode"], "auto");
 }
 
+TEST_F(ReportTest, OutOfRangeOptionsSayWhatIsUsedInstead) {
+  const RunResult plain = run({HOTPOOL_REPORT_PROGRAM, "echo", "x"}, {}, dir_);
+  const RunResult result =
+      run_program({"echo", "x"}, {"HOTPOOL_MODE=fixed", "HOTPOOL_CLASSES=48,10G", "HOTPOOL_DEPTH=1000", "HOTPOOL_TOP=500",
+                                  "HOTPOOL_OUTPUT=" + (dir_ / "r.%p.json").string()});
+  EXPECT_EQ(result.status, plain.status);
+  EXPECT_EQ(result.out, plain.out);
+  EXPECT_EQ(result.err,
+            "hotpool: HOTPOOL_CLASSES: 1 size above 1 GiB (the largest class) ignored\n"
+            "hotpool: HOTPOOL_DEPTH=1000: 64 frames captured (1 to 64)\n"
+            "hotpool: HOTPOOL_TOP=500: 64 sites shown per list (at most 64; the JSON report has them all)\n");
+  // The table is the usable part of the list.
+  const RunResult verbose = run_program({"echo", "x"}, {"HOTPOOL_MODE=fixed", "HOTPOOL_CLASSES=48,10G",
+                                                        "HOTPOOL_VERBOSE=1", "HOTPOOL_REPORT=off"});
+  EXPECT_NE(verbose.err.find("hotpool: size classes: 48 (then 'large')\n"), std::string::npos) << verbose.err;
+}
+
+TEST_F(ReportTest, AClassListWithNoUsableSizeMakesModeFixedPoolNothing) {
+  const RunResult result = run_program({"known"}, {"HOTPOOL_MODE=fixed", "HOTPOOL_CLASSES=10G",
+                                                   "HOTPOOL_OUTPUT=" + (dir_ / "r.%p.json").string()});
+  EXPECT_EQ(result.status, 0);
+  EXPECT_EQ(result.err,
+            "hotpool: HOTPOOL_CLASSES: 1 size above 1 GiB (the largest class) ignored; none left: the default table "
+            "is used, and mode fixed pools nothing\n");
+  const nlohmann::json report = only_json_report();
+  for (const auto& row : report["classes"])
+    EXPECT_FALSE(row.contains("pool") && row["pool"]["pooled"].get<bool>()) << row;
+  EXPECT_NE(report["note"].get<std::string>().find("nothing was pooled"), std::string::npos) << report["note"];
+}
+
 TEST_F(ReportTest, HelpAndVerboseListEveryOption) {
   const RunResult result = run_program({"echo"}, {"HOTPOOL_HELP=1", "HOTPOOL_VERBOSE=1", "HOTPOOL_REPORT=0"});
   EXPECT_EQ(result.status, 0);

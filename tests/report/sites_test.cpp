@@ -49,6 +49,29 @@ class SitesTest : public ::testing::Test {
     if (!HasFailure()) fs::remove_all(dir_);
   }
 
+  // The program's text report (HOTPOOL_OUTPUT to a .txt file), and its exit status.
+  std::string run_text(const std::vector<std::string>& args, std::vector<std::string> options, int* status) {
+    const fs::path text_report = dir_ / "text.txt";
+    options.push_back("HOTPOOL_OUTPUT=" + text_report.string());
+    std::vector<std::string> env;
+    for (char** entry = environ; *entry; ++entry)
+      if (std::strncmp(*entry, "HOTPOOL_", 8) != 0 && std::strncmp(*entry, "LD_PRELOAD=", 11) != 0) env.push_back(*entry);
+    env.push_back("LD_PRELOAD=" HOTPOOL_LIBRARY);
+    for (const std::string& option : options) env.push_back(option);
+    std::vector<char*> envp;
+    for (std::string& e : env) envp.push_back(e.data());
+    envp.push_back(nullptr);
+    std::vector<std::string> argv = {HOTPOOL_SITES_PROGRAM};
+    argv.insert(argv.end(), args.begin(), args.end());
+    std::vector<char*> argp;
+    for (std::string& a : argv) argp.push_back(a.data());
+    argp.push_back(nullptr);
+    pid_t pid;
+    EXPECT_EQ(posix_spawn(&pid, argp[0], nullptr, nullptr, argp.data(), envp.data()), 0);
+    waitpid(pid, status, 0);
+    return fs::exists(text_report) ? slurp(text_report) : std::string();
+  }
+
   Json run(const std::vector<std::string>& args, const std::vector<std::string>& options) {
     std::vector<std::string> env;
     for (char** entry = environ; *entry; ++entry)
@@ -200,26 +223,11 @@ TEST_F(SitesTest, EstimatesAtTheDefaultRateAreWithinFivePercentForSitesOfOnePerc
 }
 
 TEST_F(SitesTest, TextReportShowsSitesLifetimesAndTheTuneLine) {
-  std::vector<std::string> env_text = {"HOTPOOL_SAMPLE=1", "HOTPOOL_MODE=profile"};
-  run({"patterns", "500"}, env_text);  // JSON, to check it ran
-  // The same run as text: only the names differ.
-  const fs::path text_report = dir_ / "text.txt";
-  env_text.push_back("HOTPOOL_OUTPUT=" + text_report.string());
-  std::vector<std::string> env;
-  for (char** entry = environ; *entry; ++entry)
-    if (std::strncmp(*entry, "HOTPOOL_", 8) != 0 && std::strncmp(*entry, "LD_PRELOAD=", 11) != 0) env.push_back(*entry);
-  env.push_back("LD_PRELOAD=" HOTPOOL_LIBRARY);
-  for (const std::string& option : env_text) env.push_back(option);
-  std::vector<char*> envp;
-  for (std::string& e : env) envp.push_back(e.data());
-  envp.push_back(nullptr);
-  std::string program = HOTPOOL_SITES_PROGRAM, arg1 = "patterns", arg2 = "500";
-  char* argp[] = {program.data(), arg1.data(), arg2.data(), nullptr};
-  pid_t pid;
-  ASSERT_EQ(posix_spawn(&pid, argp[0], nullptr, nullptr, argp, envp.data()), 0);
-  int status = 0;
-  waitpid(pid, &status, 0);
-  const std::string text = slurp(text_report);
+  run({"patterns", "500"}, {"HOTPOOL_SAMPLE=1", "HOTPOOL_MODE=profile"});  // JSON, to check it ran
+  // The same run as text.
+  int status = -1;
+  const std::string text = run_text({"patterns", "500"}, {"HOTPOOL_SAMPLE=1", "HOTPOOL_MODE=profile"}, &status);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
   EXPECT_NE(text.find("  lifetimes from "), std::string::npos) << text;
   EXPECT_NE(text.find("  hot sites, short-lived first"), std::string::npos);
   EXPECT_NE(text.find("frame_local_site"), std::string::npos);
@@ -228,6 +236,18 @@ TEST_F(SitesTest, TextReportShowsSitesLifetimesAndTheTuneLine) {
   EXPECT_NE(text.find("  live at exit"), std::string::npos);
   EXPECT_NE(text.find("leak_site"), std::string::npos);
   EXPECT_NE(text.find("  tune: export HOTPOOL_CLASSES="), std::string::npos);
+}
+
+TEST_F(SitesTest, TopZeroLeavesTheSiteListsOutOfTheTextReport) {
+  int status = -1;
+  const std::string text =
+      run_text({"patterns", "500"}, {"HOTPOOL_SAMPLE=1", "HOTPOOL_MODE=profile", "HOTPOOL_TOP=0"}, &status);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "status " << status << "\n" << text;
+  EXPECT_NE(text.find("  lifetimes from "), std::string::npos) << text;
+  EXPECT_EQ(text.find("  hot sites"), std::string::npos) << text;
+  EXPECT_EQ(text.find("  sites by bytes"), std::string::npos) << text;
+  EXPECT_EQ(text.find("frame_local_site"), std::string::npos) << text;
+  EXPECT_NE(text.find("  tune: export HOTPOOL_CLASSES="), std::string::npos) << text;
 }
 
 // Hundreds of threads alive at once, each allocating from the same site:
