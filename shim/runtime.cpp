@@ -290,9 +290,25 @@ void exit_report() {
 }
 
 // Expands %p (pid) and %% in the output name. False if it does not fit.
+// The working directory at start-up, when HOTPOOL_OUTPUT is a relative name
+// (empty otherwise, or if it did not fit): the report goes where the user
+// started the program, though the program changed directory since (git,
+// make -C, shells).
+char g_start_dir[kMaxPath];
+
+void remember_start_dir() {
+  g_start_dir[0] = '\0';
+  if (g_options.output[0] == '\0' || g_options.output[0] == '/') return;
+  if (!getcwd(g_start_dir, sizeof(g_start_dir)) || g_start_dir[0] != '/') g_start_dir[0] = '\0';  // a system call
+}
+
 bool expand_output_name(const char* pattern, char* out, size_t size) {
   size_t used = 0;
   auto put = [&](char c) { if (used + 1 < size) out[used++] = c; else used = size; };
+  if (pattern[0] != '/' && g_start_dir[0]) {
+    for (const char* d = g_start_dir; *d; ++d) put(*d);
+    if (used && out[used - 1] != '/') put('/');
+  }
   for (const char* p = pattern; *p && used < size; ++p) {
     if (p[0] == '%' && p[1] == 'p') {
       char digits[16];
@@ -334,6 +350,7 @@ void boot() {
 
   g_secure = getauxval(AT_SECURE) != 0;
   parse_options(environ, &g_options, write_stderr_line, nullptr);
+  remember_start_dir();
   // Mode off never reads a block's size: it must not touch the heap at all.
   if (complete && g_options.mode != Mode::Off) real.glibc_chunk_headers = real.probe_chunk_headers();
   g_real = real;

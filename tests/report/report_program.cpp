@@ -5,6 +5,7 @@
 //   exit-thread  four threads allocate without end; one of them calls
 //                exit(3) while the others are still allocating
 //   on-demand    like known, then hotpool_report(), then more allocations
+//   known-then-chdir DIR  known, then changes to DIR before it returns
 //   echo ARGS    prints its arguments (for output comparisons)
 #include <dlfcn.h>
 #include <pthread.h>
@@ -64,6 +65,10 @@ int main(int argc, char** argv) {
     pthread_t threads[4];
     for (int i = 0; i < 4; ++i) pthread_create(&threads[i], nullptr, allocate_forever, i == 3 ? &threads : nullptr);
     for (;;) pause();
+  }
+  if (std::strcmp(mode, "known-then-chdir") == 0 && argc > 2) {
+    known_pattern();
+    return chdir(argv[2]) == 0 ? 0 : 3;  // the report is written after this
   }
   if (std::strcmp(mode, "echo") == 0) {
     for (int i = 2; i < argc; ++i) std::printf("%s\n", argv[i]);

@@ -37,7 +37,9 @@ std::string slurp(const fs::path& path) {
 
 // Runs argv with extra environment entries; stdout and stderr go to files.
 // A run that takes longer than 60 s is killed and fails the test.
-RunResult run(const std::vector<std::string>& argv, const std::vector<std::string>& extra_env, const fs::path& dir) {
+// Runs argv with stdout and stderr into files in `dir`; in `cwd` if given.
+RunResult run(const std::vector<std::string>& argv, const std::vector<std::string>& extra_env, const fs::path& dir,
+              const fs::path& cwd = {}) {
   std::vector<std::string> env_storage;
   for (char** entry = environ; *entry; ++entry) {
     if (std::strncmp(*entry, "HOTPOOL_", 8) != 0 && std::strncmp(*entry, "LD_PRELOAD=", 11) != 0)
@@ -56,6 +58,7 @@ RunResult run(const std::vector<std::string>& argv, const std::vector<std::strin
   posix_spawn_file_actions_init(&actions);
   posix_spawn_file_actions_addopen(&actions, 1, out_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
   posix_spawn_file_actions_addopen(&actions, 2, err_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  if (!cwd.empty()) posix_spawn_file_actions_addchdir_np(&actions, cwd.c_str());
   pid_t pid;
   RunResult result;
   if (posix_spawn(&pid, args[0], &actions, nullptr, args.data(), envp.data()) != 0) return result;
@@ -247,6 +250,20 @@ TEST_F(ReportTest, OutputNameExpandsPidAndPercent) {
   ASSERT_EQ(found.size(), 1u);
   const nlohmann::json report = nlohmann::json::parse(slurp(found[0]));
   EXPECT_EQ(found[0].filename().string(), "r.%." + std::to_string(report["pid"].get<int>()) + ".json");
+}
+
+TEST_F(ReportTest, ARelativeOutputNameIsRelativeToTheDirectoryTheProcessStartedIn) {
+  // git, make -C, shells: programs change directory; the report still goes
+  // where the user ran them.
+  const fs::path elsewhere = dir_ / "elsewhere";
+  fs::create_directories(elsewhere);
+  const RunResult result =
+      run({HOTPOOL_REPORT_PROGRAM, "known-then-chdir", elsewhere.string()},
+          {"LD_PRELOAD=" HOTPOOL_LIBRARY, "HOTPOOL_MODE=profile", "HOTPOOL_OUTPUT=r.%p.json"}, dir_, dir_);
+  EXPECT_EQ(result.status, 0);
+  EXPECT_EQ(result.err, "");
+  EXPECT_EQ(reports().size(), 1u) << "the report belongs in the start directory";
+  EXPECT_TRUE(fs::is_empty(elsewhere)) << "not where the program went";
 }
 
 TEST_F(ReportTest, SymlinkedOutputIsNotFollowed) {
