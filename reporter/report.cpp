@@ -64,7 +64,7 @@ unsigned collect_sites(const SamplingView& view) {
     for (unsigned e = 0; e < 3; ++e) row.escapes[e] = load(life.escapes[e]);
     row.calls = load(life.calls_between);
     for (unsigned b = 0; b < kLifetimeBuckets; ++b) row.histogram[b] = load(life.histogram[b]);
-    row.median_ns = histogram_median(row.histogram, kLifetimeBuckets);
+    row.median_ns = histogram_median(row.histogram, kLifetimeBuckets, view.longest_ns);
   }
   return count;
 }
@@ -201,7 +201,7 @@ void write_text_sampling(const StatsSnapshot& stats, const SamplingView& view, O
     else out.padded(10, [&](Output& o) { o.u64(stats.class_size[c]); }).str(" B");
     out.padded(13, [&](Output& o) { o.percent(load(life.short_lived), freed); })
         .padded(10, [&](Output& o) { o.percent(load(life.recycled), freed); })
-        .padded(13, [&](Output& o) { write_duration(o, histogram_median(histogram, kLifetimeBuckets)); })
+        .padded(13, [&](Output& o) { write_duration(o, histogram_median(histogram, kLifetimeBuckets, view.longest_ns)); })
         .padded(11, [&](Output& o) { o.percent(load(life.temporary), freed); })
         .padded(13, [&](Output& o) { o.percent(load(life.escapes[0]), freed); })
         .padded(14, [&](Output& o) { o.percent(load(life.escapes[1]), freed); })
@@ -294,7 +294,7 @@ void write_json_sampling(const StatsSnapshot& stats, const SamplingView* view, O
         .str(", \"frame_local\": ").u64(load(life.escapes[0]))
         .str(", \"thread_local\": ").u64(load(life.escapes[1]))
         .str(", \"cross_thread\": ").u64(load(life.escapes[2]))
-        .str(", \"median_lifetime_ns\": ").u64(histogram_median(histogram, kLifetimeBuckets))
+        .str(", \"median_lifetime_ns\": ").u64(histogram_median(histogram, kLifetimeBuckets, view->longest_ns))
         .str(", \"lifetime_histogram\": ");
     write_json_histogram(out, histogram);
     out.ch('}');

@@ -23,6 +23,7 @@ struct SamplingView {
   uint64_t recycle_calls;   // the recycled threshold (the freeing thread's allocator calls)
   unsigned top;             // sites shown per list (0 to kMaxTop)
   unsigned frames;          // frames shown per site
+  uint64_t longest_ns;      // no lifetime is longer: the run's duration (medians never read above it)
   const StackDepot* depot;
   const LifetimeStats* class_lifetimes;  // [class_count], by block class
   const Symbol* (*symbolize)(uintptr_t return_address);  // valid until the next call

@@ -22,22 +22,40 @@ uint64_t lifetime_bucket_low(unsigned bucket) {
   return low;
 }
 
-uint64_t histogram_median(const uint64_t* counts, unsigned buckets) {
+namespace {
+// 4^x for x in [0, 1], without libm (libhotpool.so links none): 4^x =
+// e^(x ln 4), whose series converges fast for x ln 4 <= 1.39 (20 terms
+// leave < 1e-12).
+double four_to_the(double x) {
+  const double y = x * 1.3862943611198906;
+  double term = 1, sum = 1;
+  for (int n = 1; n < 20; ++n) {
+    term *= y / n;
+    sum += term;
+  }
+  return sum;
+}
+}  // namespace
+
+uint64_t histogram_median(const uint64_t* counts, unsigned buckets, uint64_t at_most) {
   uint64_t total = 0;
   for (unsigned b = 0; b < buckets; ++b) total += counts[b];
   if (total == 0) return 0;
   uint64_t seen = 0;
   for (unsigned b = 0; b < buckets; ++b) {
     if ((seen + counts[b]) * 2 >= total) {
-      // Linear inside the bucket [low, 4 low) (the first one: [0, 256 ns)).
-      const double low = static_cast<double>(lifetime_bucket_low(b));
-      const double high = b == 0 ? 256.0 : low * 4;
+      // Inside the bucket on its own scale: linear in the first, [0, 256 ns);
+      // geometric in the others, [low, 4 low) (the last one is open: it has
+      // no upper end but the run's duration).
       const double fraction = (static_cast<double>(total) / 2 - static_cast<double>(seen)) / static_cast<double>(counts[b]);
-      return static_cast<uint64_t>(low + fraction * (high - low));
+      const double low = static_cast<double>(lifetime_bucket_low(b));
+      const double median = b == 0 ? fraction * 256.0 : low * four_to_the(fraction);
+      const uint64_t estimate = static_cast<uint64_t>(median);
+      return estimate < at_most ? estimate : at_most;  // no block lived longer than the run
     }
     seen += counts[b];
   }
-  return lifetime_bucket_low(buckets - 1);
+  return 0;
 }
 
 void LifetimeStats::add(uint64_t lifetime_ns, bool is_short, bool is_recycled, bool is_temporary, Escape escape,

@@ -22,7 +22,9 @@ inline constexpr unsigned kLifetimeBuckets = 13;
 unsigned lifetime_bucket(uint64_t ns);
 uint64_t lifetime_bucket_low(unsigned bucket);  // lower bound in ns
 // The median of a histogram, interpolated geometrically inside its bucket.
-uint64_t histogram_median(const uint64_t* counts, unsigned buckets);
+// The median of a lifetime histogram, estimated inside its bucket; never
+// above at_most (the run's duration: no block lived longer).
+uint64_t histogram_median(const uint64_t* counts, unsigned buckets, uint64_t at_most = ~uint64_t{0});
 
 // ln(x) for x > 0, to within a few units in the last place, without libm:
 // the sampler's one use of it (geometric intervals) would otherwise load

@@ -775,6 +775,7 @@ void write_report(const char* reason) {
     sampling.recycle_calls = sampling_recycle_calls();
     sampling.top = static_cast<unsigned>(g_options.top);
     sampling.frames = 4;
+    sampling.longest_ns = context.duration_ns;
     sampling.depot = &g_stack_depot;
     sampling.class_lifetimes = g_class_lifetimes;
     sampling.symbolize = symbolize;

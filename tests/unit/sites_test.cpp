@@ -45,6 +45,18 @@ TEST(Lifetimes, MedianInterpolatesInsideItsBucket) {
   EXPECT_LT(histogram_median(counts, kLifetimeBuckets), 256u);
 }
 
+TEST(Lifetimes, MedianIsGeometricInsideItsBucketAndNeverAboveTheRun) {
+  uint64_t counts[kLifetimeBuckets] = {};
+  counts[2] = 1;  // one lifetime in [1024, 4096): the bucket's geometric middle
+  EXPECT_NEAR(static_cast<double>(histogram_median(counts, kLifetimeBuckets)), 2048.0, 1.0);
+  counts[2] = 0;
+  counts[kLifetimeBuckets - 1] = 1;  // the open last bucket, from about 1.07 s
+  const uint64_t low = lifetime_bucket_low(kLifetimeBuckets - 1);
+  EXPECT_GE(histogram_median(counts, kLifetimeBuckets), low);
+  const uint64_t run = low + low / 20;  // a run barely longer than the bucket's start
+  EXPECT_EQ(histogram_median(counts, kLifetimeBuckets, run), run) << "no block lived longer than the run";
+}
+
 TEST(Lifetimes, AddCountsEveryClassification) {
   auto stats = std::make_unique<LifetimeStats>();
   stats->add(100, true, true, true, Escape::FrameLocal, 0);
