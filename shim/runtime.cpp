@@ -216,13 +216,7 @@ void start_recycler() {
   uint8_t block_class_of[reporter::kMaxClasses];
   const unsigned sized = g_classes.count() - 1;
   for (unsigned q = 0; q < sized; ++q) {
-    const size_t largest = g_classes.class_size(q);
-    size_t usable = largest;
-    if (g_real.glibc_chunk_headers) {  // glibc: chunk = request + 8, rounded to 16, at least 32
-      const size_t chunk = (largest + 8 + 15) & ~size_t{15};
-      usable = (chunk < 32 ? 32 : chunk) - 8;
-    }
-    block_class_of[q] = static_cast<uint8_t>(g_classes.class_of(usable));
+    block_class_of[q] = static_cast<uint8_t>(g_classes.class_of(real_usable_estimate(g_classes.class_size(q))));
   }
   g_policy.init(block_class_of, sized);
 }
@@ -448,22 +442,16 @@ void evaluate_policy(ThreadState& state) {
   // allocated says its blocks come back.
   // This thread's own sampled lifetimes first (other threads merge theirs
   // every PendingSamples::kFlushEvents samples, and at their policy turns).
-  // A sampled block counts in the class of its own usable size, which for
-  // small requests is below the real allocator's (a 10-byte request: 16
-  // against glibc's 24): its lifetime goes to the class where the counts
-  // of its unsampled siblings are, the request class's block class (its
-  // own class once it is pooled).
+  // A sampled block counts, lifetime included, in the class of the usable
+  // size its request would get unsampled (sibling_usable): where the counts
+  // of its unsampled siblings are.
   state.pending.try_flush();
   using recycler::AutoPolicy;
   uint64_t sampled_frees[reporter::kMaxClasses] = {}, worthy[reporter::kMaxClasses] = {};
-  for (unsigned q = 0; q < classes; ++q) {
-    const reporter::LifetimeStats& life = g_class_lifetimes[q];
-    const uint64_t freed = life.frees.load(std::memory_order_relaxed);
-    if (freed == 0) continue;
-    const unsigned c = g_recycler.pooled(q) ? q : g_policy.block_class(q);
-    if (c >= classes) continue;
-    sampled_frees[c] += freed;
-    worthy[c] += reporter::pool_worthy(life);
+  for (unsigned c = 0; c < classes; ++c) {
+    const reporter::LifetimeStats& life = g_class_lifetimes[c];
+    sampled_frees[c] = life.frees.load(std::memory_order_relaxed);
+    if (sampled_frees[c]) worthy[c] = reporter::pool_worthy(life);
   }
   int16_t share[reporter::kMaxClasses];
   for (unsigned c = 0; c < classes; ++c) {

@@ -25,6 +25,14 @@ namespace {
 
 constexpr uint32_t kLive = 0x21706f68u;   // "hop!"
 constexpr uint32_t kFreed = 0x65657266u;  // "free"
+// The usable size a sampled block shows the program and is counted with:
+// what the same request would get unsampled (its pooled class's size, or
+// the real allocator's as hotpool reckons it), so that sampling moves no
+// block into another class (a block belongs to the smallest class that
+// holds its usable size) and realloc and malloc_usable_size see the same.
+size_t sibling_usable(size_t requested, bool pooled) {
+  return pooled ? g_classes.class_size(g_classes.class_of(requested)) : real_usable_estimate(requested);
+}
 constexpr size_t kHeader = sizeof(SampleHeader);
 
 constinit reporter::Unwinder g_unwinder{};
@@ -234,7 +242,7 @@ bool start_sampling(const ReentryGuard&) {
     return false;
   }
   g_limit = g_classes.max_class_size() - kHeader;
-  if (g_limit > UINT32_MAX) g_limit = UINT32_MAX;  // SampleHeader::requested
+  if (g_limit > UINT32_MAX) g_limit = UINT32_MAX;  // SampleHeader::usable
   g_clock.init();
   // For the pending sample counts (PendingSamples) and the fork gate.
   reporter::init_asymmetric_fences();
@@ -298,9 +306,14 @@ void* sampled_allocate(ThreadState& state, size_t size, reporter::Unwinder::Fram
     state.stack_probed = true;
     find_thread_stack(state);
   }
-  // malloc(0) too gets a usable byte or more, as from glibc or a pool (its
-  // usable size is what realloc may grow it to in place).
-  const unsigned region_class = g_classes.class_of((size ? size : 1) + kHeader);
+  // What the request would get unsampled (malloc(0) too gets usable bytes),
+  // and room for it after the header.
+  const unsigned request_class = g_classes.class_of(size);
+  const bool pooled =
+      g_pool_limit && request_class + 1 < g_classes.count() && g_recycler.pooled(request_class);
+  const size_t usable = sibling_usable(size, pooled);
+  if (usable + kHeader > g_classes.max_class_size()) return nullptr;
+  const unsigned region_class = g_classes.class_of(usable + kHeader);
   recycler::ClassDepot& depot = g_sample_region.depot(region_class);
   void* raw = nullptr;
   {
@@ -332,13 +345,12 @@ void* sampled_allocate(ThreadState& state, size_t size, reporter::Unwinder::Fram
   } else {
     site = g_stack_depot.insert(stack.ips, stack.depth);
   }
-  const size_t usable = g_classes.class_size(region_class) - kHeader;
   const unsigned size_class = g_classes.class_of(usable);
   state.stats.record_alloc(g_global, size_class, size, usable);
   auto* header = static_cast<SampleHeader*>(raw);
   header->site = site;
   header->thread = state.ordinal;
-  header->requested = static_cast<uint32_t>(size);  // size <= g_limit, below the largest class
+  header->usable = static_cast<uint32_t>(usable);  // below the largest class
   header->alloc_ns = now_ns();
   header->thread_ops = thread_ops(state);
   header->state = kLive;
@@ -357,8 +369,8 @@ void* sampled_allocate(ThreadState& state, size_t size, reporter::Unwinder::Fram
 
 
 size_t sampled_usable_size(const void* block) {
-  const unsigned region_class = g_sample_region.class_of_block(block);
-  return g_classes.class_size(region_class) - kHeader;
+  const auto* header = reinterpret_cast<const SampleHeader*>(static_cast<const char*>(block) - kHeader);
+  return header->usable;
 }
 
 // The free of a sampled block, in two steps: the bookkeeping (lifetime,
@@ -402,7 +414,7 @@ void sampled_free_record(void* block) {
   const bool temporary = same_thread && ops == header->thread_ops;
   const uint64_t calls = same_thread ? ops - header->thread_ops : 0;
   const bool recycled = same_thread && calls <= g_recycle_calls;
-  const size_t usable = g_classes.class_size(region_class) - kHeader;
+  const size_t usable = header->usable;
   const unsigned size_class = g_classes.class_of(usable);
   if (HOTPOOL_LIKELY(state != nullptr) && HOTPOOL_LIKELY(state->pending.begin())) {
     state->pending.add_free(header->site, size_class, lifetime, is_short, recycled, temporary, escape, calls);

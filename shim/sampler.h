@@ -22,7 +22,7 @@ namespace hotpool::shim {
 struct SampleHeader {
   uint32_t site;             // StackDepot id (0: the stack could not be captured)
   uint32_t thread;           // ThreadState::ordinal of the allocating thread
-  uint32_t requested;        // bytes the program asked for (sampled requests stay below 4 GiB)
+  uint32_t usable;           // the usable size it shows: what its request gets unsampled (below 4 GiB)
   uint32_t state;            // kLive while allocated, kFreed after
   uint64_t alloc_ns;         // monotonic time of the allocation
   uint64_t thread_ops;       // the thread's allocator calls, this one included

@@ -10,9 +10,13 @@
 //                              (kept loaded) and in LIB2's (unloaded before exit)
 //   sites_program exit_free N  a thread's N allocations, freed by the same
 //                              thread in its last round of key destructors
+//   sites_program sizes N      N blocks of each of a few sizes, kept, then
+//                              freed; prints each size's malloc_usable_size
 #include <dlfcn.h>
 #include <limits.h>  // PTHREAD_DESTRUCTOR_ITERATIONS
 #include <pthread.h>
+
+#include <malloc.h>
 
 #include <cstdio>
 #include <cstdlib>
@@ -249,6 +253,14 @@ int main(int argc, char** argv) {
   } else if (std::strcmp(what, "recursion") == 0) {
     const int repeat = argc > 3 ? std::atoi(argv[3]) : 100;
     for (int i = 0; i < repeat; ++i) recurse(count);
+  } else if (std::strcmp(what, "sizes") == 0) {
+    const size_t sizes[] = {0, 1, 24, 30, 100, 250, 900, 976, 1000, 4000, 5000, 70000, 200000};
+    std::vector<void*> blocks;
+    for (size_t size : sizes) {
+      for (int i = 0; i < count; ++i) blocks.push_back(std::malloc(size));
+      std::printf("%zu %zu\n", size, malloc_usable_size(blocks.back()));
+    }
+    for (void* block : blocks) std::free(block);
   } else if (std::strcmp(what, "exit_free") == 0) {
     if (exit_free_thread(count) != 0) return 1;
   } else if (std::strcmp(what, "dlopen") == 0) {

@@ -279,6 +279,43 @@ TEST_F(SitesTest, BlocksAThreadFreesAfterHotpoolLetItGoAreItsOwn) {
   EXPECT_EQ(figures["live_at_exit"], 0u);
 }
 
+// Sampling moves no block into another class: a sampled block shows the
+// program, and is counted with, the usable size its request gets unsampled
+// (the real allocator's, or its pooled class's, also in a sparse table).
+TEST_F(SitesTest, EverySampledAllocationIsCountedInTheClassItWouldHaveUnsampled) {
+  auto class_rows = [](const Json& report) {
+    std::map<std::string, std::pair<uint64_t, uint64_t>> rows;  // size: allocations, usable bytes
+    for (const Json& row : report["classes"])
+      rows[row["size"].dump()] = {row["allocations"].get<uint64_t>(), row["usable_bytes"].get<uint64_t>()};
+    return rows;
+  };
+  for (const std::vector<std::string>& mode :
+       {std::vector<std::string>{"HOTPOOL_MODE=profile"},
+        std::vector<std::string>{"HOTPOOL_MODE=fixed", "HOTPOOL_CLASSES=32,64,96,128,176,256,1024"}}) {
+    std::vector<std::string> unsampled = mode, sampled = mode;
+    unsampled.push_back("HOTPOOL_SAMPLE=0");
+    sampled.push_back("HOTPOOL_SAMPLE=1");
+    const Json plain = run({"sizes", "200"}, unsampled);
+    const std::string plain_out = slurp(dir_ / "stdout");
+    const Json every = run({"sizes", "200"}, sampled);
+    EXPECT_EQ(slurp(dir_ / "stdout"), plain_out) << "malloc_usable_size of sampled blocks, " << mode[0];
+    EXPECT_EQ(every["sampling"]["rate"], 1);
+    // The program's own blocks, 200 of each size, in the same classes with
+    // the same usable bytes; the C library's few (stdio's buffer, a realloc
+    // glibc does in place and a sampled block never does) may move one.
+    const auto plain_rows = class_rows(plain), every_rows = class_rows(every);
+    for (const auto& [size, figures] : plain_rows) {
+      ASSERT_TRUE(every_rows.count(size)) << "class " << size << ", " << mode[0];
+      const auto& [allocations, usable] = every_rows.at(size);
+      EXPECT_NEAR(static_cast<double>(allocations), static_cast<double>(figures.first), 1.0)
+          << "class " << size << ", " << mode[0];
+      EXPECT_NEAR(static_cast<double>(usable), static_cast<double>(figures.second), 64.0)
+          << "class " << size << ", " << mode[0];
+    }
+    EXPECT_EQ(every_rows.size(), plain_rows.size()) << mode[0];
+  }
+}
+
 // A recursion much deeper than HOTPOOL_DEPTH: the stack is cut at that
 // many frames, innermost first, and the escape analysis still works on it.
 TEST_F(SitesTest, ARecursionDeeperThanTheDepthOptionKeepsItsInnermostFrames) {
