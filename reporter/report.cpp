@@ -237,7 +237,7 @@ void write_text_sampling(const StatsSnapshot& stats, const SamplingView& view, O
   for (unsigned i = 0; i < shown; ++i) site_line(g_rows[order[i]], i + 1);
 }
 
-void write_tune_line(const StatsSnapshot& stats, const SamplingView* view, Output& out) {
+void write_tune_line(const StatsSnapshot& stats, const SamplingView* view, bool explicit_classes, Output& out) {
   const Recommendation advice_line = recommend(stats, view);
   if (advice_line.count == 0) return;
   out.str("  tune: export HOTPOOL_CLASSES=");
@@ -246,6 +246,8 @@ void write_tune_line(const StatsSnapshot& stats, const SamplingView* view, Outpu
   write_percent(out, advice_line.hit_rate);
   out.str(", rounding waste ");
   write_percent(out, advice_line.rounding_waste);
+  // It can only pick among the run's classes: a sparse list's waste is its own.
+  if (explicit_classes) out.str(" (chosen among this run's HOTPOOL_CLASSES; a run without it chooses among finer ones)");
   out.ch('\n');
 }
 
@@ -410,7 +412,7 @@ void write_text_report(const StatsSnapshot& stats, const ReportContext& context,
         .str(" of it free\n");
   }
   if (context.sampling) write_text_sampling(stats, *context.sampling, out);
-  write_tune_line(stats, context.sampling, out);
+  write_tune_line(stats, context.sampling, context.explicit_classes, out);
   out.str("  counts are exact; a block belongs to the smallest class >= its usable size; "
           "rounding = usable bytes the program did not ask for");
   if (context.peak_error_bytes)

@@ -43,6 +43,7 @@ struct ReportContext {
   const char* const* option_names;
   const char* const* option_values;
   const SamplingView* sampling;  // nullptr: sampling off
+  bool explicit_classes;   // the class table is HOTPOOL_CLASSES' list, not the default one
 };
 
 void write_text_report(const StatsSnapshot& stats, const ReportContext& context, Output& out);

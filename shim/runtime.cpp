@@ -746,6 +746,7 @@ void write_report(const char* reason) {
   context.reason = reason;
   context.note = note;
   context.duration_ns = monotonic_ns() - g_start_ns;
+  context.explicit_classes = g_explicit_classes;
   // Peaks lag by the unpublished deltas: other threads' on the real
   // allocator's path, every thread's (this one's too) on the pooled path.
   uint64_t pooled_allocs = 0;

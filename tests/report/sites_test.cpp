@@ -66,8 +66,12 @@ class SitesTest : public ::testing::Test {
     std::vector<char*> argp;
     for (std::string& a : argv) argp.push_back(a.data());
     argp.push_back(nullptr);
+    posix_spawn_file_actions_t actions;
+    posix_spawn_file_actions_init(&actions);
+    posix_spawn_file_actions_addopen(&actions, 1, (dir_ / "stdout").c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
     pid_t pid;
-    EXPECT_EQ(posix_spawn(&pid, argp[0], nullptr, nullptr, argp.data(), envp.data()), 0);
+    EXPECT_EQ(posix_spawn(&pid, argp[0], &actions, nullptr, argp.data(), envp.data()), 0);
+    posix_spawn_file_actions_destroy(&actions);
     waitpid(pid, status, 0);
     return fs::exists(text_report) ? slurp(text_report) : std::string();
   }
@@ -236,6 +240,17 @@ TEST_F(SitesTest, TextReportShowsSitesLifetimesAndTheTuneLine) {
   EXPECT_NE(text.find("  live at exit"), std::string::npos);
   EXPECT_NE(text.find("leak_site"), std::string::npos);
   EXPECT_NE(text.find("  tune: export HOTPOOL_CLASSES="), std::string::npos);
+}
+
+TEST_F(SitesTest, ATuneLineChosenAmongAnExplicitClassListSaysSo) {
+  int status = -1;
+  const std::string own =
+      run_text({"patterns", "500"}, {"HOTPOOL_SAMPLE=1", "HOTPOOL_MODE=profile", "HOTPOOL_CLASSES=64,512,8K"}, &status);
+  EXPECT_NE(own.find("  tune: export HOTPOOL_CLASSES="), std::string::npos) << own;
+  EXPECT_NE(own.find("(chosen among this run's HOTPOOL_CLASSES"), std::string::npos) << own;
+  const std::string default_table = run_text({"patterns", "500"}, {"HOTPOOL_SAMPLE=1", "HOTPOOL_MODE=profile"}, &status);
+  EXPECT_NE(default_table.find("  tune: export HOTPOOL_CLASSES="), std::string::npos) << default_table;
+  EXPECT_EQ(default_table.find("chosen among"), std::string::npos) << default_table;
 }
 
 TEST_F(SitesTest, TopZeroLeavesTheSiteListsOutOfTheTextReport) {

@@ -106,7 +106,7 @@ class ReportTest : public ::testing::Test {
     static const char* names[] = {"HOTPOOL_MODE"};
     static const char* values[] = {"profile"};
     return ReportContext{1234, 1, 0, "/usr/bin/prog \"quoted\"", "profile", "exit", nullptr, 1500000000, 0,
-                         1, names, values, nullptr};
+                         1, names, values, nullptr, false};
   }
 
   std::unique_ptr<GlobalClassStats> global_;
