@@ -21,9 +21,9 @@ namespace hotpool::reporter {
 inline constexpr unsigned kLifetimeBuckets = 13;
 unsigned lifetime_bucket(uint64_t ns);
 uint64_t lifetime_bucket_low(unsigned bucket);  // lower bound in ns
-// The median of a histogram, interpolated geometrically inside its bucket.
-// The median of a lifetime histogram, estimated inside its bucket; never
-// above at_most (the run's duration: no block lived longer).
+// The median of a lifetime histogram, interpolated inside its bucket
+// (geometrically but in the first, [0, 256 ns)); never above at_most (the
+// run's duration: no block lived longer).
 uint64_t histogram_median(const uint64_t* counts, unsigned buckets, uint64_t at_most = ~uint64_t{0});
 
 // ln(x) for x > 0, to within a few units in the last place, without libm:

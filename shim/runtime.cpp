@@ -185,10 +185,10 @@ size_t region_bytes() {
   return region;
 }
 
-// Modes fixed and auto: reserve the region and decide what pools first.
 // True when HOTPOOL_CLASSES gave the class table (mode fixed pools exactly those).
 static bool g_explicit_classes = false;
 
+// Modes fixed and auto: reserve the region and decide what pools first.
 void start_recycler() {
   const recycler::RecyclerConfig config{region_bytes(), g_options.cache_bytes, g_options.decay, g_options.keep_empty,
                                         g_options.checks};
@@ -283,7 +283,6 @@ void exit_report() {
   write_report("exit");
 }
 
-// Expands %p (pid) and %% in the output name. False if it does not fit.
 // The working directory at start-up, when HOTPOOL_OUTPUT is a relative name
 // (empty otherwise, or if it did not fit): the report goes where the user
 // started the program, though the program changed directory since (git,
@@ -296,6 +295,8 @@ void remember_start_dir() {
   if (!getcwd(g_start_dir, sizeof(g_start_dir)) || g_start_dir[0] != '/') g_start_dir[0] = '\0';  // a system call
 }
 
+// Expands %p (pid) and %% in the output name, after the start directory
+// for a relative name. False if it does not fit.
 bool expand_output_name(const char* pattern, char* out, size_t size) {
   size_t used = 0;
   auto put = [&](char c) { if (used + 1 < size) out[used++] = c; else used = size; };

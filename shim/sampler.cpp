@@ -370,7 +370,9 @@ void* sampled_allocate(ThreadState& state, size_t size, reporter::Unwinder::Fram
 
 size_t sampled_usable_size(const void* block) {
   const auto* header = reinterpret_cast<const SampleHeader*>(static_cast<const char*>(block) - kHeader);
-  return header->usable;
+  // Never past the block's room, whatever a write before the block left in its header.
+  const size_t room = g_classes.class_size(g_sample_region.class_of_block(block)) - kHeader;
+  return header->usable < room ? header->usable : room;
 }
 
 // The free of a sampled block, in two steps: the bookkeeping (lifetime,
@@ -414,7 +416,7 @@ void sampled_free_record(void* block) {
   const bool temporary = same_thread && ops == header->thread_ops;
   const uint64_t calls = same_thread ? ops - header->thread_ops : 0;
   const bool recycled = same_thread && calls <= g_recycle_calls;
-  const size_t usable = header->usable;
+  const size_t usable = sampled_usable_size(block);
   const unsigned size_class = g_classes.class_of(usable);
   if (HOTPOOL_LIKELY(state != nullptr) && HOTPOOL_LIKELY(state->pending.begin())) {
     state->pending.add_free(header->site, size_class, lifetime, is_short, recycled, temporary, escape, calls);
