@@ -414,7 +414,7 @@ void write_text_report(const StatsSnapshot& stats, const ReportContext& context,
   if (context.sampling) write_text_sampling(stats, *context.sampling, out);
   write_tune_line(stats, context.sampling, context.explicit_classes, out);
   out.str("  counts are exact; a block belongs to the smallest class >= its usable size; "
-          "rounding = usable bytes the program did not ask for");
+          "rounding = usable bytes the program did not ask for; pooled = at exit, pool hits = over the whole run");
   if (context.peak_error_bytes)
     out.str("; peak live may read low by up to ").bytes(context.peak_error_bytes)
         .str(" per class (").u64(stats.threads_at_once).str(stats.threads_at_once == 1 ? " thread" : " threads")
