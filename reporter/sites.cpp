@@ -23,16 +23,20 @@ uint64_t lifetime_bucket_low(unsigned bucket) {
 }
 
 namespace {
-// 4^x for x in [0, 1], without libm (libhotpool.so links none): 4^x =
-// e^(x ln 4), whose series converges fast for x ln 4 <= 1.39 (20 terms
-// leave < 1e-12).
-double four_to_the(double x) {
-  const double y = x * 1.3862943611198906;
+// e^y for y >= 0, without libm (libhotpool.so links none): halved until
+// y <= 1/2, the series there (16 terms leave < 1e-16), squared back.
+double exp_of(double y) {
+  unsigned halvings = 0;
+  while (y > 0.5 && halvings < 64) {
+    y *= 0.5;
+    ++halvings;
+  }
   double term = 1, sum = 1;
-  for (int n = 1; n < 20; ++n) {
+  for (int n = 1; n < 16; ++n) {
     term *= y / n;
     sum += term;
   }
+  while (halvings--) sum *= sum;
   return sum;
 }
 }  // namespace
@@ -45,12 +49,14 @@ uint64_t histogram_median(const uint64_t* counts, unsigned buckets, uint64_t at_
   for (unsigned b = 0; b < buckets; ++b) {
     if ((seen + counts[b]) * 2 >= total) {
       // Inside the bucket on its own scale: linear in the first, [0, 256 ns);
-      // geometric in the others, [low, 4 low) (the last one is open: it has
-      // no upper end but the run's duration).
+      // geometric in the others, [low, 4 low), and in the last, which has no
+      // upper end, [low, at_most) when the run lasted longer than 4 low.
       const double fraction = (static_cast<double>(total) / 2 - static_cast<double>(seen)) / static_cast<double>(counts[b]);
+      if (b == 0) return static_cast<uint64_t>(fraction * 256.0) < at_most ? static_cast<uint64_t>(fraction * 256.0) : at_most;
       const double low = static_cast<double>(lifetime_bucket_low(b));
-      const double median = b == 0 ? fraction * 256.0 : low * four_to_the(fraction);
-      const uint64_t estimate = static_cast<uint64_t>(median);
+      double ratio = 4;  // high / low
+      if (b + 1 == buckets && static_cast<double>(at_most) > 4 * low) ratio = static_cast<double>(at_most) / low;
+      const uint64_t estimate = static_cast<uint64_t>(low * exp_of(fraction * natural_log(ratio)));
       return estimate < at_most ? estimate : at_most;  // no block lived longer than the run
     }
     seen += counts[b];

@@ -287,7 +287,7 @@ void exit_report() {
 // (empty otherwise, or if it did not fit): the report goes where the user
 // started the program, though the program changed directory since (git,
 // make -C, shells).
-char g_start_dir[kMaxPath];
+char g_start_dir[PATH_MAX];
 
 void remember_start_dir() {
   g_start_dir[0] = '\0';
@@ -296,11 +296,11 @@ void remember_start_dir() {
 }
 
 // Expands %p (pid) and %% in the output name, after the start directory
-// for a relative name. False if it does not fit.
-bool expand_output_name(const char* pattern, char* out, size_t size) {
+// for a relative name (unless in_start_dir is false). False if it does not fit.
+bool expand_output_name(const char* pattern, char* out, size_t size, bool in_start_dir = true) {
   size_t used = 0;
   auto put = [&](char c) { if (used + 1 < size) out[used++] = c; else used = size; };
-  if (pattern[0] != '/' && g_start_dir[0]) {
+  if (in_start_dir && pattern[0] != '/' && g_start_dir[0]) {
     for (const char* d = g_start_dir; *d; ++d) put(*d);
     if (used && out[used - 1] != '/') put('/');
   }
@@ -708,11 +708,12 @@ void write_report(const char* reason) {
 
   int fd = STDERR_FILENO;
   bool json = false;
-  char path[kMaxPath + 32];
+  char path[PATH_MAX + kMaxPath + 32];
   if (g_options.output[0]) {
     if (g_secure) {
       write_stderr_line("hotpool: secure-execution process: report goes to stderr, not to HOTPOOL_OUTPUT");
-    } else if (!expand_output_name(g_options.output, path, sizeof(path))) {
+    } else if (!expand_output_name(g_options.output, path, sizeof(path)) &&
+               !expand_output_name(g_options.output, path, sizeof(path), /*in_start_dir=*/false)) {
       write_stderr_line("hotpool: HOTPOOL_OUTPUT is too long once expanded; report goes to stderr");
     } else {
       // O_NOFOLLOW: never write through a symlink someone planted there.
@@ -763,7 +764,7 @@ void write_report(const char* reason) {
     sampling.rate = sampling_rate();
     sampling.short_ns = sampling_short_ns();
     sampling.recycle_calls = sampling_recycle_calls();
-    sampling.top = static_cast<unsigned>(g_options.top);
+    sampling.top = static_cast<unsigned>(g_options.top < reporter::kMaxTop ? g_options.top : reporter::kMaxTop);
     sampling.frames = 4;
     sampling.longest_ns = context.duration_ns;
     sampling.depot = &g_stack_depot;

@@ -48,12 +48,13 @@ extern size_t g_pool_limit;
 // The usable size the real allocator gives a request, as hotpool reckons it
 // without a block to ask about: glibc's chunk arithmetic (the request plus
 // an 8-byte header, rounded up to 16, at least 32, less the header; from
-// its default mmap threshold, 128 KiB, a mapping of whole pages less 16),
-// else the request itself. (glibc raises the threshold as a program frees
-// mapped blocks: past that, its blocks of 128 KiB or more come from the
-// heap, a page or less smaller than reckoned here.)
+// its default mmap threshold, 128 KiB, a mapping of whole pages less 16);
+// for another allocator, the request rounded up to 16 (at least 16).
+// (glibc raises the threshold as a program frees mapped blocks: past that,
+// its blocks of 128 KiB or more come from the heap, a page or less smaller
+// than reckoned here.)
 inline size_t real_usable_estimate(size_t request) {
-  if (!g_real.glibc_chunk_headers) return request;
+  if (!g_real.glibc_chunk_headers) return request <= 16 ? 16 : (request + 15) & ~size_t{15};
   const size_t chunk = (request + 8 + 15) & ~size_t{15};
   if (request >= (size_t{128} << 10)) {
     const size_t page = recycler::page_bytes();

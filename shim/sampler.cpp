@@ -20,6 +20,8 @@ namespace hotpool::shim {
 constinit recycler::PoolRegion g_sample_region{};
 constinit reporter::StackDepot g_stack_depot{};
 constinit reporter::LifetimeStats g_class_lifetimes[reporter::kMaxClasses]{};
+// The sample region's size classes (see start_sampling).
+recycler::SizeClassTable g_sample_classes;
 
 namespace {
 
@@ -75,7 +77,7 @@ uint64_t now_ns() { return g_clock.now_ns(); }
 // Blocks a thread keeps per sample-region class: up to 64 KiB of them
 // (SampleStash::kSlots at most, one at least).
 unsigned stash_capacity(unsigned region_class) {
-  const size_t blocks = (size_t{64} << 10) / g_classes.class_size(region_class);
+  const size_t blocks = (size_t{64} << 10) / g_sample_classes.class_size(region_class);
   return blocks >= SampleStash::kSlots ? SampleStash::kSlots : blocks ? static_cast<unsigned>(blocks) : 1;
 }
 
@@ -237,11 +239,20 @@ bool start_sampling(const ReentryGuard&) {
   g_unwinder.set_skipped_ranges(ranges, count);
   // Before the first capture: libunwind opens its pipe as it initializes.
   reporter::module_range_named("libunwind.so", g_unwinder_range);
-  if (!g_stack_depot.init() || !g_sample_region.init(g_classes, sample_region_bytes())) {
+  // The sample region's classes: the table's, and one more that holds the
+  // largest class's blocks after their header, so that a sampled request
+  // shows its class's usable size up to the largest class (unless the
+  // table is full: then the largest pooled requests show a little less).
+  size_t sizes[recycler::kMaxClasses];
+  unsigned listed = 0;
+  for (unsigned c = 0; c + 1 < g_classes.count(); ++c) sizes[listed++] = g_classes.class_size(c);
+  sizes[listed++] = g_classes.max_class_size() + kHeader;
+  if (!g_sample_classes.build_from_list(sizes, listed)) g_sample_classes = g_classes;
+  if (!g_stack_depot.init() || !g_sample_region.init(g_sample_classes, sample_region_bytes())) {
     write_warning("hotpool: no memory for sampling; no allocation sites or lifetimes");
     return false;
   }
-  g_limit = g_classes.max_class_size() - kHeader;
+  g_limit = g_sample_classes.max_class_size() - kHeader;
   if (g_limit > UINT32_MAX) g_limit = UINT32_MAX;  // SampleHeader::usable
   g_clock.init();
   // For the pending sample counts (PendingSamples) and the fork gate.
@@ -311,9 +322,11 @@ void* sampled_allocate(ThreadState& state, size_t size, reporter::Unwinder::Fram
   const unsigned request_class = g_classes.class_of(size);
   const bool pooled =
       g_pool_limit && request_class + 1 < g_classes.count() && g_recycler.pooled(request_class);
-  const size_t usable = sibling_usable(size, pooled);
-  if (usable + kHeader > g_classes.max_class_size()) return nullptr;
-  const unsigned region_class = g_classes.class_of(usable + kHeader);
+  // Near the largest class (its own pooled requests, or glibc's reckoning
+  // past it), what the region's largest block holds after the header.
+  size_t usable = sibling_usable(size, pooled);
+  if (usable > g_limit) usable = g_limit;  // size <= g_limit (above)
+  const unsigned region_class = g_sample_classes.class_of(usable + kHeader);
   recycler::ClassDepot& depot = g_sample_region.depot(region_class);
   void* raw = nullptr;
   {
@@ -371,7 +384,7 @@ void* sampled_allocate(ThreadState& state, size_t size, reporter::Unwinder::Fram
 size_t sampled_usable_size(const void* block) {
   const auto* header = reinterpret_cast<const SampleHeader*>(static_cast<const char*>(block) - kHeader);
   // Never past the block's room, whatever a write before the block left in its header.
-  const size_t room = g_classes.class_size(g_sample_region.class_of_block(block)) - kHeader;
+  const size_t room = g_sample_classes.class_size(g_sample_region.class_of_block(block)) - kHeader;
   return header->usable < room ? header->usable : room;
 }
 

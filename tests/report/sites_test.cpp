@@ -328,6 +328,15 @@ TEST_F(SitesTest, EverySampledAllocationIsCountedInTheClassItWouldHaveUnsampled)
           << "class " << size << ", " << mode[0];
     }
     EXPECT_EQ(every_rows.size(), plain_rows.size()) << mode[0];
+    // And every block up to the largest class was sampled, its own class's
+    // pooled blocks too.
+    std::map<std::string, uint64_t> sampled_frees;
+    for (const Json& row : every["class_lifetimes"]) sampled_frees[row["size"].dump()] = row["sampled_frees"].get<uint64_t>();
+    for (const Json& row : every["classes"]) {
+      if (row["size"].is_null() || row["frees"].get<uint64_t>() < 200) continue;  // the program's own sizes
+      EXPECT_GE(sampled_frees[row["size"].dump()] + 2, row["frees"].get<uint64_t>())
+          << "class " << row["size"] << ", " << mode[0];
+    }
   }
 }
 

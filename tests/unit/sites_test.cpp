@@ -55,6 +55,12 @@ TEST(Lifetimes, MedianIsGeometricInsideItsBucketAndNeverAboveTheRun) {
   EXPECT_GE(histogram_median(counts, kLifetimeBuckets), low);
   const uint64_t run = low + low / 20;  // a run barely longer than the bucket's start
   EXPECT_EQ(histogram_median(counts, kLifetimeBuckets, run), run) << "no block lived longer than the run";
+  // The last bucket has no upper end but the run: in a minute's run, a
+  // median there can read beyond 4 times the bucket's start.
+  const uint64_t minute = 60000000000ull;
+  const uint64_t late = histogram_median(counts, kLifetimeBuckets, minute);
+  EXPECT_GT(late, 4 * low);
+  EXPECT_LT(late, minute);
 }
 
 TEST(Lifetimes, AddCountsEveryClassification) {
