@@ -21,7 +21,7 @@ constinit recycler::PoolRegion g_sample_region{};
 constinit reporter::StackDepot g_stack_depot{};
 constinit reporter::LifetimeStats g_class_lifetimes[reporter::kMaxClasses]{};
 // The sample region's size classes (see start_sampling).
-recycler::SizeClassTable g_sample_classes;
+constinit recycler::SizeClassTable g_sample_classes{};  // constant-initialized: start-up may run before dynamic initializers
 
 namespace {
 
