@@ -280,8 +280,6 @@ class AutoPolicy {
   void evaluate(const uint64_t* allocs, const uint64_t* frees, unsigned classes, Recycler& recycler,
                 const int16_t* short_share = nullptr);
   int heat(unsigned size_class) const { return heat_[size_class].load(std::memory_order_relaxed); }
-  // The class the real allocator's blocks for requests of class q count in.
-  unsigned block_class(unsigned q) const { return mapped_ ? block_class_of_[q] : q; }
 
  private:
   std::atomic<int> heat_[kMaxClasses] = {};

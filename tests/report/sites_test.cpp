@@ -49,39 +49,13 @@ class SitesTest : public ::testing::Test {
     if (!HasFailure()) fs::remove_all(dir_);
   }
 
-  // The program's text report (HOTPOOL_OUTPUT to a .txt file), and its exit status.
-  std::string run_text(const std::vector<std::string>& args, std::vector<std::string> options, int* status) {
-    const fs::path text_report = dir_ / "text.txt";
-    options.push_back("HOTPOOL_OUTPUT=" + text_report.string());
+  // Runs sites_program with `args` under LD_PRELOAD, with `options` for
+  // hotpool and stdout into dir_/stdout; its pid, and its status in *status.
+  pid_t spawn(const std::vector<std::string>& args, const std::vector<std::string>& options, int* status) {
     std::vector<std::string> env;
     for (char** entry = environ; *entry; ++entry)
       if (std::strncmp(*entry, "HOTPOOL_", 8) != 0 && std::strncmp(*entry, "LD_PRELOAD=", 11) != 0) env.push_back(*entry);
     env.push_back("LD_PRELOAD=" HOTPOOL_LIBRARY);
-    for (const std::string& option : options) env.push_back(option);
-    std::vector<char*> envp;
-    for (std::string& e : env) envp.push_back(e.data());
-    envp.push_back(nullptr);
-    std::vector<std::string> argv = {HOTPOOL_SITES_PROGRAM};
-    argv.insert(argv.end(), args.begin(), args.end());
-    std::vector<char*> argp;
-    for (std::string& a : argv) argp.push_back(a.data());
-    argp.push_back(nullptr);
-    posix_spawn_file_actions_t actions;
-    posix_spawn_file_actions_init(&actions);
-    posix_spawn_file_actions_addopen(&actions, 1, (dir_ / "stdout").c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    pid_t pid;
-    EXPECT_EQ(posix_spawn(&pid, argp[0], &actions, nullptr, argp.data(), envp.data()), 0);
-    posix_spawn_file_actions_destroy(&actions);
-    waitpid(pid, status, 0);
-    return fs::exists(text_report) ? slurp(text_report) : std::string();
-  }
-
-  Json run(const std::vector<std::string>& args, const std::vector<std::string>& options) {
-    std::vector<std::string> env;
-    for (char** entry = environ; *entry; ++entry)
-      if (std::strncmp(*entry, "HOTPOOL_", 8) != 0 && std::strncmp(*entry, "LD_PRELOAD=", 11) != 0) env.push_back(*entry);
-    env.push_back("LD_PRELOAD=" HOTPOOL_LIBRARY);
-    env.push_back("HOTPOOL_OUTPUT=" + (dir_ / "r.%p.json").string());
     for (const std::string& option : options) env.push_back(option);
     std::vector<std::string> argv = {HOTPOOL_SITES_PROGRAM};
     argv.insert(argv.end(), args.begin(), args.end());
@@ -93,11 +67,27 @@ class SitesTest : public ::testing::Test {
     posix_spawn_file_actions_t actions;
     posix_spawn_file_actions_init(&actions);
     posix_spawn_file_actions_addopen(&actions, 1, (dir_ / "stdout").c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    pid_t pid;
+    pid_t pid = -1;
     EXPECT_EQ(posix_spawn(&pid, argp[0], &actions, nullptr, argp.data(), envp.data()), 0);
     posix_spawn_file_actions_destroy(&actions);
+    waitpid(pid, status, 0);
+    return pid;
+  }
+
+  // The program's text report (HOTPOOL_OUTPUT to a .txt file), and its exit status.
+  std::string run_text(const std::vector<std::string>& args, std::vector<std::string> options, int* status) {
+    const fs::path text_report = dir_ / "text.txt";
+    options.push_back("HOTPOOL_OUTPUT=" + text_report.string());
+    spawn(args, options, status);
+    return fs::exists(text_report) ? slurp(text_report) : std::string();
+  }
+
+  // The program's JSON report; the program must exit with 0.
+  Json run(const std::vector<std::string>& args, const std::vector<std::string>& options) {
+    std::vector<std::string> with_output = {"HOTPOOL_OUTPUT=" + (dir_ / "r.%p.json").string()};
+    with_output.insert(with_output.end(), options.begin(), options.end());
     int status = 0;
-    waitpid(pid, &status, 0);
+    const pid_t pid = spawn(args, with_output, &status);
     EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
     return Json::parse(slurp(dir_ / ("r." + std::to_string(pid) + ".json")));
   }
