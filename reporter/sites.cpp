@@ -7,14 +7,6 @@
 
 namespace hotpool::reporter {
 
-unsigned lifetime_bucket(uint64_t ns) {
-  // Bucket b >= 1 holds [256 * 4^(b-1), 256 * 4^b): from the top bit's
-  // position, without a loop (one per sampled free).
-  if (ns < 256) return 0;
-  const unsigned bucket = (63 - static_cast<unsigned>(__builtin_clzll(ns)) - 8) / 2 + 1;
-  return bucket < kLifetimeBuckets ? bucket : kLifetimeBuckets - 1;
-}
-
 uint64_t lifetime_bucket_low(unsigned bucket) {
   if (bucket == 0) return 0;
   uint64_t low = 256;
@@ -103,16 +95,6 @@ double natural_log(double x) {
   return exponent * kLn2High + (2 * s * series + exponent * kLn2Low);
 }
 
-void LifetimeCounts::add(uint64_t lifetime_ns, bool is_short, bool is_recycled, bool is_temporary, Escape escape,
-                         uint64_t calls) {
-  ++frees;
-  short_lived += is_short;
-  recycled += is_recycled;
-  temporary += is_temporary;
-  ++escapes[static_cast<unsigned>(escape)];
-  calls_between += calls;
-  ++histogram[lifetime_bucket(lifetime_ns)];
-}
 
 void LifetimeStats::merge(const LifetimeCounts& counts) {
   if (counts.frees == 0) return;
@@ -175,8 +157,9 @@ void PendingSamples::add_alloc(uint32_t site, uint64_t size) {
 
 void PendingSamples::add_free(uint32_t site, unsigned size_class, uint64_t lifetime_ns, bool is_short,
                               bool is_recycled, bool is_temporary, Escape escape, uint64_t calls) {
-  if (site) entry(site).life.add(lifetime_ns, is_short, is_recycled, is_temporary, escape, calls);
-  entry(kClassKey + size_class).life.add(lifetime_ns, is_short, is_recycled, is_temporary, escape, calls);
+  const unsigned bucket = lifetime_bucket(lifetime_ns);  // once for both
+  if (site) entry(site).life.add_to_bucket(bucket, is_short, is_recycled, is_temporary, escape, calls);
+  entry(kClassKey + size_class).life.add_to_bucket(bucket, is_short, is_recycled, is_temporary, escape, calls);
   after_event();
 }
 
@@ -307,34 +290,27 @@ uint32_t StackDepot::insert(const uintptr_t* ips, unsigned depth) {
   return 0;
 }
 
-unsigned StackDepot::stack(uint32_t id, const uintptr_t** ips) const {
-  if (!slots_ || id == 0 || id >= id_limit()) return 0;
-  const uint32_t offset = offsets_[id];
-  if (offset == 0) return 0;
-  const uintptr_t* stored = arena_ + (offset - 1);
-  *ips = stored + 1;
-  return static_cast<unsigned>(stored[0]);
-}
-
 uint32_t SiteMemo::site_of(StackDepot& depot, const uintptr_t* ips, unsigned depth) {
-  if (depth == 0 || depth > kDepth) return depot.insert(ips, depth);
-  const uint64_t key = (ips[0] ^ (ips[depth > 1 ? 1 : 0] * 0x9e3779b97f4a7c15ull) ^ depth) * 0xff51afd7ed558ccdull;
-  Entry& entry = entries_[key >> (64 - kEntriesLog2)];
-  if (entry.site && entry.depth == depth && std::memcmp(entry.ips, ips, depth * sizeof(uintptr_t)) == 0) {
-    ++hits_;
-    return entry.site;
+  if (depth == 0) return 0;
+  // The key: the depth and the innermost six frames (where most stacks
+  // differ), each with its own multiplier (no chain of multiplies).
+  uint64_t key = (ips[0] * 0x9e3779b97f4a7c15ull) ^ depth;
+  if (depth > 1) key ^= ips[1] * 0xff51afd7ed558ccdull;
+  if (depth > 2) key ^= ips[2] * 0xc4ceb9fe1a85ec53ull;
+  if (depth > 3) key ^= ips[3] * 0x2545f4914f6cdd1dull;
+  if (depth > 4) key ^= ips[4] * 0xd6e8feb86659fd93ull;
+  if (depth > 5) key ^= ips[5] * 0xa0761d6478bd642full;
+  key = (key ^ (key >> 31)) * 0x9e3779b97f4a7c15ull;
+  uint32_t& entry = sites_[key >> (64 - kEntriesLog2)];
+  if (const uint32_t site = entry) {
+    const uintptr_t* stored = nullptr;
+    if (depot.stack(site, &stored) == depth && std::memcmp(stored, ips, depth * sizeof(uintptr_t)) == 0) {
+      ++hits_;
+      return site;
+    }
   }
   const uint32_t site = depot.insert(ips, depth);
-  if (site) {
-    // Unusable while it changes (a fork() by another thread may copy it
-    // halfway: a recycled state must not find a stack mixed from two).
-    entry.site = 0;
-    asm volatile("" ::: "memory");
-    entry.depth = depth;
-    std::memcpy(entry.ips, ips, depth * sizeof(uintptr_t));
-    asm volatile("" ::: "memory");
-    entry.site = site;
-  }
+  if (site) entry = site;
   return site;
 }
 

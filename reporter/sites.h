@@ -19,7 +19,13 @@ namespace hotpool::reporter {
 // Lifetimes in buckets of powers of 4 from 256 ns: [0, 256 ns), [256 ns,
 // 1 µs), [1, 4 µs) ... [256 ms, 1 s), [1 s, inf).
 inline constexpr unsigned kLifetimeBuckets = 13;
-unsigned lifetime_bucket(uint64_t ns);
+// Bucket b >= 1 holds [256 * 4^(b-1), 256 * 4^b): from the top bit's
+// position, without a loop (one per sampled free).
+inline unsigned lifetime_bucket(uint64_t ns) {
+  if (ns < 256) return 0;
+  const unsigned bucket = (63 - static_cast<unsigned>(__builtin_clzll(ns)) - 8) / 2 + 1;
+  return bucket < kLifetimeBuckets ? bucket : kLifetimeBuckets - 1;
+}
 uint64_t lifetime_bucket_low(unsigned bucket);  // lower bound in ns
 // The median of a lifetime histogram, interpolated inside its bucket
 // (geometrically but in the first, [0, 256 ns)); never above at_most (the
@@ -45,7 +51,20 @@ using AtomicCounter = std::atomic<uint64_t>;
 struct LifetimeCounts {
   uint64_t frees, short_lived, recycled, temporary, escapes[3], calls_between, histogram[kLifetimeBuckets];
 
-  void add(uint64_t lifetime_ns, bool short_lived, bool recycled, bool temporary, Escape escape, uint64_t calls);
+  void add(uint64_t lifetime_ns, bool is_short, bool is_recycled, bool is_temporary, Escape escape, uint64_t calls) {
+    add_to_bucket(lifetime_bucket(lifetime_ns), is_short, is_recycled, is_temporary, escape, calls);
+  }
+  // The same, given the lifetime's bucket (FAST PATH: every sampled free).
+  void add_to_bucket(unsigned bucket, bool is_short, bool is_recycled, bool is_temporary, Escape escape,
+                     uint64_t calls) {
+    ++frees;
+    short_lived += is_short;
+    recycled += is_recycled;
+    temporary += is_temporary;
+    ++escapes[static_cast<unsigned>(escape)];
+    calls_between += calls;
+    ++histogram[bucket];
+  }
 };
 
 struct LifetimeStats {
@@ -95,7 +114,14 @@ class StackDepot {
   // array from its start (a page per site would be resident otherwise).
   uint32_t insert(const uintptr_t* ips, unsigned depth);
   // The stack of a site (depth; *ips set), 0 for an unknown id.
-  unsigned stack(uint32_t id, const uintptr_t** ips) const;
+  unsigned stack(uint32_t id, const uintptr_t** ips) const {
+    if (!slots_ || id == 0 || id >= id_limit()) return 0;
+    const uint32_t offset = offsets_[id];
+    if (offset == 0) return 0;
+    const uintptr_t* stored = arena_ + (offset - 1);
+    *ips = stored + 1;
+    return static_cast<unsigned>(stored[0]);
+  }
   SiteStats& site(uint32_t id) { return sites_[id]; }
   const SiteStats& site(uint32_t id) const { return sites_[id]; }
   // Every id handed out is below this (some, lost in races, name no stack).
@@ -208,15 +234,17 @@ class PendingSamples {
   Entry entries_[kEntries] = {};
 };
 
-// A thread's last few sampled stacks and their sites: most sampled
-// allocations come from a stack the thread sampled a moment ago, and a
-// compare with it in the thread's own memory spares the depot's hash and
-// the probe of its shared table (a cache miss or two). Stacks deeper than
-// kDepth go to the depot directly.
+// The sites of a thread's recently sampled stacks: most sampled
+// allocations come from a stack the thread sampled a moment ago. An entry
+// is a site id, chosen by the stack's depth and innermost six frames; a
+// hit is checked against the depot's own copy of the site's stack (one
+// compare), with no hash of the whole stack and no probe of the depot's
+// shared table (a cache miss or two). 512 entries, 2 KiB per thread: with
+// HOTPOOL_SAMPLE=1, 95% of python3's and 96% of clang-format's sampled
+// stacks hit (a memo of the last 16 whole stacks, 4 KiB, held 56% and 66%).
 class SiteMemo {
  public:
-  static constexpr unsigned kEntriesLog2 = 4;
-  static constexpr unsigned kDepth = 32;
+  static constexpr unsigned kEntriesLog2 = 9;
 
   // The site of the stack (as StackDepot::insert), from the memo when it
   // holds the same stack.
@@ -224,12 +252,9 @@ class SiteMemo {
   uint64_t hits() const { return hits_; }
 
  private:
-  struct Entry {
-    uint32_t site;  // 0: empty
-    uint32_t depth;
-    uintptr_t ips[kDepth];
-  };
-  Entry entries_[1u << kEntriesLog2] = {};
+  // 0: empty. One 32-bit word each: a fork() copying a memo that its
+  // owner is changing finds an entry's old site or its new one.
+  uint32_t sites_[1u << kEntriesLog2] = {};
   uint64_t hits_ = 0;
 };
 

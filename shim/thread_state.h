@@ -24,12 +24,16 @@ using recycler::SpinLock;
 using recycler::SpinLockGuard;
 
 // A thread's LIFO of free sampled blocks of one class (see
-// ThreadState::sample_stash): one cache line. A slot is stored before the
+// ThreadState::sample_stash): four cache lines, touched only for the
+// classes the thread samples. 31 slots, not 7: a trip to the depot (its
+// lock, a refill or a drain) every 16 allocations or frees of a class in
+// one direction instead of every 4 (python3 with HOTPOOL_SAMPLE=1: 45
+// instructions fewer per sample). A slot is stored before the
 // count that covers it, and the count lowered before its slot is reused: a
 // fork() by another thread at any instant leaves the child a stash whose
 // counted slots are blocks out of the depot.
 struct alignas(64) SampleStash {
-  static constexpr unsigned kSlots = 7;
+  static constexpr unsigned kSlots = 31;
   uint32_t count;
   void* slots[kSlots];
 };

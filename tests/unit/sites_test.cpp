@@ -323,13 +323,15 @@ TEST(SiteMemo, GivesTheDepotsSitesAndSparesItsLookups) {
   auto depot = std::make_unique<StackDepot>();
   ASSERT_TRUE(depot->init());
   auto memo = std::make_unique<SiteMemo>();
-  // 40 stacks (more than the memo's 16 entries), some sharing their first
-  // two frames and differing further out, some deeper than the memo keeps.
+  // 40 stacks, shallow and deep (to kMaxDepth). Their innermost four
+  // frames and depth, the memo's key, are shared by groups of four: the
+  // stacks of a group differ only further out, and compete for one entry
+  // (a hit must be the same whole stack).
   std::vector<std::vector<uintptr_t>> stacks;
   for (uintptr_t i = 0; i < 40; ++i) {
-    const unsigned depth = i % 10 == 9 ? SiteMemo::kDepth + 3 : 3 + static_cast<unsigned>(i % 7);
+    const unsigned depth = i % 2 ? kMaxDepth : 5;
     std::vector<uintptr_t> stack(depth);
-    for (unsigned f = 0; f < depth; ++f) stack[f] = 0x400000 + (f < 2 ? (i % 5) * 64 + f : i * 4096 + f);
+    for (unsigned f = 0; f < depth; ++f) stack[f] = 0x400000 + (f < 4 ? (i % 10) * 64 + f : i * 4096 + f);
     stacks.push_back(stack);
   }
   uint64_t rounds = 0;
@@ -347,9 +349,11 @@ TEST(SiteMemo, GivesTheDepotsSitesAndSparesItsLookups) {
       }
     }
   }
-  // The repeats within a run hit, for the stacks the memo keeps.
-  EXPECT_GE(memo->hits(), rounds / 2);
-  EXPECT_LT(memo->hits(), rounds);
+  // The repeats within a run hit; the first of a run misses when another
+  // stack of its group took the entry meanwhile.
+  EXPECT_GE(memo->hits(), rounds * 2 / 3);
+  EXPECT_LT(memo->hits(), rounds - 40);
+  EXPECT_EQ(memo->site_of(*depot, stacks[0].data(), 0), 0u);  // no stack, no site
 }
 
 TEST(FrameActivity, TheAllocatingFunctionIsActiveWhileItsCallersAreTheOuterStack) {
