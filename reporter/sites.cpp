@@ -95,7 +95,6 @@ double natural_log(double x) {
   return exponent * kLn2High + (2 * s * series + exponent * kLn2Low);
 }
 
-
 void LifetimeStats::merge(const LifetimeCounts& counts) {
   if (counts.frees == 0) return;
   frees.fetch_add(counts.frees, std::memory_order_relaxed);

@@ -25,8 +25,11 @@ constinit recycler::SizeClassTable g_sample_classes{};  // constant-initialized:
 
 namespace {
 
-constexpr uint32_t kLive = 0x21706f68u;   // "hop!"
-constexpr uint32_t kFreed = 0x65657266u;  // "free"
+// SampleHeader::ops_state: the calls in the low 48 bits, the state above.
+constexpr uint64_t kOpsMask = (uint64_t{1} << 48) - 1;
+constexpr uint64_t kLive = uint64_t{0x6870} << 48;   // "ph"
+constexpr uint64_t kFreed = uint64_t{0x7266} << 48;  // "fr"
+constexpr uint64_t kStateMask = ~kOpsMask;
 // The usable size a sampled block shows the program and is counted with:
 // what the same request would get unsampled (its pooled class's size, or
 // the real allocator's as hotpool reckons it), so that sampling moves no
@@ -141,13 +144,16 @@ void capture_stack(reporter::CapturedStack* stack, reporter::Unwinder::Frame sta
 // than the thread's own, e.g. a signal stack or a coroutine's).
 int frame_still_active(const ThreadState& state, const SampleHeader& header) {
 #if defined(__x86_64__)
-  const uintptr_t cfa = header.frame_cfa;
-  if (!cfa || !header.caller_return || !state.stack_high) return -1;
+  if (!header.frame_below_top || !header.site || !state.stack_high) return -1;
+  const uintptr_t* allocation = nullptr;
+  if (g_stack_depot.stack(header.site, &allocation) < 2) return -1;
+  const uintptr_t caller_return = allocation[1];
+  const uintptr_t cfa = state.stack_high - header.frame_below_top;
   const auto here = reinterpret_cast<uintptr_t>(__builtin_frame_address(0));
-  if (here < state.stack_low || here >= state.stack_high || cfa <= state.stack_low || cfa > state.stack_high) return -1;
+  if (here < state.stack_low || here >= state.stack_high || cfa <= state.stack_low) return -1;
   const uintptr_t slot = cfa - sizeof(uintptr_t);  // the return address, pushed by the call
   if (slot <= here) return 0;                       // popped: the function returned
-  return *reinterpret_cast<const uintptr_t*>(slot) == header.caller_return ? 1 : 0;
+  return *reinterpret_cast<const uintptr_t*>(slot) == caller_return ? 1 : 0;
 #else
   (void)state;
   (void)header;
@@ -365,10 +371,13 @@ void* sampled_allocate(ThreadState& state, size_t size, reporter::Unwinder::Fram
   header->thread = state.ordinal;
   header->usable = static_cast<uint32_t>(usable);  // below the largest class
   header->alloc_ns = now_ns();
-  header->thread_ops = thread_ops(state);
-  header->state = kLive;
-  header->frame_cfa = stack.cfa;
-  header->caller_return = stack.depth > 1 ? stack.ips[1] : 0;
+  header->ops_state = (thread_ops(state) & kOpsMask) | kLive;
+  // The frame, where it lies on the thread's own stack within 4 GiB of its
+  // top (a frame on a signal stack or a coroutine's is not known this way).
+  const uintptr_t below_top = state.stack_high - stack.cfa;
+  header->frame_below_top = stack.cfa > state.stack_low && stack.cfa < state.stack_high && below_top <= UINT32_MAX
+                                ? static_cast<uint32_t>(below_top)
+                                : 0;
   if (site) {
     if (HOTPOOL_LIKELY(state.pending.begin())) {
       state.pending.add_alloc(site, size);
@@ -398,8 +407,8 @@ void sampled_free_record(void* block) {
   recycler::ClassDepot& depot = g_sample_region.depot(region_class);
   if (!depot.is_block_start(raw)) recycler::fatal_pointer_error(depot.check_block(raw), block);
   auto* header = reinterpret_cast<SampleHeader*>(raw);
-  if (header->state != kLive) recycler::fatal_pointer_error("double free of a sampled block", block);
-  header->state = kFreed;
+  if ((header->ops_state & kStateMask) != kLive) recycler::fatal_pointer_error("double free of a sampled block", block);
+  header->ops_state = (header->ops_state & kOpsMask) | kFreed;
   const uint64_t now = now_ns();
   ThreadState* state = tls.state;
   // The allocating thread's free, also after hotpool let it go (its last
@@ -426,8 +435,8 @@ void sampled_free_record(void* block) {
                                                 : reporter::Escape::ThreadLocal;
   const uint64_t lifetime = now - header->alloc_ns;
   const bool is_short = lifetime <= g_short_ns;
-  const bool temporary = same_thread && ops == header->thread_ops;
-  const uint64_t calls = same_thread ? ops - header->thread_ops : 0;
+  const uint64_t calls = same_thread ? (ops - header->ops_state) & kOpsMask : 0;
+  const bool temporary = same_thread && calls == 0;
   const bool recycled = same_thread && calls <= g_recycle_calls;
   const size_t usable = sampled_usable_size(block);
   const unsigned size_class = g_classes.class_of(usable);
@@ -508,12 +517,13 @@ void sampled_free(void* block) {
 }
 
 void sampled_revive(void* block) {
-  reinterpret_cast<SampleHeader*>(static_cast<char*>(block) - kHeader)->state = kLive;
+  auto* header = reinterpret_cast<SampleHeader*>(static_cast<char*>(block) - kHeader);
+  header->ops_state = (header->ops_state & kOpsMask) | kLive;
 }
 
 void sampled_restamp(void* block) {
   auto* header = reinterpret_cast<SampleHeader*>(static_cast<char*>(block) - kHeader);
-  if (ThreadState* state = tls.state) header->thread_ops = thread_ops(*state);
+  if (ThreadState* state = tls.state) header->ops_state = (thread_ops(*state) & kOpsMask) | (header->ops_state & kStateMask);
 }
 
 void begin_fork_samples() {
