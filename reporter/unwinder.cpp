@@ -59,24 +59,8 @@ bool FrameTable::init() {
 }
 
 namespace {
-constexpr unsigned kProbes = 8;
-unsigned first_slot(uintptr_t address) {
-  return static_cast<unsigned>((address * 0x9e3779b97f4a7c15ull) >> (64 - 16));
-}
-static_assert(FrameTable::kSlots == 1u << 16, "first_slot takes 16 bits");
 uint64_t load_slot(const uint64_t* slot) { return __atomic_load_n(slot, __ATOMIC_RELAXED); }
 }  // namespace
-
-uint16_t FrameTable::lookup(uintptr_t return_address) const {
-  if (!slots_ || (return_address & ~kAddressMask)) return kUnknown;
-  unsigned index = first_slot(return_address);
-  for (unsigned probe = 0; probe < kProbes; ++probe, index = (index + 1) & (kSlots - 1)) {
-    const uint64_t entry = load_slot(&slots_[index]);
-    if (entry == 0) return kUnknown;
-    if ((entry & kAddressMask) == return_address) return static_cast<uint16_t>(entry >> 48);
-  }
-  return kUnknown;
-}
 
 void FrameTable::learn(uintptr_t return_address, uint16_t words) {
   if (!slots_ || return_address == 0 || (return_address & ~kAddressMask) || words == kUnknown) return;

@@ -75,7 +75,7 @@ bool allocating_frame_active(const uintptr_t* allocation, unsigned allocation_de
 // dlclose), as other code may then be loaded at the same addresses.
 class FrameTable {
  public:
-  static constexpr unsigned kSlots = 1u << 16;
+  static constexpr unsigned kSlots = 1u << 16;  // first_slot takes 16 bits
   static constexpr uint64_t kAddressMask = (uint64_t{1} << 48) - 1;
   static constexpr uint16_t kUnknown = 0;      // not in the table
   static constexpr uint16_t kOutermost = 0xffff;  // libgcc's walk ended with this frame
@@ -83,8 +83,22 @@ class FrameTable {
 
   bool init();  // false without memory (every lookup then says kUnknown)
   bool ready() const { return slots_ != nullptr; }
-  // The distance in 8-byte words, or one of the markers above.
-  uint16_t lookup(uintptr_t return_address) const;
+  static constexpr unsigned kProbes = 8;
+  static unsigned first_slot(uintptr_t address) {
+    return static_cast<unsigned>((address * 0x9e3779b97f4a7c15ull) >> (64 - 16));
+  }
+  // The distance in 8-byte words, or one of the markers above. Inline: a
+  // replay looks up every frame it walks.
+  uint16_t lookup(uintptr_t return_address) const {
+    if (!slots_ || (return_address & ~kAddressMask)) return kUnknown;
+    unsigned index = first_slot(return_address);
+    for (unsigned probe = 0; probe < kProbes; ++probe, index = (index + 1) & (kSlots - 1)) {
+      const uint64_t entry = __atomic_load_n(&slots_[index], __ATOMIC_RELAXED);
+      if (entry == 0) return kUnknown;
+      if ((entry & kAddressMask) == return_address) return static_cast<uint16_t>(entry >> 48);
+    }
+    return kUnknown;
+  }
   // Records what a walk saw (a distance in words, kOutermost or kVarying).
   void learn(uintptr_t return_address, uint16_t words);
   // Forgets everything (dlclose: other code may be loaded where the
