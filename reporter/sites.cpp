@@ -303,7 +303,7 @@ uint32_t SiteMemo::site_of(StackDepot& depot, const uintptr_t* ips, unsigned dep
   uint32_t& entry = sites_[key >> (64 - kEntriesLog2)];
   if (const uint32_t site = entry) {
     const uintptr_t* stored = nullptr;
-    if (depot.stack(site, &stored) == depth && std::memcmp(stored, ips, depth * sizeof(uintptr_t)) == 0) {
+    if (depot.known_stack(site, &stored) == depth && std::memcmp(stored, ips, depth * sizeof(uintptr_t)) == 0) {
       ++hits_;
       return site;
     }

@@ -122,6 +122,19 @@ class StackDepot {
     *ips = stored + 1;
     return static_cast<unsigned>(stored[0]);
   }
+  // The same for an id the caller got from insert(), or read from a
+  // sampled block's header (which the program may have overwritten):
+  // checked against the table's size instead of id_limit(), so that a
+  // sampled allocation or free reads no cache line that every insert
+  // writes (next_id_). An id never handed out has no offset: 0.
+  unsigned known_stack(uint32_t id, const uintptr_t** ips) const {
+    if (!offsets_ || id == 0 || id >= kSlots) return 0;
+    const uint32_t offset = offsets_[id];
+    if (offset == 0) return 0;
+    const uintptr_t* stored = arena_ + (offset - 1);
+    *ips = stored + 1;
+    return static_cast<unsigned>(stored[0]);
+  }
   SiteStats& site(uint32_t id) { return sites_[id]; }
   const SiteStats& site(uint32_t id) const { return sites_[id]; }
   // Every id handed out is below this (some, lost in races, name no stack).

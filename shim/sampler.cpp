@@ -25,11 +25,21 @@ constinit recycler::SizeClassTable g_sample_classes{};  // constant-initialized:
 
 namespace {
 
-// SampleHeader::ops_state: the calls in the low 48 bits, the state above.
+// SampleHeader::ops_state: the calls in the low 48 bits; above them the
+// mark, live or freed, and kNoSite: `site` holds no site but the low half
+// of the allocating function's return address (a sample the depot had no
+// room for: its frame can still be told active at the free).
 constexpr uint64_t kOpsMask = (uint64_t{1} << 48) - 1;
-constexpr uint64_t kLive = uint64_t{0x6870} << 48;   // "ph"
+constexpr uint64_t kNoSite = uint64_t{1} << 48;
+constexpr uint64_t kLive = uint64_t{0x6870} << 48;   // "ph" (kNoSite's bit clear)
 constexpr uint64_t kFreed = uint64_t{0x7266} << 48;  // "fr"
 constexpr uint64_t kStateMask = ~kOpsMask;
+constexpr uint64_t kMarkMask = kStateMask & ~kNoSite;
+// The site of a sampled block's header, 0 if none (also for an id out of
+// the depot's range: a header the program overwrote).
+uint32_t header_site(const SampleHeader& header) {
+  return (header.ops_state & kNoSite) || header.site >= reporter::StackDepot::kSlots ? 0 : header.site;
+}
 // The usable size a sampled block shows the program and is counted with:
 // what the same request would get unsampled (its pooled class's size, or
 // the real allocator's as hotpool reckons it), so that sampling moves no
@@ -144,16 +154,24 @@ void capture_stack(reporter::CapturedStack* stack, reporter::Unwinder::Frame sta
 // than the thread's own, e.g. a signal stack or a coroutine's).
 int frame_still_active(const ThreadState& state, const SampleHeader& header) {
 #if defined(__x86_64__)
-  if (!header.frame_below_top || !header.site || !state.stack_high) return -1;
-  const uintptr_t* allocation = nullptr;
-  if (g_stack_depot.stack(header.site, &allocation) < 2) return -1;
-  const uintptr_t caller_return = allocation[1];
+  if (!header.frame_below_top || !state.stack_high) return -1;
+  // The return address: the second frame of the site's stack, or its low
+  // half kept in the header.
+  uintptr_t caller_return, compared = ~uintptr_t{0};
+  if (header.ops_state & kNoSite) {
+    caller_return = header.site;
+    compared = 0xffffffffu;
+  } else {
+    const uintptr_t* allocation = nullptr;
+    if (g_stack_depot.known_stack(header.site, &allocation) < 2) return -1;
+    caller_return = allocation[1];
+  }
   const uintptr_t cfa = state.stack_high - header.frame_below_top;
   const auto here = reinterpret_cast<uintptr_t>(__builtin_frame_address(0));
   if (here < state.stack_low || here >= state.stack_high || cfa <= state.stack_low) return -1;
   const uintptr_t slot = cfa - sizeof(uintptr_t);  // the return address, pushed by the call
   if (slot <= here) return 0;                       // popped: the function returned
-  return *reinterpret_cast<const uintptr_t*>(slot) == caller_return ? 1 : 0;
+  return (*reinterpret_cast<const uintptr_t*>(slot) & compared) == caller_return ? 1 : 0;
 #else
   (void)state;
   (void)header;
@@ -371,7 +389,12 @@ void* sampled_allocate(ThreadState& state, size_t size, reporter::Unwinder::Fram
   header->thread = state.ordinal;
   header->usable = static_cast<uint32_t>(usable);  // below the largest class
   header->alloc_ns = now_ns();
-  header->ops_state = (thread_ops(state) & kOpsMask) | kLive;
+  uint64_t mark = kLive;
+  if (!site && stack.depth > 1) {  // no site: the return address's low half, for the frame's test at the free
+    header->site = static_cast<uint32_t>(stack.ips[1]);
+    mark |= kNoSite;
+  }
+  header->ops_state = (thread_ops(state) & kOpsMask) | mark;
   // The frame, where it lies on the thread's own stack within 4 GiB of its
   // top (a frame on a signal stack or a coroutine's is not known this way).
   const uintptr_t below_top = state.stack_high - stack.cfa;
@@ -407,8 +430,9 @@ void sampled_free_record(void* block) {
   recycler::ClassDepot& depot = g_sample_region.depot(region_class);
   if (!depot.is_block_start(raw)) recycler::fatal_pointer_error(depot.check_block(raw), block);
   auto* header = reinterpret_cast<SampleHeader*>(raw);
-  if ((header->ops_state & kStateMask) != kLive) recycler::fatal_pointer_error("double free of a sampled block", block);
-  header->ops_state = (header->ops_state & kOpsMask) | kFreed;
+  if ((header->ops_state & kMarkMask) != kLive) recycler::fatal_pointer_error("double free of a sampled block", block);
+  header->ops_state = (header->ops_state & ~kMarkMask) | kFreed;
+  const uint32_t site = header_site(*header);
   const uint64_t now = now_ns();
   ThreadState* state = tls.state;
   // The allocating thread's free, also after hotpool let it go (its last
@@ -423,9 +447,9 @@ void sampled_free_record(void* block) {
   const int active = same_thread ? frame_still_active(*state, *header) : 0;
   if (active >= 0) {
     frame_local = active;
-  } else if (same_thread && header->site) {
+  } else if (same_thread && site) {
     const uintptr_t* allocation = nullptr;
-    const unsigned depth = g_stack_depot.stack(header->site, &allocation);
+    const unsigned depth = g_stack_depot.known_stack(site, &allocation);
     reporter::CapturedStack current;
     capture_stack(&current);
     frame_local = reporter::allocating_frame_active(allocation, depth, current);
@@ -441,10 +465,10 @@ void sampled_free_record(void* block) {
   const size_t usable = sampled_usable_size(block);
   const unsigned size_class = g_classes.class_of(usable);
   if (HOTPOOL_LIKELY(state != nullptr) && HOTPOOL_LIKELY(state->pending.begin())) {
-    state->pending.add_free(header->site, size_class, lifetime, is_short, recycled, temporary, escape, calls);
+    state->pending.add_free(site, size_class, lifetime, is_short, recycled, temporary, escape, calls);
     state->pending.end();
   } else {
-    if (header->site) g_stack_depot.site(header->site).lifetimes.add(lifetime, is_short, recycled, temporary, escape, calls);
+    if (site) g_stack_depot.site(site).lifetimes.add(lifetime, is_short, recycled, temporary, escape, calls);
     g_class_lifetimes[size_class].add(lifetime, is_short, recycled, temporary, escape, calls);
   }
   if (state) {
@@ -518,7 +542,7 @@ void sampled_free(void* block) {
 
 void sampled_revive(void* block) {
   auto* header = reinterpret_cast<SampleHeader*>(static_cast<char*>(block) - kHeader);
-  header->ops_state = (header->ops_state & kOpsMask) | kLive;
+  header->ops_state = (header->ops_state & ~kMarkMask) | kLive;
 }
 
 void sampled_restamp(void* block) {

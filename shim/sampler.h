@@ -20,12 +20,13 @@
 namespace hotpool::shim {
 
 struct SampleHeader {
-  uint32_t site;             // StackDepot id (0: the stack could not be captured)
+  uint32_t site;             // StackDepot id (0: the stack could not be captured or kept)
   uint32_t usable;           // the usable size it shows: what its request gets unsampled (below 4 GiB)
   uint64_t alloc_ns;         // monotonic time of the allocation
   // The thread's allocator calls, this one included, in the low 48 bits
-  // (differences are taken modulo 2^48); kLive while allocated, kFreed
-  // after, in the top 16.
+  // (differences are taken modulo 2^48); in the top 16, whether it is live
+  // or freed, and whether `site` holds the low half of the return address
+  // below instead (a sample the depot had no room for: see sampler.cpp).
   uint64_t ops_state;
   uint32_t thread;           // ThreadState::ordinal of the allocating thread
   // The allocating function's frame (its CFA) as bytes below the top of

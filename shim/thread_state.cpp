@@ -38,7 +38,7 @@ ThreadState* ThreadRegistry::carve_locked() {
   }
   // Not constructed: a ThreadState (an aggregate, trivially destructible)
   // starts all zero, and fresh mmap'd memory is zero already. Constructing
-  // it would write all of its 109 KiB (the caches, sample stashes and
+  // it would write all of its 144 KiB (the caches, sample stashes and
   // counters of every class) and make it resident; untouched, only the
   // classes the thread uses cost memory.
   static_assert(std::is_aggregate_v<ThreadState> && std::is_trivially_destructible_v<ThreadState>,

@@ -8,6 +8,8 @@
 //   sites_program recursion D N  N allocations at the bottom of a D-deep recursion
 //   sites_program dlopen LIB1 LIB2 N  N allocations in LIB1's function
 //                              (kept loaded) and in LIB2's (unloaded before exit)
+//   sites_program many_stacks L  2^L allocations, each from a stack of its
+//                              own, freed in the allocating frame
 //   sites_program exit_free N  a thread's N allocations, freed by the same
 //                              thread in its last round of key destructors
 //   sites_program sizes N      N blocks of each of a few sizes, kept, then
@@ -193,6 +195,29 @@ NOINLINE int call_library(const char* path, bool unload, int count) {
   return 0;
 }
 
+// 2^levels distinct stacks, each level calling one of two functions by a
+// bit of the path: more than the stack depot's ids with 17 levels (and
+// HOTPOOL_DEPTH deep enough), so that most of them are sampled without a
+// site. Every block is still freed in its own frame.
+NOINLINE void distinct_bottom() {
+  char* block = static_cast<char*>(std::malloc(3000));  // SITE: distinct_bottom
+  std::memset(block, 2, 3000);
+  g_sink = block;
+  std::free(std::malloc(8));  // another allocator call in between: not temporary
+  std::free(block);           // freed in its own frame
+}
+NOINLINE int branch_a(unsigned path, int level);
+NOINLINE int branch_b(unsigned path, int level);
+NOINLINE int descend(unsigned path, int level) {
+  if (level == 0) {
+    distinct_bottom();
+    return 0;
+  }
+  return ((path >> (level - 1)) & 1 ? branch_b(path, level - 1) : branch_a(path, level - 1)) + 1;
+}
+NOINLINE int branch_a(unsigned path, int level) { return descend(path, level) + 1; }  // not a tail call
+NOINLINE int branch_b(unsigned path, int level) { return descend(path, level) + 2; }
+
 // A thread's blocks freed by that thread at its very end: in the last
 // round of pthread key destructors, after hotpool has let the thread go (a
 // key created after hotpool's own runs after it in every round).
@@ -261,6 +286,8 @@ int main(int argc, char** argv) {
       std::printf("%zu %zu\n", size, malloc_usable_size(blocks.back()));
     }
     for (void* block : blocks) std::free(block);
+  } else if (std::strcmp(what, "many_stacks") == 0) {
+    for (unsigned path = 0; path < (1u << count); ++path) descend(path, count);
   } else if (std::strcmp(what, "exit_free") == 0) {
     if (exit_free_thread(count) != 0) return 1;
   } else if (std::strcmp(what, "dlopen") == 0) {

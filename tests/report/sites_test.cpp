@@ -284,6 +284,27 @@ TEST_F(SitesTest, BlocksAThreadFreesAfterHotpoolLetItGoAreItsOwn) {
   EXPECT_EQ(figures["live_at_exit"], 0u);
 }
 
+// More stacks than the stack depot has ids: the samples it has no site for
+// are still told frame-local (their frame's return address kept in the
+// header), in the class lifetimes.
+TEST_F(SitesTest, SamplesWithoutASiteAreStillToldFrameLocal) {
+  constexpr int kLevels = 17;  // 131,072 stacks (and as many of malloc(8))
+  const Json report = run({"many_stacks", std::to_string(kLevels)},
+                          {"HOTPOOL_SAMPLE=1", "HOTPOOL_MODE=profile", "HOTPOOL_DEPTH=64", "HOTPOOL_TOP=1"});
+  uint64_t frees = 0, frame_local = 0, thread_local_frees = 0;
+  for (const Json& row : report["class_lifetimes"]) {
+    if (row["size"].is_null() || row["size"].get<uint64_t>() < 3000 || row["size"].get<uint64_t>() >= 3600) continue;
+    frees += row["sampled_frees"].get<uint64_t>();
+    frame_local += row["frame_local"].get<uint64_t>();
+    thread_local_frees += row["thread_local"].get<uint64_t>();
+  }
+  EXPECT_EQ(frees, uint64_t{1} << kLevels);
+  EXPECT_EQ(frame_local, uint64_t{1} << kLevels);
+  EXPECT_EQ(thread_local_frees, 0u);
+  // The depot did run out: fewer sites than stacks.
+  EXPECT_LT(report["sites_total"].get<uint64_t>(), uint64_t{1} << kLevels);
+}
+
 // Sampling moves no block into another class: a sampled block shows the
 // program, and is counted with, the usable size its request gets unsampled
 // (the real allocator's, or its pooled class's, also in a sparse table).
