@@ -115,12 +115,7 @@ class StackDepot {
   uint32_t insert(const uintptr_t* ips, unsigned depth);
   // The stack of a site (depth; *ips set), 0 for an unknown id.
   unsigned stack(uint32_t id, const uintptr_t** ips) const {
-    if (!slots_ || id == 0 || id >= id_limit()) return 0;
-    const uint32_t offset = offsets_[id];
-    if (offset == 0) return 0;
-    const uintptr_t* stored = arena_ + (offset - 1);
-    *ips = stored + 1;
-    return static_cast<unsigned>(stored[0]);
+    return slots_ && id < id_limit() ? known_stack(id, ips) : 0;
   }
   // The same for an id the caller got from insert(), or read from a
   // sampled block's header (which the program may have overwritten):

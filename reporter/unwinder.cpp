@@ -58,10 +58,6 @@ bool FrameTable::init() {
   return true;
 }
 
-namespace {
-uint64_t load_slot(const uint64_t* slot) { return __atomic_load_n(slot, __ATOMIC_RELAXED); }
-}  // namespace
-
 void FrameTable::learn(uintptr_t return_address, uint16_t words) {
   if (!slots_ || return_address == 0 || (return_address & ~kAddressMask) || words == kUnknown) return;
   const uint64_t wanted = return_address | (static_cast<uint64_t>(words) << 48);

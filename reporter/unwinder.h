@@ -93,7 +93,7 @@ class FrameTable {
     if (!slots_ || (return_address & ~kAddressMask)) return kUnknown;
     unsigned index = first_slot(return_address);
     for (unsigned probe = 0; probe < kProbes; ++probe, index = (index + 1) & (kSlots - 1)) {
-      const uint64_t entry = __atomic_load_n(&slots_[index], __ATOMIC_RELAXED);
+      const uint64_t entry = load_slot(&slots_[index]);
       if (entry == 0) return kUnknown;
       if ((entry & kAddressMask) == return_address) return static_cast<uint16_t>(entry >> 48);
     }
@@ -109,6 +109,7 @@ class FrameTable {
   unsigned size() const;
 
  private:
+  static uint64_t load_slot(const uint64_t* slot) { return __atomic_load_n(slot, __ATOMIC_RELAXED); }
   uint64_t* slots_ = nullptr;
 };
 

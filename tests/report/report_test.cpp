@@ -97,6 +97,16 @@ class ReportTest : public ::testing::Test {
     env.push_back("LD_PRELOAD=" HOTPOOL_LIBRARY);
     return run(args, env, dir_);
   }
+  // `echo x` under these options with a JSON report: its status and stdout
+  // must be those of the same run without hotpool.
+  RunResult run_echo_as_without_hotpool(std::vector<std::string> options) {
+    const RunResult plain = run({HOTPOOL_REPORT_PROGRAM, "echo", "x"}, {}, dir_);
+    options.push_back("HOTPOOL_OUTPUT=" + (dir_ / "r.%p.json").string());
+    RunResult result = run_program({"echo", "x"}, options);
+    EXPECT_EQ(result.status, plain.status);
+    EXPECT_EQ(result.out, plain.out);
+    return result;
+  }
   // The report files the run left, by name.
   std::vector<fs::path> reports() const {
     std::vector<fs::path> found;
@@ -190,11 +200,8 @@ TEST_F(ReportTest, ModeOffAndReportOffWriteNothing) {
 }
 
 TEST_F(ReportTest, MalformedOptionsWarnOnceEachAndChangeNothingElse) {
-  const RunResult plain = run({HOTPOOL_REPORT_PROGRAM, "echo", "x"}, {}, dir_);
-  const RunResult result = run_program({"echo", "x"}, {"HOTPOOL_MODE=turbo", "HOTPOOL_BOGUS=1", "HOTPOOL_MAX_CLASS=12Q",
-                                                 "HOTPOOL_OUTPUT=" + (dir_ / "r.%p.json").string()});
-  EXPECT_EQ(result.status, plain.status);
-  EXPECT_EQ(result.out, plain.out);
+  const RunResult result =
+      run_echo_as_without_hotpool({"HOTPOOL_MODE=turbo", "HOTPOOL_BOGUS=1", "HOTPOOL_MAX_CLASS=12Q"});
   EXPECT_EQ(result.err,
             "hotpool: HOTPOOL_MODE='turbo' is not one of off, profile, fixed, auto; using the default 'auto'\n"
             "hotpool: unknown option HOTPOOL_BOGUS ignored (HOTPOOL_HELP=1 lists the options)\n"
@@ -203,12 +210,8 @@ TEST_F(ReportTest, MalformedOptionsWarnOnceEachAndChangeNothingElse) {
 }
 
 TEST_F(ReportTest, OutOfRangeOptionsSayWhatIsUsedInstead) {
-  const RunResult plain = run({HOTPOOL_REPORT_PROGRAM, "echo", "x"}, {}, dir_);
-  const RunResult result =
-      run_program({"echo", "x"}, {"HOTPOOL_MODE=fixed", "HOTPOOL_CLASSES=48,10G", "HOTPOOL_DEPTH=1000", "HOTPOOL_TOP=500",
-                                  "HOTPOOL_OUTPUT=" + (dir_ / "r.%p.json").string()});
-  EXPECT_EQ(result.status, plain.status);
-  EXPECT_EQ(result.out, plain.out);
+  const RunResult result = run_echo_as_without_hotpool(
+      {"HOTPOOL_MODE=fixed", "HOTPOOL_CLASSES=48,10G", "HOTPOOL_DEPTH=1000", "HOTPOOL_TOP=500"});
   EXPECT_EQ(result.err,
             "hotpool: HOTPOOL_CLASSES: 1 size above 1 GiB (the largest class) ignored\n"
             "hotpool: HOTPOOL_DEPTH=1000: 64 frames captured (1 to 64)\n"

@@ -31,9 +31,9 @@ namespace {
 
 void* volatile g_sink;
 
-NOINLINE void frame_local_site() {
-  char* block = static_cast<char*>(std::malloc(100));  // SITE: frame_local
-  std::memset(block, 1, 100);
+NOINLINE void frame_local_site(size_t size) {
+  char* block = static_cast<char*>(std::malloc(size));  // SITE: frame_local
+  std::memset(block, 1, size);
   g_sink = block;
   std::free(std::malloc(8));  // another allocator call in between: not temporary
   std::free(block);           // freed in its own frame
@@ -198,19 +198,13 @@ NOINLINE int call_library(const char* path, bool unload, int count) {
 // 2^levels distinct stacks, each level calling one of two functions by a
 // bit of the path: more than the stack depot's ids with 17 levels (and
 // HOTPOOL_DEPTH deep enough), so that most of them are sampled without a
-// site. Every block is still freed in its own frame.
-NOINLINE void distinct_bottom() {
-  char* block = static_cast<char*>(std::malloc(3000));  // SITE: distinct_bottom
-  std::memset(block, 2, 3000);
-  g_sink = block;
-  std::free(std::malloc(8));  // another allocator call in between: not temporary
-  std::free(block);           // freed in its own frame
-}
+// site. Every block is still freed in its own frame (frame_local_site's
+// blocks, of a size of their own).
 NOINLINE int branch_a(unsigned path, int level);
 NOINLINE int branch_b(unsigned path, int level);
 NOINLINE int descend(unsigned path, int level) {
   if (level == 0) {
-    distinct_bottom();
+    frame_local_site(3000);
     return 0;
   }
   return ((path >> (level - 1)) & 1 ? branch_b(path, level - 1) : branch_a(path, level - 1)) + 1;
@@ -266,7 +260,7 @@ int main(int argc, char** argv) {
   if (std::strcmp(what, "patterns") == 0) {
     g_leaks.reserve(static_cast<size_t>(count));
     for (int i = 0; i < count; ++i) {
-      frame_local_site();
+      frame_local_site(100);
       temporary_site();
       thread_local_site();
       leak_site();
