@@ -37,7 +37,18 @@ struct SiteRow {
   uint32_t id;
   uint64_t allocs, bytes, frees, short_lived, recycled, temporary, escapes[3], calls, min_size, max_size, median_ns;
   uint64_t histogram[kLifetimeBuckets];
+  uint64_t weight, weighted_bytes;  // what the samples stand for (weight: fixed point, see SampleWeight)
   uint64_t live() const { return allocs > frees ? allocs - frees : 0; }
+  // The site's count of `samples` of its allocations (its frees, its
+  // short-lived ones...) scaled to the allocations they stand for: by the
+  // site's mean weight (by count, the rate; by bytes, nearly the same for
+  // the samples of one site when its sizes are alike).
+  double scaled(uint64_t samples) const {
+    return allocs ? static_cast<double>(samples) * static_cast<double>(weight) /
+                        (static_cast<double>(allocs) * static_cast<double>(uint64_t{1} << kWeightShift))
+                  : 0;
+  }
+  uint64_t estimate(uint64_t samples) const { return static_cast<uint64_t>(scaled(samples) + 0.5); }
 };
 
 constexpr unsigned kMaxRows = 4096;
@@ -56,6 +67,9 @@ unsigned collect_sites(const SamplingView& view) {
     row.bytes = load(site.bytes);
     row.min_size = load(site.min_size);
     row.max_size = load(site.max_size);
+    // By count every sample weighs the rate; by bytes the site kept its sum.
+    row.weight = view.mean_bytes ? load(site.weight) : (allocs * view.rate) << kWeightShift;
+    row.weighted_bytes = view.mean_bytes ? load(site.weighted_bytes) : row.bytes * view.rate;
     const LifetimeStats& life = site.lifetimes;
     row.frees = load(life.frees);
     row.short_lived = load(life.short_lived);
@@ -183,10 +197,16 @@ void write_text_sampling(const StatsSnapshot& stats, const SamplingView& view, O
   uint64_t samples = 0;
   for (unsigned i = 0; i < count; ++i) samples += g_rows[i].allocs;
   if (samples == 0) return;
-  const bool estimated = view.rate > 1;
+  const bool estimated = view.rate != 1;
   out.str("  lifetimes from ").count(samples).str(" sampled allocations");
-  if (estimated) out.str(" (1 in ").u64(view.rate).str(" on average; figures marked ~ are estimates: samples x ").u64(view.rate).ch(')');
-  else out.str(" (every allocation)");
+  if (view.mean_bytes) {
+    out.str(" (by bytes: one per ").bytes(view.mean_bytes)
+        .str(" on average; figures marked ~ are estimates: each sample counts 1 / its chance of being sampled)");
+  } else if (estimated) {
+    out.str(" (1 in ").u64(view.rate).str(" on average; figures marked ~ are estimates: samples x ").u64(view.rate).ch(')');
+  } else {
+    out.str(" (every allocation)");
+  }
   out.str(", short-lived = at most ");
   write_duration(out, view.short_ns);
   out.str(", recycled = freed by its thread within ").u64(view.recycle_calls).str(" of its calls\n");
@@ -211,7 +231,7 @@ void write_text_sampling(const StatsSnapshot& stats, const SamplingView& view, O
   unsigned order[kMaxTop];
   const unsigned top = view.top < kMaxTop ? view.top : kMaxTop;
   auto site_line = [&](const SiteRow& row, unsigned rank) {
-    out.str("   #").u64(rank).str("  ").str(estimated ? "~" : "").count(row.allocs * view.rate).str(" x ");
+    out.str("   #").u64(rank).str("  ").str(estimated ? "~" : "").count(row.estimate(row.allocs)).str(" x ");
     if (row.min_size == row.max_size) out.bytes(row.min_size);
     else out.bytes(row.min_size).str("..").bytes(row.max_size);
     if (row.frees) {
@@ -220,19 +240,20 @@ void write_text_sampling(const StatsSnapshot& stats, const SamplingView& view, O
       out.str("), ").percent(row.escapes[0], row.frees).str(" frame-local, ")
           .percent(row.escapes[2], row.frees).str(" cross-thread");
     }
-    if (row.live()) out.str(", ").str(estimated ? "~" : "").count(row.live() * view.rate).str(" live at exit");
+    if (row.live()) out.str(", ").str(estimated ? "~" : "").count(row.estimate(row.live())).str(" live at exit");
     const char* what = advice(row);
     if (what[0]) out.str(" -> ").str(what);
     out.ch('\n');
     write_frames(view, row.id, out, "       ");
   };
-  unsigned shown = top_rows(count, top, [](const SiteRow& r) { return r.short_lived; }, order);
+  // Ranked by estimates: by bytes, a sample of a small block stands for more.
+  unsigned shown = top_rows(count, top, [](const SiteRow& r) { return r.scaled(r.short_lived); }, order);
   if (shown) out.str("  hot sites, short-lived first\n");
   for (unsigned i = 0; i < shown; ++i) site_line(g_rows[order[i]], i + 1);
-  shown = top_rows(count, top, [](const SiteRow& r) { return r.bytes; }, order);
+  shown = top_rows(count, top, [](const SiteRow& r) { return r.weighted_bytes; }, order);
   if (shown) out.str("  sites by bytes allocated\n");
   for (unsigned i = 0; i < shown; ++i) site_line(g_rows[order[i]], i + 1);
-  shown = top_rows(count, top, [](const SiteRow& r) { return r.live(); }, order);
+  shown = top_rows(count, top, [](const SiteRow& r) { return r.scaled(r.live()); }, order);
   if (shown) out.str("  live at exit (leaks, or long-lived by design)\n");
   for (unsigned i = 0; i < shown; ++i) site_line(g_rows[order[i]], i + 1);
 }
@@ -276,7 +297,9 @@ void write_json_sampling(const StatsSnapshot& stats, const SamplingView* view, O
     out.str(",\n  \"sampling\": null");
     return;
   }
-  out.str(",\n  \"sampling\": {\"rate\": ").u64(view->rate).str(", \"short_ns\": ").u64(view->short_ns)
+  out.str(",\n  \"sampling\": {\"rate\": ").u64(view->rate)
+      .str(", \"by\": ").str(view->mean_bytes ? "\"bytes\"" : "\"allocations\"")
+      .str(", \"mean_bytes\": ").u64(view->mean_bytes).str(", \"short_ns\": ").u64(view->short_ns)
       .str(", \"recycle_calls\": ").u64(view->recycle_calls)
       .str(", \"lifetime_bucket_bounds_ns\": [");
   for (unsigned b = 1; b < kLifetimeBuckets; ++b) out.str(b > 1 ? ", " : "").u64(lifetime_bucket_low(b));
@@ -307,14 +330,15 @@ void write_json_sampling(const StatsSnapshot& stats, const SamplingView* view, O
   constexpr unsigned kJsonSites = 256, kJsonFrames = 16;
   const unsigned count = collect_sites(*view);
   static unsigned order[kJsonSites];
-  const unsigned shown = top_rows(count, kJsonSites, [](const SiteRow& r) { return r.allocs; }, order);
+  const unsigned shown = top_rows(count, kJsonSites, [](const SiteRow& r) { return r.weight; }, order);
   out.str(",\n  \"sites_total\": ").u64(count).str(",\n  \"sites\": [");
   for (unsigned i = 0; i < shown; ++i) {
     const SiteRow& row = g_rows[order[i]];
     out.str(i ? ",\n" : "\n").str("    {\"id\": ").u64(row.id)
         .str(", \"sampled_allocations\": ").u64(row.allocs)
-        .str(", \"estimated_allocations\": ").u64(row.allocs * view->rate)
+        .str(", \"estimated_allocations\": ").u64(row.estimate(row.allocs))
         .str(", \"sampled_bytes\": ").u64(row.bytes)
+        .str(", \"estimated_bytes\": ").u64(row.weighted_bytes)
         .str(", \"min_size\": ").u64(row.min_size).str(", \"max_size\": ").u64(row.max_size)
         .str(", \"sampled_frees\": ").u64(row.frees)
         .str(", \"short_lived\": ").u64(row.short_lived)

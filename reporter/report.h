@@ -18,7 +18,8 @@ inline constexpr unsigned kMaxTop = 64;
 
 // What sampling found, for the report's site, lifetime and advice sections.
 struct SamplingView {
-  uint64_t rate;            // mean allocations per sample (1: every allocation)
+  uint64_t rate;            // mean allocations per sample (1: every allocation; 0: by bytes)
+  uint64_t mean_bytes;      // by bytes: mean bytes per sample (HOTPOOL_SAMPLE_BYTES), else 0
   uint64_t short_ns;        // the short-lived threshold
   uint64_t recycle_calls;   // the recycled threshold (the freeing thread's allocator calls)
   unsigned top;             // sites shown per list (0 to kMaxTop)

@@ -95,6 +95,34 @@ double natural_log(double x) {
   return exponent * kLn2High + (2 * s * series + exponent * kLn2Low);
 }
 
+double one_minus_exp_neg(double y) {
+  if (!(y > 0)) return 0;
+  // y < 1: the series of 1 - e^-y itself, y - y^2/2! + y^3/3! - ...
+  // (1 - e^-y computed as such would lose y's low bits when y is small);
+  // the sum is at least 0.63 y, the terms left out below y^23/23! < 4e-23.
+  if (y < 1) {
+    double term = y, sum = y;
+    for (int n = 2; n <= 22; ++n) {
+      term *= -y / n;
+      sum += term;
+    }
+    return sum;
+  }
+  if (y > 45) return 1;  // e^-45 < 2^-64
+  // y = k ln 2 + r with r in [0, ln 2): e^-y = 2^-k e^-r, e^-r from its
+  // series (r^20/20! < 1e-20).
+  constexpr double kLn2 = 0.6931471805599453;
+  const int k = static_cast<int>(y / kLn2);
+  const double r = y - k * kLn2;
+  double term = 1, sum = 1;
+  for (int n = 1; n <= 20; ++n) {
+    term *= -r / n;
+    sum += term;
+  }
+  for (int i = 0; i < k; ++i) sum *= 0.5;
+  return 1 - sum;
+}
+
 void LifetimeStats::merge(const LifetimeCounts& counts) {
   if (counts.frees == 0) return;
   frees.fetch_add(counts.frees, std::memory_order_relaxed);
@@ -122,9 +150,11 @@ void lower(AtomicCounter& counter, uint64_t value) {
 }
 }  // namespace
 
-void SiteStats::add_allocs(uint64_t count, uint64_t total_bytes, uint64_t min, uint64_t max) {
+void SiteStats::add_allocs(uint64_t count, uint64_t total_bytes, uint64_t min, uint64_t max, SampleWeight sum) {
   allocs.fetch_add(count, std::memory_order_relaxed);
   bytes.fetch_add(total_bytes, std::memory_order_relaxed);
+  weight.fetch_add(sum.allocs, std::memory_order_relaxed);
+  weighted_bytes.fetch_add(sum.bytes, std::memory_order_relaxed);
   lower(min_size, min);
   raise(max_size, max);
 }
@@ -137,7 +167,7 @@ void PendingSamples::attach(StackDepot* depot, LifetimeStats* class_lifetimes, b
 
 PendingSamples::Entry& PendingSamples::entry(uint32_t key) {
   // Fibonacci hashing: consecutive site ids and class keys spread out.
-  Entry& slot = entries_[(key * 0x9e3779b1u) >> (32 - kEntriesLog2)];
+  Entry& slot = entries_[slot_of(key)];
   if (__builtin_expect(slot.key != key, 0)) {
     merge(slot);
     slot.key = key;
@@ -145,13 +175,29 @@ PendingSamples::Entry& PendingSamples::entry(uint32_t key) {
   return slot;
 }
 
+// FAST PATH (every sample): a leaf up to the flush. The entry held
+// another key: merged out of line, then here again.
 void PendingSamples::add_alloc(uint32_t site, uint64_t size) {
-  Entry& slot = entry(site);
+  Entry& slot = entries_[slot_of(site)];
+  if (__builtin_expect(slot.key != site, 0)) return add_alloc_to_new(site, size);
+  const uint64_t min_size = slot.min_size, max_size = slot.max_size;
   ++slot.allocs;
   slot.bytes += size;
-  if (slot.min_size == 0 || size < slot.min_size) slot.min_size = size;
-  if (size > slot.max_size) slot.max_size = size;
+  slot.min_size = min_size == 0 || size < min_size ? size : min_size;
+  slot.max_size = size > max_size ? size : max_size;
   after_event();
+}
+
+void PendingSamples::add_alloc_to_new(uint32_t site, uint64_t size) {
+  entry(site);  // merges what the entry held
+  add_alloc(site, size);
+}
+
+void PendingSamples::add_weighted_alloc(uint32_t site, uint64_t size, SampleWeight weight) {
+  Entry& slot = entry(site);
+  slot.weight.allocs += weight.allocs;
+  slot.weight.bytes += weight.bytes;
+  add_alloc(site, size);
 }
 
 void PendingSamples::add_free(uint32_t site, unsigned size_class, uint64_t lifetime_ns, bool is_short,
@@ -168,7 +214,7 @@ void PendingSamples::merge(Entry& slot) {
       if (class_lifetimes_) class_lifetimes_[slot.key - kClassKey].merge(slot.life);
     } else if (depot_) {
       SiteStats& stats = depot_->site(slot.key);
-      if (slot.allocs) stats.add_allocs(slot.allocs, slot.bytes, slot.min_size, slot.max_size);
+      if (slot.allocs) stats.add_allocs(slot.allocs, slot.bytes, slot.min_size, slot.max_size, slot.weight);
       stats.lifetimes.merge(slot.life);
     }
   }

@@ -36,6 +36,10 @@ uint64_t histogram_median(const uint64_t* counts, unsigned buckets, uint64_t at_
 // the sampler's one use of it (geometric intervals) would otherwise load
 // libm into C programs and make its pages resident.
 double natural_log(double x);
+// 1 - e^(-y) for y >= 0 (0 for y <= 0), to a few units in the last place
+// also for small y, without libm: the probability that sampling by bytes
+// samples an allocation.
+double one_minus_exp_neg(double y);
 
 // The run-time escape analysis of a freed sampled block (DESIGN §4).
 enum class Escape : uint8_t {
@@ -92,14 +96,28 @@ inline uint64_t pool_worthy(const LifetimeStats& life) {
   return pool_worthy(life.short_lived.load(std::memory_order_relaxed), life.recycled.load(std::memory_order_relaxed));
 }
 
+// A sample's weight when sampling by bytes: the allocations it stands for,
+// 1 / P(it was sampled), in units of 2^-kWeightShift (a sample of a block
+// much larger than the mean interval stands for a little more than one),
+// and the bytes it stands for (requested bytes times that weight). By count
+// every sample weighs the rate, and no weight is kept.
+inline constexpr unsigned kWeightShift = 16;
+struct SampleWeight {
+  uint64_t allocs;  // fixed point, 2^-kWeightShift units
+  uint64_t bytes;
+};
+
 struct SiteStats {
   AtomicCounter allocs;  // sampled allocations
   AtomicCounter bytes;   // their requested bytes
   AtomicCounter min_size, max_size;
+  AtomicCounter weight;          // by bytes: the allocations they stand for (sum of SampleWeight::allocs)
+  AtomicCounter weighted_bytes;  // by bytes: the bytes they stand for (sum of SampleWeight::bytes)
   LifetimeStats lifetimes;
 
-  // `count` allocations of `bytes` in all, sizes from `min` to `max`.
-  void add_allocs(uint64_t count, uint64_t bytes, uint64_t min, uint64_t max);
+  // `count` allocations of `bytes` in all, sizes from `min` to `max`,
+  // standing for `weight` (summed).
+  void add_allocs(uint64_t count, uint64_t bytes, uint64_t min, uint64_t max, SampleWeight weight);
 };
 
 class StackDepot {
@@ -175,6 +193,7 @@ class PendingSamples {
   struct Entry {
     uint32_t key;  // 0: empty; a site id; or kClassKey + size class
     uint64_t allocs, bytes, min_size, max_size;  // sites only
+    SampleWeight weight;                         // sites only, by bytes: summed
     LifetimeCounts life;
   };
 
@@ -208,7 +227,10 @@ class PendingSamples {
   void reset_after_fork();
 
   // Inside the section.
+  // An allocation sampled by count (every sample weighs the rate: the
+  // weights are not kept), or by bytes, with its weight.
   void add_alloc(uint32_t site, uint64_t size);
+  void add_weighted_alloc(uint32_t site, uint64_t size, SampleWeight weight);
   void add_free(uint32_t site, unsigned size_class, uint64_t lifetime_ns, bool short_lived, bool recycled,
                 bool temporary, Escape escape, uint64_t calls);
 
@@ -226,7 +248,10 @@ class PendingSamples {
 
  private:
   static constexpr uint32_t kClassKey = 1u << 20;
+  // Fibonacci hashing: consecutive site ids and class keys spread out.
+  static unsigned slot_of(uint32_t key) { return (key * 0x9e3779b1u) >> (32 - kEntriesLog2); }
   Entry& entry(uint32_t key);
+  __attribute__((noinline)) void add_alloc_to_new(uint32_t site, uint64_t size);
   void merge(Entry& entry);
   void flush_locked();
   void after_event() {

@@ -138,6 +138,10 @@ HOTPOOL_ALWAYS_INLINE void* record_real_block(ThreadState* state, void* block, s
 // pooled class plus one, or 0): sampled if a sample is due, else served as
 // any other; then the tick if one is due.
 HOTPOOL_NOINLINE void* event_malloc(ThreadState* state, size_t size, unsigned class_plus_one) {
+  if (g_sampling_by_bytes && by_bytes_skip(*state, size)) {  // by bytes, every allocation comes here
+    if (class_plus_one) return pooled_pop(tls, state, size, class_plus_one);
+    return recorded_real_malloc(state, size);
+  }
   const unsigned event = take_event(*state);
   void* block = (event & kSampleEvent) ? sampled_allocate(*state, size, HOTPOOL_CALLER_FRAME()) : nullptr;
   if (block == nullptr) {
@@ -201,10 +205,16 @@ HOTPOOL_NOINLINE void recorded_free(void* block) {
 
 // The calloc that brought the countdown to zero: as event_malloc.
 HOTPOOL_NOINLINE void* event_calloc(ThreadState* state, size_t count, size_t size) {
+  size_t bytes;
+  const bool overflow = __builtin_mul_overflow(count, size, &bytes);
+  if (g_sampling_by_bytes && !overflow && by_bytes_skip(*state, bytes)) {  // as event_malloc
+    void* block = g_real.calloc(count, size);
+    if (block) record_real_block(state, block, bytes);
+    return block;
+  }
   const unsigned event = take_event(*state);
   void* block = nullptr;
-  size_t bytes;
-  if (__builtin_mul_overflow(count, size, &bytes)) {
+  if (overflow) {
     errno = ENOMEM;
   } else {
     if (event & kSampleEvent) block = sampled_allocate(*state, bytes, HOTPOOL_CALLER_FRAME());

@@ -265,7 +265,8 @@ void boot_at_load() {
   boot();
   // Sampling starts here, not in boot(): it dlopen()s libunwind, which is
   // safe from a constructor but not from whatever first called malloc.
-  if (g_phase.load(std::memory_order_acquire) != Phase::Recording || g_options.sample == 0) return;
+  if (g_phase.load(std::memory_order_acquire) != Phase::Recording || (g_options.sample == 0 && g_options.sample_bytes == 0))
+    return;
   ReentryGuard guard;
   if (start_sampling(guard) && tls.state) {
     // This thread attached before sampling began: its pending counts take
@@ -762,6 +763,7 @@ void write_report(const char* reason) {
   reporter::SamplingView sampling{};
   if (sampling_active()) {
     sampling.rate = sampling_rate();
+    sampling.mean_bytes = sampling_mean_bytes();
     sampling.short_ns = sampling_short_ns();
     sampling.recycle_calls = sampling_recycle_calls();
     sampling.top = static_cast<unsigned>(g_options.top < reporter::kMaxTop ? g_options.top : reporter::kMaxTop);

@@ -67,7 +67,11 @@ __thread bool tls_unwinding __attribute__((tls_model("initial-exec")));
 // a signal handler's capture interrupted another.
 __thread unsigned tls_counted __attribute__((tls_model("initial-exec")));
 constinit bool g_active = false;
-constinit uint64_t g_rate = 0;
+constinit uint64_t g_rate = 0;  // by count: mean allocations per sample; 0 by bytes
+constinit uint64_t g_mean_bytes = 0;  // by bytes: mean bytes per sample; 0 by count
+}  // namespace
+constinit bool g_sampling_by_bytes = false;
+namespace {
 constinit double g_log_keep = 0;  // ln(1 - 1/g_rate): the geometric intervals' scale
 constinit unsigned g_depth = 0;
 constinit uint64_t g_short_ns = 0;
@@ -225,14 +229,17 @@ void find_thread_stack(ThreadState& state) {
 
 bool start_sampling(const ReentryGuard&) {
   const Options& options = current_options();
-  g_rate = options.sample;
-  if (g_rate == 0) return false;
+  // By bytes when asked: every allocation then ends the countdown
+  // (next_sample_interval gives 1) and sampled_allocate draws.
+  g_mean_bytes = options.sample_bytes;
+  g_rate = g_mean_bytes ? 0 : options.sample;
+  if (g_rate == 0 && g_mean_bytes == 0) return false;
   // ln(1 - p): for small p from its series (1 - p would round away p's low
   // bits), else directly.
-  const double p = 1.0 / static_cast<double>(g_rate);
+  const double p = g_rate ? 1.0 / static_cast<double>(g_rate) : 1.0;
   if (p < 1e-3) {
     g_log_keep = -(p + p * p / 2 + p * p * p / 3 + p * p * p * p / 4);
-  } else {
+  } else if (p < 1) {
     g_log_keep = reporter::natural_log(1 - p);
   }
   g_depth = static_cast<unsigned>(options.depth < reporter::kMaxDepth ? options.depth : reporter::kMaxDepth);
@@ -282,6 +289,7 @@ bool start_sampling(const ReentryGuard&) {
   // For the pending sample counts (PendingSamples) and the fork gate.
   reporter::init_asymmetric_fences();
   g_active = true;
+  g_sampling_by_bytes = g_mean_bytes != 0;
   return true;
 }
 
@@ -311,27 +319,68 @@ void move_to_high_descriptors(int fds[2]) {
 
 bool sampling_active() { return g_active; }
 uint64_t sampling_rate() { return g_rate; }
+uint64_t sampling_mean_bytes() { return g_mean_bytes; }
 uint64_t sampling_short_ns() { return g_short_ns; }
 uint64_t sampling_recycle_calls() { return g_recycle_calls; }
 
-uint64_t next_sample_interval(ThreadState& state) {
-  if (!g_active) return kNever;
-  if (g_rate <= 1) return 1;
+namespace {
+// Uniform in (0, 1): xorshift64*, seeded from the thread's ordinal (runs
+// are repeatable).
+double next_uniform(ThreadState& state) {
   if (state.sample_random == 0) state.sample_random = 0x9e3779b97f4a7c15ull * (state.ordinal + 1);
-  // xorshift64*, then the geometric interval with mean g_rate: each
-  // allocation is sampled with probability 1/g_rate, independently, so
-  // samples x g_rate estimates counts without bias.
   uint64_t x = state.sample_random;
   x ^= x >> 12;
   x ^= x << 25;
   x ^= x >> 27;
   state.sample_random = x;
-  const double uniform = (static_cast<double>((x * 0x2545f4914f6cdd1dull) >> 11) + 0.5) / 9007199254740992.0;
-  return 1 + static_cast<uint64_t>(reporter::natural_log(uniform) / g_log_keep);
+  return (static_cast<double>((x * 0x2545f4914f6cdd1dull) >> 11) + 0.5) / 9007199254740992.0;
+}
+
+// By bytes: the bytes to the next sample, ceil of an exponential with mean
+// g_mean_bytes (at least 1). Then P(interval > s) = e^(-s/mean) for every
+// whole s, and memoryless: whatever went before, an allocation of s bytes
+// ends it (and is sampled) with probability 1 - e^(-s/mean).
+uint64_t next_byte_interval(ThreadState& state) {
+  const double bytes = -reporter::natural_log(next_uniform(state)) * static_cast<double>(g_mean_bytes);
+  if (!(bytes < 4e18)) return uint64_t{1} << 62;
+  uint64_t whole = static_cast<uint64_t>(bytes);
+  if (static_cast<double>(whole) < bytes) ++whole;
+  return whole ? whole : 1;
+}
+
+// By bytes: true when this allocation of `size` bytes (0 counts as 1) is
+// to be sampled, with its weight (the inverse of that probability).
+HOTPOOL_NOINLINE bool bytes_due(ThreadState& state, size_t size, reporter::SampleWeight* weight) {
+  const uint64_t bytes = size ? size : 1;
+  if (state.bytes_left == 0) state.bytes_left = next_byte_interval(state);
+  if (bytes < state.bytes_left) {
+    state.bytes_left -= bytes;
+    return false;
+  }
+  state.bytes_left = next_byte_interval(state);
+  const double inverse =
+      1.0 / reporter::one_minus_exp_neg(static_cast<double>(bytes) / static_cast<double>(g_mean_bytes));
+  weight->allocs = static_cast<uint64_t>(inverse * (uint64_t{1} << reporter::kWeightShift) + 0.5);
+  weight->bytes = static_cast<uint64_t>(inverse * static_cast<double>(size) + 0.5);
+  return true;
+}
+}  // namespace
+
+uint64_t next_sample_interval(ThreadState& state) {
+  if (!g_active) return kNever;
+  if (g_rate <= 1) return 1;  // every allocation, or by bytes
+  // The geometric interval with mean g_rate: each allocation is sampled
+  // with probability 1/g_rate, independently, so samples x g_rate
+  // estimates counts without bias.
+  return 1 + static_cast<uint64_t>(reporter::natural_log(next_uniform(state)) / g_log_keep);
 }
 
 void* sampled_allocate(ThreadState& state, size_t size, reporter::Unwinder::Frame entry) {
   if (!g_active || size > g_limit) return nullptr;
+  // By bytes every allocation that by_bytes_skip did not take comes here:
+  // sampled or not, and if so, what it stands for.
+  reporter::SampleWeight weight;  // written and read by bytes only
+  if (g_mean_bytes && !bytes_due(state, size, &weight)) return nullptr;
   if (HOTPOOL_UNLIKELY(!state.stack_probed)) {
     // The thread's stack bounds, at its first sample rather than when it
     // attaches: a thread that attaches in a signal handler or a thread-exit
@@ -402,11 +451,13 @@ void* sampled_allocate(ThreadState& state, size_t size, reporter::Unwinder::Fram
                                 ? static_cast<uint32_t>(below_top)
                                 : 0;
   if (site) {
+    // By bytes, with what the sample stands for (by count: the rate, known to the report).
     if (HOTPOOL_LIKELY(state.pending.begin())) {
-      state.pending.add_alloc(site, size);
+      if (HOTPOOL_LIKELY(!g_mean_bytes)) state.pending.add_alloc(site, size);
+      else state.pending.add_weighted_alloc(site, size, weight);
       state.pending.end();
     } else {  // a report is merging this thread's counts, or this is a signal handler's sample
-      g_stack_depot.site(site).add_allocs(1, size, size, size);
+      g_stack_depot.site(site).add_allocs(1, size, size, size, g_mean_bytes ? weight : reporter::SampleWeight{});
     }
   }
   return static_cast<char*>(raw) + kHeader;

@@ -41,6 +41,9 @@ struct SampleHeader {
 // without hotpool, then).
 static_assert(sizeof(SampleHeader) == 32, "the header keeps blocks 16-byte aligned");
 
+// Sampling by bytes (HOTPOOL_SAMPLE_BYTES): every allocation ends the
+// countdown, and the events' entry points look at its size (by_bytes_skip).
+extern bool g_sampling_by_bytes;
 extern recycler::PoolRegion g_sample_region;
 extern reporter::StackDepot g_stack_depot;
 extern reporter::LifetimeStats g_class_lifetimes[reporter::kMaxClasses];
@@ -51,12 +54,30 @@ bool start_sampling(const ReentryGuard&);
 // The bounds of the calling thread's stack into state (under the guard).
 void find_thread_stack(ThreadState& state);
 bool sampling_active();
-uint64_t sampling_rate();
+uint64_t sampling_rate();  // 0 when sampling by bytes
+uint64_t sampling_mean_bytes();  // HOTPOOL_SAMPLE_BYTES: 0 when sampling by count
 uint64_t sampling_short_ns();
 uint64_t sampling_recycle_calls();
 
+// By bytes, the allocation that ended the countdown when it is neither
+// sampled nor ticks (the common case): counted as take_event would, the
+// bytes to the next sample lowered, and true; else false (take_event then,
+// and sampled_allocate decides). Inline: every allocation comes here.
+inline bool by_bytes_skip(ThreadState& state, size_t size) {
+  const uint64_t bytes = size + (size == 0);  // a malloc(0) counts as 1 byte
+  // bytes_left 0: not drawn yet. A window other than 1: one counted before sampling began.
+  if (bytes >= state.bytes_left || state.tick_left <= 1 || state.window != 1) return false;
+  state.bytes_left -= bytes;
+  // take_event's work for a window of 1 without a sample or a tick: the
+  // window and sample_left stay 1.
+  ++state.alloc_base;
+  --state.tick_left;
+  state.countdown = 1;
+  return true;
+}
+
 // The next interval: geometric with the configured mean (1 for SAMPLE=1,
-// "never" for SAMPLE=0).
+// "never" for SAMPLE=0; 1 by bytes, where sampled_allocate decides).
 uint64_t next_sample_interval(ThreadState& state);
 
 // A sampled allocation: nullptr when it cannot be sampled (too large, the

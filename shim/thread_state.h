@@ -72,6 +72,9 @@ struct ThreadState {
   // Sampling: the generator of the geometric intervals (seeded from the
   // ordinal: runs are repeatable).
   uint64_t sample_random;
+  // Sampling by bytes (HOTPOOL_SAMPLE_BYTES): bytes to allocate until the
+  // next sample, 0 until the first draw (see sampled_allocate).
+  uint64_t bytes_left;
   // The thread's stack, [low, high) (0, 0 if unknown): where the frame of a
   // sampled allocation may be looked at (see sampled_free_record).
   uintptr_t stack_low;

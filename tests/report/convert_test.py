@@ -25,12 +25,12 @@ def check(condition, what):
         print("FAILED: " + what)
 
 
-def run_report(args, sample="1"):
-    report = os.path.join(args.workdir, "run-%s.json" % sample)
+def run_report(args, sample="1", sample_bytes="0"):
+    report = os.path.join(args.workdir, "run-%s-%s.json" % (sample, sample_bytes))
     if os.path.exists(report):
         os.remove(report)
     env = dict(os.environ, LD_PRELOAD=args.library, HOTPOOL_MODE="profile", HOTPOOL_SAMPLE=sample,
-               HOTPOOL_OUTPUT=report)
+               HOTPOOL_SAMPLE_BYTES=sample_bytes, HOTPOOL_OUTPUT=report)
     subprocess.run([args.program, "patterns", str(COUNT)], env=env, check=True, stdout=subprocess.DEVNULL)
     with open(report) as file:
         return report, json.load(file)
@@ -146,6 +146,32 @@ def test_scaled(args):
           "collapsed at rate 7: the report's estimated allocations")
 
 
+def test_by_bytes(args):
+    # Sampled by bytes: allocations and bytes are the report's estimates,
+    # the other counts scaled as the site's allocations.
+    path, report = run_report(args, "1", "256")
+    check(report["sampling"]["by"] == "bytes" and report["sampling"]["mean_bytes"] == 256,
+          "the third report samples one per 256 bytes")
+    sites = [site for site in report["sites"] if site["frames"]]
+    lines = collapsed_lines(convert(args, path, "--value", "bytes"))
+    check(sum(value for _, value in lines) == sum(site["estimated_bytes"] for site in sites),
+          "collapsed --value bytes by bytes: the report's estimated bytes")
+    lines = collapsed_lines(convert(args, path))
+    check(sum(value for _, value in lines) == sum(site["estimated_allocations"] for site in sites),
+          "collapsed by bytes: the report's estimated allocations")
+    site = {"id": 1, "estimated_allocations": 10, "sampled_allocations": 4, "sampled_bytes": 64, "estimated_bytes": 160,
+            "short_lived": 2, "frames": [{"function": "f", "file": "", "line": 0, "module": "m", "offset": 1}]}
+    by_hand = os.path.join(args.workdir, "by-bytes.json")
+    with open(by_hand, "w") as file:
+        json.dump({"schema": "hotpool-report", "version": 1, "sampling": {"rate": 0, "by": "bytes", "mean_bytes": 64},
+                   "sites": [site]}, file)
+    check(convert(args, by_hand, "--value", "short-lived") == "f 5\n", "by bytes: 2 of 4 samples of 10 allocations")
+    check(convert(args, by_hand, "--value", "bytes") == "f 160\n", "by bytes: the estimated bytes")
+    out = os.path.join(args.workdir, "by-bytes.pb.gz")
+    convert(args, by_hand, "--format", "pprof", "--output", out)
+    check(os.path.getsize(out) > 0, "pprof by bytes")
+
+
 def test_inputs(args):
     # A frame without a function name, written by hand; then reports the
     # converter must refuse in one line.
@@ -182,6 +208,7 @@ def main():
     test_collapsed(args, path, report)
     test_pprof(args, path, report)
     test_scaled(args)
+    test_by_bytes(args)
     test_inputs(args)
     bad = subprocess.run([sys.executable, args.converter, args.converter], capture_output=True, text=True)
     check(bad.returncode != 0 and bad.stderr.startswith("hotpool-convert: "),

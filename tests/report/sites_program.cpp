@@ -14,6 +14,8 @@
 //                              thread in its last round of key destructors
 //   sites_program sizes N      N blocks of each of a few sizes, kept, then
 //                              freed; prints each size's malloc_usable_size
+//   sites_program bytes N      N rounds of one 256 KiB block and 1000 blocks
+//                              of 32 bytes, each freed at once
 #include <dlfcn.h>
 #include <limits.h>  // PTHREAD_DESTRUCTOR_ITERATIONS
 #include <pthread.h>
@@ -129,6 +131,18 @@ NOINLINE void small_share() {
 
 NOINLINE void large_share() {
   void* block = std::malloc(80);  // SITE: share70
+  g_sink = block;
+  std::free(block);
+}
+
+NOINLINE void big_bytes() {
+  void* block = std::malloc(256 << 10);  // SITE: big_bytes
+  g_sink = block;
+  std::free(block);
+}
+
+NOINLINE void small_bytes() {
+  void* block = std::malloc(32);  // SITE: small_bytes
   g_sink = block;
   std::free(block);
 }
@@ -284,6 +298,11 @@ int main(int argc, char** argv) {
     for (unsigned path = 0; path < (1u << count); ++path) descend(path, count);
   } else if (std::strcmp(what, "exit_free") == 0) {
     if (exit_free_thread(count) != 0) return 1;
+  } else if (std::strcmp(what, "bytes") == 0) {
+    for (int i = 0; i < count; ++i) {
+      big_bytes();
+      for (int j = 0; j < 1000; ++j) small_bytes();
+    }
   } else if (std::strcmp(what, "dlopen") == 0) {
     const int repeat = argc > 4 ? std::atoi(argv[4]) : 100;
     if (argc < 4 || call_library(argv[2], false, repeat) != 0 || call_library(argv[3], true, repeat) != 0) return 1;

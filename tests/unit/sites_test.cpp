@@ -101,6 +101,25 @@ TEST(Sampling, NaturalLogAgreesWithLibm) {
   EXPECT_NEAR(natural_log(4.9406564584124654e-324), std::log(4.9406564584124654e-324), 1e-12);  // subnormal
 }
 
+TEST(Sampling, OneMinusExpNegAgreesWithLibm) {
+  // The chance that sampling by bytes samples an allocation: s / mean from
+  // 1e-9 (a byte, a large mean) to beyond 45 (certain), relative error
+  // small also where 1 - e^-y is tiny.
+  uint64_t x = 88172645463325252ull;
+  for (int i = 0; i < 200000; ++i) {
+    x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+    const double uniform = (static_cast<double>(x >> 11) + 0.5) / 9007199254740992.0;
+    for (double y : {uniform * 1e-9, uniform * 0.05, uniform, uniform * 10, uniform * 60}) {
+      const double want = -std::expm1(-y);
+      const double got = one_minus_exp_neg(y);
+      ASSERT_LE(std::fabs(got - want), 1e-14 * want) << y;
+    }
+  }
+  EXPECT_EQ(one_minus_exp_neg(0.0), 0.0);
+  EXPECT_EQ(one_minus_exp_neg(-1.0), 0.0);
+  EXPECT_EQ(one_minus_exp_neg(100.0), 1.0);
+}
+
 TEST(StackDepot, DeduplicatesAndKeepsStacks) {
   auto depot = std::make_unique<StackDepot>();
   ASSERT_TRUE(depot->init());
@@ -187,8 +206,17 @@ void expect_same_sites(const StackDepot& a, const StackDepot& b, uint32_t sites)
     EXPECT_EQ(x.bytes.load(), y.bytes.load()) << what;
     EXPECT_EQ(x.min_size.load(), y.min_size.load()) << what;
     EXPECT_EQ(x.max_size.load(), y.max_size.load()) << what;
+    EXPECT_EQ(x.weight.load(), y.weight.load()) << what;
+    EXPECT_EQ(x.weighted_bytes.load(), y.weighted_bytes.load()) << what;
     expect_same(x.lifetimes, y.lifetimes, what);
   }
+}
+
+// A weight that differs between events (as by bytes), from the event's size
+// (odd sizes: the events sampled by bytes; even: by count, without weight).
+SampleWeight weight_of(const Event& e) {
+  const uint64_t allocs = (uint64_t{1} << kWeightShift) * 8192 / e.size;
+  return {allocs, (allocs * e.size) >> kWeightShift};
 }
 
 void add_directly(StackDepot& depot, LifetimeStats* classes, const Event& e) {
@@ -196,6 +224,10 @@ void add_directly(StackDepot& depot, LifetimeStats* classes, const Event& e) {
     SiteStats& stats = depot.site(e.site);
     stats.allocs += 1;
     stats.bytes += e.size;
+    if (e.size % 2) {
+      stats.weight += weight_of(e).allocs;
+      stats.weighted_bytes += weight_of(e).bytes;
+    }
     // As the sampler's direct path: compare-and-swap loops (a flush may race).
     uint64_t seen = stats.min_size.load();
     while ((seen == 0 || e.size < seen) && !stats.min_size.compare_exchange_weak(seen, e.size)) {
@@ -209,7 +241,10 @@ void add_directly(StackDepot& depot, LifetimeStats* classes, const Event& e) {
 }
 
 void add_pending(PendingSamples& pending, const Event& e) {
-  if (e.site) pending.add_alloc(e.site, e.size);
+  if (e.site) {
+    if (e.size % 2) pending.add_weighted_alloc(e.site, e.size, weight_of(e));  // by bytes
+    else pending.add_alloc(e.site, e.size);  // by count: no weight kept
+  }
   pending.add_free(e.site, e.size_class, e.lifetime, e.is_short, e.recycled, e.temporary, e.escape, e.calls);
 }
 
@@ -264,7 +299,7 @@ TEST_P(PendingSamplesTest, MergedCountsEqualDirectAddsThroughEvictionsAndFlushes
 TEST_P(PendingSamplesTest, TheOwnersSectionKeepsOutFlushesAndNestedSections) {
   StackDepot* depot = merged.get();
   ASSERT_TRUE(pending->begin());
-  pending->add_alloc(5, 100);
+  pending->add_weighted_alloc(5, 100, {uint64_t{3} << kWeightShift, 300});
   EXPECT_FALSE(pending->begin());  // as a signal handler inside the section finds it
   bool flushed = true;
   std::thread other([&] { flushed = pending->flush(); });  // waits a little, then gives up
@@ -275,6 +310,8 @@ TEST_P(PendingSamplesTest, TheOwnersSectionKeepsOutFlushesAndNestedSections) {
   EXPECT_TRUE(pending->try_flush());
   EXPECT_EQ(depot->site(5).allocs.load(), 1u);
   EXPECT_EQ(depot->site(5).bytes.load(), 100u);
+  EXPECT_EQ(depot->site(5).weight.load(), uint64_t{3} << kWeightShift);
+  EXPECT_EQ(depot->site(5).weighted_bytes.load(), 300u);
   // After a flush (given up or done) the owner gets in again.
   EXPECT_TRUE(pending->begin());
   pending->end();
