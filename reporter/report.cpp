@@ -37,16 +37,15 @@ struct SiteRow {
   uint32_t id;
   uint64_t allocs, bytes, frees, short_lived, recycled, temporary, escapes[3], calls, min_size, max_size, median_ns;
   uint64_t histogram[kLifetimeBuckets];
-  uint64_t weight, weighted_bytes;  // what the samples stand for (weight: fixed point, see SampleWeight)
+  double weight;            // the allocations the samples stand for
+  uint64_t weighted_bytes;  // and their bytes
   uint64_t live() const { return allocs > frees ? allocs - frees : 0; }
   // The site's count of `samples` of its allocations (its frees, its
   // short-lived ones...) scaled to the allocations they stand for: by the
   // site's mean weight (by count, the rate; by bytes, nearly the same for
   // the samples of one site when its sizes are alike).
   double scaled(uint64_t samples) const {
-    return allocs ? static_cast<double>(samples) * static_cast<double>(weight) /
-                        (static_cast<double>(allocs) * static_cast<double>(uint64_t{1} << kWeightShift))
-                  : 0;
+    return allocs ? static_cast<double>(samples) * weight / static_cast<double>(allocs) : 0;
   }
   uint64_t estimate(uint64_t samples) const { return static_cast<uint64_t>(scaled(samples) + 0.5); }
 };
@@ -68,7 +67,8 @@ unsigned collect_sites(const SamplingView& view) {
     row.min_size = load(site.min_size);
     row.max_size = load(site.max_size);
     // By count every sample weighs the rate; by bytes the site kept its sum.
-    row.weight = view.mean_bytes ? load(site.weight) : (allocs * view.rate) << kWeightShift;
+    row.weight = view.mean_bytes ? static_cast<double>(load(site.weight)) / static_cast<double>(uint64_t{1} << kWeightShift)
+                                 : static_cast<double>(allocs) * static_cast<double>(view.rate);
     row.weighted_bytes = view.mean_bytes ? load(site.weighted_bytes) : row.bytes * view.rate;
     const LifetimeStats& life = site.lifetimes;
     row.frees = load(life.frees);
@@ -325,12 +325,20 @@ void write_json_sampling(const StatsSnapshot& stats, const SamplingView* view, O
     out.ch('}');
   }
   out.str(first ? "]" : "\n  ]");
-  // The sites with the most samples, at most kJsonSites of them, and at
-  // most kJsonFrames frames each: symbolizing costs milliseconds a frame.
-  constexpr unsigned kJsonSites = 256, kJsonFrames = 16;
+  // The sites with the most (estimated) allocations, at most kJsonSites of
+  // them, and those of the kJsonBytesSites with the most bytes that are not
+  // among them (by bytes, a site of rare large blocks ranks low by count);
+  // at most kJsonFrames frames each: symbolizing costs milliseconds a frame.
+  constexpr unsigned kJsonSites = 256, kJsonBytesSites = 64, kJsonFrames = 16;
   const unsigned count = collect_sites(*view);
-  static unsigned order[kJsonSites];
-  const unsigned shown = top_rows(count, kJsonSites, [](const SiteRow& r) { return r.weight; }, order);
+  static unsigned order[kJsonSites + kJsonBytesSites], by_bytes[kJsonBytesSites];
+  unsigned shown = top_rows(count, kJsonSites, [](const SiteRow& r) { return r.weight; }, order);
+  const unsigned heavy = top_rows(count, kJsonBytesSites, [](const SiteRow& r) { return r.weighted_bytes; }, by_bytes);
+  for (unsigned i = 0; i < heavy; ++i) {
+    bool listed = false;
+    for (unsigned j = 0; j < shown && !listed; ++j) listed = order[j] == by_bytes[i];
+    if (!listed) order[shown++] = by_bytes[i];
+  }
   out.str(",\n  \"sites_total\": ").u64(count).str(",\n  \"sites\": [");
   for (unsigned i = 0; i < shown; ++i) {
     const SiteRow& row = g_rows[order[i]];

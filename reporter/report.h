@@ -12,7 +12,7 @@
 
 namespace hotpool::reporter {
 
-inline constexpr int kJsonSchemaVersion = 1;
+inline constexpr int kJsonSchemaVersion = 2;
 // Sites shown per list in the text report, at most (HOTPOOL_TOP).
 inline constexpr unsigned kMaxTop = 64;
 

@@ -360,8 +360,12 @@ HOTPOOL_NOINLINE bool bytes_due(ThreadState& state, size_t size, reporter::Sampl
   state.bytes_left = next_byte_interval(state);
   const double inverse =
       1.0 / reporter::one_minus_exp_neg(static_cast<double>(bytes) / static_cast<double>(g_mean_bytes));
-  weight->allocs = static_cast<uint64_t>(inverse * (uint64_t{1} << reporter::kWeightShift) + 0.5);
-  weight->bytes = static_cast<uint64_t>(inverse * static_cast<double>(size) + 0.5);
+  // Saturated: a mean of 2^46 bytes and more would overflow a 1-byte sample's weight.
+  constexpr double kMost = 4e18;
+  const double allocs = inverse * (uint64_t{1} << reporter::kWeightShift) + 0.5;
+  const double bytes_weighted = inverse * static_cast<double>(size) + 0.5;
+  weight->allocs = allocs < kMost ? static_cast<uint64_t>(allocs) : static_cast<uint64_t>(kMost);
+  weight->bytes = bytes_weighted < kMost ? static_cast<uint64_t>(bytes_weighted) : static_cast<uint64_t>(kMost);
   return true;
 }
 }  // namespace
@@ -376,11 +380,15 @@ uint64_t next_sample_interval(ThreadState& state) {
 }
 
 void* sampled_allocate(ThreadState& state, size_t size, reporter::Unwinder::Frame entry) {
-  if (!g_active || size > g_limit) return nullptr;
+  if (!g_active) return nullptr;
   // By bytes every allocation that by_bytes_skip did not take comes here:
-  // sampled or not, and if so, what it stands for.
+  // sampled or not, and if so, what it stands for. Before the size limit:
+  // a block too large to sample ends its interval as any other (the sample
+  // is lost), else the next allocation would end a short remainder, far
+  // more often than its weight says.
   reporter::SampleWeight weight;  // written and read by bytes only
   if (g_mean_bytes && !bytes_due(state, size, &weight)) return nullptr;
+  if (size > g_limit) return nullptr;
   if (HOTPOOL_UNLIKELY(!state.stack_probed)) {
     // The thread's stack bounds, at its first sample rather than when it
     // attaches: a thread that attaches in a signal handler or a thread-exit

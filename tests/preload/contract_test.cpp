@@ -825,7 +825,7 @@ TEST(OnDemandReport, DescribesThisProcessInTheDocumentedJsonSchema) {
   ASSERT_TRUE(report);
   const Json& r = *report;
   EXPECT_EQ(r.value("schema", ""), "hotpool-report");
-  EXPECT_EQ(r.value("version", 0), 1);
+  EXPECT_EQ(r.value("version", 0), 2);
   EXPECT_EQ(r.value("pid", 0), getpid());
   EXPECT_EQ(r.value("parent_pid", 0), getppid());
   ASSERT_TRUE(r.contains("forked_from"));

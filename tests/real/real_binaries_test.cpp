@@ -190,7 +190,7 @@ void expect_reports(const Workload& workload, const RunOutcome& run, const std::
     SCOPED_TRACE(entry.path().string());
     try {
       EXPECT_EQ(report.at("schema"), "hotpool-report");
-      EXPECT_EQ(report.at("version"), 1);
+      EXPECT_EQ(report.at("version"), 2);
       EXPECT_EQ(report.at("pid"), pid);
       EXPECT_EQ(report.at("mode"), mode);
       const Json& totals = report.at("totals");

@@ -163,7 +163,7 @@ def test_by_bytes(args):
             "short_lived": 2, "frames": [{"function": "f", "file": "", "line": 0, "module": "m", "offset": 1}]}
     by_hand = os.path.join(args.workdir, "by-bytes.json")
     with open(by_hand, "w") as file:
-        json.dump({"schema": "hotpool-report", "version": 1, "sampling": {"rate": 0, "by": "bytes", "mean_bytes": 64},
+        json.dump({"schema": "hotpool-report", "version": 2, "sampling": {"rate": 0, "by": "bytes", "mean_bytes": 64},
                    "sites": [site]}, file)
     check(convert(args, by_hand, "--value", "short-lived") == "f 5\n", "by bytes: 2 of 4 samples of 10 allocations")
     check(convert(args, by_hand, "--value", "bytes") == "f 160\n", "by bytes: the estimated bytes")
@@ -180,7 +180,7 @@ def test_inputs(args):
     site = {"id": 1, "estimated_allocations": 8, "sampled_allocations": 2, "sampled_bytes": 10, "live_at_exit": 1,
             "frames": [frame, main]}
     report = {"schema": "hotpool-report", "version": 1, "sampling": {"rate": 4}, "sites": [site]}
-    cases = {"by-hand": report, "no-sampling": dict(report, sampling=None), "version-2": dict(report, version=2),
+    cases = {"by-hand": report, "no-sampling": dict(report, sampling=None), "version-3": dict(report, version=3),
              "not-a-report": {"sites": []}}
     paths = {}
     for name, content in cases.items():
@@ -191,7 +191,7 @@ def test_inputs(args):
     check(convert(args, paths["by-hand"], "--value", "bytes") == "main;libx.so+0x1234 40\n",
           "collapsed: sampled bytes times the rate")
     check(convert(args, paths["by-hand"], "--lines") == "main (m.c:3);libx.so+0x1234 8\n", "collapsed --lines")
-    for name in ("no-sampling", "version-2", "not-a-report"):
+    for name in ("no-sampling", "version-3", "not-a-report"):
         run = subprocess.run([sys.executable, args.converter, paths[name]], capture_output=True, text=True)
         check(run.returncode != 0 and run.stderr.startswith("hotpool-convert: ") and run.stderr.count("\n") == 1,
               "%s: one hotpool-convert: line and a failure status, got %r" % (name, run.stderr))

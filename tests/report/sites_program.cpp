@@ -14,8 +14,12 @@
 //                              thread in its last round of key destructors
 //   sites_program sizes N      N blocks of each of a few sizes, kept, then
 //                              freed; prints each size's malloc_usable_size
-//   sites_program bytes N      N rounds of one 256 KiB block and 1000 blocks
-//                              of 32 bytes, each freed at once
+//   sites_program bytes N      N rounds of one 256 KiB block, one of 2 MiB
+//                              (too large to sample), four of 8 KiB, 1000 of
+//                              32 bytes and 500 calloc'ed ones, each freed at once
+//   sites_program bytes_sites N  N rounds of the 512 stacks of many_stacks
+//                              (blocks of 3000 and 8 bytes), and every 8th
+//                              round one 256 KiB block
 #include <dlfcn.h>
 #include <limits.h>  // PTHREAD_DESTRUCTOR_ITERATIONS
 #include <pthread.h>
@@ -143,6 +147,24 @@ NOINLINE void big_bytes() {
 
 NOINLINE void small_bytes() {
   void* block = std::malloc(32);  // SITE: small_bytes
+  g_sink = block;
+  std::free(block);
+}
+
+NOINLINE void calloc_bytes() {
+  void* block = std::calloc(2, 16);  // SITE: calloc_bytes
+  g_sink = block;
+  std::free(block);
+}
+
+NOINLINE void medium_bytes() {
+  void* block = std::malloc(8 << 10);  // SITE: medium_bytes
+  g_sink = block;
+  std::free(block);
+}
+
+NOINLINE void huge_bytes() {
+  void* block = std::malloc(2 << 20);  // above the largest class: never sampled
   g_sink = block;
   std::free(block);
 }
@@ -301,7 +323,15 @@ int main(int argc, char** argv) {
   } else if (std::strcmp(what, "bytes") == 0) {
     for (int i = 0; i < count; ++i) {
       big_bytes();
+      huge_bytes();
+      for (int j = 0; j < 4; ++j) medium_bytes();
       for (int j = 0; j < 1000; ++j) small_bytes();
+      for (int j = 0; j < 500; ++j) calloc_bytes();
+    }
+  } else if (std::strcmp(what, "bytes_sites") == 0) {
+    for (int i = 0; i < count; ++i) {
+      for (unsigned path = 0; path < 512; ++path) descend(path, 9);
+      if (i % 8 == 0) big_bytes();
     }
   } else if (std::strcmp(what, "dlopen") == 0) {
     const int repeat = argc > 4 ? std::atoi(argv[4]) : 100;

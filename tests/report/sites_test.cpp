@@ -219,19 +219,25 @@ TEST_F(SitesTest, EstimatesAtTheDefaultRateAreWithinFivePercentForSitesOfOnePerc
 
 // By bytes (HOTPOOL_SAMPLE_BYTES=16K), a site of rare large blocks is
 // sampled almost every time and one of many small blocks about once in 500:
-// each sample weighs the inverse of its chance, and both sites' allocations
-// and bytes are estimated within 5% (the small site's ~7,800 samples: a
-// standard error of 1.1%; the large one's 4,000 blocks are sampled with
-// probability 1 - e^-16). By count at the default rate, the large site
-// would have about 8 samples. Fixed program and seed: repeatable.
+// each sample weighs the inverse of its chance, and the sites' allocations
+// and bytes are estimated within 5% (the malloc'ed small site's ~7,800
+// samples: a standard error of 1.1%; the calloc'ed one's ~3,900: 1.6%; the
+// large one's 4,000 blocks are sampled with probability 1 - e^-16). By
+// count at the default rate, the large site would have about 8 samples.
+// Each round's 2 MiB block, too large to sample, must not bias the others.
+// Fixed program and seed: repeatable.
 TEST_F(SitesTest, SamplingByBytesEstimatesRareLargeAndFrequentSmallSites) {
-  constexpr uint64_t kRounds = 4000, kSmallPerRound = 1000;
+  constexpr uint64_t kRounds = 4000, kSmallPerRound = 1000, kCallocPerRound = 500;
   const Json report = run({"bytes", std::to_string(kRounds)}, {"HOTPOOL_MODE=profile", "HOTPOOL_SAMPLE_BYTES=16K"});
+  EXPECT_EQ(report["version"].get<int>(), 2);
   EXPECT_EQ(report["sampling"]["by"], "bytes");
   EXPECT_EQ(report["sampling"]["mean_bytes"].get<uint64_t>(), 16384u);
   EXPECT_EQ(report["sampling"]["rate"].get<uint64_t>(), 0u);
-  for (auto [function, marker, count, size] : {std::tuple{"big_bytes", "big_bytes", kRounds, uint64_t{256} << 10},
-                                               std::tuple{"small_bytes", "small_bytes", kRounds * kSmallPerRound, uint64_t{32}}}) {
+  for (auto [function, marker, count, size] :
+       {std::tuple{"big_bytes", "big_bytes", kRounds, uint64_t{256} << 10},
+        std::tuple{"small_bytes", "small_bytes", kRounds * kSmallPerRound, uint64_t{32}},
+        std::tuple{"medium_bytes", "medium_bytes", kRounds * 4, uint64_t{8} << 10},
+        std::tuple{"calloc_bytes", "calloc_bytes", kRounds * kCallocPerRound, uint64_t{32}}}) {
     auto figures = site(report, function, marker);
     const double allocations = static_cast<double>(figures["estimated_allocations"]);
     EXPECT_NEAR(allocations / static_cast<double>(count), 1.0, 0.05) << function << ": " << allocations << " estimated";
@@ -243,6 +249,41 @@ TEST_F(SitesTest, SamplingByBytesEstimatesRareLargeAndFrequentSmallSites) {
   const uint64_t small_samples = site(report, "small_bytes", "small_bytes")["sampled_allocations"];
   EXPECT_GT(small_samples, kRounds * kSmallPerRound / 1000);
   EXPECT_LT(small_samples, kRounds * kSmallPerRound / 250);
+}
+
+// Blocks too large to sample (here all but the 32-byte ones: the largest
+// class is 4 KiB) end their byte intervals as any other: the small sites'
+// estimates stay within 5%. (When they left their intervals' remainders to
+// the next block, the malloc'ed small site was estimated 35% high.)
+TEST_F(SitesTest, ByBytesBlocksTooLargeToSampleBiasNoOtherSite) {
+  constexpr uint64_t kRounds = 4000;
+  const Json report = run({"bytes", std::to_string(kRounds)},
+                          {"HOTPOOL_MODE=profile", "HOTPOOL_SAMPLE_BYTES=16K", "HOTPOOL_MAX_CLASS=4K"});
+  for (auto [function, count] : {std::tuple{"small_bytes", kRounds * 1000}, std::tuple{"calloc_bytes", kRounds * 500}}) {
+    const double allocations = static_cast<double>(site(report, function, function)["estimated_allocations"]);
+    EXPECT_NEAR(allocations / static_cast<double>(count), 1.0, 0.05) << function << ": " << allocations << " estimated";
+  }
+  for (const Json& row : report["sites"]) {
+    const std::string function = row["frames"].empty() ? "" : row["frames"][0]["function"].get<std::string>();
+    EXPECT_EQ(function.find("big_bytes"), std::string::npos) << "a block above the largest class was sampled";
+    EXPECT_EQ(function.find("medium_bytes"), std::string::npos) << "a block above the largest class was sampled";
+  }
+}
+
+// By bytes a site of rare large blocks has few estimated allocations: the
+// JSON report keeps it among the sites with the most bytes, beyond the 256
+// with the most allocations. Here 1,024 sites of 3000- and 8-byte blocks
+// (600 each) outnumber the one of 75 blocks of 256 KiB, which has the most
+// bytes.
+TEST_F(SitesTest, ByBytesTheJsonReportKeepsTheSitesWithTheMostBytes) {
+  const Json report = run({"bytes_sites", "600"}, {"HOTPOOL_MODE=profile", "HOTPOOL_SAMPLE_BYTES=16K"});
+  EXPECT_GT(report["sites_total"].get<uint64_t>(), 256u);
+  EXPECT_LE(report["sites"].size(), 256u + 64u);
+  auto big = site(report, "big_bytes", "big_bytes");
+  EXPECT_NEAR(static_cast<double>(big["estimated_allocations"]) / 75.0, 1.0, 0.05);
+  uint64_t most = 0;
+  for (const Json& row : report["sites"]) most = std::max(most, row["estimated_bytes"].get<uint64_t>());
+  EXPECT_EQ(big["estimated_bytes"], most);
 }
 
 TEST_F(SitesTest, TextReportShowsSitesLifetimesAndTheTuneLine) {
