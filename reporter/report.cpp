@@ -47,7 +47,10 @@ struct SiteRow {
   double scaled(uint64_t samples) const {
     return allocs ? static_cast<double>(samples) * weight / static_cast<double>(allocs) : 0;
   }
-  uint64_t estimate(uint64_t samples) const { return static_cast<uint64_t>(scaled(samples) + 0.5); }
+  uint64_t estimate(uint64_t samples) const {
+    const double value = scaled(samples) + 0.5;
+    return value < 1.8e19 ? static_cast<uint64_t>(value) : ~uint64_t{0};  // saturated
+  }
 };
 
 constexpr unsigned kMaxRows = 4096;

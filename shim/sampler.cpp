@@ -250,7 +250,7 @@ bool start_sampling(const ReentryGuard&) {
   }
   if (options.top > reporter::kMaxTop) {
     reporter::Output(STDERR_FILENO).str("hotpool: HOTPOOL_TOP=").u64(options.top).str(": ").u64(reporter::kMaxTop)
-        .str(" sites shown per list (at most ").u64(reporter::kMaxTop).str("; the JSON report has them all)\n");
+        .str(" sites shown per list (at most ").u64(reporter::kMaxTop).str("; the JSON report lists up to 256 by allocations and 64 by bytes)\n");
   }
   g_short_ns = options.short_lived;
   g_recycle_calls = options.recycle_calls;

@@ -215,7 +215,7 @@ TEST_F(ReportTest, OutOfRangeOptionsSayWhatIsUsedInstead) {
   EXPECT_EQ(result.err,
             "hotpool: HOTPOOL_CLASSES: 1 size above 1 GiB (the largest class) ignored\n"
             "hotpool: HOTPOOL_DEPTH=1000: 64 frames captured (1 to 64)\n"
-            "hotpool: HOTPOOL_TOP=500: 64 sites shown per list (at most 64; the JSON report has them all)\n");
+            "hotpool: HOTPOOL_TOP=500: 64 sites shown per list (at most 64; the JSON report lists up to 256 by allocations and 64 by bytes)\n");
   // The table is the usable part of the list.
   const RunResult verbose = run_program({"echo", "x"}, {"HOTPOOL_MODE=fixed", "HOTPOOL_CLASSES=48,10G",
                                                         "HOTPOOL_VERBOSE=1", "HOTPOOL_REPORT=off"});

@@ -224,7 +224,6 @@ TEST_F(SitesTest, EstimatesAtTheDefaultRateAreWithinFivePercentForSitesOfOnePerc
 // samples: a standard error of 1.1%; the calloc'ed one's ~3,900: 1.6%; the
 // large one's 4,000 blocks are sampled with probability 1 - e^-16). By
 // count at the default rate, the large site would have about 8 samples.
-// Each round's 2 MiB block, too large to sample, must not bias the others.
 // Fixed program and seed: repeatable.
 TEST_F(SitesTest, SamplingByBytesEstimatesRareLargeAndFrequentSmallSites) {
   constexpr uint64_t kRounds = 4000, kSmallPerRound = 1000, kCallocPerRound = 500;
@@ -272,9 +271,9 @@ TEST_F(SitesTest, ByBytesBlocksTooLargeToSampleBiasNoOtherSite) {
 
 // By bytes a site of rare large blocks has few estimated allocations: the
 // JSON report keeps it among the sites with the most bytes, beyond the 256
-// with the most allocations. Here 1,024 sites of 3000- and 8-byte blocks
-// (600 each) outnumber the one of 75 blocks of 256 KiB, which has the most
-// bytes.
+// with the most allocations. Here some 640 sampled sites of 3000- and
+// 8-byte blocks (600 each) outnumber the one of 75 blocks of 256 KiB, which
+// has the most bytes.
 TEST_F(SitesTest, ByBytesTheJsonReportKeepsTheSitesWithTheMostBytes) {
   const Json report = run({"bytes_sites", "600"}, {"HOTPOOL_MODE=profile", "HOTPOOL_SAMPLE_BYTES=16K"});
   EXPECT_GT(report["sites_total"].get<uint64_t>(), 256u);
