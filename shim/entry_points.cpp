@@ -123,6 +123,13 @@ HOTPOOL_ALWAYS_INLINE void* record_real_block(ThreadState* state, void* block, s
     return recorded_malloc_publish(state, block, size_class);
   return block;
 }
+// The same for calloc: a block from the real calloc means count * size did
+// not overflow.
+HOTPOOL_ALWAYS_INLINE void* recorded_real_calloc(ThreadState* state, size_t count, size_t size) {
+  void* block = g_real.calloc(count, size);
+  if (HOTPOOL_UNLIKELY(block == nullptr)) return block;
+  return record_real_block(state, block, count * size);
+}
 
 // The frame of the function calling this one, for a sampled stack's
 // capture to start from (see reporter::Unwinder::capture): as built, malloc
@@ -207,11 +214,8 @@ HOTPOOL_NOINLINE void recorded_free(void* block) {
 HOTPOOL_NOINLINE void* event_calloc(ThreadState* state, size_t count, size_t size) {
   size_t bytes;
   const bool overflow = __builtin_mul_overflow(count, size, &bytes);
-  if (g_sampling_by_bytes && !overflow && by_bytes_skip(*state, bytes)) {  // as event_malloc
-    void* block = g_real.calloc(count, size);
-    if (block) record_real_block(state, block, bytes);
-    return block;
-  }
+  if (g_sampling_by_bytes && !overflow && by_bytes_skip(*state, bytes))  // as event_malloc
+    return recorded_real_calloc(state, count, size);
   const unsigned event = take_event(*state);
   void* block = nullptr;
   if (overflow) {
@@ -219,7 +223,7 @@ HOTPOOL_NOINLINE void* event_calloc(ThreadState* state, size_t count, size_t siz
   } else {
     if (event & kSampleEvent) block = sampled_allocate(*state, bytes, HOTPOOL_CALLER_FRAME());
     if (block) std::memset(block, 0, bytes);
-    else if ((block = g_real.calloc(count, size)) != nullptr) record_real_block(state, block, bytes);
+    else block = recorded_real_calloc(state, count, size);
   }
   if (event & kTickEvent) tick(*state);
   return block;
@@ -236,15 +240,12 @@ HOTPOOL_NOINLINE void* recorded_calloc_unattached(size_t count, size_t size) {
   return block;
 }
 
-// FAST PATH (Recording, not pooled): as recorded_malloc. A block from the
-// real calloc means count * size did not overflow.
+// FAST PATH (Recording, not pooled): as recorded_malloc.
 HOTPOOL_NOINLINE void* recorded_calloc(size_t count, size_t size) {
   ThreadState* state = tls.pool_state;
   if (HOTPOOL_UNLIKELY(state == nullptr)) return recorded_calloc_unattached(count, size);
   if (HOTPOOL_UNLIKELY(--state->countdown == 0)) return event_calloc(state, count, size);
-  void* block = g_real.calloc(count, size);
-  if (HOTPOOL_UNLIKELY(block == nullptr)) return block;
-  return record_real_block(state, block, count * size);
+  return recorded_real_calloc(state, count, size);
 }
 
 // The pooled class's bin was empty: a refill from the depot.

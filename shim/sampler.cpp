@@ -351,7 +351,7 @@ uint64_t next_byte_interval(ThreadState& state) {
 // By bytes: true when this allocation of `size` bytes (0 counts as 1) is
 // to be sampled, with its weight (the inverse of that probability).
 HOTPOOL_NOINLINE bool bytes_due(ThreadState& state, size_t size, reporter::SampleWeight* weight) {
-  const uint64_t bytes = size ? size : 1;
+  const uint64_t bytes = sampled_bytes_of(size);
   if (state.bytes_left == 0) state.bytes_left = next_byte_interval(state);
   if (bytes < state.bytes_left) {
     state.bytes_left -= bytes;
