@@ -4,6 +4,9 @@
 #include <unistd.h>
 
 #include <cstdlib>
+#include <cstring>
+
+#define HOTPOOL_RECYCLER_POOL_UNLIKELY(x) __builtin_expect(!!(x), 0)
 
 namespace hotpool::recycler {
 
@@ -79,6 +82,12 @@ void ClassGeometry::init(uint32_t block_size, size_t page_bytes) {
 
 bool ClassDepot::init(uint32_t block_size, char* area, size_t area_bytes, uint64_t marker_key) {
   marker_key_ = marker_key;
+  // The transfer stack's tags, also with the checks off (marker_key 0): a
+  // key of its own, never the marker key (a free block's marker is never
+  // its tag), never zero (a zeroed word is never a tag).
+  const uint64_t seed = marker_key ? marker_key : reinterpret_cast<uintptr_t>(area) * 0x9e3779b97f4a7c15ull;
+  transfer_key_ = ((seed << 32) | (seed >> 32)) ^ 0x5bd1e9955bd1e995ull;
+  if (transfer_key_ == marker_key_ || transfer_key_ == 0) transfer_key_ ^= 0x8000000000000001ull;
   page_bytes_ = page_bytes();
   geometry_.init(block_size, page_bytes_);
   area_ = area;
@@ -239,13 +248,143 @@ void ClassDepot::drain_locked(void* const* blocks, unsigned count, uint64_t now_
 
 bool ClassDepot::holds_free(const void* block) {
   SpinLockGuard guard(lock_, kNoCancellationPoint);
+  return holds_free_locked(block);
+}
+
+bool ClassDepot::holds_free_locked(const void* block) const {
   uint32_t index;
   const Slab* slab = slab_at(static_cast<size_t>(static_cast<const char*>(block) - area_), &index);
-  return bitmap(slab)[index / 64] & (uint64_t{1} << (index % 64));
+  if (bitmap(slab)[index / 64] & (uint64_t{1} << (index % 64))) return true;
+  return in_transfer(block);
+}
+
+bool ClassDepot::start_transfer() {
+  if (transfer_ || !slabs_) return transfer_ != nullptr;
+  const size_t area_blocks = max_slabs_ * geometry_.blocks;
+  const size_t slots = area_blocks < kTransferSlots ? area_blocks : kTransferSlots;
+  auto* stack = static_cast<void**>(map_noreserve(slots * sizeof(void*)));
+  if (!stack) return false;
+  transfer_ = stack;
+  transfer_capacity_ = static_cast<uint32_t>(slots);
+  return true;
+}
+
+bool ClassDepot::in_transfer(const void* block) const {
+  // The tag says whether to look (a scan of up to kTransferSlots pointers).
+  if (transfer_tag_word(const_cast<void*>(block)) != transfer_tag(block)) return false;
+  for (uint32_t i = 0; i < transfer_count_; ++i)
+    if (transfer_[i] == block) return true;
+  return false;
+}
+
+namespace {
+std::atomic<bool> g_warned_transfer_quarantine{false};
+}  // namespace
+
+void ClassDepot::give_locked(void* const* blocks, unsigned count, uint64_t now_ns) {
+  const unsigned room = transfer_capacity_ - transfer_count_;
+  const unsigned given = count < room ? count : room;
+  // Locals: the stores into the blocks could alias the members otherwise.
+  void** const stack = transfer_ + transfer_count_;
+  const uint64_t key = transfer_key_;
+  for (unsigned i = 0; i < given; ++i) {
+    void* block = blocks[i];
+    uint64_t& tag = transfer_tag_word(block);
+    const uint64_t mine = key ^ reinterpret_cast<uintptr_t>(block);
+    // Tagged already: on the stack (a double free whose marker was written
+    // over in between, so the free path's check let it through), or the
+    // program's data happens to equal the tag.
+    if (HOTPOOL_RECYCLER_POOL_UNLIKELY(tag == mine)) {
+      transfer_count_ += i;  // what in_transfer scans: the stack below this batch, and the batch so far
+      if (in_transfer(block)) fatal_pointer_error("double free: the block is already free in the pool", block);
+      transfer_count_ -= i;
+    }
+    tag = mine;
+    stack[i] = block;
+  }
+  transfer_count_ += given;
+  if (given) counters_.depot_free_bytes.fetch_add(uint64_t{given} * geometry_.size, std::memory_order_relaxed);
+  if (given < count) drain_locked(blocks + given, count - given, now_ns);
+}
+
+unsigned ClassDepot::untag(void** blocks, unsigned count) {
+  unsigned kept = 0;
+  const uint64_t key = transfer_key_;  // a local: the stores below could alias the member
+  for (unsigned i = 0; i < count; ++i) {
+    void* block = blocks[i];
+    uint64_t& tag = transfer_tag_word(block);
+    // Tag gone: written after its free, or a second copy of a block taken
+    // before (whose tag that take cleared). Either way, never handed out
+    // again (quarantined).
+    if (HOTPOOL_RECYCLER_POOL_UNLIKELY(tag != (key ^ reinterpret_cast<uintptr_t>(block)))) continue;
+    tag = 0;  // a second copy of the block further on reads 0, not its tag
+    blocks[kept++] = block;
+  }
+  const unsigned quarantined = count - kept;
+  counters_.depot_free_bytes.fetch_sub(uint64_t{count} * geometry_.size, std::memory_order_relaxed);
+  if (HOTPOOL_RECYCLER_POOL_UNLIKELY(quarantined != 0)) {
+    counters_.quarantined_blocks.fetch_add(quarantined, std::memory_order_relaxed);
+    if (!g_warned_transfer_quarantine.exchange(true, std::memory_order_relaxed)) {
+      static const char message[] =
+          "hotpool: a free pooled block was written after its free (or freed twice); it is quarantined (never reused)\n";
+      ssize_t ignored = write(STDERR_FILENO, message, sizeof(message) - 1);
+      (void)ignored;
+    }
+  }
+  return kept;
+}
+
+unsigned ClassDepot::take_transfer(void** out, unsigned want) {
+  unsigned taken = 0;
+  while (taken < want && transfer_count_) {
+    // The top of the stack, most recent last (it ends on the bin's top).
+    const unsigned n = want - taken < transfer_count_ ? want - taken : transfer_count_;
+    transfer_count_ -= n;
+    std::memcpy(out + taken, transfer_ + transfer_count_, n * sizeof(void*));
+    taken += untag(out + taken, n);  // fewer if some were quarantined: take more
+  }
+  if (transfer_count_ < transfer_low_) transfer_low_ = transfer_count_;
+  return taken;
+}
+
+unsigned ClassDepot::take_locked(void** out, unsigned want, uint64_t now_ns) {
+  unsigned taken = take_transfer(out, want);
+  if (taken < want) taken += refill_locked(out + taken, want - taken, now_ns);
+  return taken;
+}
+
+void ClassDepot::give(void* const* blocks, unsigned count, uint64_t now_ns) {
+  SpinLockGuard guard(lock_, kNoCancellationPoint);
+  give_locked(blocks, count, now_ns);
+}
+
+unsigned ClassDepot::take(void** out, unsigned want, uint64_t now_ns) {
+  SpinLockGuard guard(lock_, kNoCancellationPoint);
+  return take_locked(out, want, now_ns);
 }
 
 size_t ClassDepot::release_empty(uint64_t now_ns, uint64_t idle_ns, size_t keep_bytes) {
   SpinLockGuard guard(lock_, kNoCancellationPoint);
+  // First the transfer stack's idle blocks into the bitmaps, so that a slab
+  // whose blocks wait there counts as wholly free (from now on): those
+  // below the low-water mark (idle_ns 0, as malloc_trim asks: all of them).
+  // The others keep going back and forth between caches.
+  const uint32_t idle_blocks = idle_ns == 0 ? transfer_count_ : transfer_low_;
+  if (idle_blocks) {
+    const uint32_t busy = transfer_count_ - idle_blocks;
+    // Move the idle bottom onto the top (swap with the busy part), so that
+    // take_transfer pops exactly them.
+    void* blocks[64];
+    for (uint32_t done = 0; done < idle_blocks;) {
+      const uint32_t n = idle_blocks - done < 64 ? idle_blocks - done : 64;
+      std::memcpy(blocks, transfer_ + done, n * sizeof(void*));
+      done += n;
+      drain_locked(blocks, untag(blocks, n), now_ns);  // free bytes: out, then in again
+    }
+    std::memmove(transfer_, transfer_ + idle_blocks, busy * sizeof(void*));
+    transfer_count_ = busy;
+  }
+  transfer_low_ = transfer_count_;
   size_t released = 0;
   uint64_t released_slabs = 0;
   // The list is newest first: walk it and release from the oldest end by

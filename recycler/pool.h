@@ -13,8 +13,18 @@
 //
 // Everything about free blocks lives out of band, in a metadata mapping:
 // per slab a bitmap (bit set = the block is free in the depot) and a count.
-// Freed memory holds at most the free marker (see marker_word), so a write
-// after free corrupts no allocator state.
+// Freed memory holds at most the free marker (see marker_word) and, in the
+// depot's transfer stack, its tag (see transfer_tag_word), so a write after
+// free corrupts no allocator state.
+//
+// In front of the bitmaps, each depot keeps a transfer stack: the blocks
+// that thread caches drained, handed out again first to the caches that
+// refill (tcmalloc's transfer cache, in spirit). The traffic between caches
+// and the depot is mostly such batches going back and forth; through the
+// stack a batch costs a copy of its pointers instead of a bitmap update per
+// block (a division and a slab list change). Only what the stack cannot
+// hold, thread exits (flush) and the OS's share (release_empty, which
+// empties the stack into the bitmaps first) go through the bitmaps.
 #pragma once
 
 #include <atomic>
@@ -37,6 +47,13 @@ inline constexpr size_t kMarkerOffset = 8;
 inline uint64_t& marker_word(void* block) {
   return *reinterpret_cast<uint64_t*>(static_cast<char*>(block) + kMarkerOffset);
 }
+// A block in a depot's transfer stack carries its tag (the depot's
+// transfer key ^ its address) in its first word: a block given to the stack
+// a second time is recognised by it (a double free; confirmed by a scan of
+// the stack), and a block whose tag is gone when it leaves the stack was
+// written after its free (or freed twice and handed out since): it is
+// quarantined. Free memory: the program's word, no longer its.
+inline uint64_t& transfer_tag_word(void* block) { return *static_cast<uint64_t*>(block); }
 
 // The OS's page size (sysconf).
 size_t page_bytes();
@@ -96,7 +113,12 @@ struct PoolCounters {
   std::atomic<uint64_t> peak_committed_bytes{0};
   std::atomic<uint64_t> depot_free_bytes{0};      // free blocks in the depot's committed slabs
   std::atomic<uint64_t> released_bytes{0};        // given back to the OS, in total
+  std::atomic<uint64_t> quarantined_blocks{0};    // left the transfer stack without their tag: never reused
 };
+
+// Blocks a depot's transfer stack holds at most: 1 MiB of pointers per
+// class, reserved when the class's recycler starts and committed as used.
+inline constexpr unsigned kTransferSlots = 128 * 1024;
 
 // The central depot of one class: free blocks not in any thread cache.
 class alignas(64) ClassDepot {
@@ -110,6 +132,10 @@ class alignas(64) ClassDepot {
   // recognised as a double free. (Blocks never handed out lie above the
   // frontier: a free() of one is refused as memory never handed out.)
   bool init(uint32_t block_size, char* area, size_t area_bytes, uint64_t marker_key = 0);
+  // Gives the depot a transfer stack (before any take or give; without
+  // one, every block goes through the bitmaps): room for as many blocks as
+  // the area holds, at most kTransferSlots. False if it cannot be mapped.
+  bool start_transfer();
 
   // Hands out up to `want` blocks (fewer when the area is exhausted).
   unsigned refill(void** out, unsigned want, uint64_t now_ns);
@@ -121,6 +147,18 @@ class alignas(64) ClassDepot {
   // depot (a block in both, or in neither).
   unsigned refill_locked(void** out, unsigned want, uint64_t now_ns);
   void drain_locked(void* const* blocks, unsigned count, uint64_t now_ns);
+  // What thread caches use (lock() held, as above): give puts the blocks on
+  // the transfer stack as far as it has room, the rest into the bitmaps;
+  // take hands out the most recently given blocks first, then the bitmaps'.
+  // give aborts on a block already on the stack; take quarantines a block
+  // whose tag is gone (counted in quarantined_blocks, one warning line per
+  // process).
+  void give_locked(void* const* blocks, unsigned count, uint64_t now_ns);
+  unsigned take_locked(void** out, unsigned want, uint64_t now_ns);
+  // The same taking the lock (tests).
+  void give(void* const* blocks, unsigned count, uint64_t now_ns);
+  unsigned take(void** out, unsigned want, uint64_t now_ns);
+  unsigned transfer_count() const { return transfer_count_; }
   // True when the depot holds `block` as free (under the lock).
   bool holds_free(const void* block);
   // Gives wholly free slabs back to the OS: those idle for at least
@@ -152,6 +190,15 @@ class alignas(64) ClassDepot {
   void push(Slab*& list, Slab* slab, uint8_t which);
   Slab* carve_slab();
   void mark_free_blocks(Slab* slab);
+  uint64_t transfer_tag(const void* block) const { return transfer_key_ ^ reinterpret_cast<uintptr_t>(block); }
+  bool in_transfer(const void* block) const;
+  // Pops up to `want` blocks off the transfer stack into `out`, each
+  // checked and untagged; returns how many (quarantined ones not counted).
+  unsigned take_transfer(void** out, unsigned want);
+  // Checks and untags blocks leaving the stack, keeping in place (in order)
+  // those whose tag was intact; quarantines the others. Returns the kept.
+  unsigned untag(void** blocks, unsigned count);
+  bool holds_free_locked(const void* block) const;
   uint64_t* bitmap(const Slab* slab) const { return bitmaps_ + (slab - slabs_) * geometry_.bitmap_words; }
   char* slab_memory(const Slab* slab) const {
     return area_ + static_cast<size_t>(slab - slabs_) * geometry_.slab_bytes();
@@ -192,6 +239,17 @@ class alignas(64) ClassDepot {
   Slab* empty_ = nullptr;       // every block free
   size_t empty_bytes_ = 0;
   PoolCounters counters_;
+  // The transfer stack (under the lock): transfer_[0, transfer_count_),
+  // the most recently given on top.
+  uint32_t transfer_count_ = 0;
+  uint32_t transfer_capacity_ = 0;
+  // The least transfer_count_ since the last release_empty: the blocks
+  // below it sat on the stack untouched all that time (tcmalloc's low-water
+  // mark); release_empty moves those into the bitmaps, where their slabs
+  // can become wholly free.
+  uint32_t transfer_low_ = 0;
+  uint64_t transfer_key_ = 0;
+  void** transfer_ = nullptr;  // [transfer_capacity_], its own mapping
 };
 
 // The whole region: one ClassDepot per sized class of the table.

@@ -22,7 +22,11 @@ bool Recycler::init(const SizeClassTable& classes, const RecyclerConfig& config,
   key_ = key | 1;  // never zero: a zeroed marker word is never a marker
   for (unsigned c = 0; c + 1 < classes.count(); ++c) class_size_[c] = classes.class_size(c);
   for (auto& entry : pooled_by_size_) entry.store(0, std::memory_order_relaxed);
-  return region_.init(classes, config.region_bytes, config.checks ? key_ : 0);
+  if (!region_.init(classes, config.region_bytes, config.checks ? key_ : 0)) return false;
+  // Thread caches trade blocks with the depots through transfer stacks (a
+  // class without one, its mapping refused, uses the bitmaps alone).
+  for (unsigned c = 0; c < region_.class_count(); ++c) region_.depot(c).start_transfer();
+  return true;
 }
 
 void Recycler::set_pooled(unsigned size_class, bool on) {
@@ -60,7 +64,7 @@ void* Recycler::allocate_slow(ThreadCache& cache, unsigned size_class) {
   unsigned got;
   {
     SpinLockGuard guard(depot.lock(), kNoCancellationPoint);  // the bin's count with the depot (see refill_locked)
-    got = depot.refill_locked(bin.slots, want, 0);
+    got = depot.take_locked(bin.slots, want, 0);
     bin.count = got;
     bump_counter(cache.counters[size_class].moved, int64_t{got});  // with the count: a report reading both sees them agree
   }
@@ -90,7 +94,7 @@ void Recycler::drain_and_push(ThreadCache& cache, unsigned size_class, void* blo
     {
       ClassDepot& depot = region_.depot(size_class);
       SpinLockGuard guard(depot.lock(), kNoCancellationPoint);  // the bin with the depot (see drain_locked)
-      depot.drain_locked(bin.slots, give, now);
+      depot.give_locked(bin.slots, give, now);
       std::memmove(bin.slots, bin.slots + give, (bin.count - give) * sizeof(void*));
       bin.count -= give;
       bump_counter(cache.counters[size_class].moved, -static_cast<int64_t>(give));

@@ -232,6 +232,88 @@ TEST_F(RecyclerTest, DecayKeepsYoungEmptySlabsAndReleasesOldOnes) {
   EXPECT_GT(d.release_empty(/*now=*/4000, /*idle=*/1000000, /*keep=*/0), 0u) << "beyond keep: released at once";
 }
 
+TEST_F(RecyclerTest, DrainedBatchesComeBackThroughTheTransferStackNewestFirst) {
+  // A bin's drained half goes to the depot's transfer stack; the next
+  // refill takes the most recently given blocks back, without the bitmaps.
+  ClassDepot& d = depot(48);
+  const unsigned c = cls(48);
+  std::vector<void*> blocks;
+  for (int i = 0; i < 100; ++i) blocks.push_back(recycler_->allocate(*cache_, c));
+  const uint64_t free_before = d.counters().depot_free_bytes.load();
+  const Bin& bin = cache_->bins[c];
+  const unsigned cached_before = bin.count;
+  for (void* block : blocks) recycler_->deallocate(*cache_, block);
+  const unsigned drained = 100 + cached_before - bin.count;
+  EXPECT_EQ(d.counters().depot_free_bytes.load(), free_before + uint64_t{drained} * 48);
+  // The first drain also ran the decay, which moves the stack's blocks into
+  // the bitmaps (see TheTransferStackOverflowsIntoTheBitmapsAndTrimEmptiesIt):
+  // the later drains' blocks are on the stack.
+  const unsigned on_stack = d.transfer_count();
+  EXPECT_GT(on_stack, drained / 2);
+  EXPECT_LE(on_stack, drained);
+  // Empty the bin, then refill: the blocks drained last come back first.
+  while (bin.count) recycler_->allocate(*cache_, c);
+  const std::set<void*> ours(blocks.begin(), blocks.end());
+  void* refilled = recycler_->allocate(*cache_, c);
+  EXPECT_TRUE(ours.count(refilled)) << "a block from the stack, not a fresh one";
+  EXPECT_EQ(d.transfer_count(), on_stack - bin.count - 1) << "the refill took its blocks off the stack";
+  EXPECT_EQ(d.counters().quarantined_blocks.load(), 0u);
+}
+
+TEST_F(RecyclerTest, TheTransferStackOverflowsIntoTheBitmapsAndTrimEmptiesIt) {
+  ClassDepot& d = depot(16);
+  const unsigned count = kTransferSlots + 1000;
+  std::vector<void*> blocks(count);
+  ASSERT_EQ(d.refill(blocks.data(), count, 0), count);
+  d.give(blocks.data(), count, 0);
+  EXPECT_EQ(d.transfer_count(), kTransferSlots) << "full; the rest went to the bitmaps";
+  EXPECT_TRUE(d.holds_free(blocks.front()));  // on the stack
+  EXPECT_TRUE(d.holds_free(blocks.back()));   // in a bitmap
+  EXPECT_EQ(d.counters().depot_free_bytes.load(), d.counters().committed_bytes.load()) << "every block is free";
+  // trim: the stack's blocks join the bitmaps, and wholly free slabs go.
+  EXPECT_GT(recycler_->trim(), 0u);
+  EXPECT_EQ(d.transfer_count(), 0u);
+  EXPECT_EQ(d.counters().committed_bytes.load(), 0u);
+  EXPECT_EQ(d.counters().depot_free_bytes.load(), 0u);
+  EXPECT_EQ(d.counters().quarantined_blocks.load(), 0u);
+}
+
+TEST_F(RecyclerTest, ABlockWrittenAfterItsFreeOnTheTransferStackIsQuarantined) {
+  // The write replaced the block's tag: it never leaves the stack for a
+  // cache (a second copy of a block, or memory the program still writes).
+  ClassDepot& d = depot(48);
+  void* blocks[8];
+  ASSERT_EQ(d.refill(blocks, 8, 0), 8u);
+  d.give(blocks, 8, 0);
+  std::memset(blocks[5], 0x41, 48);
+  testing::internal::CaptureStderr();
+  void* out[8];
+  EXPECT_EQ(d.take(out, 8, 0), 8u) << "seven from the stack, one from a bitmap";
+  EXPECT_NE(testing::internal::GetCapturedStderr().find("hotpool: a free pooled block was written after its free"),
+            std::string::npos);
+  EXPECT_EQ(d.counters().quarantined_blocks.load(), 1u);
+  for (void* block : out) EXPECT_NE(block, blocks[5]);
+}
+
+TEST_F(RecyclerTest, TwoCopiesOfABlockOnTheTransferStackLeaveItOnce) {
+  // Given twice in one batch, whose tags the program overwrote in between
+  // (so the give could not tell): the take hands it out once.
+  ClassDepot& d = depot(48);
+  void* blocks[4];
+  ASSERT_EQ(d.refill(blocks, 4, 0), 4u);
+  d.give(blocks, 2, 0);
+  std::memset(blocks[1], 0, 16);  // tag and marker gone
+  void* twice[3] = {blocks[1], blocks[2], blocks[3]};
+  d.give(twice, 3, 0);
+  testing::internal::CaptureStderr();
+  void* out[5];
+  const unsigned got = d.take(out, 5, 0);
+  testing::internal::GetCapturedStderr();
+  std::set<void*> distinct(out, out + got);
+  EXPECT_EQ(distinct.size(), got) << "no block handed out twice";
+  EXPECT_EQ(d.counters().quarantined_blocks.load(), 1u);
+}
+
 TEST_F(RecyclerTest, BlocksSurviveUseAcrossThreads) {
   // Producer/consumer: blocks allocated by one thread, freed into another's
   // cache, flowing back through the depot.
@@ -393,6 +475,24 @@ TEST_F(RecyclerDeathTest, DoubleFreeOfABlockWhoseMarkerWasOverwrittenIsCaughtInT
   std::memset(block, 0x41, 48);
   recycler_->deallocate(*cache_, block);
   EXPECT_DEATH(recycler_->flush(*cache_), "hotpool: double free: the block is already free in the pool");
+}
+
+TEST_F(RecyclerDeathTest, DoubleFreeOfABlockOnTheTransferStackIsCaught) {
+  // A block drained to the transfer stack (as a cache's drain gives it),
+  // then freed again: its free marker sends the free to the full check,
+  // which finds it on the stack.
+  ClassDepot& d = depot(48);
+  void* blocks[2];
+  ASSERT_EQ(d.refill(blocks, 2, 0), 2u);
+  d.give(blocks, 2, 0);
+  ASSERT_EQ(d.transfer_count(), 2u);
+  EXPECT_DEATH(recycler_->deallocate(*cache_, blocks[0]), "hotpool: double free of a pooled block \\(it is back in the pool's depot\\)");
+  EXPECT_DEATH(recycler_->deallocate_uncached(blocks[0]), "hotpool: double free of a pooled block \\(it is back in the pool's depot\\)");
+  // Its marker overwritten first, the free passes; given to the depot
+  // again, the block is found on the stack by its tag.
+  recycler::marker_word(blocks[0]) = 0;
+  recycler_->deallocate(*cache_, blocks[0]);
+  EXPECT_DEATH(d.give(blocks, 1, 0), "hotpool: double free: the block is already free in the pool");
 }
 
 TEST_F(RecyclerDeathTest, DoubleFreeOfABlockInAReleasedSlabIsCaughtInTheDepot) {
