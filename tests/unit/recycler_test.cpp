@@ -245,12 +245,9 @@ TEST_F(RecyclerTest, DrainedBatchesComeBackThroughTheTransferStackNewestFirst) {
   for (void* block : blocks) recycler_->deallocate(*cache_, block);
   const unsigned drained = 100 + cached_before - bin.count;
   EXPECT_EQ(d.counters().depot_free_bytes.load(), free_before + uint64_t{drained} * 48);
-  // The first drain also ran the decay, which moves the stack's blocks into
-  // the bitmaps (see TheTransferStackOverflowsIntoTheBitmapsAndTrimEmptiesIt):
-  // the later drains' blocks are on the stack.
+  // (The first drain also ran a decay check: the stack was empty then.)
   const unsigned on_stack = d.transfer_count();
-  EXPECT_GT(on_stack, drained / 2);
-  EXPECT_LE(on_stack, drained);
+  EXPECT_EQ(on_stack, drained) << "every drained block is on the stack";
   // Empty the bin, then refill: the blocks drained last come back first.
   while (bin.count) recycler_->allocate(*cache_, c);
   const std::set<void*> ours(blocks.begin(), blocks.end());
@@ -276,6 +273,34 @@ TEST_F(RecyclerTest, TheTransferStackOverflowsIntoTheBitmapsAndTrimEmptiesIt) {
   EXPECT_EQ(d.counters().committed_bytes.load(), 0u);
   EXPECT_EQ(d.counters().depot_free_bytes.load(), 0u);
   EXPECT_EQ(d.counters().quarantined_blocks.load(), 0u);
+}
+
+TEST_F(RecyclerTest, DecayMovesOnlyTheBlocksThatSatOnTheTransferStackSinceTheLastCheck) {
+  // The low-water mark: blocks below the least depth the stack had since
+  // the previous check went unused all that time; those above keep moving.
+  ClassDepot& d = depot(1024);
+  std::vector<void*> blocks(64 * 4);  // four slabs' worth
+  const unsigned per_slab = d.geometry().blocks;
+  ASSERT_EQ(per_slab, 64u);
+  ASSERT_EQ(d.refill(blocks.data(), 256, 0), 256u);
+  d.give(blocks.data(), 256, 0);
+  EXPECT_EQ(d.release_empty(1, 1, 0), 0u) << "first check: nothing sat there through a whole interval yet";
+  EXPECT_EQ(d.transfer_count(), 256u);
+  void* out[200];
+  ASSERT_EQ(d.take(out, 200, 0), 200u);  // the low-water mark: 56
+  d.give(out, 200, 0);
+  // The bottom 56 (the first slab's first 56 blocks) go to the bitmaps; the
+  // slab is not wholly free (its other 8 blocks are on the stack), so
+  // nothing is released.
+  EXPECT_EQ(d.release_empty(2, 1, 0), 0u);
+  EXPECT_EQ(d.transfer_count(), 200u);
+  EXPECT_TRUE(d.holds_free(blocks[0]));
+  EXPECT_EQ(d.counters().depot_free_bytes.load(), 256u * 1024);
+  // Untouched through the next interval: all of them go, and the four
+  // wholly free slabs with them (beyond keep, idle).
+  EXPECT_GT(d.release_empty(3, 1, 0), 0u);
+  EXPECT_EQ(d.transfer_count(), 0u);
+  EXPECT_EQ(d.counters().committed_bytes.load(), 0u);
 }
 
 TEST_F(RecyclerTest, ABlockWrittenAfterItsFreeOnTheTransferStackIsQuarantined) {
