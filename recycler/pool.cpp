@@ -190,27 +190,38 @@ unsigned ClassDepot::refill_locked(void** out, unsigned want, uint64_t now_ns) {
     const size_t frontier_before = frontier;
     const size_t first_number = static_cast<size_t>(slab - slabs_) * geometry_.blocks;
     const size_t size = geometry_.size;
+    const uint64_t key = marker_key_;  // a local: the stores below could alias the member
     for (uint32_t w = 0; w < geometry_.bitmap_words && taken < want; ++w) {
       uint64_t word = bits[w];
       if (!word) continue;
       char* word_memory = memory + size_t{w} * 64 * size;
       const size_t word_number = first_number + size_t{w} * 64;
-      // Every block of the word handed out before (all but the newest
-      // slab's): their addresses, nothing else.
-      const bool handed_out_before = word_number + 64 <= frontier;
       const unsigned first = taken;
-      do {
-        const unsigned bit = static_cast<unsigned>(__builtin_ctzll(word));
-        word &= word - 1;
-        char* block = word_memory + size_t{bit} * size;
-        out[taken++] = block;
-        if (!handed_out_before && word_number + bit + 1 > frontier) {
-          // Handed out for the first time: into a thread cache, still free,
-          // so it gets its free marker now (its first write).
-          if (marker_key_) marker_word(block) = marker_key_ ^ reinterpret_cast<uintptr_t>(block);
-          frontier = word_number + bit + 1;
-        }
-      } while (word && taken < want);
+      // Lowest blocks first: those handed out before (below the frontier),
+      // their addresses, nothing else; then those never handed out (a slab
+      // being carved), each of which goes into a thread cache still free,
+      // so it gets its free marker now (its first write), and the frontier
+      // moves past the last of them.
+      const size_t below = frontier > word_number ? frontier - word_number : 0;
+      const uint64_t old_mask = below >= 64 ? ~uint64_t{0} : (uint64_t{1} << below) - 1;
+      uint64_t old_bits = word & old_mask, new_bits = word & ~old_mask;
+      while (old_bits && taken < want) {
+        const unsigned bit = static_cast<unsigned>(__builtin_ctzll(old_bits));
+        old_bits &= old_bits - 1;
+        out[taken++] = word_memory + size_t{bit} * size;
+      }
+      if (new_bits && taken < want) {
+        unsigned bit;
+        do {
+          bit = static_cast<unsigned>(__builtin_ctzll(new_bits));
+          new_bits &= new_bits - 1;
+          char* block = word_memory + size_t{bit} * size;
+          out[taken++] = block;
+          if (key) marker_word(block) = key ^ reinterpret_cast<uintptr_t>(block);
+        } while (new_bits && taken < want);
+        frontier = word_number + bit + 1;
+      }
+      word = old_bits | new_bits;
       bits[w] = word;
       slab->free_blocks -= taken - first;
     }
