@@ -80,7 +80,7 @@ void ClassGeometry::init(uint32_t block_size, size_t page_bytes) {
   multiple_limit = ~uint64_t{0} / block_size;
 }
 
-bool ClassDepot::init(uint32_t block_size, char* area, size_t area_bytes, uint64_t marker_key) {
+bool ClassDepot::init(uint32_t block_size, char* area, size_t area_bytes, uint64_t marker_key, char* meta) {
   marker_key_ = marker_key;
   // The transfer stack's tags, also with the checks off (marker_key 0): a
   // key of its own, never the marker key (a free block's marker is never
@@ -95,14 +95,18 @@ bool ClassDepot::init(uint32_t block_size, char* area, size_t area_bytes, uint64
   check_.inverse_of_odd = geometry_.inverse_of_odd;
   check_.twos = geometry_.twos;
   max_slabs_ = area_bytes / geometry_.slab_bytes();
-  if (max_slabs_ == 0) return false;
-  const size_t slab_meta = (max_slabs_ * sizeof(Slab) + 63) & ~size_t{63};
-  const size_t bitmap_bytes = max_slabs_ * geometry_.bitmap_words * sizeof(uint64_t);
-  char* meta = static_cast<char*>(map_noreserve(slab_meta + bitmap_bytes));
-  if (!meta) return false;
+  if (max_slabs_ == 0 || !meta) return false;
   slabs_ = reinterpret_cast<Slab*>(meta);
-  bitmaps_ = reinterpret_cast<uint64_t*>(meta + slab_meta);
+  bitmaps_ = reinterpret_cast<uint64_t*>(meta + slab_meta_bytes(max_slabs_));
   return true;
+}
+
+size_t ClassDepot::meta_bytes(uint32_t block_size, size_t area_bytes) {
+  ClassGeometry geometry;
+  geometry.init(block_size, page_bytes());
+  const size_t slabs = area_bytes / geometry.slab_bytes();
+  const size_t bitmap_bytes = slabs * geometry.bitmap_words * sizeof(uint64_t);
+  return (slab_meta_bytes(slabs) + bitmap_bytes + 63) & ~size_t{63};
 }
 
 void ClassDepot::unlink(Slab* slab) {
@@ -269,15 +273,9 @@ bool ClassDepot::holds_free_locked(const void* block) const {
   return in_transfer(block);
 }
 
-bool ClassDepot::start_transfer() {
-  if (transfer_ || !slabs_) return transfer_ != nullptr;
+size_t ClassDepot::transfer_slots() const {
   const size_t area_blocks = max_slabs_ * geometry_.blocks;
-  const size_t slots = area_blocks < kTransferSlots ? area_blocks : kTransferSlots;
-  auto* stack = static_cast<void**>(map_noreserve(slots * sizeof(void*)));
-  if (!stack) return false;
-  transfer_ = stack;
-  transfer_capacity_ = static_cast<uint32_t>(slots);
-  return true;
+  return slabs_ == nullptr ? 0 : area_blocks < kTransferSlots ? area_blocks : kTransferSlots;
 }
 
 bool ClassDepot::in_transfer(const void* block) const {
@@ -460,13 +458,30 @@ bool PoolRegion::init(const SizeClassTable& classes, size_t region_bytes, uint64
   if (!base_) return false;
   area_shift_ = shift;
   class_count_ = sized;
+  // Every depot's metadata in one mapping (one system call, one VMA).
+  size_t meta_bytes = 0;
+  for (unsigned c = 0; c < sized; ++c)
+    meta_bytes += ClassDepot::meta_bytes(static_cast<uint32_t>(classes.class_size(c)), size_t{1} << shift);
+  char* meta = static_cast<char*>(map_noreserve(meta_bytes));
+  if (!meta) return false;
   for (unsigned c = 0; c < sized; ++c) {
-    if (!depots_[c].init(static_cast<uint32_t>(classes.class_size(c)), base_ + (size_t{c} << shift),
-                         size_t{1} << shift, marker_key)) {
-      return false;
-    }
+    const auto size = static_cast<uint32_t>(classes.class_size(c));
+    if (!depots_[c].init(size, base_ + (size_t{c} << shift), size_t{1} << shift, marker_key, meta)) return false;
+    meta += ClassDepot::meta_bytes(size, size_t{1} << shift);
   }
   bytes_ = size_t{sized} << shift;  // published last: contains() is false until now
+  return true;
+}
+
+bool PoolRegion::start_transfers() {
+  size_t slots = 0;
+  for (unsigned c = 0; c < class_count_; ++c) slots += depots_[c].transfer_slots();
+  auto* stacks = static_cast<void**>(map_noreserve(slots * sizeof(void*)));
+  if (!stacks) return false;
+  for (unsigned c = 0; c < class_count_; ++c) {
+    depots_[c].start_transfer(stacks);
+    stacks += depots_[c].transfer_slots();
+  }
   return true;
 }
 

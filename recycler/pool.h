@@ -124,18 +124,26 @@ inline constexpr unsigned kTransferSlots = 128 * 1024;
 class alignas(64) ClassDepot {
  public:
   // Sets up the class's area [area, area + area_bytes) and its metadata.
-  // Returns false if the metadata mapping fails (the class then never pools).
   // `marker_key`: when non-zero, a block gets its free marker (key ^
   // address, see marker_word) when it is first handed out (into a thread
   // cache, still free), and every free block of a released slab when the
   // slab is used again, so that a free() of a block nobody allocated is
   // recognised as a double free. (Blocks never handed out lie above the
   // frontier: a free() of one is refused as memory never handed out.)
-  bool init(uint32_t block_size, char* area, size_t area_bytes, uint64_t marker_key = 0);
-  // Gives the depot a transfer stack (before any take or give; without
-  // one, every block goes through the bitmaps): room for as many blocks as
-  // the area holds, at most kTransferSlots. False if it cannot be mapped.
-  bool start_transfer();
+  // `meta`: meta_bytes(block_size, area_bytes) of zeroed memory for the
+  // slabs' records and bitmaps (false if null).
+  bool init(uint32_t block_size, char* area, size_t area_bytes, uint64_t marker_key, char* meta);
+  static size_t meta_bytes(uint32_t block_size, size_t area_bytes);
+  // Blocks the depot's transfer stack would hold: as many as the area
+  // holds, at most kTransferSlots.
+  size_t transfer_slots() const;
+  // Gives the depot its transfer stack, room for transfer_slots() pointers
+  // (before any take or give; without one, every block goes through the
+  // bitmaps).
+  void start_transfer(void** stack) {
+    transfer_ = stack;
+    transfer_capacity_ = static_cast<uint32_t>(transfer_slots());
+  }
 
   // Hands out up to `want` blocks (fewer when the area is exhausted).
   unsigned refill(void** out, unsigned want, uint64_t now_ns);
@@ -190,6 +198,7 @@ class alignas(64) ClassDepot {
   void push(Slab*& list, Slab* slab, uint8_t which);
   Slab* carve_slab();
   void mark_free_blocks(Slab* slab);
+  static size_t slab_meta_bytes(size_t slabs) { return (slabs * sizeof(Slab) + 63) & ~size_t{63}; }
   uint64_t transfer_tag(const void* block) const { return transfer_key_ ^ reinterpret_cast<uintptr_t>(block); }
   bool in_transfer(const void* block) const;
   // Pops up to `want` blocks off the transfer stack into `out`, each
@@ -276,6 +285,10 @@ class PoolRegion {
 
   // Releases every wholly free slab of every class (malloc_trim).
   size_t trim(uint64_t now_ns);
+  // Gives every depot a transfer stack, all in one mapping (reserved, and
+  // committed as used). False if it cannot be mapped: the depots then go
+  // through their bitmaps alone.
+  bool start_transfers();
 
  private:
   char* base_ = nullptr;

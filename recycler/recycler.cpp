@@ -23,9 +23,9 @@ bool Recycler::init(const SizeClassTable& classes, const RecyclerConfig& config,
   for (unsigned c = 0; c + 1 < classes.count(); ++c) class_size_[c] = classes.class_size(c);
   for (auto& entry : pooled_by_size_) entry.store(0, std::memory_order_relaxed);
   if (!region_.init(classes, config.region_bytes, config.checks ? key_ : 0)) return false;
-  // Thread caches trade blocks with the depots through transfer stacks (a
-  // class without one, its mapping refused, uses the bitmaps alone).
-  for (unsigned c = 0; c < region_.class_count(); ++c) region_.depot(c).start_transfer();
+  // Thread caches trade blocks with the depots through transfer stacks
+  // (without them, their mapping refused, through the bitmaps alone).
+  region_.start_transfers();
   return true;
 }
 
