@@ -312,6 +312,7 @@ void ClassDepot::give_locked(void* const* blocks, unsigned count, uint64_t now_n
     stack[i] = block;
   }
   transfer_count_ += given;
+  if (transfer_count_ > transfer_high_) transfer_high_ = transfer_count_;
   if (given) counters_.depot_free_bytes.fetch_add(uint64_t{given} * geometry_.size, std::memory_order_relaxed);
   if (given < count) drain_locked(blocks + given, count - given, now_ns);
 }
@@ -394,6 +395,17 @@ size_t ClassDepot::release_empty(uint64_t now_ns, uint64_t idle_ns, size_t keep_
     transfer_count_ = busy;
   }
   transfer_low_ = transfer_count_;
+  // The stack's own pages above its depth back to the OS (1 MiB of
+  // pointers for a class whose stack was deep once).
+  // Whole pages only, and only this class's: the stacks of all classes
+  // lie end to end in one mapping.
+  const uintptr_t page_mask = page_bytes_ - 1;
+  const uintptr_t in_use = (reinterpret_cast<uintptr_t>(transfer_ + transfer_count_) + page_mask) & ~page_mask;
+  uintptr_t written = (reinterpret_cast<uintptr_t>(transfer_ + transfer_high_) + page_mask) & ~page_mask;
+  const uintptr_t slice_end = reinterpret_cast<uintptr_t>(transfer_ + transfer_capacity_) & ~page_mask;
+  if (written > slice_end) written = slice_end;
+  if (written > in_use) madvise(reinterpret_cast<void*>(in_use), written - in_use, MADV_DONTNEED);
+  transfer_high_ = transfer_count_;
   size_t released = 0;
   uint64_t released_slabs = 0;
   // The list is newest first: walk it and release from the oldest end by

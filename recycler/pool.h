@@ -257,6 +257,9 @@ class alignas(64) ClassDepot {
   // mark); release_empty moves those into the bitmaps, where their slabs
   // can become wholly free.
   uint32_t transfer_low_ = 0;
+  // The greatest transfer_count_ since the last release_empty: the stack's
+  // pages above the count, up to there, were written and may go back.
+  uint32_t transfer_high_ = 0;
   uint64_t transfer_key_ = 0;
   void** transfer_ = nullptr;  // [transfer_capacity_], its own mapping
 };

@@ -303,6 +303,31 @@ TEST_F(RecyclerTest, DecayMovesOnlyTheBlocksThatSatOnTheTransferStackSinceTheLas
   EXPECT_EQ(d.counters().committed_bytes.load(), 0u);
 }
 
+TEST_F(RecyclerTest, AShrunkTransferStackGivesItsPagesBackAndKeepsItsBlocks) {
+  // Deep once, shallow at the decay check: the stack's pages above its
+  // depth go back to the OS; what is still on it, and the next class's
+  // stack (same mapping), stay as they were.
+  ClassDepot& d = depot(1024);
+  ClassDepot& next = depot(65536);
+  void* big[5];
+  ASSERT_EQ(next.refill(big, 5, 0), 5u);
+  next.give(big, 5, 0);
+  std::vector<void*> blocks(3000);
+  ASSERT_EQ(d.refill(blocks.data(), 3000, 0), 3000u);
+  d.give(blocks.data(), 3000, 0);
+  std::vector<void*> out(2990);
+  ASSERT_EQ(d.take(out.data(), 2990, 0), 2990u);
+  d.release_empty(1, 1000000, 1u << 30);  // young, kept: only the stack's pages
+  ASSERT_EQ(d.transfer_count(), 10u);
+  void* rest[10];
+  ASSERT_EQ(d.take(rest, 10, 0), 10u);
+  for (int i = 0; i < 10; ++i) EXPECT_EQ(rest[i], blocks[i]) << "the bottom of the stack, as given";
+  void* big_out[5];
+  ASSERT_EQ(next.take(big_out, 5, 0), 5u);
+  EXPECT_EQ(std::set<void*>(big_out, big_out + 5), std::set<void*>(big, big + 5));
+  EXPECT_EQ(d.counters().quarantined_blocks.load() + next.counters().quarantined_blocks.load(), 0u);
+}
+
 TEST_F(RecyclerTest, ABlockWrittenAfterItsFreeOnTheTransferStackIsQuarantined) {
   // The write replaced the block's tag: it never leaves the stack for a
   // cache (a second copy of a block, or memory the program still writes).
