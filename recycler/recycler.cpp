@@ -239,7 +239,7 @@ void AutoPolicy::evaluate(const uint64_t* allocs, const uint64_t* frees, unsigne
     if (share < 0)
       share = static_cast<double>(frees[c]) >= kMinChurn * static_cast<double>(allocs[c]) ? kShareOne : 0;
     const double short_allocs = static_cast<double>(allocs[c]) * share / kShareOne;
-    const bool hot_short = short_allocs >= kMinCount && short_allocs >= kMinShare * static_cast<double>(total);
+    const bool hot_short = short_allocs >= kMinCount && short_allocs >= min_share_ * static_cast<double>(total);
     const int heat = heat_[c].load(std::memory_order_relaxed);
     int next = hot_short ? heat + 2 : heat - 1;
     if (next > kHeatMax) next = kHeatMax;

@@ -245,8 +245,8 @@ class Recycler {
 // with hysteresis.
 //   hot and short-lived: the class's short-lived allocations alone, its
 //          window's allocations times its short-lived share (see
-//          evaluate), are at least kMinShare of the window's allocations
-//          and at least kMinCount.
+//          evaluate), are at least min_share() of the window's allocations
+//          (HOTPOOL_HOT) and at least kMinCount.
 // Such a class gains 2; one that the thread used but that is not loses 1;
 // classes the thread did not use don't move.
 //
@@ -257,7 +257,7 @@ class Recycler {
 // (`block_class_of[q]`) reaches kHeatOn, and back when both are at 0.
 class AutoPolicy {
  public:
-  static constexpr double kMinShare = 0.01;
+  static constexpr double kDefaultMinShare = 0.01;
   static constexpr uint64_t kMinCount = 64;
   static constexpr double kMinChurn = 0.75;
   static constexpr uint64_t kMinSamples = 16;
@@ -271,7 +271,9 @@ class AutoPolicy {
   static constexpr int kShareOne = 1024;
   static constexpr int kShareUnknown = -1;
   // A class is hot when its short-lived allocations alone are: at least
-  // kMinCount in the window and kMinShare of all the window's allocations.
+  // kMinCount in the window and min_share() of all the window's allocations.
+  void set_min_share(double share) { min_share_ = share; }
+  double min_share() const { return min_share_; }
   // A pooled class serves its other blocks too, as fast; its short-lived
   // ones are what make the pool pay (the blocks come back at once).
   // short_share[c]: class c's short-lived share (nullptr: none sampled);
@@ -283,6 +285,7 @@ class AutoPolicy {
 
  private:
   std::atomic<int> heat_[kMaxClasses] = {};
+  double min_share_ = kDefaultMinShare;
   uint8_t block_class_of_[kMaxClasses] = {};
   bool mapped_ = false;
 };

@@ -148,7 +148,7 @@ void write_frames(const SamplingView& view, uint32_t id, Output& out, const char
 
 // The tune line: mode auto's rule on the whole run, the classes whose
 // short-lived (or recycled: pool_worthy) allocations alone carry at least
-// 1% of all allocations, 1000 at least. The share comes from the sampled frees (8 at
+// HOTPOOL_HOT (1%) of all allocations, 1000 at least. The share comes from the sampled frees (8 at
 // least), else from the frees keeping up with the allocations. The
 // expected hit rate is the share of all allocations the chosen classes
 // carry (a pooled class serves all its blocks), the rounding waste the
@@ -159,7 +159,7 @@ struct Recommendation {
   double hit_rate, rounding_waste;
 };
 
-Recommendation recommend(const StatsSnapshot& stats, const SamplingView* view) {
+Recommendation recommend(const StatsSnapshot& stats, const SamplingView* view, uint32_t hot_share_ppm) {
   Recommendation result{};
   uint64_t total = 0, hits = 0, class_bytes = 0, requested = 0;
   for (unsigned c = 0; c < stats.class_count; ++c) total += stats.classes[c].allocs;
@@ -173,7 +173,7 @@ Recommendation recommend(const StatsSnapshot& stats, const SamplingView* view) {
       if (freed >= 8) short_share = static_cast<double>(pool_worthy(life)) / static_cast<double>(freed);
     }
     const double short_allocs = static_cast<double>(row.allocs) * short_share;
-    if (short_allocs * 100 < static_cast<double>(total) || short_allocs < 1000) continue;
+    if (short_allocs * 1e6 < static_cast<double>(total) * hot_share_ppm || short_allocs < 1000) continue;
     result.sizes[result.count++] = stats.class_size[c];
     hits += row.allocs;
     class_bytes += stats.class_size[c] * row.allocs;
@@ -261,8 +261,9 @@ void write_text_sampling(const StatsSnapshot& stats, const SamplingView& view, O
   for (unsigned i = 0; i < shown; ++i) site_line(g_rows[order[i]], i + 1);
 }
 
-void write_tune_line(const StatsSnapshot& stats, const SamplingView* view, bool explicit_classes, Output& out) {
-  const Recommendation advice_line = recommend(stats, view);
+void write_tune_line(const StatsSnapshot& stats, const SamplingView* view, bool explicit_classes, uint32_t hot_share_ppm,
+                     Output& out) {
+  const Recommendation advice_line = recommend(stats, view, hot_share_ppm);
   if (advice_line.count == 0) return;
   out.str("  tune: export HOTPOOL_CLASSES=");
   for (unsigned i = 0; i < advice_line.count; ++i) out.str(i ? "," : "").u64(advice_line.sizes[i]);
@@ -281,8 +282,8 @@ void write_json_histogram(Output& out, const uint64_t* histogram) {
   out.ch(']');
 }
 
-void write_json_sampling(const StatsSnapshot& stats, const SamplingView* view, Output& out) {
-  const Recommendation tune = recommend(stats, view);
+void write_json_sampling(const StatsSnapshot& stats, const SamplingView* view, uint32_t hot_share_ppm, Output& out) {
+  const Recommendation tune = recommend(stats, view, hot_share_ppm);
   out.str(",\n  \"recommendation\": {\"classes\": [");
   for (unsigned i = 0; i < tune.count; ++i) out.str(i ? ", " : "").u64(tune.sizes[i]);
   out.str("], \"expected_hit_rate\": ").fixed(static_cast<uint64_t>(tune.hit_rate * 10000 + 0.5), 10000, 4)
@@ -447,7 +448,7 @@ void write_text_report(const StatsSnapshot& stats, const ReportContext& context,
         .str(" of it free\n");
   }
   if (context.sampling) write_text_sampling(stats, *context.sampling, out);
-  write_tune_line(stats, context.sampling, context.explicit_classes, out);
+  write_tune_line(stats, context.sampling, context.explicit_classes, context.hot_share_ppm, out);
   out.str("  counts are exact; a block belongs to the smallest class >= its usable size; "
           "rounding = usable bytes the program did not ask for; pooled = at exit, pool hits = over the whole run");
   if (context.peak_error_bytes)
@@ -522,7 +523,7 @@ void write_json_report(const StatsSnapshot& stats, const ReportContext& context,
     out.ch('}');
   }
   out.str(first ? "]" : "\n  ]");
-  write_json_sampling(stats, context.sampling, out);
+  write_json_sampling(stats, context.sampling, context.hot_share_ppm, out);
   out.str("\n}\n");
 }
 

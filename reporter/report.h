@@ -45,6 +45,7 @@ struct ReportContext {
   const char* const* option_values;
   const SamplingView* sampling;  // nullptr: sampling off
   bool explicit_classes;   // the class table is HOTPOOL_CLASSES' list, not the default one
+  uint32_t hot_share_ppm = 10000;  // HOTPOOL_HOT, parts per million: the tune line's share
 };
 
 void write_text_report(const StatsSnapshot& stats, const ReportContext& context, Output& out);

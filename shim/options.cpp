@@ -18,8 +18,10 @@ const OptionInfo kOptionInfo[] = {
 #define SizeTypeName "size"
 #define SizeListTypeName "size list"
 #define DurationTypeName "duration"
+#define ShareTypeName "share"
 #include "options.inc"
 #undef DurationTypeName
+#undef ShareTypeName
 #undef ModeTypeName
 #undef UnwinderTypeName
 #undef PathTypeName
@@ -183,6 +185,35 @@ bool parse_duration(const char* text, uint64_t* out_ns) {
   return true;
 }
 
+bool parse_share(const char* text, uint32_t* out_ppm) {
+  // A decimal number of percent, with an optional '%': up to four
+  // decimals (parts per million), no exponent, no locale.
+  size_t len;
+  text = trim(text, &len);
+  if (len && text[len - 1] == '%') --len;
+  while (len && text[len - 1] == ' ') --len;
+  size_t i = 0;
+  uint64_t ppm = 0;
+  for (; i < len && text[i] >= '0' && text[i] <= '9'; ++i) {
+    ppm = ppm * 10 + static_cast<unsigned>(text[i] - '0');
+    if (ppm > 100) return false;
+  }
+  const size_t whole_digits = i;
+  ppm *= 10000;
+  size_t decimals = 0;
+  if (i < len && text[i] == '.') {
+    for (++i; i < len && text[i] >= '0' && text[i] <= '9'; ++i, ++decimals) {
+      if (decimals >= 4) return false;  // finer than a part per million
+      uint64_t scale = 1000;
+      for (size_t d = 0; d < decimals; ++d) scale /= 10;
+      ppm += static_cast<unsigned>(text[i] - '0') * scale;
+    }
+  }
+  if (i != len || (whole_digits == 0 && decimals == 0) || ppm > 1000000) return false;
+  *out_ppm = static_cast<uint32_t>(ppm);
+  return true;
+}
+
 const char* unwinder_name(Unwinder unwinder) { return unwinder == Unwinder::Libgcc ? "libgcc" : "libunwind"; }
 
 bool parse_unwinder(const char* text, Unwinder* out) {
@@ -213,6 +244,7 @@ unsigned parse_options(const char* const* envp, Options* out, WarningSink sink, 
   auto parse_size_value = [](const char* text, size_t* field) { return parse_size(text, field); };
   auto parse_list_value = [](const char* text, SizeList* field) { return parse_size_list(text, field); };
   auto parse_duration_value = [](const char* text, uint64_t* field) { return parse_duration(text, field); };
+  auto parse_share_value = [](const char* text, uint32_t* field) { return parse_share(text, field); };
 
   // Defaults, through the same parsers (a test checks every default parses).
   *out = Options{};
@@ -225,6 +257,7 @@ unsigned parse_options(const char* const* envp, Options* out, WarningSink sink, 
 #define parse_Size_default parse_size_value
 #define parse_SizeList_default parse_list_value
 #define parse_Duration_default parse_duration_value
+#define parse_Share_default parse_share_value
 #include "options.inc"
 #undef HOTPOOL_OPTION
 
@@ -235,6 +268,7 @@ unsigned parse_options(const char* const* envp, Options* out, WarningSink sink, 
   const char* expected_Size = "a size (a number with an optional K, M or G suffix)";
   const char* expected_SizeList = "a comma-separated list of non-zero sizes (at most 126)";
   const char* expected_Duration = "a duration (a number with an optional ns, us, ms or s suffix; bare = ms)";
+  const char* expected_Share = "a share from 0 to 100% (a number of percent, up to four decimals, with an optional %)";
 
   for (const char* const* entry = envp; entry && *entry; ++entry) {
     const char* var = *entry;
@@ -267,6 +301,7 @@ unsigned parse_options(const char* const* envp, Options* out, WarningSink sink, 
 #undef parse_Size_default
 #undef parse_SizeList_default
 #undef parse_Duration_default
+#undef parse_Share_default
   return warner.count;
 }
 
@@ -311,6 +346,25 @@ void format_option_value(const Options& options, unsigned index, char* buf, size
   auto format_Size = [&](size_t value) { put_size(value); };
   auto format_Duration = [&](uint64_t ns) {
     put_scaled(ns, {{1000000000u, "s"}, {1000000u, "ms"}, {1000u, "us"}}, "ns");
+  };
+  auto format_Share = [&](uint32_t ppm) {
+    char text[16];
+    int t = 0;
+    const uint32_t whole = ppm / 10000;
+    uint32_t rest = ppm % 10000;
+    if (whole >= 100) text[t++] = '1', text[t++] = '0', text[t++] = '0';
+    else if (whole >= 10) text[t++] = static_cast<char>('0' + whole / 10), text[t++] = static_cast<char>('0' + whole % 10);
+    else text[t++] = static_cast<char>('0' + whole);
+    if (rest) {
+      text[t++] = '.';
+      for (uint32_t scale = 1000; rest; scale /= 10) {
+        text[t++] = static_cast<char>('0' + rest / scale);
+        rest %= scale;
+      }
+    }
+    text[t++] = '%';
+    text[t] = '\0';
+    put(text);
   };
   auto format_SizeList = [&](const SizeList& list) {
     for (unsigned k = 0; k < list.count; ++k) {

@@ -32,6 +32,7 @@ struct Options {
   using SizeValue = size_t;
   using SizeListValue = SizeList;
   using DurationValue = uint64_t;  // nanoseconds
+  using ShareValue = uint32_t;     // parts per million
 #include "options.inc"
 #undef HOTPOOL_OPTION
 };
@@ -52,12 +53,13 @@ bool parse_size_list(const char* text, SizeList* out);  // comma-separated sizes
 bool parse_mode(const char* text, Mode* out);
 bool parse_unwinder(const char* text, Unwinder* out);
 bool parse_duration(const char* text, uint64_t* out_ns);  // 250ns, 10us, 5ms, 2s; bare = ms
+bool parse_share(const char* text, uint32_t* out_ppm);   // 1%, 0.25%, 2.5 (bare = %), 0 to 100%
 
 // Introspection of the table, for help text, verbose output, the JSON
 // report and the README.
 struct OptionInfo {
   const char* name;         // "HOTPOOL_MODE"
-  const char* type;         // "mode", "unwinder", "bool", "size", "size list", "path", "duration"
+  const char* type;         // "mode", "unwinder", "bool", "size", "size list", "path", "duration", "share"
   const char* default_text;
   const char* description;
 };

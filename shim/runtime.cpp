@@ -219,6 +219,7 @@ void start_recycler() {
     block_class_of[q] = static_cast<uint8_t>(g_classes.class_of(real_usable_estimate(g_classes.class_size(q))));
   }
   g_policy.init(block_class_of, sized);
+  g_policy.set_min_share(static_cast<double>(g_options.hot_share) / 1e6);
 }
 
 void print_help() {
@@ -750,6 +751,7 @@ void write_report(const char* reason) {
   context.note = note;
   context.duration_ns = monotonic_ns() - g_start_ns;
   context.explicit_classes = g_explicit_classes;
+  context.hot_share_ppm = g_options.hot_share;
   // Peaks lag by the unpublished deltas: other threads' on the real
   // allocator's path, every thread's (this one's too) on the pooled path.
   uint64_t pooled_allocs = 0;

@@ -97,6 +97,39 @@ TEST(Options, SizeSuffixes) {
   }
 }
 
+TEST(Options, SharesArePercentWithUpToFourDecimals) {
+  const std::vector<std::pair<const char*, uint32_t>> cases = {
+      {"1%", 10000},    {"1", 10000},       {"0.25%", 2500}, {" 0.25 % ", 2500}, {"100%", 1000000},
+      {"0", 0},         {"0.0001%", 1},     {".5", 5000},    {"12.5%", 125000},  {"3.", 30000}};
+  for (auto [text, expected] : cases) {
+    uint32_t value = 7;
+    EXPECT_TRUE(parse_share(text, &value)) << text;
+    EXPECT_EQ(value, expected) << text;
+  }
+  uint32_t value = 7;
+  for (const char* bad : {"", "%", ".", "-1%", "100.5%", "101", "1e-2", "0.00001%", "1%%", "1,5", "one"}) {
+    EXPECT_FALSE(parse_share(bad, &value)) << bad;
+    EXPECT_EQ(value, 7u) << bad;
+  }
+}
+
+TEST(Options, HotShareFromTheEnvironmentAndItsFormat) {
+  const char* env[] = {"HOTPOOL_HOT=0.25%", nullptr};
+  Options options;
+  EXPECT_EQ(parse_options(env, &options, nullptr, nullptr), 0u);
+  EXPECT_EQ(options.hot_share, 2500u);
+  for (unsigned i = 0; i < option_count(); ++i) {
+    if (std::string(option_info(i).name) != "HOTPOOL_HOT") continue;
+    char text[32];
+    format_option_value(options, i, text, sizeof(text));
+    EXPECT_STREQ(text, "0.25%");
+    EXPECT_STREQ(option_info(i).type, "share");
+  }
+  const char* bad[] = {"HOTPOOL_HOT=2x", nullptr};
+  EXPECT_EQ(parse_options(bad, &options, nullptr, nullptr), 1u) << "one warning, and the default";
+  EXPECT_EQ(options.hot_share, 10000u);
+}
+
 TEST(Options, DurationSuffixes) {
   const std::vector<std::pair<const char*, uint64_t>> cases = {
       {"0", 0},          {"250", 250000000ull}, {"250ms", 250000000ull}, {"10us", 10000ull},
