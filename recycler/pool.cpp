@@ -12,6 +12,11 @@ namespace hotpool::recycler {
 
 namespace {
 constexpr uint8_t kNone = 0, kPartial = 1, kEmpty = 2;
+// A decay check moves at most this many idle blocks off a transfer stack
+// (about 0.1 ms under the depot's lock).
+constexpr uint32_t kIdleFlushBlocks = 16 * 1024;
+// ... and gives its stack's pages back when at least this many are unused.
+constexpr uintptr_t kStackPagesReleased = 16;
 constexpr size_t kMinSlabBytes = 64 * 1024;
 constexpr unsigned kBlocksPerSlabAtLeast = 8;
 
@@ -244,6 +249,11 @@ void ClassDepot::drain(void* const* blocks, unsigned count, uint64_t now_ns) {
 
 void ClassDepot::drain_locked(void* const* blocks, unsigned count, uint64_t now_ns) {
   for (unsigned i = 0; i < count; ++i) {
+    // On the transfer stack (its tag says so; the scan confirms): freed
+    // twice, once each way.
+    if (transfer_count_ && HOTPOOL_RECYCLER_POOL_UNLIKELY(transfer_tag_word(blocks[i]) == transfer_tag(blocks[i])) &&
+        in_transfer(blocks[i]))
+      fatal_pointer_error("double free: the block is already free in the pool", blocks[i]);
     uint32_t index;
     Slab* slab = slab_at(static_cast<size_t>(static_cast<char*>(blocks[i]) - area_), &index);
     uint64_t& word = bitmap(slab)[index / 64];
@@ -308,6 +318,12 @@ void ClassDepot::give_locked(void* const* blocks, unsigned count, uint64_t now_n
       if (in_transfer(block)) fatal_pointer_error("double free: the block is already free in the pool", block);
       transfer_count_ -= i;
     }
+    // Free in a bitmap (a thread's exit, or a free without a cache, gave it
+    // there): the same double free, come the other way.
+    uint32_t index;
+    const Slab* slab = slab_at(static_cast<size_t>(static_cast<char*>(block) - area_), &index);
+    if (HOTPOOL_RECYCLER_POOL_UNLIKELY(bitmap(slab)[index / 64] & (uint64_t{1} << (index % 64))))
+      fatal_pointer_error("double free: the block is already free in the pool", block);
     tag = mine;
     stack[i] = block;
   }
@@ -373,17 +389,18 @@ unsigned ClassDepot::take(void** out, unsigned want, uint64_t now_ns) {
   return take_locked(out, want, now_ns);
 }
 
-size_t ClassDepot::release_empty(uint64_t now_ns, uint64_t idle_ns, size_t keep_bytes) {
+size_t ClassDepot::release_empty(uint64_t now_ns, uint64_t idle_ns, size_t keep_bytes, bool whole_transfer) {
   SpinLockGuard guard(lock_, kNoCancellationPoint);
   // First the transfer stack's idle blocks into the bitmaps, so that a slab
   // whose blocks wait there counts as wholly free (from now on): those
-  // below the low-water mark (idle_ns 0, as malloc_trim asks: all of them).
-  // The others keep going back and forth between caches.
-  const uint32_t idle_blocks = idle_ns == 0 ? transfer_count_ : transfer_low_;
+  // below the low-water mark, at most kIdleFlushBlocks per check (the lock
+  // is held meanwhile; the rest are below the mark next time), or all of
+  // them (malloc_trim). The others keep going back and forth between caches.
+  uint32_t idle_blocks = whole_transfer ? transfer_count_ : transfer_low_;
+  if (!whole_transfer && idle_blocks > kIdleFlushBlocks) idle_blocks = kIdleFlushBlocks;
   if (idle_blocks) {
+    // The bottom of the stack into the bitmaps, then the rest down.
     const uint32_t busy = transfer_count_ - idle_blocks;
-    // Move the idle bottom onto the top (swap with the busy part), so that
-    // take_transfer pops exactly them.
     void* blocks[64];
     for (uint32_t done = 0; done < idle_blocks;) {
       const uint32_t n = idle_blocks - done < 64 ? idle_blocks - done : 64;
@@ -396,15 +413,16 @@ size_t ClassDepot::release_empty(uint64_t now_ns, uint64_t idle_ns, size_t keep_
   }
   transfer_low_ = transfer_count_;
   // The stack's own pages above its depth back to the OS (1 MiB of
-  // pointers for a class whose stack was deep once).
-  // Whole pages only, and only this class's: the stacks of all classes
-  // lie end to end in one mapping.
+  // pointers for a class whose stack was deep once), when they are a few:
+  // whole pages only, and only this class's (the stacks of all classes lie
+  // end to end in one mapping).
   const uintptr_t page_mask = page_bytes_ - 1;
   const uintptr_t in_use = (reinterpret_cast<uintptr_t>(transfer_ + transfer_count_) + page_mask) & ~page_mask;
   uintptr_t written = (reinterpret_cast<uintptr_t>(transfer_ + transfer_high_) + page_mask) & ~page_mask;
   const uintptr_t slice_end = reinterpret_cast<uintptr_t>(transfer_ + transfer_capacity_) & ~page_mask;
   if (written > slice_end) written = slice_end;
-  if (written > in_use) madvise(reinterpret_cast<void*>(in_use), written - in_use, MADV_DONTNEED);
+  if (written >= in_use + kStackPagesReleased * page_bytes_ || (whole_transfer && written > in_use))
+    madvise(reinterpret_cast<void*>(in_use), written - in_use, MADV_DONTNEED);
   transfer_high_ = transfer_count_;
   size_t released = 0;
   uint64_t released_slabs = 0;
@@ -500,7 +518,7 @@ bool PoolRegion::start_transfers() {
 size_t PoolRegion::trim(uint64_t now_ns) {
   size_t released = 0;
   for (unsigned c = 0; c < class_count_; ++c) {
-    if (depots_[c].ready()) released += depots_[c].release_empty(now_ns, 0, 0);
+    if (depots_[c].ready()) released += depots_[c].release_empty(now_ns, 0, 0, /*whole_transfer=*/true);
   }
   return released;
 }

@@ -171,7 +171,9 @@ class alignas(64) ClassDepot {
   bool holds_free(const void* block);
   // Gives wholly free slabs back to the OS: those idle for at least
   // `idle_ns`, and beyond the first `keep_bytes` of empty slabs all of them.
-  size_t release_empty(uint64_t now_ns, uint64_t idle_ns, size_t keep_bytes);
+  // First, the transfer stack's blocks that sat there since the previous
+  // call go to the bitmaps (whole_transfer, as malloc_trim: all of them).
+  size_t release_empty(uint64_t now_ns, uint64_t idle_ns, size_t keep_bytes, bool whole_transfer = false);
 
   // FAST PATH: true when `block` (a pointer into this class's area) is the
   // start of a block handed out before (below the frontier). A subtraction,

@@ -243,6 +243,7 @@ struct PoolClassTotals {
   uint64_t depot_free_bytes;   // free bytes in the depot
   uint64_t committed_bytes;    // pool memory in use or held (not given back)
   uint64_t peak_committed_bytes;
+  uint64_t quarantined_blocks;  // free blocks written after their free (or freed twice): never reused
 };
 
 struct StatsSnapshot {

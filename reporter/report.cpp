@@ -428,7 +428,8 @@ void write_text_report(const StatsSnapshot& stats, const ReportContext& context,
       .padded(9, [&](Output& o) { o.u64(stats.threads_seen); })
       .ch('\n');
   if (pools) {
-    uint64_t hits = 0, refills = 0, drains = 0, misses = 0, committed = 0, peak = 0, free_bytes = 0, pooled = 0;
+    uint64_t hits = 0, refills = 0, drains = 0, misses = 0, committed = 0, peak = 0, free_bytes = 0, pooled = 0,
+             quarantined = 0;
     for (unsigned c = 0; c < stats.class_count; ++c) {
       const PoolClassTotals& pool = stats.pools[c];
       hits += stats.classes[c].pooled_allocs;
@@ -439,11 +440,13 @@ void write_text_report(const StatsSnapshot& stats, const ReportContext& context,
       peak += pool.peak_committed_bytes;
       free_bytes += pool.depot_free_bytes + pool.cached_blocks * stats.class_size[c];
       pooled += pool.pooled;
+      quarantined += pool.quarantined_blocks;
     }
     out.str("  recycler: ").count(hits).str(" of ").count(total.allocs).str(" allocations served from pools (")
         .percent(hits, total.allocs).str("), ").u64(pooled).str(pooled == 1 ? " class" : " classes")
         .str(" pooled; ").count(refills).str(" refills, ").count(drains).str(" drains");
     if (misses) out.str(", ").count(misses).str(" misses (pool full)");
+    if (quarantined) out.str(", ").count(quarantined).str(" blocks quarantined (written after their free)");
     out.str("; pool memory ").bytes(committed).str(" (peak ").bytes(peak).str("), ").bytes(free_bytes)
         .str(" of it free\n");
   }
@@ -518,7 +521,8 @@ void write_json_report(const StatsSnapshot& stats, const ReportContext& context,
           .str(", \"drains\": ").u64(pool.drains).str(", \"misses\": ").u64(pool.misses)
           .str(", \"free_bytes\": ").u64(pool.depot_free_bytes + pool.cached_blocks * stats.class_size[c])
           .str(", \"committed_bytes\": ").u64(pool.committed_bytes)
-          .str(", \"peak_committed_bytes\": ").u64(pool.peak_committed_bytes).ch('}');
+          .str(", \"peak_committed_bytes\": ").u64(pool.peak_committed_bytes)
+          .str(", \"quarantined_blocks\": ").u64(pool.quarantined_blocks).ch('}');
     }
     out.ch('}');
   }

@@ -706,6 +706,7 @@ void write_report(const char* reason) {
     pool.depot_free_bytes = counters.depot_free_bytes.load(std::memory_order_relaxed);
     pool.committed_bytes = counters.committed_bytes.load(std::memory_order_relaxed);
     pool.peak_committed_bytes = counters.peak_committed_bytes.load(std::memory_order_relaxed);
+    pool.quarantined_blocks = counters.quarantined_blocks.load(std::memory_order_relaxed);
   }
 
   int fd = STDERR_FILENO;

@@ -284,7 +284,8 @@ TEST_F(RecyclerTest, DecayMovesOnlyTheBlocksThatSatOnTheTransferStackSinceTheLas
   ASSERT_EQ(per_slab, 64u);
   ASSERT_EQ(d.refill(blocks.data(), 256, 0), 256u);
   d.give(blocks.data(), 256, 0);
-  EXPECT_EQ(d.release_empty(1, 1, 0), 0u) << "first check: nothing sat there through a whole interval yet";
+  EXPECT_EQ(d.release_empty(1, /*idle=*/0, 0), 0u) << "first check: nothing sat there through a whole interval yet"
+                                                  << " (also with HOTPOOL_DECAY=0: only malloc_trim takes them all)";
   EXPECT_EQ(d.transfer_count(), 256u);
   void* out[200];
   ASSERT_EQ(d.take(out, 200, 0), 200u);  // the low-water mark: 56
@@ -543,6 +544,48 @@ TEST_F(RecyclerDeathTest, DoubleFreeOfABlockOnTheTransferStackIsCaught) {
   recycler::marker_word(blocks[0]) = 0;
   recycler_->deallocate(*cache_, blocks[0]);
   EXPECT_DEATH(d.give(blocks, 1, 0), "hotpool: double free: the block is already free in the pool");
+}
+
+// A block freed twice reaches the depot once through the transfer stack
+// (a full bin's drain) and once through a bitmap (a thread's exit): each
+// way checks the other.
+TEST_F(RecyclerDeathTest, DoubleFreeFirstAtThreadExitThenThroughTheStackIsCaughtEvenWithChecksOff) {
+  build(/*checks=*/false);
+  const unsigned c = cls(48);
+  void* block = recycler_->allocate(*cache_, c);
+  recycler_->deallocate(*cache_, block);
+  recycler_->flush(*cache_);  // into a bitmap
+  ClassDepot& d = depot(48);
+  void* one[1] = {block};
+  EXPECT_DEATH(d.give(one, 1, 0), "hotpool: double free: the block is already free in the pool");
+  // The same through a cache: freed again (checks off: cached), its bin drained.
+  EXPECT_DEATH(
+      {
+        recycler_->deallocate(*cache_, block);
+        std::vector<void*> more;
+        for (int i = 0; i < 100; ++i) more.push_back(recycler_->allocate(*cache_, c));
+        for (void* b : more) recycler_->deallocate(*cache_, b);
+      },
+      "hotpool: double free: the block is already free in the pool");
+}
+
+TEST_F(RecyclerDeathTest, DoubleFreeFirstThroughTheStackThenAtThreadExitIsCaught) {
+  for (bool checks : {false, true}) {
+    build(checks);
+    ClassDepot& d = depot(48);
+    void* blocks[2];
+    ASSERT_EQ(d.refill(blocks, 2, 0), 2u);
+    d.give(blocks, 2, 0);  // as a drain
+    ASSERT_EQ(d.transfer_count(), 2u);
+    // Freed again, its free marker overwritten in between (with the checks
+    // on, the free's own check then lets it through): cached, then flushed.
+    recycler::marker_word(blocks[0]) = 0;
+    recycler_->deallocate(*cache_, blocks[0]);
+    EXPECT_DEATH(recycler_->flush(*cache_), "hotpool: double free: the block is already free in the pool")
+        << (checks ? "checks on" : "checks off");
+    void* one[1] = {blocks[1]};
+    EXPECT_DEATH(d.drain(one, 1, 0), "hotpool: double free: the block is already free in the pool");
+  }
 }
 
 TEST_F(RecyclerDeathTest, DoubleFreeOfABlockInAReleasedSlabIsCaughtInTheDepot) {
