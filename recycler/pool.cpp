@@ -306,6 +306,9 @@ void ClassDepot::give_locked(void* const* blocks, unsigned count, uint64_t now_n
   // Locals: the stores into the blocks could alias the members otherwise.
   void** const stack = transfer_ + transfer_count_;
   const uint64_t key = transfer_key_;
+  const ClassGeometry geometry = geometry_;
+  char* const area = area_;
+  const uint64_t* const bitmaps = bitmaps_;
   for (unsigned i = 0; i < given; ++i) {
     void* block = blocks[i];
     uint64_t& tag = transfer_tag_word(block);
@@ -320,9 +323,10 @@ void ClassDepot::give_locked(void* const* blocks, unsigned count, uint64_t now_n
     }
     // Free in a bitmap (a thread's exit, or a free without a cache, gave it
     // there): the same double free, come the other way.
-    uint32_t index;
-    const Slab* slab = slab_at(static_cast<size_t>(static_cast<char*>(block) - area_), &index);
-    if (HOTPOOL_RECYCLER_POOL_UNLIKELY(bitmap(slab)[index / 64] & (uint64_t{1} << (index % 64))))
+    const size_t offset = static_cast<size_t>(static_cast<char*>(block) - area);
+    const size_t slab = geometry.slab_of(offset);
+    const uint32_t index = geometry.index_of(offset - slab * geometry.slab_bytes());
+    if (HOTPOOL_RECYCLER_POOL_UNLIKELY(bitmaps[slab * geometry.bitmap_words + index / 64] & (uint64_t{1} << (index % 64))))
       fatal_pointer_error("double free: the block is already free in the pool", block);
     tag = mine;
     stack[i] = block;
