@@ -379,7 +379,17 @@ unsigned ClassDepot::take_transfer(void** out, unsigned want) {
 
 unsigned ClassDepot::take_locked(void** out, unsigned want, uint64_t now_ns) {
   unsigned taken = take_transfer(out, want);
-  if (taken < want) taken += refill_locked(out + taken, want - taken, now_ns);
+  if (taken < want) {
+    // The bitmaps hand out lowest addresses first; a cache pops from its
+    // top: reversed, the thread's next allocations go up in address.
+    const unsigned got = refill_locked(out + taken, want - taken, now_ns);
+    for (unsigned i = 0, j = got; i + 1 < j; ++i, --j) {
+      void* swap = out[taken + i];
+      out[taken + i] = out[taken + j - 1];
+      out[taken + j - 1] = swap;
+    }
+    taken += got;
+  }
   return taken;
 }
 
