@@ -3,10 +3,9 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
-
-#define HOTPOOL_RECYCLER_POOL_UNLIKELY(x) __builtin_expect(!!(x), 0)
 
 namespace hotpool::recycler {
 
@@ -251,8 +250,7 @@ void ClassDepot::drain_locked(void* const* blocks, unsigned count, uint64_t now_
   for (unsigned i = 0; i < count; ++i) {
     // On the transfer stack (its tag says so; the scan confirms): freed
     // twice, once each way.
-    if (transfer_count_ && HOTPOOL_RECYCLER_POOL_UNLIKELY(transfer_tag_word(blocks[i]) == transfer_tag(blocks[i])) &&
-        in_transfer(blocks[i]))
+    if (transfer_count_ && HOTPOOL_RECYCLER_UNLIKELY(in_transfer(blocks[i])))
       fatal_pointer_error("double free: the block is already free in the pool", blocks[i]);
     uint32_t index;
     Slab* slab = slab_at(static_cast<size_t>(static_cast<char*>(blocks[i]) - area_), &index);
@@ -276,24 +274,17 @@ bool ClassDepot::holds_free(const void* block) {
   return holds_free_locked(block);
 }
 
-bool ClassDepot::holds_free_locked(const void* block) const {
-  uint32_t index;
-  const Slab* slab = slab_at(static_cast<size_t>(static_cast<const char*>(block) - area_), &index);
-  if (bitmap(slab)[index / 64] & (uint64_t{1} << (index % 64))) return true;
-  return in_transfer(block);
-}
+bool ClassDepot::holds_free_locked(const void* block) const { return free_in_bitmap(block) || in_transfer(block); }
+
+
 
 size_t ClassDepot::transfer_slots() const {
   const size_t area_blocks = max_slabs_ * geometry_.blocks;
   return slabs_ == nullptr ? 0 : area_blocks < kTransferSlots ? area_blocks : kTransferSlots;
 }
 
-bool ClassDepot::in_transfer(const void* block) const {
-  // The tag says whether to look (a scan of up to kTransferSlots pointers).
-  if (transfer_tag_word(const_cast<void*>(block)) != transfer_tag(block)) return false;
-  for (uint32_t i = 0; i < transfer_count_; ++i)
-    if (transfer_[i] == block) return true;
-  return false;
+bool ClassDepot::on_stack(const void* block) const {
+  return std::find(transfer_, transfer_ + transfer_count_, block) != transfer_ + transfer_count_;
 }
 
 namespace {
@@ -303,30 +294,18 @@ std::atomic<bool> g_warned_transfer_quarantine{false};
 void ClassDepot::give_locked(void* const* blocks, unsigned count, uint64_t now_ns) {
   const unsigned room = transfer_capacity_ - transfer_count_;
   const unsigned given = count < room ? count : room;
-  // Locals: the stores into the blocks could alias the members otherwise.
   void** const stack = transfer_ + transfer_count_;
-  const uint64_t key = transfer_key_;
-  const ClassGeometry geometry = geometry_;
-  char* const area = area_;
-  const uint64_t* const bitmaps = bitmaps_;
   for (unsigned i = 0; i < given; ++i) {
     void* block = blocks[i];
     uint64_t& tag = transfer_tag_word(block);
-    const uint64_t mine = key ^ reinterpret_cast<uintptr_t>(block);
-    // Tagged already: on the stack (a double free whose marker was written
-    // over in between, so the free path's check let it through), or the
-    // program's data happens to equal the tag.
-    if (HOTPOOL_RECYCLER_POOL_UNLIKELY(tag == mine)) {
-      transfer_count_ += i;  // what in_transfer scans: the stack below this batch, and the batch so far
-      if (in_transfer(block)) fatal_pointer_error("double free: the block is already free in the pool", block);
-      transfer_count_ -= i;
-    }
-    // Free in a bitmap (a thread's exit, or a free without a cache, gave it
-    // there): the same double free, come the other way.
-    const size_t offset = static_cast<size_t>(static_cast<char*>(block) - area);
-    const size_t slab = geometry.slab_of(offset);
-    const uint32_t index = geometry.index_of(offset - slab * geometry.slab_bytes());
-    if (HOTPOOL_RECYCLER_POOL_UNLIKELY(bitmaps[slab * geometry.bitmap_words + index / 64] & (uint64_t{1} << (index % 64))))
+    const uint64_t mine = transfer_tag(block);
+    // A block already free in the depot was freed twice: in a bitmap (a
+    // thread's exit, or a free without a cache, gave it there), or on the
+    // stack, below or earlier in this batch (its tag says so, a scan
+    // confirms; the free path's check let it through because its marker
+    // was written over meanwhile).
+    if (HOTPOOL_RECYCLER_UNLIKELY(free_in_bitmap(block)) ||
+        (HOTPOOL_RECYCLER_UNLIKELY(tag == mine) && (on_stack(block) || std::find(stack, stack + i, block) != stack + i)))
       fatal_pointer_error("double free: the block is already free in the pool", block);
     tag = mine;
     stack[i] = block;
@@ -346,13 +325,13 @@ unsigned ClassDepot::untag(void** blocks, unsigned count) {
     // Tag gone: written after its free, or a second copy of a block taken
     // before (whose tag that take cleared). Either way, never handed out
     // again (quarantined).
-    if (HOTPOOL_RECYCLER_POOL_UNLIKELY(tag != (key ^ reinterpret_cast<uintptr_t>(block)))) continue;
+    if (HOTPOOL_RECYCLER_UNLIKELY(tag != tag_of(key, block))) continue;
     tag = 0;  // a second copy of the block further on reads 0, not its tag
     blocks[kept++] = block;
   }
   const unsigned quarantined = count - kept;
   counters_.depot_free_bytes.fetch_sub(uint64_t{count} * geometry_.size, std::memory_order_relaxed);
-  if (HOTPOOL_RECYCLER_POOL_UNLIKELY(quarantined != 0)) {
+  if (HOTPOOL_RECYCLER_UNLIKELY(quarantined != 0)) {
     counters_.quarantined_blocks.fetch_add(quarantined, std::memory_order_relaxed);
     if (!g_warned_transfer_quarantine.exchange(true, std::memory_order_relaxed)) {
       static const char message[] =
@@ -383,11 +362,7 @@ unsigned ClassDepot::take_locked(void** out, unsigned want, uint64_t now_ns) {
     // The bitmaps hand out lowest addresses first; a cache pops from its
     // top: reversed, the thread's next allocations go up in address.
     const unsigned got = refill_locked(out + taken, want - taken, now_ns);
-    for (unsigned i = 0, j = got; i + 1 < j; ++i, --j) {
-      void* swap = out[taken + i];
-      out[taken + i] = out[taken + j - 1];
-      out[taken + j - 1] = swap;
-    }
+    std::reverse(out + taken, out + taken + got);
     taken += got;
   }
   return taken;
@@ -413,17 +388,11 @@ size_t ClassDepot::release_empty(uint64_t now_ns, uint64_t idle_ns, size_t keep_
   uint32_t idle_blocks = whole_transfer ? transfer_count_ : transfer_low_;
   if (!whole_transfer && idle_blocks > kIdleFlushBlocks) idle_blocks = kIdleFlushBlocks;
   if (idle_blocks) {
-    // The bottom of the stack into the bitmaps, then the rest down.
-    const uint32_t busy = transfer_count_ - idle_blocks;
-    void* blocks[64];
-    for (uint32_t done = 0; done < idle_blocks;) {
-      const uint32_t n = idle_blocks - done < 64 ? idle_blocks - done : 64;
-      std::memcpy(blocks, transfer_ + done, n * sizeof(void*));
-      done += n;
-      drain_locked(blocks, untag(blocks, n), now_ns);  // free bytes: out, then in again
-    }
-    std::memmove(transfer_, transfer_ + idle_blocks, busy * sizeof(void*));
-    transfer_count_ = busy;
+    // The bottom of the stack into the bitmaps (untagged in place; free
+    // bytes: out, then in again), then the rest down.
+    drain_locked(transfer_, untag(transfer_, idle_blocks), now_ns);
+    transfer_count_ -= idle_blocks;
+    std::memmove(transfer_, transfer_ + idle_blocks, transfer_count_ * sizeof(void*));
   }
   transfer_low_ = transfer_count_;
   // The stack's own pages above its depth back to the OS (1 MiB of

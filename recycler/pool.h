@@ -24,7 +24,8 @@
 // stack a batch costs a copy of its pointers instead of a bitmap update per
 // block (a division and a slab list change). Only what the stack cannot
 // hold, thread exits (flush) and the OS's share (release_empty, which
-// empties the stack into the bitmaps first) go through the bitmaps.
+// first moves the blocks that sat on the stack unused since its previous
+// call into the bitmaps) go through the bitmaps.
 #pragma once
 
 #include <atomic>
@@ -33,6 +34,9 @@
 
 #include "size_classes.h"
 #include "spin_lock.h"
+
+#define HOTPOOL_RECYCLER_LIKELY(x) __builtin_expect(!!(x), 1)
+#define HOTPOOL_RECYCLER_UNLIKELY(x) __builtin_expect(!!(x), 0)
 
 namespace hotpool::recycler {
 
@@ -201,8 +205,25 @@ class alignas(64) ClassDepot {
   Slab* carve_slab();
   void mark_free_blocks(Slab* slab);
   static size_t slab_meta_bytes(size_t slabs) { return (slabs * sizeof(Slab) + 63) & ~size_t{63}; }
-  uint64_t transfer_tag(const void* block) const { return transfer_key_ ^ reinterpret_cast<uintptr_t>(block); }
-  bool in_transfer(const void* block) const;
+  // A block's tag on the stack (see transfer_tag_word). The loops that
+  // write into blocks pass the key from a local (the stores could alias
+  // the member).
+  static uint64_t tag_of(uint64_t key, const void* block) { return key ^ reinterpret_cast<uintptr_t>(block); }
+  uint64_t transfer_tag(const void* block) const { return tag_of(transfer_key_, block); }
+  // On the transfer stack: its tag says whether to look (inline: give and
+  // drain ask for every block), a scan of the stack confirms.
+  bool in_transfer(const void* block) const {
+    return transfer_tag_word(const_cast<void*>(block)) == transfer_tag(block) && on_stack(block);
+  }
+  bool on_stack(const void* block) const;
+  // True when the block's bit is set: free in its slab's bitmap.
+  // (By the slab's number: no round trip through its record's address.)
+  bool free_in_bitmap(const void* block) const {
+    const size_t offset = static_cast<size_t>(static_cast<const char*>(block) - area_);
+    const size_t slab = geometry_.slab_of(offset);
+    const uint32_t index = geometry_.index_of(offset - slab * geometry_.slab_bytes());
+    return (bitmaps_[slab * geometry_.bitmap_words + index / 64] >> (index % 64)) & 1;
+  }
   // Pops up to `want` blocks off the transfer stack into `out`, each
   // checked and untagged; returns how many (quarantined ones not counted).
   unsigned take_transfer(void** out, unsigned want);

@@ -13,8 +13,6 @@
 #include "pool.h"
 #include "size_classes.h"
 
-#define HOTPOOL_RECYCLER_LIKELY(x) __builtin_expect(!!(x), 1)
-#define HOTPOOL_RECYCLER_UNLIKELY(x) __builtin_expect(!!(x), 0)
 
 namespace hotpool::recycler {
 
@@ -245,8 +243,8 @@ class Recycler {
 // with hysteresis.
 //   hot and short-lived: the class's short-lived allocations alone, its
 //          window's allocations times its short-lived share (see
-//          evaluate), are at least min_share() of the window's allocations
-//          (HOTPOOL_HOT) and at least kMinCount.
+//          evaluate), are at least set_min_share()'s share of the window's
+//          allocations (HOTPOOL_HOT) and at least kMinCount.
 // Such a class gains 2; one that the thread used but that is not loses 1;
 // classes the thread did not use don't move.
 //
@@ -271,9 +269,9 @@ class AutoPolicy {
   static constexpr int kShareOne = 1024;
   static constexpr int kShareUnknown = -1;
   // A class is hot when its short-lived allocations alone are: at least
-  // kMinCount in the window and min_share() of all the window's allocations.
+  // kMinCount in the window and this share of all the window's allocations
+  // (HOTPOOL_HOT; kDefaultMinShare until set).
   void set_min_share(double share) { min_share_ = share; }
-  double min_share() const { return min_share_; }
   // A pooled class serves its other blocks too, as fast; its short-lived
   // ones are what make the pool pay (the blocks come back at once).
   // short_share[c]: class c's short-lived share (nullptr: none sampled);

@@ -59,13 +59,13 @@ uint64_t sampling_mean_bytes();  // HOTPOOL_SAMPLE_BYTES: 0 when sampling by cou
 uint64_t sampling_short_ns();
 uint64_t sampling_recycle_calls();
 
+// The bytes an allocation counts for by bytes: a malloc(0) counts as 1.
+inline uint64_t sampled_bytes_of(size_t size) { return size + (size == 0); }
+
 // By bytes, the allocation that ended the countdown when it is neither
 // sampled nor ticks (the common case): counted as take_event would, the
 // bytes to the next sample lowered, and true; else false (take_event then,
 // and sampled_allocate decides). Inline: every allocation comes here.
-// The bytes an allocation counts for by bytes: a malloc(0) counts as 1.
-inline uint64_t sampled_bytes_of(size_t size) { return size + (size == 0); }
-
 inline bool by_bytes_skip(ThreadState& state, size_t size) {
   const uint64_t bytes = sampled_bytes_of(size);
   // bytes_left 0: not drawn yet. A window other than 1: one counted before sampling began.

@@ -318,28 +318,34 @@ TEST_F(RecyclerTest, DecayMovesOnlyTheBlocksThatSatOnTheTransferStackSinceTheLas
 }
 
 TEST_F(RecyclerTest, AShrunkTransferStackGivesItsPagesBackAndKeepsItsBlocks) {
-  // Deep once, shallow at the decay check: the stack's pages above its
-  // depth go back to the OS; what is still on it, and the next class's
-  // stack (same mapping), stay as they were.
-  ClassDepot& d = depot(1024);
-  ClassDepot& next = depot(65536);
-  void* big[5];
-  ASSERT_EQ(next.refill(big, 5, 0), 5u);
-  next.give(big, 5, 0);
-  std::vector<void*> blocks(3000);
-  ASSERT_EQ(d.refill(blocks.data(), 3000, 0), 3000u);
-  d.give(blocks.data(), 3000, 0);
-  std::vector<void*> out(2990);
-  ASSERT_EQ(d.take(out.data(), 2990, 0), 2990u);
-  d.release_empty(1, 1000000, 1u << 30);  // young, kept: only the stack's pages
+  // Deep once (20,000 pointers: 40 pages), shallow at the decay check: the
+  // stack's pages above its depth go back to the OS (beyond 16 unused
+  // pages, they do); what is still on it, and the next class's stack (the
+  // next slice of the same mapping), stay as they were.
+  ClassDepot& d = depot(16);
+  ClassDepot& next = depot(48);
+  void* neighbours[5];
+  ASSERT_EQ(next.refill(neighbours, 5, 0), 5u);
+  next.give(neighbours, 5, 0);
+  std::vector<void*> blocks(20000);
+  ASSERT_EQ(d.refill(blocks.data(), 20000, 0), 20000u);
+  d.give(blocks.data(), 20000, 0);
+  std::vector<void*> out(19990);
+  ASSERT_EQ(d.take(out.data(), 19990, 0), 19990u);
+  d.release_empty(1, 1000000, size_t{1} << 30);  // young, kept: only the stack's pages
   ASSERT_EQ(d.transfer_count(), 10u);
   void* rest[10];
   ASSERT_EQ(d.take(rest, 10, 0), 10u);
   for (int i = 0; i < 10; ++i) EXPECT_EQ(rest[i], blocks[i]) << "the bottom of the stack, as given";
-  void* big_out[5];
-  ASSERT_EQ(next.take(big_out, 5, 0), 5u);
-  EXPECT_EQ(std::set<void*>(big_out, big_out + 5), std::set<void*>(big, big + 5));
+  void* neighbours_out[5];
+  ASSERT_EQ(next.take(neighbours_out, 5, 0), 5u);
+  EXPECT_EQ(std::set<void*>(neighbours_out, neighbours_out + 5), std::set<void*>(neighbours, neighbours + 5));
   EXPECT_EQ(d.counters().quarantined_blocks.load() + next.counters().quarantined_blocks.load(), 0u);
+  // Deep again, over the pages given back: they come back zeroed and usable.
+  d.give(out.data(), 19990, 0);
+  EXPECT_EQ(d.transfer_count(), 19990u);
+  ASSERT_EQ(d.take(out.data(), 19990, 0), 19990u);
+  EXPECT_EQ(d.counters().quarantined_blocks.load(), 0u);
 }
 
 TEST_F(RecyclerTest, ABlockWrittenAfterItsFreeOnTheTransferStackIsQuarantined) {
@@ -599,6 +605,14 @@ TEST_F(RecyclerDeathTest, DoubleFreeFirstThroughTheStackThenAtThreadExitIsCaught
     void* one[1] = {blocks[1]};
     EXPECT_DEATH(d.drain(one, 1, 0), "hotpool: double free: the block is already free in the pool");
   }
+}
+
+TEST_F(RecyclerDeathTest, ABlockTwiceInOneDrainedBatchIsCaught) {
+  ClassDepot& d = depot(48);
+  void* blocks[2];
+  ASSERT_EQ(d.refill(blocks, 2, 0), 2u);
+  void* twice[3] = {blocks[0], blocks[1], blocks[0]};
+  EXPECT_DEATH(d.give(twice, 3, 0), "hotpool: double free: the block is already free in the pool");
 }
 
 TEST_F(RecyclerDeathTest, DoubleFreeOfABlockInAReleasedSlabIsCaughtInTheDepot) {
