@@ -200,16 +200,15 @@ bool parse_share(const char* text, uint32_t* out_ppm) {
   }
   const size_t whole_digits = i;
   ppm *= 10000;
-  size_t decimals = 0;
+  uint64_t scale = 10000;  // ppm per unit of the next digit: 1000 for the first decimal
   if (i < len && text[i] == '.') {
-    for (++i; i < len && text[i] >= '0' && text[i] <= '9'; ++i, ++decimals) {
-      if (decimals >= 4) return false;  // finer than a part per million
-      uint64_t scale = 1000;
-      for (size_t d = 0; d < decimals; ++d) scale /= 10;
+    for (++i; i < len && text[i] >= '0' && text[i] <= '9'; ++i) {
+      if (scale == 1) return false;  // a fifth decimal: finer than a part per million
+      scale /= 10;
       ppm += static_cast<unsigned>(text[i] - '0') * scale;
     }
   }
-  if (i != len || (whole_digits == 0 && decimals == 0) || ppm > 1000000) return false;
+  if (i != len || (whole_digits == 0 && scale == 10000) || ppm > 1000000) return false;
   *out_ppm = static_cast<uint32_t>(ppm);
   return true;
 }
