@@ -11,6 +11,9 @@
 #   hotpool-fixed  libhotpool.so, HOTPOOL_MODE=fixed, HOTPOOL_CLASSES from the caller
 #   hotpool-fixed-nochecks  the same with HOTPOOL_CHECKS=off: what the
 #                  hardening checks (double/invalid free detection) cost
+#   floor          not an allocator: bench/tools/floor_allocator.cpp, a bare
+#                  per-thread LIFO of blocks, the least any thread cache does
+#                  (suite micro, pair and batch: what the benchmark loop costs)
 #
 # An allocator whose package cannot be installed is left out of the run,
 # with a note in the table (bench_allocator_missing).
@@ -58,6 +61,7 @@ bench_allocator_label() {
     hotpool-auto) printf 'hotpool auto\n' ;;
     hotpool-fixed) printf 'hotpool fixed\n' ;;
     hotpool-fixed-nochecks) printf 'hotpool fixed, HOTPOOL_CHECKS=off\n' ;;
+    floor) printf 'floor (a bare LIFO)\n' ;;
     *) printf '%s\n' "$1" ;;
   esac
 }
@@ -77,6 +81,7 @@ bench_allocator_options() {
     hotpool-fixed-nochecks)
       _options=(--preload "$BENCH_LIBRARY" --env HOTPOOL_MODE=fixed --env "HOTPOOL_CLASSES=${3:?hotpool-fixed needs HOTPOOL_CLASSES}"
                 --env HOTPOOL_CHECKS=off --env HOTPOOL_REPORT=off) ;;
+    floor) _options=(--preload "$BENCH_FLOOR_LIBRARY") ;;
     *) bench_die "unknown allocator '$2'" ;;
   esac
 }

@@ -12,6 +12,7 @@
 #   BENCH_CALLGRIND  0 with --no-callgrind
 #   BENCH_COMMIT     the source the build was made from ("abc1234" or "abc1234 + local changes")
 #   BENCH_MICRO      the micro benchmark program (bench/micro/allocator_bench.cpp)
+#   BENCH_FLOOR_LIBRARY  suite micro's floor (bench/tools/floor_allocator.cpp)
 #   BENCH_DEMO_SERVER  the demo_server workload
 
 bench_log() { printf '%s\n' "$*" >&2; }

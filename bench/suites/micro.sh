@@ -11,6 +11,11 @@
 # fixed, with HOTPOOL_CLASSES set to exactly the sizes under test, pooled
 # from the first call; fixed once more with HOTPOOL_CHECKS=off, to show what
 # the hardening checks cost.
+#
+# Last comes the floor (bench/tools/floor_allocator.cpp), not an allocator:
+# a bare per-thread LIFO of blocks, so that the pair and batch figures can
+# be read against what the benchmark loop itself costs on this machine
+# with the least work any thread cache does (run for those two families only).
 
 MICRO_SIZES=16,32,64,128,256,512,1K,4K,16K,32K,64K,256K
 MICRO_QUICK_SIZES=16,64,256,4K,64K
@@ -22,7 +27,7 @@ suite_micro() {
     bench_die "suite micro: $BENCH_MICRO was not built (is Google Benchmark, Debian libbenchmark-dev, installed?)"
 
   local -a allocators
-  mapfile -t allocators < <(bench_allocators_require glibc jemalloc tcmalloc mimalloc hotpool-auto hotpool-fixed hotpool-fixed-nochecks)
+  mapfile -t allocators < <(bench_allocators_require glibc jemalloc tcmalloc mimalloc hotpool-auto hotpool-fixed hotpool-fixed-nochecks floor)
   local work=$BENCH_DATA/micro start=$SECONDS
   rm -rf "$work"
   mkdir -p "$work"
@@ -43,6 +48,7 @@ suite_micro() {
       fi
       local output=$work/$name-$round.json
       local -a program=("$BENCH_MICRO" "--min-time=$min_time" "--sizes=$sizes" --benchmark_format=json)
+      [[ $name == floor ]] && program+=('--benchmark_filter=^(pair|batch)/')
       bench_try line "$work/$name-$round.stderr" "${options[@]}" --stdout "$output" -- "${program[@]}"
       status=$(bench_field "$line" status)
       if [[ $status != 0 ]]; then
@@ -63,6 +69,7 @@ suite_micro() {
       "$(dpkg-query -W -f='${Version}' libbenchmark-dev 2>/dev/null | sed 's/-[^-]*$//')"
     printf 'Cells: CPU time per pair in ns (benchmark'"'"'s cpu_time per iteration, divided by the pairs an iteration makes), the median of %d round(s) that visit the allocators in rotated orders; in parentheses the ratio to glibc (lower is better).  \n' "$rounds"
     printf 'hotpool auto pools a class once its policy has seen it hot and short-lived (the warm-up of each benchmark does that); hotpool fixed runs with HOTPOOL_CLASSES=%s, pooled from the start. hotpool writes its JSON exit report after the last benchmark (HOTPOOL_REPORT only decides that; the recording is the same).  \n' "$sizes"
+    printf 'floor is not an allocator (bench/tools/floor_allocator.cpp): per thread, a bare LIFO stack of 256 KiB blocks, no size classes, counters or checks; a malloc is a pop, a free a range check and a push. Its pair and batch figures are what the benchmark loop costs on this machine with the least work any thread cache does: read the allocators'"'"' ns against it (it does not run the producer/consumer benchmarks, and its summary row is over pair and batch only).  \n'
     printf 'Machine: %s\n\n' "$(bench_environment)"
     /usr/bin/python3 "$BENCH_ROOT/bench/tools/tables.py" micro "$work" "${labels[@]}"
     local counts allocations hits shares=()

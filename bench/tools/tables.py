@@ -145,7 +145,10 @@ def micro(work_dir, allocator_args):
             for name, _ in allocators:
                 ns = median[name].get(key)
                 if ns is None:
-                    cells.append("failed" if rounds[name] else "-")
+                    # "-": not run (no rounds, or not this family: the floor);
+                    # "failed": the family ran, this size did not.
+                    ran = rounds[name] and any(k[:2] == (family, threads) for k in median[name])
+                    cells.append("failed" if ran else "-")
                 elif name == base or base_ns is None:
                     cells.append(fmt_ns(ns))
                 else:
