@@ -58,6 +58,7 @@ void* Recycler::allocate_slow(ThreadCache& cache, unsigned size_class) {
   Bin& bin = cache.bins[size_class];
   if (bin.count) return pop(cache, size_class);
   if (bin.capacity == 0) size_bin(cache, size_class);
+  else note_trip(cache, size_class, kRefillTrip);
   // Refill half the bin: the other half is room for frees before a drain.
   const unsigned want = bin.capacity / 2 ? bin.capacity / 2 : 1;
   ClassDepot& depot = region_.depot(size_class);
@@ -87,6 +88,8 @@ void Recycler::drain_and_push(ThreadCache& cache, unsigned size_class, void* blo
   Bin& bin = cache.bins[size_class];
   if (bin.capacity == 0) {
     size_bin(cache, size_class);
+  } else if (note_trip(cache, size_class, kDrainTrip)) {
+    // Grown: room for the block without a drain.
   } else {
     // Give the depot the older half; keep the recently freed, cache-warm half.
     const unsigned give = bin.count - bin.capacity / 2;
@@ -188,6 +191,26 @@ void Recycler::flush_after_fork(ThreadCache& cache) {
   unsize_bins(cache);
 }
 
+bool Recycler::note_trip(ThreadCache& cache, unsigned size_class, Trip trip) {
+  uint8_t& last = cache.counters[size_class].last_trip;
+  const bool turned = last != kNoTrip && last != trip;
+  last = trip;
+  Bin& bin = cache.bins[size_class];
+  if (!turned || bin.capacity >= kBinSlots) return false;
+  // A program that keeps more blocks of the class than the bin holds, and
+  // frees them all again (a batch, a buffer pool of its own), sends every
+  // half bin through the depot's lock: twice the room, until the batch
+  // fits, within the thread's budget.
+  const size_t size = class_size_[size_class];
+  const size_t budget_left = config_.cache_grow_bytes - cache.grown_bytes;  // grown_bytes never exceeds the budget
+  size_t more = std::min<size_t>(bin.capacity, kBinSlots - bin.capacity);
+  more = std::min(more, budget_left / size);
+  if (more == 0) return false;
+  bin.capacity += static_cast<uint32_t>(more);
+  cache.grown_bytes += more * size;
+  return true;
+}
+
 void Recycler::size_bin(ThreadCache& cache, unsigned size_class) {
   cache.bins[size_class].capacity = capacity_for(size_class);
   cache.sized[size_class / 64] |= uint64_t{1} << (size_class % 64);
@@ -197,7 +220,11 @@ void Recycler::unsize_bins(ThreadCache& cache) {
   // The cache's next thread sizes each bin again on first use, as a new
   // cache does (and so marks it sized). Only the sized bins are written:
   // the bins of classes never used stay untouched.
-  for_each_sized_bin(cache, [&](unsigned c) { cache.bins[c].capacity = 0; });
+  for_each_sized_bin(cache, [&](unsigned c) {
+    cache.bins[c].capacity = 0;
+    cache.counters[c].last_trip = kNoTrip;
+  });
+  if (cache.grown_bytes) cache.grown_bytes = 0;
   for (uint64_t& word : cache.sized)
     if (word) word = 0;
 }

@@ -25,6 +25,9 @@ struct RecyclerConfig {
   uint64_t decay_ns;        // wholly free slabs idle this long go back to the OS
   size_t keep_empty_bytes;  // per class: wholly free slabs kept beyond that go back at once
   bool checks;              // double-free and invalid-pointer checks
+  // Per thread: what its bins may hold together beyond their cache_bytes
+  // once grown (see Recycler::grow_bin). 0: bins never grow.
+  size_t cache_grow_bytes = 0;
 };
 
 // One class's cache in one thread: a LIFO array of block pointers, out of
@@ -48,6 +51,10 @@ struct BinCounters {
   // pushes minus their pops: a thread's pooled frees follow from its pooled
   // allocations, and the free fast path counts nothing (pushes_minus_pops).
   std::atomic<int64_t> moved;
+  // The bin's last trip to the depot (slow paths only): a refill after a
+  // drain, or a drain after a refill, says the class's working set is
+  // larger than the bin, which then grows (Recycler::grow_bin).
+  uint8_t last_trip;
 };
 
 struct ThreadCache {
@@ -57,6 +64,9 @@ struct ThreadCache {
   // cache has been used for since it was last flushed. Set where a bin
   // gets its capacity (the first refill or push), cleared by the flushes.
   uint64_t sized[(kMaxClasses + 63) / 64];
+  // Bytes of capacity the bins have grown by (grow_bin), at most
+  // RecyclerConfig::cache_grow_bytes; back to 0 with the flushes.
+  size_t grown_bytes;
 };
 
 // The owner's add to a counter others only read (a load and a store).
@@ -220,6 +230,11 @@ class Recycler {
   void confirm_double_free(ThreadCache& cache, unsigned size_class, void* block);
   void quarantine_once();
   uint32_t capacity_for(unsigned size_class) const;
+  // At a trip to the depot in the other direction than the bin's last one
+  // (tcmalloc's slow start, in spirit): the bin doubles, up to kBinSlots
+  // and within the thread's cache_grow_bytes. True when it grew.
+  enum Trip : uint8_t { kNoTrip = 0, kRefillTrip, kDrainTrip };
+  bool note_trip(ThreadCache& cache, unsigned size_class, Trip trip);
   // Gives a bin its capacity and marks it sized; the flushes undo both.
   void size_bin(ThreadCache& cache, unsigned size_class);
   void unsize_bins(ThreadCache& cache);

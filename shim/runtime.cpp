@@ -190,8 +190,8 @@ static bool g_explicit_classes = false;
 
 // Modes fixed and auto: reserve the region and decide what pools first.
 void start_recycler() {
-  const recycler::RecyclerConfig config{region_bytes(), g_options.cache_bytes, g_options.decay, g_options.keep_empty,
-                                        g_options.checks};
+  const recycler::RecyclerConfig config{region_bytes(),      g_options.cache_bytes, g_options.decay,
+                                        g_options.keep_empty, g_options.checks,      g_options.cache_grow};
   // AT_RANDOM: 16 random bytes the kernel gives every process, no syscall.
   uint64_t key = 0x9e3779b97f4a7c15ull;
   if (const auto* random = reinterpret_cast<const uint64_t*>(getauxval(AT_RANDOM))) key ^= random[0] ^ random[1];

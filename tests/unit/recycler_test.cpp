@@ -41,11 +41,11 @@ TEST(ClassGeometry, IndexOfIsExactForEveryDefaultClass) {
 class RecyclerTest : public ::testing::Test {
  protected:
   void SetUp() override { build(true); }
-  void build(bool checks, size_t cache_bytes = 1024) {
+  void build(bool checks, size_t cache_bytes = 1024, size_t grow_bytes = 0) {
     const size_t sizes[] = {16, 48, 1024, 65536};
     ASSERT_TRUE(table_.build_from_list(sizes, 4));
     recycler_ = std::make_unique<Recycler>();
-    const RecyclerConfig config{size_t{256} << 20, cache_bytes, 1000000000ull, 0, checks};
+    const RecyclerConfig config{size_t{256} << 20, cache_bytes, 1000000000ull, 0, checks, grow_bytes};
     ASSERT_TRUE(recycler_->init(table_, config, 0x1234567890abcdefull));
     cache_ = std::make_unique<ThreadCache>();
   }
@@ -107,6 +107,57 @@ TEST_F(RecyclerTest, CacheIsLifoAndRefillsAndDrainsInHalves) {
   EXPECT_GE(cache_->counters[c].drains.load(), 1u);
   EXPECT_LE(bin.count, bin.capacity);
   EXPECT_GT(depot(48).counters().depot_free_bytes.load(), depot_before);
+}
+
+// One round of a batch: `count` blocks of class c allocated, then freed
+// in allocation order.
+static void batch_round(Recycler& recycler, ThreadCache& cache, unsigned c, unsigned count) {
+  std::vector<void*> blocks;
+  for (unsigned i = 0; i < count; ++i) {
+    blocks.push_back(recycler.allocate(cache, c));
+    ASSERT_NE(blocks.back(), nullptr);
+  }
+  for (void* block : blocks) recycler.deallocate(cache, block);
+}
+
+TEST_F(RecyclerTest, ABinThatGoesBackAndForthToTheDepotGrowsUntilTheBatchFits) {
+  build(true, 4096, 64 * 1024);  // 1 KiB blocks: 4 to a bin at first; 64 KiB to grow by
+  const unsigned c = cls(1024);
+  const Bin& bin = cache_->bins[c];
+  const BinCounters& counters = cache_->counters[c];
+  for (int round = 0; round < 6; ++round) batch_round(*recycler_, *cache_, c, 32);
+  EXPECT_GE(bin.capacity, 32u) << "doubled at each turn between refills and drains";
+  EXPECT_LE(bin.capacity, kBinSlots);
+  EXPECT_EQ(cache_->grown_bytes, (bin.capacity - 4) * size_t{1024});
+  // Grown: a round of 32 is served from the bin alone, no trip to the depot.
+  const uint64_t refills = counters.refills.load(), drains = counters.drains.load();
+  for (int round = 0; round < 3; ++round) batch_round(*recycler_, *cache_, c, 32);
+  EXPECT_EQ(counters.refills.load(), refills);
+  EXPECT_EQ(counters.drains.load(), drains);
+  // A flush (thread exit) takes the blocks and the growth back.
+  recycler_->flush(*cache_);
+  EXPECT_EQ(bin.capacity, 0u);
+  EXPECT_EQ(cache_->grown_bytes, 0u);
+  batch_round(*recycler_, *cache_, c, 2);
+  EXPECT_EQ(bin.capacity, 4u) << "sized afresh, as a new thread's";
+}
+
+TEST_F(RecyclerTest, BinsGrowWithinTheThreadsBudgetOnly) {
+  build(true, 4096, 8 * 1024);  // room for 8 more blocks of 1 KiB in all
+  const unsigned c = cls(1024), large = cls(65536);
+  for (int round = 0; round < 8; ++round) batch_round(*recycler_, *cache_, c, 32);
+  EXPECT_EQ(cache_->bins[c].capacity, 4u + 8u);
+  EXPECT_EQ(cache_->grown_bytes, size_t{8} * 1024);
+  // Nothing left for another class: its bin keeps its first size (4, the
+  // least up to 256 KiB blocks).
+  for (int round = 0; round < 8; ++round) batch_round(*recycler_, *cache_, large, 32);
+  EXPECT_EQ(cache_->bins[large].capacity, 4u);
+  EXPECT_GE(cache_->counters[large].drains.load(), 8u);
+  // Without a budget, bins never grow.
+  build(true, 4096, 0);
+  for (int round = 0; round < 8; ++round) batch_round(*recycler_, *cache_, c, 32);
+  EXPECT_EQ(cache_->bins[c].capacity, 4u);
+  EXPECT_GE(cache_->counters[c].drains.load(), 8u);
 }
 
 TEST_F(RecyclerTest, ConsecutiveAllocationsFromTheBitmapsGoUpInAddress) {
