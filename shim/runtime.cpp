@@ -50,6 +50,11 @@ constinit const char* g_pool_note = nullptr;     // why nothing pools, for the r
 
 constexpr uint64_t kFirstPolicyWindow = 4096;    // allocations; doubles up to:
 constexpr uint64_t kLongestPolicyWindow = 65536;
+// ... or ends, at a tick, once it has lasted this long: a class allocated
+// slowly (blocks of 64 KiB and more, each an mmap and a munmap in glibc,
+// a few microseconds apiece) would otherwise wait up to two windows of
+// 65536 allocations, seconds, before it pools.
+constexpr uint64_t kLongestPolicyWindowNs = 50000000;
 
 uint64_t monotonic_ns() {
   timespec now;
@@ -409,6 +414,7 @@ static ThreadState* attach_thread(const ReentryGuard& guard) {
   arm_countdown(*state);
   state->policy_window = kFirstPolicyWindow;
   state->policy_countdown = auto_mode ? kFirstPolicyWindow : kNever;
+  state->policy_started_ns = auto_mode ? lifetime_clock_ns() : 0;
   tls.state = state;
   tls.status = ThreadStatus::Attached;
   tls.ordinal = state->ordinal;
@@ -472,6 +478,7 @@ void evaluate_policy(ThreadState& state) {
   g_policy.evaluate(allocs, frees, classes, g_recycler, share);
   if (state.policy_window < kLongestPolicyWindow) state.policy_window *= 2;
   state.policy_countdown = state.policy_window;
+  state.policy_started_ns = lifetime_clock_ns();
 }
 
 // The slow parts of pooled_free, each entered by a tail call.
@@ -600,8 +607,14 @@ static void tick_locked(ThreadState& state) {
   // per pooled malloc+free in mode auto.
   recycler::for_each_sized_bin(state.cache, [&](unsigned c) { note_pooled(state, c); });
   if (state.policy_countdown != kNever) {
-    if (state.policy_countdown <= kTickAllocs) evaluate_policy(state);
-    else state.policy_countdown -= kTickAllocs;
+    if (state.policy_countdown <= kTickAllocs) {
+      evaluate_policy(state);
+    } else {
+      state.policy_countdown -= kTickAllocs;
+      // One clock read per tick (256 allocations): a counter read, or the
+      // vDSO's clock_gettime.
+      if (lifetime_clock_ns() - state.policy_started_ns >= kLongestPolicyWindowNs) evaluate_policy(state);
+    }
   }
 }
 

@@ -210,6 +210,8 @@ uintptr_t find_frame_cfa(const reporter::CapturedStack& stack, const ThreadState
 
 }  // namespace
 
+uint64_t lifetime_clock_ns() { return now_ns(); }
+
 void find_thread_stack(ThreadState& state) {
   // Under the recursion guard (sampled_allocate): for the main thread,
   // glibc reads /proc/self/maps with stdio.

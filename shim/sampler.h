@@ -58,6 +58,9 @@ uint64_t sampling_rate();  // 0 when sampling by bytes
 uint64_t sampling_mean_bytes();  // HOTPOOL_SAMPLE_BYTES: 0 when sampling by count
 uint64_t sampling_short_ns();
 uint64_t sampling_recycle_calls();
+// Now, by the clock of sampled lifetimes (the time-stamp counter where the
+// kernel trusts it: no system call), in ns.
+uint64_t lifetime_clock_ns();
 
 // The bytes an allocation counts for by bytes: a malloc(0) counts as 1.
 inline uint64_t sampled_bytes_of(size_t size) { return size + (size == 0); }

@@ -107,6 +107,7 @@ struct ThreadState {
   void* deferred_frees[kDeferredFrees];
   unsigned deferred_count;
   uint64_t policy_window;     // the current window length (mode auto)
+  uint64_t policy_started_ns;  // when the current window began (lifetime_clock_ns)
   uint64_t policy_allocs[reporter::kMaxClasses];  // counts at the last evaluation
   uint64_t policy_frees[reporter::kMaxClasses];
 };

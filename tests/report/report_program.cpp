@@ -7,6 +7,9 @@
 //   on-demand    like known, then hotpool_report(), then more allocations
 //   known-then-chdir DIR  known, then changes to DIR before it returns
 //   echo ARGS    prints its arguments (for output comparisons)
+//   slow-class   200,000 quick pairs of 32 bytes (the auto policy's windows
+//                are then at their longest), then 400 rounds, 1 ms apart,
+//                of 8 blocks of 64 KiB allocated, written and freed
 #include <dlfcn.h>
 #include <pthread.h>
 #include <unistd.h>
@@ -45,6 +48,24 @@ void* allocate_forever(void* arg) {
   return nullptr;
 }
 
+void slow_class() {
+  for (int i = 0; i < 200000; ++i) {
+    void* block = std::malloc(32);
+    std::memset(block, 0, 32);
+    std::free(block);
+  }
+  for (int round = 0; round < 400; ++round) {
+    void* blocks[8];
+    for (void*& block : blocks) {
+      block = std::malloc(64 * 1024);
+      std::memset(block, 1, 64 * 1024);
+    }
+    for (void* block : blocks) std::free(block);
+    usleep(1000);
+  }
+  std::printf("slow class done\n");
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -69,6 +90,10 @@ int main(int argc, char** argv) {
   if (std::strcmp(mode, "known-then-chdir") == 0 && argc > 2) {
     known_pattern();
     return chdir(argv[2]) == 0 ? 0 : 3;  // the report is written after this
+  }
+  if (std::strcmp(mode, "slow-class") == 0) {
+    slow_class();
+    return 0;
   }
   if (std::strcmp(mode, "echo") == 0) {
     for (int i = 2; i < argc; ++i) std::printf("%s\n", argv[i]);

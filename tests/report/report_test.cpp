@@ -309,6 +309,23 @@ TEST_F(ReportTest, NoEnvironmentContentsButHotpoolOptionsReachTheReport) {
   }
 }
 
+// A class allocated slowly in a thread that allocated much before (its
+// policy windows at their longest, 65536 allocations): 3,200 blocks over
+// at least 0.4 s never fill a window, but windows also end after 50 ms, so
+// the class pools all the same.
+TEST_F(ReportTest, AutoPoolsAClassAllocatedSlowlyLateInAThreadsLife) {
+  const RunResult result =
+      run_program({"slow-class"}, {"HOTPOOL_MODE=auto", "HOTPOOL_OUTPUT=" + (dir_ / "r.%p.json").string()});
+  ASSERT_EQ(result.status, 0) << result.err;
+  EXPECT_EQ(result.out, "slow class done\n");
+  const nlohmann::json report = only_json_report();
+  const nlohmann::json* row = class_row(report, 65536);
+  ASSERT_NE(row, nullptr);
+  ASSERT_TRUE(row->contains("pool")) << *row;
+  EXPECT_TRUE((*row)["pool"]["pooled"].get<bool>()) << *row;
+  EXPECT_GT((*row)["pool"]["hits"].get<uint64_t>(), 1000u) << *row;
+}
+
 TEST_F(ReportTest, UnwritableOutputFallsBackToStderr) {
   const RunResult result = run_program({"known"}, {"HOTPOOL_MODE=profile", "HOTPOOL_OUTPUT=/nonexistent-dir/r.json"});
   EXPECT_EQ(result.status, 0);
