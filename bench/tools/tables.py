@@ -191,6 +191,7 @@ def alloc(runs_path, workloads_path, plot_script, plot_output, allocator_args):
     rss = collections.defaultdict(list)
     failed = collections.Counter()
     differs = collections.Counter()
+    by_round = {}  # (workload, allocator, round) -> cpu_us
     for run in runs:
         key = (run["workload"], run["allocator"])
         if run["status"] != "0":
@@ -200,6 +201,7 @@ def alloc(runs_path, workloads_path, plot_script, plot_output, allocator_args):
             differs[key] += 1
         cpu[key].append(int(run["cpu_us"]))
         rss[key].append(int(run["maxrss_kb"]))
+        by_round[(run["workload"], run["allocator"], run["round"])] = int(run["cpu_us"])
 
     def cell_note(key):
         notes = []
@@ -254,6 +256,34 @@ def alloc(runs_path, workloads_path, plot_script, plot_output, allocator_args):
         "CPU time (user+sys): glibc's median, the others' median as a ratio to it (lower is better)",
         cpu, lambda us: f"{us / 1e6:.3f} s",
         "Each cell is the median of the timed runs; a ratio below 1 is faster than glibc.")
+    # The same time ratios taken per round: a round runs a workload under
+    # every allocator back to back, so the machine's drift between rounds
+    # (on a shared machine, often larger than the differences measured)
+    # cancels out of each round's ratio.
+    paired = collections.defaultdict(list)
+    for (w, name, rnd), us in by_round.items():
+        base_us = by_round.get((w, base, rnd))
+        if name != base and base_us:
+            paired[(w, name)].append(us / base_us)
+    print("### CPU time, paired: the median over the rounds of each round's ratio to glibc's run in the same round\n")
+    print("| workload | " + " | ".join(label for name, label in allocators if name != base) + " |")
+    print("|---|" + "---:|" * (len(allocators) - 1))
+    paired_means = collections.defaultdict(dict)
+    for workload in workloads:
+        w = workload["workload"]
+        cells = []
+        for name, _ in allocators:
+            if name == base:
+                continue
+            values = paired.get((w, name))
+            if values:
+                paired_means[name][w] = statistics.median(values)
+                cells.append(f"{paired_means[name][w]:.3f}")
+            else:
+                cells.append("-")
+        print(f"| {w} | " + " | ".join(cells) + " |")
+    print("| **geometric mean** | " + " | ".join(
+        f"**{fmt_geomean(paired_means[name], len(workloads))}**" for name, _ in allocators if name != base) + " |\n")
     rss_ratios = table(
         "Peak RSS: glibc's median, the others' median as a ratio to it (lower is better)",
         rss, lambda kb: f"{kb / 1024:.1f} MiB",
