@@ -9,14 +9,15 @@
 // any thread-cache allocator does, so no allocator can be expected below
 // it on the same machine: the suite's ns figures read against it.
 //
-// Anything it cannot serve goes to glibc: requests above 256 KiB, calloc
-// and the aligned functions (glibc's, not interposed), threads beyond 64
-// at once, a thread whose stack is empty (blocks freed by other threads
-// stay in those threads' stacks: producer/consumer is not a floor here,
-// and the suite runs only pair and batch under it). A thread that exits
-// leaves its stack (its free blocks, not the ones still in use) to the
-// next thread that starts: Google Benchmark starts new threads for every
-// run of a multi-threaded benchmark.
+// A thread's blocks come from a slice of its own (2048 blocks, carved as
+// needed: the benchmark library keeps some of them for good). Anything it
+// cannot serve goes to glibc: requests above 256 KiB, calloc and the
+// aligned functions (glibc's, not interposed), threads beyond 64 at once, a
+// thread whose slice is used up (blocks freed by other threads stay in
+// those threads' stacks: producer/consumer is not a floor here, and the
+// suite runs only pair and batch under it). A thread that exits leaves its
+// stack and the rest of its slice to the next thread that starts: Google
+// Benchmark starts new threads for every run of a multi-threaded benchmark.
 #include <dlfcn.h>
 #include <pthread.h>
 #include <sys/mman.h>
@@ -35,10 +36,14 @@ void* __libc_realloc(void* block, size_t size);
 namespace {
 
 constexpr size_t kBlockBytes = size_t{256} << 10;
-constexpr unsigned kBlocksPerThread = 512;  // the benchmark library keeps some of them too
+// A thread's slice: its blocks are carved one by one as needed (the
+// benchmark library keeps some for good: its results, its strings), and a
+// freed block goes onto the thread's stack for the next malloc.
+constexpr size_t kBlocksPerThread = 2048;
+constexpr unsigned kStackSlots = 512;
 constexpr unsigned kMaxThreads = 64;
-constexpr size_t kSliceBytes = kBlockBytes * kBlocksPerThread;
-constexpr size_t kRegionBytes = kSliceBytes * kMaxThreads;  // 8 GiB of address space, committed as touched
+constexpr size_t kSliceBytes = kBlockBytes * kBlocksPerThread;  // 512 MiB of address space a thread
+constexpr size_t kRegionBytes = kSliceBytes * kMaxThreads;      // 32 GiB, committed as touched
 
 std::atomic<char*> g_region{nullptr};
 std::atomic<unsigned> g_next_slice{0};
@@ -46,11 +51,14 @@ std::atomic<unsigned> g_next_slice{0};
 struct ThreadStack {
   unsigned count;
   bool started;
-  void* slots[kBlocksPerThread];
+  char* next;  // the slice's next block never handed out
+  char* end;
+  void* slots[kStackSlots];
 };
 __thread ThreadStack t_stack __attribute__((tls_model("initial-exec")));
 
-// The stacks of exited threads, for the next ones (under g_orphans_lock).
+// The stacks (and the rest of the slices) of exited threads, for the next
+// ones (under g_orphans_lock).
 ThreadStack g_orphans[kMaxThreads];
 unsigned g_orphan_count;
 std::atomic_flag g_orphans_lock = ATOMIC_FLAG_INIT;
@@ -68,6 +76,7 @@ void leave_stack(void*) {
   if (g_orphan_count < kMaxThreads) g_orphans[g_orphan_count++] = t_stack;
   unlock_orphans();
   t_stack.count = 0;  // a later free in this thread's last destructors pushes, but nothing pops
+  t_stack.next = t_stack.end = nullptr;
 }
 void make_exit_key() { pthread_key_create(&g_exit_key, leave_stack); }
 
@@ -77,9 +86,8 @@ bool owned(const void* block) {
          static_cast<size_t>(static_cast<const char*>(block) - region) < kRegionBytes;
 }
 
-// The thread's first call: adopt an exited thread's stack, or reserve the
-// region (the first thread), take a slice of it and stack its blocks,
-// lowest address on top.
+// The thread's first call: adopt an exited thread's stack and slice, or
+// reserve the region (the first thread) and take a slice of it.
 __attribute__((noinline)) void start_thread() {
   ThreadStack& stack = t_stack;
   stack.started = true;
@@ -105,9 +113,22 @@ __attribute__((noinline)) void start_thread() {
   }
   const unsigned slice = g_next_slice.fetch_add(1);
   if (slice >= kMaxThreads) return;
-  char* first = region + slice * kSliceBytes;
-  for (unsigned i = 0; i < kBlocksPerThread; ++i) stack.slots[i] = first + (kBlocksPerThread - 1 - i) * kBlockBytes;
-  stack.count = kBlocksPerThread;
+  stack.next = region + slice * kSliceBytes;
+  stack.end = stack.next + kSliceBytes;
+}
+
+// An empty stack: a new block of the slice, or null (glibc's turn).
+__attribute__((noinline)) void* carve(size_t size) {
+  ThreadStack& stack = t_stack;
+  if (size > kBlockBytes) return nullptr;
+  if (!stack.started) {
+    start_thread();
+    if (stack.count != 0) return stack.slots[--stack.count];
+  }
+  if (stack.next == stack.end) return nullptr;
+  void* block = stack.next;
+  stack.next += kBlockBytes;
+  return block;
 }
 
 }  // namespace
@@ -117,17 +138,14 @@ extern "C" {
 __attribute__((visibility("default"))) void* malloc(size_t size) {
   ThreadStack& stack = t_stack;
   if (__builtin_expect(size <= kBlockBytes && stack.count != 0, 1)) return stack.slots[--stack.count];
-  if (!stack.started && size <= kBlockBytes) {
-    start_thread();
-    if (stack.count != 0) return stack.slots[--stack.count];
-  }
+  if (void* block = carve(size)) return block;
   return __libc_malloc(size);
 }
 
 __attribute__((visibility("default"))) void free(void* block) {
   if (__builtin_expect(owned(block), 1)) {
     ThreadStack& stack = t_stack;
-    if (stack.count < kBlocksPerThread) stack.slots[stack.count++] = block;  // else: kept by no one
+    if (stack.count < kStackSlots) stack.slots[stack.count++] = block;  // else: kept by no one
     return;
   }
   __libc_free(block);
