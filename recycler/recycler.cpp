@@ -253,11 +253,14 @@ void AutoPolicy::init(const uint8_t* block_class_of, unsigned classes) {
 }
 
 void AutoPolicy::evaluate(const uint64_t* allocs, const uint64_t* frees, unsigned classes, Recycler& recycler,
-                          const int16_t* short_share) {
+                          const int16_t* short_share, bool cut_short) {
   if (!mapped_) init(nullptr, 0);
   uint64_t total = 0;
   for (unsigned c = 0; c < classes; ++c) total += allocs[c];
   if (total == 0) return;
+  double min_count = static_cast<double>(kMinCount);
+  if (cut_short && total < kMinCountWindow)
+    min_count = std::max(4.0, min_count * static_cast<double>(total) / static_cast<double>(kMinCountWindow));
   for (unsigned c = 0; c < classes; ++c) {
     if (allocs[c] == 0) continue;  // this thread has no say on a class it did not use
     // Sampled lifetimes when there are enough (they see blocks freed by
@@ -266,8 +269,9 @@ void AutoPolicy::evaluate(const uint64_t* allocs, const uint64_t* frees, unsigne
     if (share < 0)
       share = static_cast<double>(frees[c]) >= kMinChurn * static_cast<double>(allocs[c]) ? kShareOne : 0;
     const double short_allocs = static_cast<double>(allocs[c]) * share / kShareOne;
-    const bool hot_short = short_allocs >= kMinCount && short_allocs >= min_share_ * static_cast<double>(total);
+    const bool hot_short = short_allocs >= min_count && short_allocs >= min_share_ * static_cast<double>(total);
     const int heat = heat_[c].load(std::memory_order_relaxed);
+    if (!hot_short && cut_short) continue;  // only windows of full length cool a class
     int next = hot_short ? heat + 2 : heat - 1;
     if (next > kHeatMax) next = kHeatMax;
     if (next < 0) next = 0;

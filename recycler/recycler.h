@@ -26,7 +26,7 @@ struct RecyclerConfig {
   size_t keep_empty_bytes;  // per class: wholly free slabs kept beyond that go back at once
   bool checks;              // double-free and invalid-pointer checks
   // Per thread: what its bins may hold together beyond their cache_bytes
-  // once grown (see Recycler::grow_bin). 0: bins never grow.
+  // once grown (see Recycler::note_trip). 0: bins never grow.
   size_t cache_grow_bytes = 0;
 };
 
@@ -53,7 +53,7 @@ struct BinCounters {
   std::atomic<int64_t> moved;
   // The bin's last trip to the depot (slow paths only): a refill after a
   // drain, or a drain after a refill, says the class's working set is
-  // larger than the bin, which then grows (Recycler::grow_bin).
+  // larger than the bin, which then grows (Recycler::note_trip).
   uint8_t last_trip;
 };
 
@@ -64,7 +64,7 @@ struct ThreadCache {
   // cache has been used for since it was last flushed. Set where a bin
   // gets its capacity (the first refill or push), cleared by the flushes.
   uint64_t sized[(kMaxClasses + 63) / 64];
-  // Bytes of capacity the bins have grown by (grow_bin), at most
+  // Bytes of capacity the bins have grown by (note_trip), at most
   // RecyclerConfig::cache_grow_bytes; back to 0 with the flushes.
   size_t grown_bytes;
 };
@@ -292,8 +292,14 @@ class AutoPolicy {
   // short_share[c]: class c's short-lived share (nullptr: none sampled);
   // unknown: all of the window's allocations when its frees keep up
   // (kMinChurn), none otherwise.
+  // cut_short: the window ended on time, before its count (a thread that
+  // allocates slowly): the count a class needs is kMinCount scaled to the
+  // window's allocations as to one of kMinCountWindow (at least 4), and
+  // classes only heat up: cooling stays with the windows of full length,
+  // so that quiet spells do not unpool what a busy one pooled.
+  static constexpr uint64_t kMinCountWindow = 4096;
   void evaluate(const uint64_t* allocs, const uint64_t* frees, unsigned classes, Recycler& recycler,
-                const int16_t* short_share = nullptr);
+                const int16_t* short_share = nullptr, bool cut_short = false);
   int heat(unsigned size_class) const { return heat_[size_class].load(std::memory_order_relaxed); }
 
  private:

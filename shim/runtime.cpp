@@ -53,7 +53,8 @@ constexpr uint64_t kLongestPolicyWindow = 65536;
 // ... or ends, at a tick, once it has lasted this long: a class allocated
 // slowly (blocks of 64 KiB and more, each an mmap and a munmap in glibc,
 // a few microseconds apiece) would otherwise wait up to two windows of
-// 65536 allocations, seconds, before it pools.
+// 65536 allocations, seconds, before it pools. Such a window can only heat
+// classes up (AutoPolicy::evaluate, cut_short).
 constexpr uint64_t kLongestPolicyWindowNs = 50000000;
 
 uint64_t monotonic_ns() {
@@ -428,7 +429,7 @@ static ThreadState* attach_thread(const ReentryGuard& guard) {
   return state;  // pool_state follows when the guard is released
 }
 
-void evaluate_policy(ThreadState& state) {
+void evaluate_policy(ThreadState& state, bool cut_short) {
   uint64_t allocs[reporter::kMaxClasses], frees[reporter::kMaxClasses];
   const unsigned classes = g_classes.count() - 1;  // the large class never pools
   for (unsigned c = 0; c < classes; ++c) {
@@ -475,7 +476,7 @@ void evaluate_policy(ThreadState& state) {
       share[c] = AutoPolicy::kShareUnknown;
     }
   }
-  g_policy.evaluate(allocs, frees, classes, g_recycler, share);
+  g_policy.evaluate(allocs, frees, classes, g_recycler, share, cut_short);
   if (state.policy_window < kLongestPolicyWindow) state.policy_window *= 2;
   state.policy_countdown = state.policy_window;
   state.policy_started_ns = lifetime_clock_ns();
@@ -612,8 +613,10 @@ static void tick_locked(ThreadState& state) {
     } else {
       state.policy_countdown -= kTickAllocs;
       // One clock read per tick (256 allocations): a counter read, or the
-      // vDSO's clock_gettime.
-      if (lifetime_clock_ns() - state.policy_started_ns >= kLongestPolicyWindowNs) evaluate_policy(state);
+      // vDSO's clock_gettime. Signed: a counter read on another CPU may be
+      // a little behind the window's start.
+      const int64_t lasted = static_cast<int64_t>(lifetime_clock_ns() - state.policy_started_ns);
+      if (lasted >= static_cast<int64_t>(kLongestPolicyWindowNs)) evaluate_policy(state, true);
     }
   }
 }

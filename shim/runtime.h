@@ -114,8 +114,9 @@ void note_pooled(ThreadState& state, unsigned c);
 HOTPOOL_NOINLINE ThreadState* attach_current_thread();
 
 // Mode auto: at the end of each policy window (tick), the thread's counts
-// are shown to the policy.
-HOTPOOL_NOINLINE void evaluate_policy(ThreadState& state);
+// are shown to the policy; cut_short: the window ended on time, before its
+// count (see AutoPolicy::evaluate).
+HOTPOOL_NOINLINE void evaluate_policy(ThreadState& state, bool cut_short = false);
 // A recorded call that the countdown does not count (frees, aligned
 // allocations, realloc...): one increment.
 HOTPOOL_ALWAYS_INLINE void count_call(ThreadState& state, uint64_t calls = 1) {

@@ -10,6 +10,9 @@
 //   slow-class   200,000 quick pairs of 32 bytes (the auto policy's windows
 //                are then at their longest), then 400 rounds, 1 ms apart,
 //                of 8 blocks of 64 KiB allocated, written and freed
+//   fast-then-slow  400,000 quick pairs over the 16 classes of 16 to 256
+//                bytes, then about 2 s of 4 pairs of 1 KiB every 250 us
+//                and, every 16th time, one pair of one of those classes
 #include <dlfcn.h>
 #include <pthread.h>
 #include <unistd.h>
@@ -66,6 +69,27 @@ void slow_class() {
   std::printf("slow class done\n");
 }
 
+void pair_of_class(int i) {
+  const size_t size = 16 * static_cast<size_t>(1 + i % 16);
+  void* block = std::malloc(size);
+  std::memset(block, 0, size);
+  std::free(block);
+}
+
+void fast_then_slow() {
+  for (int i = 0; i < 400000; ++i) pair_of_class(i);
+  for (int i = 0; i < 8000; ++i) {
+    for (int j = 0; j < 4; ++j) {
+      void* block = std::malloc(1024);
+      std::memset(block, 0, 1024);
+      std::free(block);
+    }
+    if (i % 16 == 0) pair_of_class(i / 16);
+    usleep(250);
+  }
+  std::printf("fast then slow done\n");
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -90,6 +114,10 @@ int main(int argc, char** argv) {
   if (std::strcmp(mode, "known-then-chdir") == 0 && argc > 2) {
     known_pattern();
     return chdir(argv[2]) == 0 ? 0 : 3;  // the report is written after this
+  }
+  if (std::strcmp(mode, "fast-then-slow") == 0) {
+    fast_then_slow();
+    return 0;
   }
   if (std::strcmp(mode, "slow-class") == 0) {
     slow_class();

@@ -326,6 +326,24 @@ TEST_F(ReportTest, AutoPoolsAClassAllocatedSlowlyLateInAThreadsLife) {
   EXPECT_GT((*row)["pool"]["hits"].get<uint64_t>(), 1000u) << *row;
 }
 
+// The other side of the same: a thread that pooled its classes while
+// busy, then allocates slowly and mostly something else (windows cut
+// short by time, where each of those classes is far below 1%) keeps them
+// pooled: only windows of full length cool a class.
+TEST_F(ReportTest, AutoKeepsItsClassesPooledThroughASlowSpell) {
+  const RunResult result =
+      run_program({"fast-then-slow"}, {"HOTPOOL_MODE=auto", "HOTPOOL_OUTPUT=" + (dir_ / "r.%p.json").string()});
+  ASSERT_EQ(result.status, 0) << result.err;
+  EXPECT_EQ(result.out, "fast then slow done\n");
+  const nlohmann::json report = only_json_report();
+  for (uint64_t size = 32; size <= 256; size += 16) {  // 16 B requests are glibc's 24 usable bytes: class 32
+    const nlohmann::json* row = class_row(report, size);
+    ASSERT_NE(row, nullptr) << size;
+    ASSERT_TRUE(row->contains("pool")) << *row;
+    EXPECT_TRUE((*row)["pool"]["pooled"].get<bool>()) << *row;
+  }
+}
+
 TEST_F(ReportTest, UnwritableOutputFallsBackToStderr) {
   const RunResult result = run_program({"known"}, {"HOTPOOL_MODE=profile", "HOTPOOL_OUTPUT=/nonexistent-dir/r.json"});
   EXPECT_EQ(result.status, 0);

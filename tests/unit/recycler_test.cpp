@@ -757,6 +757,39 @@ TEST_F(AutoPolicyTest, PoolsAClassWhoseShortLivedAllocationsAloneAreHot) {
   EXPECT_FALSE(recycler->pooled(mixed));
 }
 
+TEST_F(AutoPolicyTest, WindowsCutShortByTimeHeatSmallCountsAndNeverCool) {
+  // A thread allocating slowly: windows of 1,000 allocations over 20
+  // classes, 50 each (5%, short-lived). Of full length, 50 is below
+  // kMinCount; cut short, the count needed scales with the window.
+  std::vector<unsigned> used;
+  for (size_t size = 16; used.size() < 20; size += 16) used.push_back(table.class_of(size));
+  auto window = [&](bool cut_short) {
+    std::fill(allocs.begin(), allocs.end(), 0);
+    std::fill(frees.begin(), frees.end(), 0);
+    for (unsigned c : used) allocs[c] = frees[c] = 50;
+    policy->evaluate(allocs.data(), frees.data(), classes, *recycler, nullptr, cut_short);
+  };
+  for (int i = 0; i < 4; ++i) window(false);
+  for (unsigned c : used) EXPECT_FALSE(recycler->pooled(c)) << "50 of 1,000 in a full window: below kMinCount";
+  window(true);
+  window(true);
+  for (unsigned c : used) EXPECT_TRUE(recycler->pooled(c)) << "class " << c;
+  // Quiet now: a few of the classes, far below 1% of a short window's
+  // allocations. Cut-short windows leave the heat alone; full ones cool.
+  const unsigned busy = table.class_of(4096);
+  auto quiet = [&](bool cut_short) {
+    std::fill(allocs.begin(), allocs.end(), 0);
+    std::fill(frees.begin(), frees.end(), 0);
+    allocs[busy] = frees[busy] = 10000;
+    for (unsigned c : used) allocs[c] = frees[c] = 1;
+    policy->evaluate(allocs.data(), frees.data(), classes, *recycler, nullptr, cut_short);
+  };
+  for (int i = 0; i < 3 * AutoPolicy::kHeatMax; ++i) quiet(true);
+  for (unsigned c : used) EXPECT_TRUE(recycler->pooled(c)) << "cooled by a cut-short window: class " << c;
+  for (int i = 0; i < AutoPolicy::kHeatMax; ++i) quiet(false);
+  for (unsigned c : used) EXPECT_FALSE(recycler->pooled(c)) << "full windows cool: class " << c;
+}
+
 }  // namespace
 }  // namespace hotpool::recycler
 
