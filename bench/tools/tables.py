@@ -107,7 +107,10 @@ def micro(work_dir, allocator_args):
     samples = {name: collections.defaultdict(list) for name, _ in allocators}
     rounds = {}
     for name, _ in allocators:
-        files = sorted(glob.glob(os.path.join(work_dir, f"{name}-*.json")))
+        # NAME-ROUND.json only: hotpool-fixed-*.json would take in
+        # hotpool-fixed-nochecks-ROUND.json too.
+        files = sorted(path for path in glob.glob(os.path.join(work_dir, f"{name}-*.json"))
+                       if os.path.basename(path)[len(name) + 1:-len(".json")].isdigit())
         rounds[name] = len(files)
         for path in files:
             with open(path) as f:

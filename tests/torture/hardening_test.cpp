@@ -98,10 +98,11 @@ void expect_abort_saying(const ScenarioRun& run, const std::string& message) {
 // ---------------------------------------------------------------------------
 // Double free in one thread: HOTPOOL_CACHE=96 gives class 48 a thread cache
 // of exactly two blocks, refilled one block at a time, so "empty" and
-// "full" are known states; HOTPOOL_SAMPLE=0 keeps sampled blocks out, so a
-// block of usable size 48 is a pooled one.
+// "full" are known states (HOTPOOL_CACHE_GROW=0: the bin never grows past
+// them); HOTPOOL_SAMPLE=0 keeps sampled blocks out, so a block of usable
+// size 48 is a pooled one.
 
-const std::vector<std::string> kTwoBlockCache = {"HOTPOOL_CACHE=96", "HOTPOOL_SAMPLE=0"};
+const std::vector<std::string> kTwoBlockCache = {"HOTPOOL_CACHE=96", "HOTPOOL_CACHE_GROW=0", "HOTPOOL_SAMPLE=0"};
 
 // Three blocks of the class, the last of which leaves the thread cache
 // empty: the cache held at most two blocks, and every allocation after it

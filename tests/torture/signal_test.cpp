@@ -342,7 +342,8 @@ TEST(SignalHandler, ItimerHandlerThatMallocsOnAThreadHotpoolLetGoNeverHangs) {
 // hotpool's default table the sizes are the classes 5K, 6K, 7K and 9K
 // (mode fixed gets them as HOTPOOL_CLASSES); each signal frees one block.
 // The threads fill their caches (HOTPOOL_CACHE=256K: up to 51 blocks of a
-// class) so that handing them back takes a while.
+// class; HOTPOOL_CACHE_GROW=0 keeps it at that) so that handing them back
+// takes a while.
 
 constexpr size_t kExitSizes[] = {5000, 6000, 7000, 9000};
 constexpr size_t kExitClasses[] = {5 << 10, 6 << 10, 7 << 10, 9 << 10};
@@ -434,7 +435,7 @@ TORTURE_SCENARIO(signals_at_thread_exit) {
 }
 
 TEST(SignalHandler, HandlerThatFreesPooledBlocksWhileItsThreadExitsNeverHangs) {
-  std::vector<std::string> environment = {"HOTPOOL_CACHE=256K"};
+  std::vector<std::string> environment = {"HOTPOOL_CACHE=256K", "HOTPOOL_CACHE_GROW=0"};
   if (mode_under_test() == "fixed") environment.push_back("HOTPOOL_CLASSES=5K,6K,7K,9K");
   expect_hotpool_survives_as_glibc_does({.scenario = "signals_at_thread_exit",
                                          .counted = "handler_frees",
