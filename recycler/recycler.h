@@ -231,8 +231,9 @@ class Recycler {
   void quarantine_once();
   uint32_t capacity_for(unsigned size_class) const;
   // At a trip to the depot in the other direction than the bin's last one
-  // (tcmalloc's slow start, in spirit): the bin doubles, up to kBinSlots
-  // and within the thread's cache_grow_bytes. True when it grew.
+  // (the program holds more blocks of the class at once than the bin, then
+  // frees them): the bin doubles, up to kBinSlots and within the thread's
+  // cache_grow_bytes. True when it grew.
   enum Trip : uint8_t { kNoTrip = 0, kRefillTrip, kDrainTrip };
   bool note_trip(ThreadCache& cache, unsigned size_class, Trip trip);
   // Gives a bin its capacity and marks it sized; the flushes undo both.
