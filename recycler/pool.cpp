@@ -45,6 +45,12 @@ void raise_atomic(std::atomic<uint64_t>& peak, uint64_t value) {
 }
 }  // namespace
 
+void warn_once(std::atomic<bool>& warned, const char* line) {
+  if (warned.exchange(true, std::memory_order_relaxed)) return;
+  ssize_t ignored = write(STDERR_FILENO, line, std::strlen(line));
+  (void)ignored;
+}
+
 void fatal_pointer_error(const char* what, const void* block) {
   char line[256];
   size_t used = 0;
@@ -276,8 +282,6 @@ bool ClassDepot::holds_free(const void* block) {
 
 bool ClassDepot::holds_free_locked(const void* block) const { return free_in_bitmap(block) || in_transfer(block); }
 
-
-
 size_t ClassDepot::transfer_slots() const {
   const size_t area_blocks = max_slabs_ * geometry_.blocks;
   return slabs_ == nullptr ? 0 : area_blocks < kTransferSlots ? area_blocks : kTransferSlots;
@@ -333,12 +337,8 @@ unsigned ClassDepot::untag(void** blocks, unsigned count) {
   counters_.depot_free_bytes.fetch_sub(uint64_t{count} * geometry_.size, std::memory_order_relaxed);
   if (HOTPOOL_RECYCLER_UNLIKELY(quarantined != 0)) {
     counters_.quarantined_blocks.fetch_add(quarantined, std::memory_order_relaxed);
-    if (!g_warned_transfer_quarantine.exchange(true, std::memory_order_relaxed)) {
-      static const char message[] =
-          "hotpool: a free pooled block was written after its free (or freed twice); it is quarantined (never reused)\n";
-      ssize_t ignored = write(STDERR_FILENO, message, sizeof(message) - 1);
-      (void)ignored;
-    }
+    warn_once(g_warned_transfer_quarantine,
+              "hotpool: a free pooled block was written after its free (or freed twice); it is quarantined (never reused)\n");
   }
   return kept;
 }

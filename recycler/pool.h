@@ -35,7 +35,6 @@
 #include "size_classes.h"
 #include "spin_lock.h"
 
-#define HOTPOOL_RECYCLER_LIKELY(x) __builtin_expect(!!(x), 1)
 #define HOTPOOL_RECYCLER_UNLIKELY(x) __builtin_expect(!!(x), 0)
 
 namespace hotpool::recycler {
@@ -64,6 +63,9 @@ size_t page_bytes();
 
 // Why hotpool aborts: one line on stderr, then abort(). Never returns.
 [[noreturn]] void fatal_pointer_error(const char* what, const void* block);
+// `line` (a whole line, newline included) on stderr, the first time only:
+// `warned` says whether it was written.
+void warn_once(std::atomic<bool>& warned, const char* line);
 
 struct ClassGeometry {
   uint32_t size = 0;          // block size

@@ -155,12 +155,8 @@ void Recycler::confirm_double_free(ThreadCache& cache, unsigned size_class, void
 }
 
 void Recycler::quarantine_once() {
-  if (!warned_quarantine_.exchange(true, std::memory_order_relaxed)) {
-    static const char message[] =
-        "hotpool: a pooled block was freed twice, probably by two threads; it is quarantined (never reused)\n";
-    ssize_t ignored = write(STDERR_FILENO, message, sizeof(message) - 1);
-    (void)ignored;
-  }
+  warn_once(warned_quarantine_,
+            "hotpool: a pooled block was freed twice, probably by two threads; it is quarantined (never reused)\n");
 }
 
 void Recycler::flush(ThreadCache& cache) {

@@ -313,6 +313,16 @@ void format_option_value(const Options& options, unsigned index, char* buf, size
     for (; *text && used + 1 < len; ++text) buf[used++] = *text;
     buf[used] = '\0';
   };
+  auto put_number = [&](uint64_t value) {
+    char digits[24];
+    int n = 0;
+    do digits[n++] = static_cast<char>('0' + value % 10); while (value /= 10);
+    char text[24];
+    int t = 0;
+    while (n) text[t++] = digits[--n];
+    text[t] = '\0';
+    put(text);
+  };
   // A number in the largest unit that divides it exactly: 64K, 2s.
   struct Unit {
     uint64_t factor;
@@ -327,14 +337,7 @@ void format_option_value(const Options& options, unsigned index, char* buf, size
         break;
       }
     }
-    char digits[24];
-    int n = 0;
-    do digits[n++] = static_cast<char>('0' + value % 10); while (value /= 10);
-    char text[24];
-    int t = 0;
-    while (n) text[t++] = digits[--n];
-    text[t] = '\0';
-    put(text);
+    put_number(value);
     put(suffix);
   };
   auto put_size = [&](size_t value) { put_scaled(value, {{1u << 30, "G"}, {1u << 20, "M"}, {1u << 10, "K"}}, ""); };
@@ -347,23 +350,18 @@ void format_option_value(const Options& options, unsigned index, char* buf, size
     put_scaled(ns, {{1000000000u, "s"}, {1000000u, "ms"}, {1000u, "us"}}, "ns");
   };
   auto format_Share = [&](uint32_t ppm) {
-    char text[16];
-    int t = 0;
-    const uint32_t whole = ppm / 10000;
-    uint32_t rest = ppm % 10000;
-    if (whole >= 100) text[t++] = '1', text[t++] = '0', text[t++] = '0';
-    else if (whole >= 10) text[t++] = static_cast<char>('0' + whole / 10), text[t++] = static_cast<char>('0' + whole % 10);
-    else text[t++] = static_cast<char>('0' + whole);
-    if (rest) {
-      text[t++] = '.';
+    put_number(ppm / 10000);
+    if (uint32_t rest = ppm % 10000) {  // up to four decimals, no trailing zero
+      char decimals[6] = ".";
+      int t = 1;
       for (uint32_t scale = 1000; rest; scale /= 10) {
-        text[t++] = static_cast<char>('0' + rest / scale);
+        decimals[t++] = static_cast<char>('0' + rest / scale);
         rest %= scale;
       }
+      decimals[t] = '\0';
+      put(decimals);
     }
-    text[t++] = '%';
-    text[t] = '\0';
-    put(text);
+    put("%");
   };
   auto format_SizeList = [&](const SizeList& list) {
     for (unsigned k = 0; k < list.count; ++k) {

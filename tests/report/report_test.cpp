@@ -120,6 +120,26 @@ class ReportTest : public ::testing::Test {
     if (found.empty()) return {};
     return nlohmann::json::parse(slurp(found[0]));
   }
+  // The JSON report of `mode` of the test program under mode auto, which
+  // must exit 0 and print `out`.
+  nlohmann::json auto_report_of(const char* mode, const std::string& out) {
+    const RunResult result =
+        run_program({mode}, {"HOTPOOL_MODE=auto", "HOTPOOL_OUTPUT=" + (dir_ / "r.%p.json").string()});
+    EXPECT_EQ(result.status, 0) << result.err;
+    EXPECT_EQ(result.out, out);
+    return only_json_report();
+  }
+  // Whether the class of `size` bytes was pooled at exit (a failure if the
+  // report has no such class or no pool record for it).
+  static bool pooled_at_exit(const nlohmann::json& report, uint64_t size) {
+    const nlohmann::json* row = class_row(report, size);
+    EXPECT_NE(row, nullptr) << size;
+    if (row == nullptr || !row->contains("pool")) {
+      ADD_FAILURE() << "no pool record for class " << size;
+      return false;
+    }
+    return (*row)["pool"]["pooled"].get<bool>();
+  }
   static const nlohmann::json* class_row(const nlohmann::json& report, uint64_t size) {
     for (const auto& row : report["classes"])
       if (!row["size"].is_null() && row["size"] == size) return &row;
@@ -314,15 +334,10 @@ TEST_F(ReportTest, NoEnvironmentContentsButHotpoolOptionsReachTheReport) {
 // at least 0.4 s never fill a window, but windows also end after 50 ms, so
 // the class pools all the same.
 TEST_F(ReportTest, AutoPoolsAClassAllocatedSlowlyLateInAThreadsLife) {
-  const RunResult result =
-      run_program({"slow-class"}, {"HOTPOOL_MODE=auto", "HOTPOOL_OUTPUT=" + (dir_ / "r.%p.json").string()});
-  ASSERT_EQ(result.status, 0) << result.err;
-  EXPECT_EQ(result.out, "slow class done\n");
-  const nlohmann::json report = only_json_report();
+  const nlohmann::json report = auto_report_of("slow-class", "slow class done\n");
+  EXPECT_TRUE(pooled_at_exit(report, 65536));
   const nlohmann::json* row = class_row(report, 65536);
   ASSERT_NE(row, nullptr);
-  ASSERT_TRUE(row->contains("pool")) << *row;
-  EXPECT_TRUE((*row)["pool"]["pooled"].get<bool>()) << *row;
   EXPECT_GT((*row)["pool"]["hits"].get<uint64_t>(), 1000u) << *row;
 }
 
@@ -331,17 +346,9 @@ TEST_F(ReportTest, AutoPoolsAClassAllocatedSlowlyLateInAThreadsLife) {
 // short by time, where each of those classes is far below 1%) keeps them
 // pooled: only windows of full length cool a class.
 TEST_F(ReportTest, AutoKeepsItsClassesPooledThroughASlowSpell) {
-  const RunResult result =
-      run_program({"fast-then-slow"}, {"HOTPOOL_MODE=auto", "HOTPOOL_OUTPUT=" + (dir_ / "r.%p.json").string()});
-  ASSERT_EQ(result.status, 0) << result.err;
-  EXPECT_EQ(result.out, "fast then slow done\n");
-  const nlohmann::json report = only_json_report();
-  for (uint64_t size = 32; size <= 256; size += 16) {  // 16 B requests are glibc's 24 usable bytes: class 32
-    const nlohmann::json* row = class_row(report, size);
-    ASSERT_NE(row, nullptr) << size;
-    ASSERT_TRUE(row->contains("pool")) << *row;
-    EXPECT_TRUE((*row)["pool"]["pooled"].get<bool>()) << *row;
-  }
+  const nlohmann::json report = auto_report_of("fast-then-slow", "fast then slow done\n");
+  for (uint64_t size = 32; size <= 256; size += 16)  // 16 B requests are glibc's 24 usable bytes: class 32
+    EXPECT_TRUE(pooled_at_exit(report, size)) << size;
 }
 
 TEST_F(ReportTest, UnwritableOutputFallsBackToStderr) {

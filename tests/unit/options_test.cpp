@@ -124,6 +124,18 @@ TEST(Options, HotShareFromTheEnvironmentAndItsFormat) {
     format_option_value(options, i, text, sizeof(text));
     EXPECT_STREQ(text, "0.25%");
     EXPECT_STREQ(option_info(i).type, "share");
+    // Every share formats as the shortest text that parses back to it.
+    const std::vector<std::pair<uint32_t, const char*>> formats = {
+        {0, "0%"}, {1, "0.0001%"}, {50, "0.005%"}, {10000, "1%"}, {125000, "12.5%"}, {1000000, "100%"}};
+    for (auto [ppm, expected] : formats) {
+      Options other = options;
+      other.hot_share = ppm;
+      format_option_value(other, i, text, sizeof(text));
+      EXPECT_STREQ(text, expected) << ppm;
+      uint32_t back = 7;
+      EXPECT_TRUE(parse_share(text, &back)) << text;
+      EXPECT_EQ(back, ppm) << text;
+    }
   }
   const char* bad[] = {"HOTPOOL_HOT=2x", nullptr};
   EXPECT_EQ(parse_options(bad, &options, nullptr, nullptr), 1u) << "one warning, and the default";
