@@ -221,26 +221,37 @@ int Unwinder::replay(uintptr_t return_address, uintptr_t cfa, uintptr_t* raw, ui
   // as theirs (where capture() calls it).
   // The first CFA inside the thread's stack too, as each next one (a
   // capture on another stack, a signal handler's, is libgcc's to walk).
-  if (cfa < cache.stack_low + sizeof(uintptr_t) || cfa > cache.stack_high) return -1;
+  const uintptr_t stack_low = cache.stack_low, stack_high = cache.stack_high;
+  if (cfa < stack_low + sizeof(uintptr_t) || cfa > stack_high) return -1;
   raw[0] = first_frame_.load(std::memory_order_relaxed);
   cfas[0] = 0;
+  // The previous capture and the table, held in registers: the loop's
+  // stores (into the cache's other buffer) would otherwise make the
+  // compiler read them again at every frame.
+  const uintptr_t* const cached_cfas = cache.cfas();
+  const uintptr_t* const cached_ips = cache.ips();
+  const unsigned cached_count = cache.count;
+  const uint64_t* const table = frames_.slots();
   int count = 1;
   uintptr_t ip = return_address;
-  unsigned scan = 0;
+  unsigned scan = 0;  // as meets(): one pass over the previous capture's CFAs
   for (;;) {
     if (count == capacity) return count;
     raw[count] = ip;
     cfas[count++] = cfa;
     // Where the stack rejoins the thread's previous capture, the rest is
     // that capture's: a compare per frame instead of a lookup.
-    if (meets(cache, scan, ip, cfa) && rejoin_at(cache, scan, raw, cfas, count, capacity)) return count;
-    const uint16_t words = frames_.lookup(ip);
+    while (scan < cached_count && cached_cfas[scan] < cfa) ++scan;
+    if (scan < cached_count && cached_cfas[scan] == cfa && cached_ips[scan] == ip &&
+        rejoin_at(cache, scan, raw, cfas, count, capacity))
+      return count;
+    const uint16_t words = FrameTable::lookup(table, ip);
     if (words == FrameTable::kOutermost) return count;
     if (words == FrameTable::kUnknown || words == FrameTable::kVarying) return -1;
     const uintptr_t next_cfa = cfa + uintptr_t{words} * sizeof(uintptr_t);
     // The caller's return address is read from the thread's own stack,
     // above the current frame, or not at all.
-    if (next_cfa > cache.stack_high || next_cfa - sizeof(uintptr_t) < cache.stack_low) return -1;
+    if (next_cfa > stack_high || next_cfa - sizeof(uintptr_t) < stack_low) return -1;
     ip = *reinterpret_cast<const uintptr_t*>(next_cfa - sizeof(uintptr_t));
     cfa = next_cfa;
     // A null return address ends libgcc's walks, which then mark the frame

@@ -89,11 +89,15 @@ class FrameTable {
   }
   // The distance in 8-byte words, or one of the markers above. Inline: a
   // replay looks up every frame it walks.
-  uint16_t lookup(uintptr_t return_address) const {
-    if (!slots_ || (return_address & ~kAddressMask)) return kUnknown;
+  uint16_t lookup(uintptr_t return_address) const { return lookup(slots_, return_address); }
+  // The same, given slots(): a loop that stores through other pointers
+  // keeps the table's address in a register.
+  const uint64_t* slots() const { return slots_; }
+  static uint16_t lookup(const uint64_t* slots, uintptr_t return_address) {
+    if (!slots || (return_address & ~kAddressMask)) return kUnknown;
     unsigned index = first_slot(return_address);
     for (unsigned probe = 0; probe < kProbes; ++probe, index = (index + 1) & (kSlots - 1)) {
-      const uint64_t entry = load_slot(&slots_[index]);
+      const uint64_t entry = load_slot(&slots[index]);
       if (entry == 0) return kUnknown;
       if ((entry & kAddressMask) == return_address) return static_cast<uint16_t>(entry >> 48);
     }
