@@ -68,6 +68,43 @@ def geomean(values):
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
+def fmt_mean_of(by_workload, expected):
+    """The geometric mean of a {workload: ratio} row; '(of N)' when some are missing."""
+    value = geomean(list(by_workload.values()))
+    if value is None:
+        return "-"
+    text = f"{value:.3f}"
+    if len(by_workload) < expected:
+        text += f" (of {len(by_workload)})"
+    return text
+
+
+def paired_table(title, workloads, columns, ratios_of):
+    """Ratios paired by round: a round runs a workload under every
+    configuration back to back, so the machine's drift between rounds (on a
+    shared machine often larger than the differences measured) cancels out
+    of each round's ratio. ratios_of(workload, name): that configuration's
+    per-round ratios. Prints their medians and geometric means; returns
+    {name: {workload: median}}."""
+    print(f"### {title}\n")
+    print("| workload | " + " | ".join(label for _, label in columns) + " |")
+    print("|---|" + "---:|" * len(columns))
+    medians = collections.defaultdict(dict)
+    for w in workloads:
+        cells = []
+        for name, _ in columns:
+            values = ratios_of(w, name)
+            if values:
+                medians[name][w] = statistics.median(values)
+                cells.append(f"{medians[name][w]:.3f}")
+            else:
+                cells.append("-")
+        print(f"| {w} | " + " | ".join(cells) + " |")
+    print("| **geometric mean** | " + " | ".join(
+        f"**{fmt_mean_of(medians[name], len(workloads))}**" for name, _ in columns) + " |\n")
+    return medians
+
+
 def fmt_ratio(value):
     return "-" if value is None else f"{value:.2f}"
 
@@ -241,52 +278,24 @@ def alloc(runs_path, workloads_path, plot_script, plot_output, allocator_args):
             print(f"| {w} | " + " | ".join(cells) + " |")
         means = []
         for name, _ in allocators:
-            means.append("" if name == base else fmt_geomean(ratios[name], len(workloads)))
+            means.append("" if name == base else fmt_mean_of(ratios[name], len(workloads)))
         print("| **geometric mean** | " + " | ".join(f"**{m}**" if m else "" for m in means) + " |\n")
         print(unit_note + "\n")
         return ratios
-
-    def fmt_geomean(by_workload, expected):
-        value = geomean(list(by_workload.values()))
-        if value is None:
-            return "-"
-        text = f"{value:.3f}"
-        if len(by_workload) < expected:
-            text += f" (of {len(by_workload)})"
-        return text
 
     time_ratios = table(
         "CPU time (user+sys): glibc's median, the others' median as a ratio to it (lower is better)",
         cpu, lambda us: f"{us / 1e6:.3f} s",
         "Each cell is the median of the timed runs; a ratio below 1 is faster than glibc.")
-    # The same time ratios taken per round: a round runs a workload under
-    # every allocator back to back, so the machine's drift between rounds
-    # (on a shared machine, often larger than the differences measured)
-    # cancels out of each round's ratio.
     paired = collections.defaultdict(list)
     for (w, name, rnd), us in by_round.items():
         base_us = by_round.get((w, base, rnd))
         if name != base and base_us:
             paired[(w, name)].append(us / base_us)
-    print("### CPU time, paired: the median over the rounds of each round's ratio to glibc's run in the same round\n")
-    print("| workload | " + " | ".join(label for name, label in allocators if name != base) + " |")
-    print("|---|" + "---:|" * (len(allocators) - 1))
-    paired_means = collections.defaultdict(dict)
-    for workload in workloads:
-        w = workload["workload"]
-        cells = []
-        for name, _ in allocators:
-            if name == base:
-                continue
-            values = paired.get((w, name))
-            if values:
-                paired_means[name][w] = statistics.median(values)
-                cells.append(f"{paired_means[name][w]:.3f}")
-            else:
-                cells.append("-")
-        print(f"| {w} | " + " | ".join(cells) + " |")
-    print("| **geometric mean** | " + " | ".join(
-        f"**{fmt_geomean(paired_means[name], len(workloads))}**" for name, _ in allocators if name != base) + " |\n")
+    paired_table("CPU time, paired: the median over the rounds of each round's ratio to glibc's run in the same round",
+                 [workload["workload"] for workload in workloads],
+                 [(name, label) for name, label in allocators if name != base],
+                 lambda w, name: paired.get((w, name)))
     rss_ratios = table(
         "Peak RSS: glibc's median, the others' median as a ratio to it (lower is better)",
         rss, lambda kb: f"{kb / 1024:.1f} MiB",
@@ -540,6 +549,10 @@ def profile(runs_path, counts_path, meta_path, micro_dir, config_args):
         targets.append(f"≤ {target}: **{verdict}** ({len(met)} of {len(workloads)} workloads)")
     print("| target | " + " | ".join(targets) + " |\n")
     print(cpu_note + "\n")
+
+    paired_table("CPU time, paired: the median over the rounds of each round's ratio to no preload", workloads,
+                 [(name, label) for name, label in configs if name != base],
+                 lambda w, name: round_ratios("cpu_us", w, name))
 
     _, wall_note = table(
         "Wall time: median; the others as a ratio to no preload (lower is better)",
