@@ -258,8 +258,14 @@ void ClassDepot::drain_locked(void* const* blocks, unsigned count, uint64_t now_
     // twice, once each way.
     if (transfer_count_ && HOTPOOL_RECYCLER_UNLIKELY(in_transfer(blocks[i])))
       fatal_pointer_error("double free: the block is already free in the pool", blocks[i]);
+    // Never past what was handed out: with the checks off (HOTPOOL_CHECKS=0)
+    // nothing else stops a pointer below the area's colour or beyond its
+    // frontier here, where it would set a bit far outside the bitmaps.
+    const size_t offset = static_cast<size_t>(static_cast<char*>(blocks[i]) - area_);
+    if (HOTPOOL_RECYCLER_UNLIKELY(offset >= check_.handed_out.load(std::memory_order_relaxed) * geometry_.size))
+      fatal_pointer_error(check_block(blocks[i]), blocks[i]);
     uint32_t index;
-    Slab* slab = slab_at(static_cast<size_t>(static_cast<char*>(blocks[i]) - area_), &index);
+    Slab* slab = slab_at(offset, &index);
     uint64_t& word = bitmap(slab)[index / 64];
     const uint64_t bit = uint64_t{1} << (index % 64);
     if (word & bit) fatal_pointer_error("double free: the block is already free in the pool", blocks[i]);
@@ -457,9 +463,10 @@ size_t PoolRegion::area_colour(unsigned c, uint32_t block_size, unsigned shift) 
   ClassGeometry geometry;
   geometry.init(block_size, page_bytes());
   const size_t page = page_bytes();
-  const size_t colour = geometry.slab_bytes() % page != 0 ? (size_t{c} * 37 * 64) % (64 * 1024)
-                                                          : (size_t{c} * 37 % 16) * page;
-  return colour <= (size_t{1} << shift) / 8 ? colour : 0;
+  // An area that holds few slabs keeps them all (a colour costs the area
+  // up to one slab: at most 1 in 32 here).
+  if ((size_t{1} << shift) / geometry.slab_bytes() < 32) return 0;
+  return geometry.slab_bytes() % page != 0 ? (size_t{c} * 37 * 64) % (64 * 1024) : (size_t{c} * 37 % 16) * page;
 }
 
 bool PoolRegion::init(const SizeClassTable& classes, size_t region_bytes, uint64_t marker_key) {

@@ -539,10 +539,10 @@ TEST_F(RecyclerTest, ACarvedSlabCostsMemoryOnlyForTheBlocksHandedOut) {
   ASSERT_NE(block, nullptr);
   const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
   const ClassDepot& d = depot(1024);
-  // The slab holding the block: slabs lie end to end from the area's start
-  // (1 KiB blocks: 64 KiB slabs, on page boundaries, as mincore wants).
-  const size_t area_offset = recycler_->region_offset(block) % recycler_->region().area_bytes();
-  char* slab = block - area_offset % d.geometry().slab_bytes();
+  // The slab holding the block: slabs lie end to end from where the area's
+  // blocks start (1 KiB blocks: 64 KiB slabs, on page boundaries, as
+  // mincore wants).
+  char* slab = block - static_cast<size_t>(block - d.area()) % d.geometry().slab_bytes();
   ASSERT_EQ(reinterpret_cast<uintptr_t>(slab) % page, 0u);
   std::vector<unsigned char> resident(d.geometry().slab_bytes() / page);
   ASSERT_EQ(mincore(slab, d.geometry().slab_bytes(), resident.data()), 0);
@@ -672,10 +672,12 @@ TEST_F(RecyclerDeathTest, DoubleFreeOfABlockInAReleasedSlabIsCaughtInTheDepot) {
   // may be shared with the area's start or the next slab, and stay).
   std::vector<void*> blocks;
   for (int i = 0; i < 200; ++i) blocks.push_back(recycler_->allocate(*cache_, cls(48)));
+  const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  if (page > 4096) GTEST_SKIP() << "a slab of 48-byte blocks holds no whole page of its own";
   const uintptr_t lowest = reinterpret_cast<uintptr_t>(*std::min_element(blocks.begin(), blocks.end()));
-  const uintptr_t second_page = (lowest | 4095) + 1;
+  const uintptr_t second_page = (lowest | (page - 1)) + 1;
   const auto on_it = std::find_if(blocks.begin(), blocks.end(), [&](void* b) {
-    return reinterpret_cast<uintptr_t>(b) >= second_page && reinterpret_cast<uintptr_t>(b) + 48 <= second_page + 4096;
+    return reinterpret_cast<uintptr_t>(b) >= second_page && reinterpret_cast<uintptr_t>(b) + 48 <= second_page + page;
   });
   ASSERT_NE(on_it, blocks.end());
   void* block = *on_it;
@@ -685,6 +687,25 @@ TEST_F(RecyclerDeathTest, DoubleFreeOfABlockInAReleasedSlabIsCaughtInTheDepot) {
   ASSERT_EQ(recycler::marker_word(block), 0u);
   recycler_->deallocate(*cache_, block);
   EXPECT_DEATH(recycler_->flush(*cache_), "hotpool: double free: the block is already free in the pool");
+}
+
+// With the checks off nothing stops a bad pointer on the way into a cache,
+// but the depot still refuses one it never handed out (below the area's
+// colour, or beyond its frontier) rather than set a bit outside its bitmaps.
+TEST_F(RecyclerDeathTest, WithTheChecksOffTheDepotStillRefusesPointersItNeverHandedOut) {
+  build(false);
+  void* block = recycler_->allocate(*cache_, cls(48));
+  ASSERT_NE(block, nullptr);
+  const ClassDepot& d = depot(48);
+  ASSERT_GE(recycler_->region_offset(d.area()) % recycler_->region().area_bytes(), 48u) << "the 48-byte class has a colour";
+  char* below = const_cast<char*>(d.area()) - 48;
+  ASSERT_EQ(recycler_->region().class_of_block(below), cls(48));
+  recycler_->deallocate(*cache_, below);
+  EXPECT_DEATH(recycler_->flush(*cache_), "hotpool: free\\(\\) of a pointer into pool memory that was never handed out");
+  char* beyond = static_cast<char*>(block) + (8 << 20);  // the same area, never carved
+  cache_ = std::make_unique<ThreadCache>();  // without the block above (the flush died in the child only)
+  recycler_->deallocate(*cache_, beyond);
+  EXPECT_DEATH(recycler_->flush(*cache_), "hotpool: free\\(\\) of a pointer into pool memory that was never handed out");
 }
 
 TEST_F(RecyclerDeathTest, InteriorMisalignedAndNeverAllocatedPointers) {
