@@ -258,12 +258,7 @@ void ClassDepot::drain_locked(void* const* blocks, unsigned count, uint64_t now_
     // twice, once each way.
     if (transfer_count_ && HOTPOOL_RECYCLER_UNLIKELY(in_transfer(blocks[i])))
       fatal_pointer_error("double free: the block is already free in the pool", blocks[i]);
-    // Never past what was handed out: with the checks off (HOTPOOL_CHECKS=0)
-    // nothing else stops a pointer below the area's colour or beyond its
-    // frontier here, where it would set a bit far outside the bitmaps.
-    const size_t offset = static_cast<size_t>(static_cast<char*>(blocks[i]) - area_);
-    if (HOTPOOL_RECYCLER_UNLIKELY(offset >= check_.handed_out.load(std::memory_order_relaxed) * geometry_.size))
-      fatal_pointer_error(check_block(blocks[i]), blocks[i]);
+    const size_t offset = expect_handed_out(blocks[i]);
     uint32_t index;
     Slab* slab = slab_at(offset, &index);
     uint64_t& word = bitmap(slab)[index / 64];
@@ -307,6 +302,7 @@ void ClassDepot::give_locked(void* const* blocks, unsigned count, uint64_t now_n
   void** const stack = transfer_ + transfer_count_;
   for (unsigned i = 0; i < given; ++i) {
     void* block = blocks[i];
+    expect_handed_out(block);
     uint64_t& tag = transfer_tag_word(block);
     const uint64_t mine = transfer_tag(block);
     // A block already free in the depot was freed twice: in a bitmap (a

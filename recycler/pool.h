@@ -221,6 +221,17 @@ class alignas(64) ClassDepot {
     return transfer_tag_word(const_cast<void*>(block)) == transfer_tag(block) && on_stack(block);
   }
   bool on_stack(const void* block) const;
+  // The offset of a block this depot handed out (above its colour, below
+  // its frontier); anything else aborts with the checks' message. Every
+  // block coming back passes here under the lock: with the checks off
+  // (HOTPOOL_CHECKS=0) nothing before stops a bad pointer, which would
+  // otherwise read and set bits far outside the bitmaps.
+  size_t expect_handed_out(const void* block) const {
+    const size_t offset = static_cast<size_t>(static_cast<const char*>(block) - area_);
+    if (HOTPOOL_RECYCLER_UNLIKELY(offset >= check_.handed_out.load(std::memory_order_relaxed) * geometry_.size))
+      fatal_pointer_error(check_block(block), block);
+    return offset;
+  }
   // True when the block's bit is set: free in its slab's bitmap.
   // (By the slab's number: no round trip through its record's address.)
   bool free_in_bitmap(const void* block) const {

@@ -706,6 +706,17 @@ TEST_F(RecyclerDeathTest, WithTheChecksOffTheDepotStillRefusesPointersItNeverHan
   cache_ = std::make_unique<ThreadCache>();  // without the block above (the flush died in the child only)
   recycler_->deallocate(*cache_, beyond);
   EXPECT_DEATH(recycler_->flush(*cache_), "hotpool: free\\(\\) of a pointer into pool memory that was never handed out");
+  // The same through a full cache's drain to the depot's transfer stack
+  // (not a thread's flush): the bad pointer is in the older half it gives back.
+  cache_ = std::make_unique<ThreadCache>();
+  std::vector<void*> blocks;
+  for (int i = 0; i < 64; ++i) blocks.push_back(recycler_->allocate(*cache_, cls(48)));
+  EXPECT_DEATH(
+      {
+        recycler_->deallocate(*cache_, below);
+        for (void* b : blocks) recycler_->deallocate(*cache_, b);
+      },
+      "hotpool: free\\(\\) of a pointer into pool memory that was never handed out");
 }
 
 TEST_F(RecyclerDeathTest, InteriorMisalignedAndNeverAllocatedPointers) {
