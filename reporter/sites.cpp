@@ -204,19 +204,18 @@ void PendingSamples::add_free(uint32_t site, unsigned size_class, uint64_t lifet
                               bool is_recycled, bool is_temporary, Escape escape, uint64_t calls) {
   const unsigned bucket = lifetime_bucket(lifetime_ns);  // once for both
   if (site) entry(site).life.add_to_bucket(bucket, is_short, is_recycled, is_temporary, escape, calls);
-  entry(kClassKey + size_class).life.add_to_bucket(bucket, is_short, is_recycled, is_temporary, escape, calls);
+  if (size_class < kMaxClasses) {
+    class_life_[size_class].add_to_bucket(bucket, is_short, is_recycled, is_temporary, escape, calls);
+    class_touched_[size_class / 64] |= uint64_t{1} << (size_class % 64);
+  }
   after_event();
 }
 
 void PendingSamples::merge(Entry& slot) {
-  if (slot.key != 0) {
-    if (slot.key >= kClassKey) {
-      if (class_lifetimes_) class_lifetimes_[slot.key - kClassKey].merge(slot.life);
-    } else if (depot_) {
-      SiteStats& stats = depot_->site(slot.key);
-      if (slot.allocs) stats.add_allocs(slot.allocs, slot.bytes, slot.min_size, slot.max_size, slot.weight);
-      stats.lifetimes.merge(slot.life);
-    }
+  if (slot.key != 0 && depot_) {
+    SiteStats& stats = depot_->site(slot.key);
+    if (slot.allocs) stats.add_allocs(slot.allocs, slot.bytes, slot.min_size, slot.max_size, slot.weight);
+    stats.lifetimes.merge(slot.life);
   }
   const uint32_t key = slot.key;
   slot = Entry{};
@@ -228,6 +227,14 @@ void PendingSamples::flush_locked() {
   for (Entry& slot : entries_) {
     merge(slot);
     slot.key = 0;
+  }
+  for (unsigned word = 0; word < kMaxClasses / 64; ++word) {
+    for (uint64_t bits = class_touched_[word]; bits; bits &= bits - 1) {
+      const unsigned c = word * 64 + static_cast<unsigned>(__builtin_ctzll(bits));
+      if (class_lifetimes_) class_lifetimes_[c].merge(class_life_[c]);
+      class_life_[c] = LifetimeCounts{};
+    }
+    class_touched_[word] = 0;
   }
 }
 

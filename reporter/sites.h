@@ -191,9 +191,9 @@ class PendingSamples {
   static constexpr uint32_t kFlushEvents = 8192;
 
   struct Entry {
-    uint32_t key;  // 0: empty; a site id; or kClassKey + size class
-    uint64_t allocs, bytes, min_size, max_size;  // sites only
-    SampleWeight weight;                         // sites only, by bytes: summed
+    uint32_t key;  // 0: empty, or a site id
+    uint64_t allocs, bytes, min_size, max_size;
+    SampleWeight weight;                         // by bytes: summed
     LifetimeCounts life;
   };
 
@@ -247,7 +247,6 @@ class PendingSamples {
   }
 
  private:
-  static constexpr uint32_t kClassKey = 1u << 20;
   // Fibonacci hashing: consecutive site ids and class keys spread out.
   static unsigned slot_of(uint32_t key) { return (key * 0x9e3779b1u) >> (32 - kEntriesLog2); }
   Entry& entry(uint32_t key);
@@ -257,6 +256,12 @@ class PendingSamples {
   void after_event() {
     if (__builtin_expect(++events_ >= kFlushEvents, 0)) flush_locked();
   }
+
+  // Each size class's sampled frees, by class: no key, no hashing, and no
+  // class entry evicting a site's (a sampled free counts for both).
+  // class_touched_: the classes to merge at the next flush.
+  LifetimeCounts class_life_[kMaxClasses] = {};
+  uint64_t class_touched_[kMaxClasses / 64] = {};
 
   bool asymmetric_ = false;
   std::atomic<bool> locked_{false};           // the try-lock (no asymmetric fences)
