@@ -97,12 +97,20 @@ uint64_t now_ns() { return g_clock.now_ns(); }
 // otherwise, where a stash mostly costs memory (demo_server at the default
 // 1 in 512: 0.1 MiB less peak RSS, of 4.4 MiB); SampleStash::kSlots
 // blocks at most, one at least.
-unsigned stash_capacity(unsigned region_class) {
+// Computed once (start_sampling): a sample's allocation and its free each
+// ask, and a division per ask was 1% of a sample's instructions.
+constinit uint8_t g_stash_capacity[reporter::kMaxClasses] = {};
+static_assert(SampleStash::kSlots <= UINT8_MAX, "a stash's capacity fits a byte");
+void init_stash_capacities() {
   const bool dense = g_rate ? g_rate <= 16 : g_mean_bytes <= 4096;
   const size_t bytes = dense ? size_t{64} << 10 : size_t{4} << 10;
-  const size_t blocks = bytes / g_sample_classes.class_size(region_class);
-  return blocks >= SampleStash::kSlots ? SampleStash::kSlots : blocks ? static_cast<unsigned>(blocks) : 1;
+  for (unsigned c = 0; c < g_sample_classes.count() && c < reporter::kMaxClasses; ++c) {
+    const size_t size = g_sample_classes.class_size(c);
+    const size_t blocks = size ? bytes / size : 1;
+    g_stash_capacity[c] = static_cast<uint8_t>(blocks >= SampleStash::kSlots ? SampleStash::kSlots : blocks ? blocks : 1);
+  }
 }
+unsigned stash_capacity(unsigned region_class) { return g_stash_capacity[region_class]; }
 
 // The stack of this call, above hotpool, the C++ runtime and libc; empty
 // while a fork is pending (see the fork gate).
@@ -291,6 +299,7 @@ bool start_sampling(const ReentryGuard&) {
     write_warning("hotpool: no memory for sampling; no allocation sites or lifetimes");
     return false;
   }
+  init_stash_capacities();
   g_limit = g_sample_classes.max_class_size() - kHeader;
   if (g_limit > UINT32_MAX) g_limit = UINT32_MAX;  // SampleHeader::usable
   g_clock.init();
