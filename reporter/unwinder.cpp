@@ -152,16 +152,18 @@ inline bool meets(const TraceCache& cache, unsigned& scan, uintptr_t ip, uintptr
 
 // Where the capture meets the previous one at `at` (see meets), called
 // from the same, unchanged frames, the rest of the stack is the previous
-// capture's: copied after it (count grows), true. Unchanged: every return
+// capture's: copied after the `count` frames found so far; returns the
+// new count, or -1 (the count is a value, not a reference: in replay's
+// loop it then stays in a register). Unchanged: every return
 // address of the previous capture from there out still in its slot on the
 // thread's stack (its CFAs rose when it was taken; each is inside the
 // stack, see TraceCache). The copy goes with the check, and counts only if
 // all of it holds. A truncated previous capture serves only if it fills
 // this one.
-bool rejoin_at(const TraceCache& cache, unsigned at, uintptr_t* frames, uintptr_t* cfas, int& count, int capacity) {
+int rejoin_at(const TraceCache& cache, unsigned at, uintptr_t* frames, uintptr_t* cfas, int count, int capacity) {
   const unsigned outer = cache.count - at - 1;  // the previous capture's frames beyond `at`
   const unsigned room = static_cast<unsigned>(capacity - count);
-  if (cache.truncated && outer < room) return false;
+  if (cache.truncated && outer < room) return -1;
   const unsigned n = outer < room ? outer : room;
   const uintptr_t* from_cfas = cache.cfas() + at + 1;
   const uintptr_t* from_ips = cache.ips() + at + 1;
@@ -170,12 +172,11 @@ bool rejoin_at(const TraceCache& cache, unsigned at, uintptr_t* frames, uintptr_
   for (unsigned k = 0; k < n; ++k) {
     const uintptr_t frame_cfa = from_cfas[k];
     const uintptr_t ip = from_ips[k];
-    if (*reinterpret_cast<const uintptr_t*>(frame_cfa - sizeof(uintptr_t)) != ip) return false;
+    if (*reinterpret_cast<const uintptr_t*>(frame_cfa - sizeof(uintptr_t)) != ip) return -1;
     to_cfas[k] = frame_cfa;
     to_ips[k] = ip;
   }
-  count += static_cast<int>(n);  // frames beyond the capacity are neither this capture's nor the next cache's
-  return true;
+  return count + static_cast<int>(n);  // frames beyond the capacity are neither this capture's nor the next cache's
 }
 
 // _Unwind_Trace_Fn: one call per frame, innermost first.
@@ -203,11 +204,13 @@ int gcc_frame(void* context, void* arg) {
   trace->cfas[trace->count] = cfa;
   trace->frames[trace->count++] = ip;
   if (const TraceCache* cache = trace->cache; cache && cfa) {
-    const int walked = trace->count;
-    if (meets(*cache, trace->scan, ip, cfa) &&
-        rejoin_at(*cache, trace->scan, trace->frames, trace->cfas, trace->count, trace->capacity)) {
-      trace->walked = walked;
-      return 5;
+    if (meets(*cache, trace->scan, ip, cfa)) {
+      const int rejoined = rejoin_at(*cache, trace->scan, trace->frames, trace->cfas, trace->count, trace->capacity);
+      if (rejoined >= 0) {
+        trace->walked = trace->count;
+        trace->count = rejoined;
+        return 5;
+      }
     }
   }
   return 0;  // _URC_NO_REASON
@@ -242,9 +245,10 @@ int Unwinder::replay(uintptr_t return_address, uintptr_t cfa, uintptr_t* raw, ui
     // Where the stack rejoins the thread's previous capture, the rest is
     // that capture's: a compare per frame instead of a lookup.
     while (scan < cached_count && cached_cfas[scan] < cfa) ++scan;
-    if (scan < cached_count && cached_cfas[scan] == cfa && cached_ips[scan] == ip &&
-        rejoin_at(cache, scan, raw, cfas, count, capacity))
-      return count;
+    if (scan < cached_count && cached_cfas[scan] == cfa && cached_ips[scan] == ip) {
+      const int rejoined = rejoin_at(cache, scan, raw, cfas, count, capacity);
+      if (rejoined >= 0) return rejoined;
+    }
     const uint16_t words = FrameTable::lookup(table, ip);
     if (words == FrameTable::kOutermost) return count;
     if (words == FrameTable::kUnknown || words == FrameTable::kVarying) return -1;
