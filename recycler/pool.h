@@ -155,7 +155,8 @@ class alignas(64) ClassDepot {
 
   // Hands out up to `want` blocks (fewer when the area is exhausted).
   unsigned refill(void** out, unsigned want, uint64_t now_ns);
-  // Takes blocks back. Aborts on a block that is already free in the depot.
+  // Takes blocks back. Aborts on a block that is already free in the depot,
+  // or that it never handed out (see expect_handed_out).
   void drain(void* const* blocks, unsigned count, uint64_t now_ns);
   // The same with lock() held by the caller, which then updates what holds
   // the blocks on its side (a thread cache's bin) before it unlocks: a
@@ -166,7 +167,8 @@ class alignas(64) ClassDepot {
   // What thread caches use (lock() held, as above): give puts the blocks on
   // the transfer stack as far as it has room, the rest into the bitmaps;
   // take hands out the most recently given blocks first, then the bitmaps'.
-  // give aborts on a block already on the stack; take quarantines a block
+  // give aborts on a block already on the stack or never handed out (as
+  // drain); take quarantines a block
   // whose tag is gone (counted in quarantined_blocks, one warning line per
   // process).
   void give_locked(void* const* blocks, unsigned count, uint64_t now_ns);

@@ -166,7 +166,6 @@ void PendingSamples::attach(StackDepot* depot, LifetimeStats* class_lifetimes, b
 }
 
 PendingSamples::Entry& PendingSamples::entry(uint32_t key) {
-  // Fibonacci hashing: consecutive site ids and class keys spread out.
   Entry& slot = entries_[slot_of(key)];
   if (__builtin_expect(slot.key != key, 0)) {
     merge(slot);

@@ -167,15 +167,17 @@ class StackDepot {
   std::atomic<uint32_t> next_id_{1};
 };
 
-// A thread's sampled counts for the sites and size classes it used last,
-// merged into the shared statistics (atomic read-modify-writes) when an
-// entry is evicted, every kFlushEvents events, and by flush(): at thread
-// exit, before a report (by the reporting thread, for every thread), before
-// the auto policy reads the class lifetimes. A sampled allocation or free
-// then costs no lock-prefixed instruction at all instead of up to twelve
-// to shared counters. 128 entries (26 KiB), flushed every 8192 events:
-// sqlite3's sites and classes evicted one another from 64 (with
-// HOTPOOL_SAMPLE=1, 100 instructions of merges per sample).
+// A thread's sampled counts for the sites it used last (a hash table of
+// 128 entries, 28 KiB) and for every size class (an array, 21 KiB, its
+// pages touched only for the classes used), merged into the shared
+// statistics (atomic read-modify-writes): a site's when its entry is
+// evicted; all every kFlushEvents events, and by flush(): at thread exit,
+// before a report (by the reporting thread, for every thread), before the
+// auto policy reads the class lifetimes. A sampled allocation or free then
+// costs no lock-prefixed instruction at all instead of up to twelve to
+// shared counters. sqlite3's sites evicted one another from 64 entries,
+// and from 128 while classes had entries there too (with HOTPOOL_SAMPLE=1,
+// about 100 instructions of merges per sample each time).
 //
 // The owner's section (begin() ... end()) excludes the flushes of other
 // threads by an asymmetric handshake (fence.h): the owner raises `busy`
@@ -247,7 +249,7 @@ class PendingSamples {
   }
 
  private:
-  // Fibonacci hashing: consecutive site ids and class keys spread out.
+  // Fibonacci hashing: consecutive site ids spread out.
   static unsigned slot_of(uint32_t key) { return (key * 0x9e3779b1u) >> (32 - kEntriesLog2); }
   Entry& entry(uint32_t key);
   __attribute__((noinline)) void add_alloc_to_new(uint32_t site, uint64_t size);
@@ -261,6 +263,7 @@ class PendingSamples {
   // class entry evicting a site's (a sampled free counts for both).
   // class_touched_: the classes to merge at the next flush.
   LifetimeCounts class_life_[kMaxClasses] = {};
+  static_assert(kMaxClasses % 64 == 0, "class_touched_ has a bit for every class");
   uint64_t class_touched_[kMaxClasses / 64] = {};
 
   bool asymmetric_ = false;

@@ -275,8 +275,8 @@ class PendingSamplesTest : public ::testing::TestWithParam<bool> {
 };
 
 TEST_P(PendingSamplesTest, MergedCountsEqualDirectAddsThroughEvictionsAndFlushes) {
-  // 300 sites and 40 classes through 64 entries: evictions all along; more
-  // events than kFlushEvents: automatic merges too.
+  // 300 sites through PendingSamples::kEntries entries (and 40 classes):
+  // evictions all along; more events than kFlushEvents: automatic merges too.
   const std::vector<Event> events = make_events(3 * PendingSamples::kFlushEvents + 77, 300, 42);
   for (const Event& e : events) {
     add_directly(*direct, direct_classes.get(), e);
