@@ -456,9 +456,9 @@ const char* ClassDepot::check_block(const void* block) const {
 }
 
 size_t PoolRegion::area_colour(unsigned c, uint32_t block_size, unsigned shift) {
-  ClassGeometry geometry;
-  geometry.init(block_size, page_bytes());
   const size_t page = page_bytes();
+  ClassGeometry geometry;
+  geometry.init(block_size, page);
   // An area that holds few slabs keeps them all (a colour costs the area
   // up to one slab: at most 1 in 32 here).
   if ((size_t{1} << shift) / geometry.slab_bytes() < 32) return 0;
@@ -484,18 +484,19 @@ bool PoolRegion::init(const SizeClassTable& classes, size_t region_bytes, uint64
   area_shift_ = shift;
   class_count_ = sized;
   // Every depot's metadata in one mapping (one system call, one VMA).
+  size_t colours[kMaxClasses];
   size_t meta_bytes = 0;
   for (unsigned c = 0; c < sized; ++c) {
     const auto size = static_cast<uint32_t>(classes.class_size(c));
-    meta_bytes += ClassDepot::meta_bytes(size, (size_t{1} << shift) - area_colour(c, size, shift));
+    colours[c] = area_colour(c, size, shift);
+    meta_bytes += ClassDepot::meta_bytes(size, (size_t{1} << shift) - colours[c]);
   }
   char* meta = static_cast<char*>(map_noreserve(meta_bytes));
   if (!meta) return false;
   for (unsigned c = 0; c < sized; ++c) {
     const auto size = static_cast<uint32_t>(classes.class_size(c));
-    const size_t colour = area_colour(c, size, shift);
-    const size_t room = (size_t{1} << shift) - colour;
-    if (!depots_[c].init(size, base_ + (size_t{c} << shift) + colour, room, marker_key, meta)) return false;
+    const size_t room = (size_t{1} << shift) - colours[c];
+    if (!depots_[c].init(size, base_ + (size_t{c} << shift) + colours[c], room, marker_key, meta)) return false;
     meta += ClassDepot::meta_bytes(size, room);
   }
   bytes_ = size_t{sized} << shift;  // published last: contains() is false until now

@@ -144,10 +144,12 @@ struct GccTrace {
 // CFAs rising: `scan` keeps one pass over the previous one): true when the
 // frame at `count - 1` just recorded, (ip, cfa), is the previous capture's
 // frame at the same place. Inlined: most frames are not.
-inline bool meets(const TraceCache& cache, unsigned& scan, uintptr_t ip, uintptr_t cfa) {
-  const uintptr_t* cached_cfas = cache.cfas();
-  while (scan < cache.count && cached_cfas[scan] < cfa) ++scan;
-  return scan < cache.count && cached_cfas[scan] == cfa && cache.ips()[scan] == ip;
+// Given the previous capture's arrays and count (replay holds them in
+// registers), not the cache.
+inline bool meets(const uintptr_t* cached_cfas, const uintptr_t* cached_ips, unsigned cached_count, unsigned& scan,
+                  uintptr_t ip, uintptr_t cfa) {
+  while (scan < cached_count && cached_cfas[scan] < cfa) ++scan;
+  return scan < cached_count && cached_cfas[scan] == cfa && cached_ips[scan] == ip;
 }
 
 // Where the capture meets the previous one at `at` (see meets), called
@@ -204,7 +206,7 @@ int gcc_frame(void* context, void* arg) {
   trace->cfas[trace->count] = cfa;
   trace->frames[trace->count++] = ip;
   if (const TraceCache* cache = trace->cache; cache && cfa) {
-    if (meets(*cache, trace->scan, ip, cfa)) {
+    if (meets(cache->cfas(), cache->ips(), cache->count, trace->scan, ip, cfa)) {
       const int rejoined = rejoin_at(*cache, trace->scan, trace->frames, trace->cfas, trace->count, trace->capacity);
       if (rejoined >= 0) {
         trace->walked = trace->count;
@@ -237,15 +239,14 @@ int Unwinder::replay(uintptr_t return_address, uintptr_t cfa, uintptr_t* raw, ui
   const uint64_t* const table = frames_.slots();
   int count = 1;
   uintptr_t ip = return_address;
-  unsigned scan = 0;  // as meets(): one pass over the previous capture's CFAs
+  unsigned scan = 0;  // meets()'s one pass over the previous capture's CFAs
   for (;;) {
     if (count == capacity) return count;
     raw[count] = ip;
     cfas[count++] = cfa;
     // Where the stack rejoins the thread's previous capture, the rest is
     // that capture's: a compare per frame instead of a lookup.
-    while (scan < cached_count && cached_cfas[scan] < cfa) ++scan;
-    if (scan < cached_count && cached_cfas[scan] == cfa && cached_ips[scan] == ip) {
+    if (meets(cached_cfas, cached_ips, cached_count, scan, ip, cfa)) {
       const int rejoined = rejoin_at(cache, scan, raw, cfas, count, capacity);
       if (rejoined >= 0) return rejoined;
     }

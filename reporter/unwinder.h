@@ -89,9 +89,8 @@ class FrameTable {
   }
   // The distance in 8-byte words, or one of the markers above. Inline: a
   // replay looks up every frame it walks.
-  uint16_t lookup(uintptr_t return_address) const { return lookup(slots_, return_address); }
-  // The same, given slots(): a loop that stores through other pointers
-  // keeps the table's address in a register.
+  // Given slots(): a loop that stores through other pointers keeps the
+  // table's address in a register.
   const uint64_t* slots() const { return slots_; }
   static uint16_t lookup(const uint64_t* slots, uintptr_t return_address) {
     if (!slots || (return_address & ~kAddressMask)) return kUnknown;
