@@ -53,57 +53,93 @@ struct SiteRow {
   }
 };
 
-constexpr unsigned kMaxRows = 4096;
-constinit SiteRow g_rows[kMaxRows];  // the report runs under its lock: one at a time
+// Loads site `id`'s figures into `row`: false when it has no samples.
+bool load_row(const SamplingView& view, uint32_t id, SiteRow& row) {
+  const SiteStats& site = view.depot->site(id);
+  const uint64_t allocs = load(site.allocs);
+  if (allocs == 0) return false;
+  row.id = id;
+  row.allocs = allocs;
+  row.bytes = load(site.bytes);
+  row.min_size = load(site.min_size);
+  row.max_size = load(site.max_size);
+  // By count every sample weighs the rate; by bytes the site kept its sum.
+  row.weight = view.mean_bytes ? static_cast<double>(load(site.weight)) / static_cast<double>(uint64_t{1} << kWeightShift)
+                               : static_cast<double>(allocs) * static_cast<double>(view.rate);
+  row.weighted_bytes = view.mean_bytes ? load(site.weighted_bytes) : row.bytes * view.rate;
+  const LifetimeStats& life = site.lifetimes;
+  row.frees = load(life.frees);
+  row.short_lived = load(life.short_lived);
+  row.recycled = load(life.recycled);
+  row.temporary = load(life.temporary);
+  for (unsigned e = 0; e < 3; ++e) row.escapes[e] = load(life.escapes[e]);
+  row.calls = load(life.calls_between);
+  for (unsigned b = 0; b < kLifetimeBuckets; ++b) row.histogram[b] = load(life.histogram[b]);
+  row.median_ns = histogram_median(row.histogram, kLifetimeBuckets, view.longest_ns);
+  return true;
+}
 
-unsigned collect_sites(const SamplingView& view) {
+// Calls visit(row) for every site with samples, in the order of their ids;
+// returns how many there are. Rows are not kept: a run can fill the whole
+// depot (StackDepot::kSlots sites), and a report needs only its top lists.
+template <typename Visit>
+unsigned for_each_site(const SamplingView& view, Visit visit) {
   unsigned count = 0;
   const uint32_t ids = view.depot->id_limit();
-  for (uint32_t id = 1; id < ids && count < kMaxRows; ++id) {
-    const SiteStats& site = view.depot->site(id);
-    const uint64_t allocs = load(site.allocs);
-    if (allocs == 0) continue;
-    SiteRow& row = g_rows[count++];
-    row.id = id;
-    row.allocs = allocs;
-    row.bytes = load(site.bytes);
-    row.min_size = load(site.min_size);
-    row.max_size = load(site.max_size);
-    // By count every sample weighs the rate; by bytes the site kept its sum.
-    row.weight = view.mean_bytes ? static_cast<double>(load(site.weight)) / static_cast<double>(uint64_t{1} << kWeightShift)
-                                 : static_cast<double>(allocs) * static_cast<double>(view.rate);
-    row.weighted_bytes = view.mean_bytes ? load(site.weighted_bytes) : row.bytes * view.rate;
-    const LifetimeStats& life = site.lifetimes;
-    row.frees = load(life.frees);
-    row.short_lived = load(life.short_lived);
-    row.recycled = load(life.recycled);
-    row.temporary = load(life.temporary);
-    for (unsigned e = 0; e < 3; ++e) row.escapes[e] = load(life.escapes[e]);
-    row.calls = load(life.calls_between);
-    for (unsigned b = 0; b < kLifetimeBuckets; ++b) row.histogram[b] = load(life.histogram[b]);
-    row.median_ns = histogram_median(row.histogram, kLifetimeBuckets, view.longest_ns);
+  SiteRow row;
+  for (uint32_t id = 1; id < ids; ++id) {
+    if (!load_row(view, id, row)) continue;
+    ++count;
+    visit(static_cast<const SiteRow&>(row));
   }
   return count;
 }
 
-// Indices of the `top` rows with the largest key, best first.
+// The `capacity` sites with the largest key (those of key 0 left out),
+// best first, from the rows offered one by one; of equal keys, the first
+// offered ranks first. Rows are copied into `storage` (capacity rows) and
+// ranked by index, so an offer moves indices, never rows.
 template <typename Key>
-unsigned top_rows(unsigned count, unsigned top, Key key, unsigned* out) {
-  unsigned chosen = 0;
-  if (top == 0) return 0;  // HOTPOOL_TOP=0: no list
-  for (unsigned i = 0; i < count; ++i) {
-    if (key(g_rows[i]) == 0) continue;
-    unsigned pos = chosen < top ? chosen++ : top;
-    if (pos == top && key(g_rows[i]) <= key(g_rows[out[top - 1]])) continue;
-    if (pos == top) pos = top - 1;
-    while (pos > 0 && key(g_rows[out[pos - 1]]) < key(g_rows[i])) {
-      out[pos] = out[pos - 1];
+class TopRows {
+ public:
+  TopRows(SiteRow* storage, unsigned* order, unsigned capacity, Key key)
+      : rows_(storage), order_(order), capacity_(capacity), key_(key) {}
+  void offer(const SiteRow& row) {
+    const auto key = key_(row);
+    if (capacity_ == 0 || key == 0) return;  // HOTPOOL_TOP=0: no list
+    unsigned pos = count_;
+    unsigned slot = count_;
+    if (count_ == capacity_) {
+      if (key <= key_(rows_[order_[capacity_ - 1]])) return;
+      pos = capacity_ - 1;
+      slot = order_[pos];  // the last one's storage
+    } else {
+      ++count_;
+    }
+    while (pos > 0 && key_(rows_[order_[pos - 1]]) < key) {
+      order_[pos] = order_[pos - 1];
       --pos;
     }
-    out[pos] = i;
+    rows_[slot] = row;
+    order_[pos] = slot;
   }
-  return chosen;
-}
+  unsigned size() const { return count_; }
+  const SiteRow& operator[](unsigned rank) const { return rows_[order_[rank]]; }
+
+ private:
+  SiteRow* rows_;
+  unsigned* order_;
+  unsigned capacity_, count_ = 0;
+  Key key_;
+};
+
+// Storage for the top lists of one report (the reports run under their
+// lock, one at a time): the JSON report's two lists, or the text report's
+// three of at most kMaxTop each.
+constexpr unsigned kJsonSites = 256, kJsonBytesSites = 64;
+static_assert(3 * kMaxTop <= kJsonSites + kJsonBytesSites, "the text report's lists fit");
+constinit SiteRow g_rows[kJsonSites + kJsonBytesSites];
+constinit unsigned g_order[kJsonSites + kJsonBytesSites];
 
 // What a person can do about a site, from its escape classes.
 const char* advice(const SiteRow& row) {
@@ -196,9 +232,19 @@ void write_duration(Output& out, uint64_t ns) {
 }
 
 void write_text_sampling(const StatsSnapshot& stats, const SamplingView& view, Output& out) {
-  const unsigned count = collect_sites(view);
+  // One pass over the sites: the samples in all, and the three lists.
+  // Ranked by estimates: by bytes, a sample of a small block stands for more.
+  const unsigned top = view.top < kMaxTop ? view.top : kMaxTop;
+  TopRows hot(g_rows, g_order, top, [](const SiteRow& r) { return r.scaled(r.short_lived); });
+  TopRows heavy(g_rows + kMaxTop, g_order + kMaxTop, top, [](const SiteRow& r) { return r.weighted_bytes; });
+  TopRows live(g_rows + 2 * kMaxTop, g_order + 2 * kMaxTop, top, [](const SiteRow& r) { return r.scaled(r.live()); });
   uint64_t samples = 0;
-  for (unsigned i = 0; i < count; ++i) samples += g_rows[i].allocs;
+  for_each_site(view, [&](const SiteRow& row) {
+    samples += row.allocs;
+    hot.offer(row);
+    heavy.offer(row);
+    live.offer(row);
+  });
   if (samples == 0) return;
   const bool estimated = view.rate != 1;
   out.str("  lifetimes from ").count(samples).str(" sampled allocations");
@@ -231,8 +277,6 @@ void write_text_sampling(const StatsSnapshot& stats, const SamplingView& view, O
         .padded(14, [&](Output& o) { o.percent(load(life.escapes[2]), freed); })
         .ch('\n');
   }
-  unsigned order[kMaxTop];
-  const unsigned top = view.top < kMaxTop ? view.top : kMaxTop;
   auto site_line = [&](const SiteRow& row, unsigned rank) {
     out.str("   #").u64(rank).str("  ").str(estimated ? "~" : "").count(row.estimate(row.allocs)).str(" x ");
     if (row.min_size == row.max_size) out.bytes(row.min_size);
@@ -249,16 +293,13 @@ void write_text_sampling(const StatsSnapshot& stats, const SamplingView& view, O
     out.ch('\n');
     write_frames(view, row.id, out, "       ");
   };
-  // Ranked by estimates: by bytes, a sample of a small block stands for more.
-  unsigned shown = top_rows(count, top, [](const SiteRow& r) { return r.scaled(r.short_lived); }, order);
-  if (shown) out.str("  hot sites, short-lived first\n");
-  for (unsigned i = 0; i < shown; ++i) site_line(g_rows[order[i]], i + 1);
-  shown = top_rows(count, top, [](const SiteRow& r) { return r.weighted_bytes; }, order);
-  if (shown) out.str("  sites by bytes allocated\n");
-  for (unsigned i = 0; i < shown; ++i) site_line(g_rows[order[i]], i + 1);
-  shown = top_rows(count, top, [](const SiteRow& r) { return r.scaled(r.live()); }, order);
-  if (shown) out.str("  live at exit (leaks, or long-lived by design)\n");
-  for (unsigned i = 0; i < shown; ++i) site_line(g_rows[order[i]], i + 1);
+  auto list = [&](const auto& rows, const char* title) {
+    if (rows.size()) out.str(title);
+    for (unsigned i = 0; i < rows.size(); ++i) site_line(rows[i], i + 1);
+  };
+  list(hot, "  hot sites, short-lived first\n");
+  list(heavy, "  sites by bytes allocated\n");
+  list(live, "  live at exit (leaks, or long-lived by design)\n");
 }
 
 void write_tune_line(const StatsSnapshot& stats, const SamplingView* view, bool explicit_classes, uint32_t hot_share_ppm,
@@ -333,19 +374,25 @@ void write_json_sampling(const StatsSnapshot& stats, const SamplingView* view, u
   // them, and those of the kJsonBytesSites with the most bytes that are not
   // among them (by bytes, a site of rare large blocks ranks low by count);
   // at most kJsonFrames frames each: symbolizing costs milliseconds a frame.
-  constexpr unsigned kJsonSites = 256, kJsonBytesSites = 64, kJsonFrames = 16;
-  const unsigned count = collect_sites(*view);
-  static unsigned order[kJsonSites + kJsonBytesSites], by_bytes[kJsonBytesSites];
-  unsigned shown = top_rows(count, kJsonSites, [](const SiteRow& r) { return r.weight; }, order);
-  const unsigned heavy = top_rows(count, kJsonBytesSites, [](const SiteRow& r) { return r.weighted_bytes; }, by_bytes);
-  for (unsigned i = 0; i < heavy; ++i) {
+  constexpr unsigned kJsonFrames = 16;
+  TopRows by_count(g_rows, g_order, kJsonSites, [](const SiteRow& r) { return r.weight; });
+  TopRows by_bytes(g_rows + kJsonSites, g_order + kJsonSites, kJsonBytesSites,
+                   [](const SiteRow& r) { return r.weighted_bytes; });
+  const unsigned count = for_each_site(*view, [&](const SiteRow& row) {
+    by_count.offer(row);
+    by_bytes.offer(row);
+  });
+  static const SiteRow* shown_rows[kJsonSites + kJsonBytesSites];
+  unsigned shown = 0;
+  for (unsigned i = 0; i < by_count.size(); ++i) shown_rows[shown++] = &by_count[i];
+  for (unsigned i = 0; i < by_bytes.size(); ++i) {
     bool listed = false;
-    for (unsigned j = 0; j < shown && !listed; ++j) listed = order[j] == by_bytes[i];
-    if (!listed) order[shown++] = by_bytes[i];
+    for (unsigned j = 0; j < by_count.size() && !listed; ++j) listed = by_count[j].id == by_bytes[i].id;
+    if (!listed) shown_rows[shown++] = &by_bytes[i];
   }
   out.str(",\n  \"sites_total\": ").u64(count).str(",\n  \"sites\": [");
   for (unsigned i = 0; i < shown; ++i) {
-    const SiteRow& row = g_rows[order[i]];
+    const SiteRow& row = *shown_rows[i];
     out.str(i ? ",\n" : "\n").str("    {\"id\": ").u64(row.id)
         .str(", \"sampled_allocations\": ").u64(row.allocs)
         .str(", \"estimated_allocations\": ").u64(row.estimate(row.allocs))

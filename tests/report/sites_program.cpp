@@ -248,6 +248,14 @@ NOINLINE int descend(unsigned path, int level) {
 NOINLINE int branch_a(unsigned path, int level) { return descend(path, level) + 1; }  // not a tail call
 NOINLINE int branch_b(unsigned path, int level) { return descend(path, level) + 2; }
 
+// A site that allocates only after many_stacks' thousands of sites: the
+// report must find it among all of them, whatever its id.
+NOINLINE void late_site() {
+  void* block = std::malloc(40);  // SITE: late
+  g_sink = block;
+  std::free(block);
+}
+
 // A thread's blocks freed by that thread at its very end: in the last
 // round of pthread key destructors, after hotpool has let the thread go (a
 // key created after hotpool's own runs after it in every round).
@@ -318,6 +326,10 @@ int main(int argc, char** argv) {
     for (void* block : blocks) std::free(block);
   } else if (std::strcmp(what, "many_stacks") == 0) {
     for (unsigned path = 0; path < (1u << count); ++path) descend(path, count);
+  } else if (std::strcmp(what, "late_site") == 0) {
+    for (unsigned path = 0; path < (1u << count); ++path) descend(path, count);
+    const int repeat = argc > 3 ? std::atoi(argv[3]) : 1000;
+    for (int i = 0; i < repeat; ++i) late_site();
   } else if (std::strcmp(what, "exit_free") == 0) {
     if (exit_free_thread(count) != 0) return 1;
   } else if (std::strcmp(what, "bytes") == 0) {

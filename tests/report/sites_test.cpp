@@ -374,6 +374,32 @@ TEST_F(SitesTest, SamplesWithoutASiteAreStillToldFrameLocal) {
   EXPECT_LT(report["sites_total"].get<uint64_t>(), uint64_t{1} << kLevels);
 }
 
+// Sites are ranked among all of the depot's, not its first few thousand:
+// a site whose allocations all come after 8,192 others is the hottest of
+// both reports, with every allocation counted.
+TEST_F(SitesTest, ASiteAfterThousandsOfOthersIsStillRanked) {
+  constexpr int kLevels = 13;  // 8,192 stacks of one allocation (and as many of malloc(8))
+  constexpr uint64_t kLate = 5000;
+  const std::vector<std::string> args = {"late_site", std::to_string(kLevels), std::to_string(kLate)};
+  const std::vector<std::string> options = {"HOTPOOL_SAMPLE=1", "HOTPOOL_MODE=profile", "HOTPOOL_DEPTH=64"};
+  const Json report = run(args, options);
+  EXPECT_GT(report["sites_total"].get<uint64_t>(), uint64_t{1} << kLevels);
+  auto late = site(report, "late_site", "late");
+  EXPECT_EQ(late["sampled_allocations"], kLate);
+  EXPECT_EQ(late["frame_local"], kLate);
+  ASSERT_FALSE(report["sites"].empty());
+  EXPECT_NE(report["sites"][0]["frames"][0]["function"].get<std::string>().find("late_site"), std::string::npos);
+
+  int status = 0;
+  std::vector<std::string> text_options = options;
+  text_options.push_back("HOTPOOL_TOP=1");
+  const std::string text = run_text(args, text_options, &status);
+  ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+  const size_t hot = text.find("  hot sites, short-lived first\n   #1  5.00K x 40 B");
+  ASSERT_NE(hot, std::string::npos) << text;
+  EXPECT_NE(text.find("late_site", hot), std::string::npos) << text;
+}
+
 // Sampling moves no block into another class: a sampled block shows the
 // program, and is counted with, the usable size its request gets unsampled
 // (the real allocator's, or its pooled class's, also in a sparse table).
