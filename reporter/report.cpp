@@ -81,7 +81,7 @@ bool load_row(const SamplingView& view, uint32_t id, SiteRow& row) {
 
 // Calls visit(row) for every site with samples, in the order of their ids;
 // returns how many there are. Rows are not kept: a run can fill the whole
-// depot (StackDepot::kSlots sites), and a report needs only its top lists.
+// depot (StackDepot::kIds - 1 sites), and a report needs only its top lists.
 template <typename Visit>
 unsigned for_each_site(const SamplingView& view, Visit visit) {
   unsigned count = 0;
@@ -245,9 +245,9 @@ void write_text_sampling(const StatsSnapshot& stats, const SamplingView& view, O
     heavy.offer(row);
     live.offer(row);
   });
-  if (samples == 0) return;
+  if (samples + view.unsited == 0) return;
   const bool estimated = view.rate != 1;
-  out.str("  lifetimes from ").count(samples).str(" sampled allocations");
+  out.str("  lifetimes from ").count(samples + view.unsited).str(" sampled allocations");
   if (view.mean_bytes) {
     out.str(" (by bytes: one per ").bytes(view.mean_bytes)
         .str(" on average; figures marked ~ are estimates: each sample counts 1 / its chance of being sampled)");
@@ -259,6 +259,10 @@ void write_text_sampling(const StatsSnapshot& stats, const SamplingView& view, O
   out.str(", short-lived = at most ");
   write_duration(out, view.short_ns);
   out.str(", recycled = freed by its thread within ").u64(view.recycle_calls).str(" of its calls\n");
+  if (view.unsited) {
+    out.str("  ").count(view.unsited).str(" of them have no site (no stack captured, or all ")
+        .u64(StackDepot::kIds - 1).str(" sites of the stack depot taken): the size classes count them, the sites do not\n");
+  }
   out.str("  size class  short-lived  recycled  median life  temporary  frame-local  thread-local  cross-thread\n");
   for (unsigned c = 0; c < stats.class_count; ++c) {
     const LifetimeStats& life = view.class_lifetimes[c];
@@ -346,6 +350,7 @@ void write_json_sampling(const StatsSnapshot& stats, const SamplingView* view, u
       .str(", \"by\": ").str(view->mean_bytes ? "\"bytes\"" : "\"allocations\"")
       .str(", \"mean_bytes\": ").u64(view->mean_bytes).str(", \"short_ns\": ").u64(view->short_ns)
       .str(", \"recycle_calls\": ").u64(view->recycle_calls)
+      .str(", \"unsited\": ").u64(view->unsited)
       .str(", \"lifetime_bucket_bounds_ns\": [");
   for (unsigned b = 1; b < kLifetimeBuckets; ++b) out.str(b > 1 ? ", " : "").u64(lifetime_bucket_low(b));
   out.str("]},\n  \"class_lifetimes\": [");

@@ -302,11 +302,11 @@ uint64_t hash_stack(const uintptr_t* ips, unsigned depth) {
 }
 }  // namespace
 
-bool StackDepot::init() {
-  arena_words_ = size_t{kSlots} * 24;  // room for every slot at an average depth of 23
-  slots_ = static_cast<std::atomic<uint64_t>*>(map_noreserve(kSlots * sizeof(uint64_t)));
-  offsets_ = static_cast<uint32_t*>(map_noreserve(kSlots * sizeof(uint32_t)));
-  sites_ = static_cast<SiteStats*>(map_noreserve(kSlots * sizeof(SiteStats)));
+bool StackDepot::init(unsigned max_depth) {
+  arena_words_ = size_t{kIds} * (max_depth + 1);  // each trace is [depth][ips...]
+  slots_ = static_cast<std::atomic<uint32_t>*>(map_noreserve(kSlots * sizeof(uint32_t)));
+  offsets_ = static_cast<uint32_t*>(map_noreserve(kIds * sizeof(uint32_t)));
+  sites_ = static_cast<SiteStats*>(map_noreserve(kIds * sizeof(SiteStats)));
   arena_ = static_cast<uintptr_t*>(map_noreserve(arena_words_ * sizeof(uintptr_t)));
   if (!slots_ || !offsets_ || !sites_ || !arena_) slots_ = nullptr;
   return slots_ != nullptr;
@@ -315,26 +315,28 @@ bool StackDepot::init() {
 uint32_t StackDepot::insert(const uintptr_t* ips, unsigned depth) {
   if (!slots_ || depth == 0) return 0;
   const uint64_t hash = hash_stack(ips, depth);
-  const uint64_t tag = (hash >> 32) << 32;
+  // A slot: the hash's top 16 bits over the id's 16 (0: empty; ids start at 1).
+  static_assert(kIds <= (1u << 16) && kSlotsLog2 <= 48, "a slot holds an id and a tag of bits the index does not use");
+  const uint32_t tag = static_cast<uint32_t>(hash >> 48) << 16;
   for (uint32_t probe = 0; probe < 64; ++probe) {
     const uint32_t index = static_cast<uint32_t>((hash + probe) & (kSlots - 1));
-    uint64_t slot = slots_[index].load(std::memory_order_acquire);
+    uint32_t slot = slots_[index].load(std::memory_order_acquire);
     if (slot == 0) {
       // Claim space and an id for the trace, then publish it with a CAS; a
       // lost race leaves the claimed words and id unused (rare, bounded).
       const size_t offset = arena_used_.fetch_add(depth + 1, std::memory_order_relaxed);
       if (offset + depth + 1 > arena_words_) return 0;
       const uint32_t id = next_id_.fetch_add(1, std::memory_order_relaxed);
-      if (id >= kSlots) return 0;
+      if (id >= kIds) return 0;
       arena_[offset] = depth;
       for (unsigned i = 0; i < depth; ++i) arena_[offset + 1 + i] = ips[i];
       offsets_[id] = static_cast<uint32_t>(offset + 1);
-      uint64_t expected = 0;
+      uint32_t expected = 0;
       if (slots_[index].compare_exchange_strong(expected, tag | id, std::memory_order_acq_rel)) return id;
       slot = expected;  // someone else filled the slot: compare with theirs
     }
-    if ((slot >> 32 << 32) != tag) continue;
-    const uint32_t id = static_cast<uint32_t>(slot);
+    if ((slot & 0xffff0000u) != tag) continue;
+    const uint32_t id = slot & 0xffffu;
     const uintptr_t* stored = arena_ + (offsets_[id] - 1);
     if (stored[0] == depth && std::memcmp(stored + 1, ips, depth * sizeof(uintptr_t)) == 0) return id;
   }

@@ -122,12 +122,19 @@ struct SiteStats {
 
 class StackDepot {
  public:
-  static constexpr unsigned kSlotsLog2 = 16;
+  // Site ids are below kIds; the hash table has twice as many slots, so
+  // that it is at most half full and an insert's probes (at most 64) find
+  // a free slot until the ids run out (with as many slots as ids, about one
+  // stack in 300 found none at 51,000 sites).
+  static constexpr uint32_t kIds = 1u << 16;
+  static constexpr unsigned kSlotsLog2 = 17;
   static constexpr uint32_t kSlots = 1u << kSlotsLog2;
 
-  bool init();  // mmap'd, untouched until used
+  // mmap'd, untouched until used; room for kIds - 1 stacks of up to
+  // max_depth frames (HOTPOOL_DEPTH).
+  bool init(unsigned max_depth);
   bool ready() const { return slots_ != nullptr; }
-  // The site of a stack: an id in [1, kSlots), or 0 when the depot is full.
+  // The site of a stack: an id in [1, kIds), or 0 when the depot is full.
   // Ids are handed out in order, so that the sites' statistics fill their
   // array from its start (a page per site would be resident otherwise).
   uint32_t insert(const uintptr_t* ips, unsigned depth);
@@ -141,7 +148,7 @@ class StackDepot {
   // sampled allocation or free reads no cache line that every insert
   // writes (next_id_). An id never handed out has no offset: 0.
   unsigned known_stack(uint32_t id, const uintptr_t** ips) const {
-    if (!offsets_ || id == 0 || id >= kSlots) return 0;
+    if (!offsets_ || id == 0 || id >= kIds) return 0;
     const uint32_t offset = offsets_[id];
     if (offset == 0) return 0;
     const uintptr_t* stored = arena_ + (offset - 1);
@@ -153,12 +160,14 @@ class StackDepot {
   // Every id handed out is below this (some, lost in races, name no stack).
   uint32_t id_limit() const {
     const uint32_t next = next_id_.load(std::memory_order_acquire);
-    return next < kSlots ? next : kSlots;
+    return next < kIds ? next : kIds;
   }
 
  private:
-  // The hash table: 0 empty, else (hash >> 32) << 32 | id.
-  std::atomic<uint64_t>* slots_ = nullptr;
+  // The hash table: 0 empty, else (hash >> 48) << 16 | id. 4 bytes a slot:
+  // with twice the ids' slots, as many bytes (and pages touched) as 8-byte
+  // slots of as many as the ids.
+  std::atomic<uint32_t>* slots_ = nullptr;
   uint32_t* offsets_ = nullptr;  // per id: 1 + the offset of its trace in arena_ (0: none)
   SiteStats* sites_ = nullptr;   // per id
   uintptr_t* arena_ = nullptr;   // traces: [depth][ips...]

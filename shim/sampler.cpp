@@ -38,7 +38,7 @@ constexpr uint64_t kMarkMask = kStateMask & ~kNoSite;
 // The site of a sampled block's header, 0 if none (also for an id out of
 // the depot's range: a header the program overwrote).
 uint32_t header_site(const SampleHeader& header) {
-  return (header.ops_state & kNoSite) || header.site >= reporter::StackDepot::kSlots ? 0 : header.site;
+  return (header.ops_state & kNoSite) || header.site >= reporter::StackDepot::kIds ? 0 : header.site;
 }
 // The usable size a sampled block shows the program and is counted with:
 // what the same request would get unsampled (its pooled class's size, or
@@ -62,6 +62,9 @@ constinit std::atomic<int> g_unwinding{0};
 // fork() calls between the start of their prepare handler and the end of
 // their parent (or child) handler, in any thread.
 constinit std::atomic<int> g_fork_pending{0};
+// Sampled allocations the stack depot had no site for (it was full): the
+// report says how many. Written only then, so no sample shares its line.
+alignas(64) constinit std::atomic<uint64_t> g_unsited{0};
 __thread bool tls_unwinding __attribute__((tls_model("initial-exec")));
 // This thread's captures in g_unwinding, or about to be: more than one when
 // a signal handler's capture interrupted another.
@@ -295,7 +298,7 @@ bool start_sampling(const ReentryGuard&) {
   for (unsigned c = 0; c + 1 < g_classes.count(); ++c) sizes[listed++] = g_classes.class_size(c);
   sizes[listed++] = g_classes.max_class_size() + kHeader;
   if (!g_sample_classes.build_from_list(sizes, listed)) g_sample_classes = g_classes;
-  if (!g_stack_depot.init() || !g_sample_region.init(g_sample_classes, sample_region_bytes())) {
+  if (!g_stack_depot.init(g_depth) || !g_sample_region.init(g_sample_classes, sample_region_bytes())) {
     write_warning("hotpool: no memory for sampling; no allocation sites or lifetimes");
     return false;
   }
@@ -339,6 +342,7 @@ uint64_t sampling_rate() { return g_rate; }
 uint64_t sampling_mean_bytes() { return g_mean_bytes; }
 uint64_t sampling_short_ns() { return g_short_ns; }
 uint64_t sampling_recycle_calls() { return g_recycle_calls; }
+uint64_t sampling_unsited() { return g_unsited.load(std::memory_order_relaxed); }
 
 namespace {
 // Uniform in (0, 1): xorshift64*, seeded from the thread's ordinal (runs
@@ -464,9 +468,12 @@ void* sampled_allocate(ThreadState& state, size_t size, reporter::Unwinder::Fram
   header->usable = static_cast<uint32_t>(usable);  // below the largest class
   header->alloc_ns = now_ns();
   uint64_t mark = kLive;
-  if (!site && stack.depth > 1) {  // no site: the return address's low half, for the frame's test at the free
-    header->site = static_cast<uint32_t>(stack.ips[1]);
-    mark |= kNoSite;
+  if (HOTPOOL_UNLIKELY(!site)) {
+    g_unsited.fetch_add(1, std::memory_order_relaxed);
+    if (stack.depth > 1) {  // the return address's low half, for the frame's test at the free
+      header->site = static_cast<uint32_t>(stack.ips[1]);
+      mark |= kNoSite;
+    }
   }
   header->ops_state = (thread_ops(state) & kOpsMask) | mark;
   // The frame, where it lies on the thread's own stack within 4 GiB of its

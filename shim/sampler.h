@@ -58,6 +58,8 @@ uint64_t sampling_rate();  // 0 when sampling by bytes
 uint64_t sampling_mean_bytes();  // HOTPOOL_SAMPLE_BYTES: 0 when sampling by count
 uint64_t sampling_short_ns();
 uint64_t sampling_recycle_calls();
+// Sampled allocations without a site: the stack depot was full.
+uint64_t sampling_unsited();
 // Now, by the clock of sampled lifetimes (the time-stamp counter where the
 // kernel trusts it: no system call), in ns.
 uint64_t lifetime_clock_ns();

@@ -122,7 +122,7 @@ TEST(Sampling, OneMinusExpNegAgreesWithLibm) {
 
 TEST(StackDepot, DeduplicatesAndKeepsStacks) {
   auto depot = std::make_unique<StackDepot>();
-  ASSERT_TRUE(depot->init());
+  ASSERT_TRUE(depot->init(kMaxDepth));
   const uintptr_t a[] = {0x1000, 0x2000, 0x3000};
   const uintptr_t b[] = {0x1000, 0x2000, 0x3001};
   const uint32_t id_a = depot->insert(a, 3);
@@ -139,9 +139,36 @@ TEST(StackDepot, DeduplicatesAndKeepsStacks) {
   EXPECT_EQ(depot->stack(0, &ips), 0u);
 }
 
+// Every id holds a stack of the deepest kind asked for, and the hash table
+// never runs out of probes first: stacks alike but for one deep frame (as
+// a program's are) fill all kIds - 1 ids; the next stack gets none, and
+// the first ones are still found.
+TEST(StackDepot, FillsEveryIdWithStacksOfTheMaximumDepth) {
+  constexpr unsigned kDepth = 24;
+  auto depot = std::make_unique<StackDepot>();
+  ASSERT_TRUE(depot->init(kDepth));
+  uintptr_t ips[kDepth];
+  auto stack = [&](uint32_t n) {
+    for (unsigned f = 0; f < kDepth; ++f) ips[f] = 0x400000 + f * 0x40;
+    ips[kDepth / 2] += n * 16;  // return addresses 16 bytes apart
+    return ips;
+  };
+  uint32_t failed = 0;
+  for (uint32_t n = 1; n < StackDepot::kIds; ++n)
+    if (depot->insert(stack(n), kDepth) != n) ++failed;
+  EXPECT_EQ(failed, 0u);
+  EXPECT_EQ(depot->id_limit(), StackDepot::kIds);
+  EXPECT_EQ(depot->insert(stack(StackDepot::kIds), kDepth), 0u) << "full";
+  EXPECT_EQ(depot->insert(stack(1), kDepth), 1u);
+  EXPECT_EQ(depot->insert(stack(StackDepot::kIds - 1), kDepth), StackDepot::kIds - 1);
+  const uintptr_t* stored = nullptr;
+  ASSERT_EQ(depot->stack(StackDepot::kIds - 1, &stored), kDepth);
+  EXPECT_EQ(stored[kDepth / 2], 0x400000 + kDepth / 2 * 0x40 + (StackDepot::kIds - 1) * 16u);
+}
+
 TEST(StackDepot, ConcurrentInsertsAgreeOnIds) {
   auto depot = std::make_unique<StackDepot>();
-  ASSERT_TRUE(depot->init());
+  ASSERT_TRUE(depot->init(kMaxDepth));
   constexpr int kStacks = 2000;
   std::vector<std::vector<uint32_t>> ids(4, std::vector<uint32_t>(kStacks));
   std::vector<std::thread> threads;
@@ -258,7 +285,7 @@ class PendingSamplesTest : public ::testing::TestWithParam<bool> {
     if (GetParam() && !init_asymmetric_fences()) GTEST_SKIP() << "membarrier(2) is not available here";
     direct = std::make_unique<StackDepot>();
     merged = std::make_unique<StackDepot>();
-    ASSERT_TRUE(direct->init() && merged->init());
+    ASSERT_TRUE(direct->init(kMaxDepth) && merged->init(kMaxDepth));
     direct_classes = std::make_unique<LifetimeStats[]>(kMaxClasses);
     merged_classes = std::make_unique<LifetimeStats[]>(kMaxClasses);
     pending = std::make_unique<PendingSamples>();
@@ -358,7 +385,7 @@ INSTANTIATE_TEST_SUITE_P(Protocols, PendingSamplesTest, ::testing::Values(true, 
 
 TEST(SiteMemo, GivesTheDepotsSitesAndSparesItsLookups) {
   auto depot = std::make_unique<StackDepot>();
-  ASSERT_TRUE(depot->init());
+  ASSERT_TRUE(depot->init(kMaxDepth));
   auto memo = std::make_unique<SiteMemo>();
   // 40 stacks, shallow and deep (to kMaxDepth). Their innermost six
   // frames and depth, the memo's key, are shared by groups of four (i % 10):
