@@ -22,7 +22,7 @@ struct SamplingView {
   uint64_t mean_bytes;      // by bytes: mean bytes per sample (HOTPOOL_SAMPLE_BYTES), else 0
   uint64_t short_ns;        // the short-lived threshold
   uint64_t recycle_calls;   // the recycled threshold (the freeing thread's allocator calls)
-  uint64_t unsited;         // sampled allocations without a site: the stack depot was full
+  uint64_t unsited;         // sampled allocations without a site: no stack, or the stack depot full
   unsigned top;             // sites shown per list (0 to kMaxTop)
   unsigned frames;          // frames shown per site
   uint64_t longest_ns;      // no lifetime is longer: the run's duration (medians never read above it)

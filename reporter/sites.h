@@ -1,8 +1,8 @@
 // Allocation sites and lifetimes, from sampled allocations.
 //
 // A sampled allocation's stack goes into the StackDepot (deduplicated,
-// preallocated, lock-free: no malloc, no lock); the depot's slot index is
-// the site id. At the block's free its lifetime and escape class are added
+// preallocated, lock-free: no malloc, no lock), which gives it a site id
+// (ids are handed out in order, from 1). At the block's free its lifetime and escape class are added
 // to its site's and its size class's statistics. Everything here is touched
 // only for sampled allocations.
 #pragma once
@@ -144,7 +144,7 @@ class StackDepot {
   }
   // The same for an id the caller got from insert(), or read from a
   // sampled block's header (which the program may have overwritten):
-  // checked against the table's size instead of id_limit(), so that a
+  // checked against kIds instead of id_limit(), so that a
   // sampled allocation or free reads no cache line that every insert
   // writes (next_id_). An id never handed out has no offset: 0.
   unsigned known_stack(uint32_t id, const uintptr_t** ips) const {

@@ -62,9 +62,15 @@ constinit std::atomic<int> g_unwinding{0};
 // fork() calls between the start of their prepare handler and the end of
 // their parent (or child) handler, in any thread.
 constinit std::atomic<int> g_fork_pending{0};
-// Sampled allocations the stack depot had no site for (it was full): the
-// report says how many. Written only then, so no sample shares its line.
-alignas(64) constinit std::atomic<uint64_t> g_unsited{0};
+// Sampled allocations without a site (no stack captured, or none of the
+// depot's ids or probes left): the report says how many. In a cache line
+// of its own, written only then: the samples' shared reads (the fork gate
+// above) stay in theirs.
+struct alignas(64) UnsitedCount {
+  std::atomic<uint64_t> value{0};
+};
+static_assert(sizeof(UnsitedCount) == 64, "a line of its own");
+constinit UnsitedCount g_unsited;
 __thread bool tls_unwinding __attribute__((tls_model("initial-exec")));
 // This thread's captures in g_unwinding, or about to be: more than one when
 // a signal handler's capture interrupted another.
@@ -342,7 +348,7 @@ uint64_t sampling_rate() { return g_rate; }
 uint64_t sampling_mean_bytes() { return g_mean_bytes; }
 uint64_t sampling_short_ns() { return g_short_ns; }
 uint64_t sampling_recycle_calls() { return g_recycle_calls; }
-uint64_t sampling_unsited() { return g_unsited.load(std::memory_order_relaxed); }
+uint64_t sampling_unsited() { return g_unsited.value.load(std::memory_order_relaxed); }
 
 namespace {
 // Uniform in (0, 1): xorshift64*, seeded from the thread's ordinal (runs
@@ -469,7 +475,7 @@ void* sampled_allocate(ThreadState& state, size_t size, reporter::Unwinder::Fram
   header->alloc_ns = now_ns();
   uint64_t mark = kLive;
   if (HOTPOOL_UNLIKELY(!site)) {
-    g_unsited.fetch_add(1, std::memory_order_relaxed);
+    g_unsited.value.fetch_add(1, std::memory_order_relaxed);
     if (stack.depth > 1) {  // the return address's low half, for the frame's test at the free
       header->site = static_cast<uint32_t>(stack.ips[1]);
       mark |= kNoSite;

@@ -58,7 +58,8 @@ uint64_t sampling_rate();  // 0 when sampling by bytes
 uint64_t sampling_mean_bytes();  // HOTPOOL_SAMPLE_BYTES: 0 when sampling by count
 uint64_t sampling_short_ns();
 uint64_t sampling_recycle_calls();
-// Sampled allocations without a site: the stack depot was full.
+// Sampled allocations without a site: no stack was captured, or the stack
+// depot had no id (or no free slot within its probes) left.
 uint64_t sampling_unsited();
 // Now, by the clock of sampled lifetimes (the time-stamp counter where the
 // kernel trusts it: no system call), in ns.

@@ -10,6 +10,7 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <set>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -370,15 +371,23 @@ TEST_F(SitesTest, SamplesWithoutASiteAreStillToldFrameLocal) {
   EXPECT_EQ(frees, uint64_t{1} << kLevels);
   EXPECT_EQ(frame_local, uint64_t{1} << kLevels);
   EXPECT_EQ(thread_local_frees, 0u);
-  // The depot did run out: fewer sites than stacks, and the report says
-  // how many samples have none. Every stack here is distinct (2^kLevels
-  // of each of frame_local_site's two allocations), so it holds one sample
-  // each: the samples without a site are at least the stacks left over.
+  // The depot did run out, with every one of its 65,535 ids used (stacks
+  // of 40 frames and more; one thread, so no id lost to a race), and the
+  // report says how many samples have no site. Every stack here is
+  // distinct (2^kLevels of each of frame_local_site's two allocations), so
+  // it holds one sample each: the samples without a site are at least the
+  // stacks left over.
   const uint64_t sites = report["sites_total"].get<uint64_t>();
   const uint64_t unsited = report["sampling"]["unsited"].get<uint64_t>();
-  EXPECT_LT(sites, uint64_t{1} << kLevels);
+  EXPECT_EQ(sites, 65535u);
   EXPECT_GE(sites + unsited, uint64_t{2} << kLevels);
   EXPECT_LE(sites + unsited, report["totals"]["allocations"].get<uint64_t>());
+  int status = 0;
+  const std::string text = run_text({"many_stacks", std::to_string(kLevels)},
+                                    {"HOTPOOL_SAMPLE=1", "HOTPOOL_MODE=profile", "HOTPOOL_DEPTH=64", "HOTPOOL_TOP=1"}, &status);
+  ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+  EXPECT_NE(text.find(" of them have no site (no stack captured, or all 65535 sites of the stack depot taken)"),
+            std::string::npos) << text;
 }
 
 // Sites are ranked among all of the depot's, not its first few thousand:
@@ -396,6 +405,16 @@ TEST_F(SitesTest, ASiteAfterThousandsOfOthersIsStillRanked) {
   EXPECT_EQ(late["frame_local"], kLate);
   ASSERT_FALSE(report["sites"].empty());
   EXPECT_NE(report["sites"][0]["frames"][0]["function"].get<std::string>().find("late_site"), std::string::npos);
+  // The list by allocations is full, ranked, and names each site once.
+  ASSERT_GE(report["sites"].size(), 256u);
+  std::set<uint64_t> ids;
+  for (size_t i = 0; i < report["sites"].size(); ++i) {
+    const Json& row = report["sites"][i];
+    EXPECT_TRUE(ids.insert(row["id"].get<uint64_t>()).second) << "site " << row["id"] << " twice";
+    if (i > 0 && i < 256) {
+      EXPECT_LE(row["estimated_allocations"].get<uint64_t>(), report["sites"][i - 1]["estimated_allocations"].get<uint64_t>());
+    }
+  }
 
   int status = 0;
   std::vector<std::string> text_options = options;
