@@ -2,9 +2,9 @@
 //
 // A sampled allocation's stack goes into the StackDepot (deduplicated,
 // preallocated, lock-free: no malloc, no lock), which gives it a site id
-// (ids are handed out in order, from 1). At the block's free its lifetime and escape class are added
-// to its site's and its size class's statistics. Everything here is touched
-// only for sampled allocations.
+// (ids are handed out in order, from 1). At the block's free its lifetime
+// and escape class are added to its site's and its size class's
+// statistics. Everything here is touched only for sampled allocations.
 #pragma once
 
 #include <atomic>
