@@ -302,9 +302,16 @@ uint64_t hash_stack(const uintptr_t* ips, unsigned depth) {
 }
 }  // namespace
 
+// Every generation's table at most half full; the ids fit a slot's low half.
+static_assert(2 * (StackDepot::kFirstId[1] - StackDepot::kFirstId[0]) <= (1u << StackDepot::kTableLog2[0]));
+static_assert(2 * (StackDepot::kFirstId[2] - StackDepot::kFirstId[1]) <= (1u << StackDepot::kTableLog2[1]));
+static_assert(2 * (StackDepot::kFirstId[3] - StackDepot::kFirstId[2]) <= (1u << StackDepot::kTableLog2[2]));
+static_assert(StackDepot::kGenerations == 3 && StackDepot::generation_of(StackDepot::kIds - 1) == 2);
+static_assert(StackDepot::kTableLog2[2] <= 32, "the index uses a hash's low half, the tag its high half");
+
 bool StackDepot::init(unsigned max_depth) {
   arena_words_ = size_t{kIds} * (max_depth + 1);  // each trace is [depth][ips...]
-  slots_ = static_cast<std::atomic<uint32_t>*>(map_noreserve(kSlots * sizeof(uint32_t)));
+  slots_ = static_cast<std::atomic<uint64_t>*>(map_noreserve(kTableStart[kGenerations] * sizeof(uint64_t)));
   offsets_ = static_cast<uint32_t*>(map_noreserve(kIds * sizeof(uint32_t)));
   sites_ = static_cast<SiteStats*>(map_noreserve(kIds * sizeof(SiteStats)));
   arena_ = static_cast<uintptr_t*>(map_noreserve(arena_words_ * sizeof(uintptr_t)));
@@ -312,33 +319,60 @@ bool StackDepot::init(unsigned max_depth) {
   return slots_ != nullptr;
 }
 
+bool StackDepot::same_stack(uint32_t id, const uintptr_t* ips, unsigned depth) const {
+  const uintptr_t* stored = arena_ + (offsets_[id] - 1);  // published before the id's slot (acquire)
+  return stored[0] == depth && std::memcmp(stored + 1, ips, depth * sizeof(uintptr_t)) == 0;
+}
+
+uint32_t StackDepot::find(unsigned g, uint64_t hash, const uintptr_t* ips, unsigned depth) const {
+  const std::atomic<uint64_t>* table = slots_ + kTableStart[g];
+  const uint64_t mask = (uint64_t{1} << kTableLog2[g]) - 1;
+  const uint64_t tag = (hash >> 32) << 32;
+  for (uint32_t probe = 0; probe < 64; ++probe) {
+    const uint64_t slot = table[(hash + probe) & mask].load(std::memory_order_acquire);
+    if (slot == 0) return 0;  // inserts fill the first free slot of the probes: not in this table
+    const uint32_t id = static_cast<uint32_t>(slot);
+    if ((slot >> 32 << 32) == tag && same_stack(id, ips, depth)) return id;
+  }
+  return 0;
+}
+
 uint32_t StackDepot::insert(const uintptr_t* ips, unsigned depth) {
   if (!slots_ || depth == 0) return 0;
   const uint64_t hash = hash_stack(ips, depth);
-  // A slot: the hash's top 16 bits over the id's 16 (0: empty; ids start at 1).
-  static_assert(kIds <= (1u << 16) && kSlotsLog2 <= 48, "a slot holds an id and a tag of bits the index does not use");
-  const uint32_t tag = static_cast<uint32_t>(hash >> 48) << 16;
+  // Known already: in the table of a generation with ids handed out (the
+  // first ones first: a program's most frequent stacks are seen early).
+  const uint32_t next = next_id_.load(std::memory_order_acquire);
+  const unsigned used = generation_of(next < kIds ? next : kIds - 1);
+  for (unsigned g = 0; g <= used; ++g) {
+    if (const uint32_t id = find(g, hash, ips, depth)) return id;
+  }
+  // New: claim space and an id for the trace, then publish it in the id's
+  // generation with a CAS at the first free slot of its probes. A thread
+  // inserting the same stack meanwhile in the same generation meets it
+  // there (the claimed words and id stay unused: rare, bounded); in
+  // another generation (their ids on both sides of a generation's end),
+  // the stack gets two ids, the first one found from then on.
+  const size_t offset = arena_used_.fetch_add(depth + 1, std::memory_order_relaxed);
+  if (offset + depth + 1 > arena_words_) return 0;
+  const uint32_t id = next_id_.fetch_add(1, std::memory_order_relaxed);
+  if (id >= kIds) return 0;
+  arena_[offset] = depth;
+  for (unsigned i = 0; i < depth; ++i) arena_[offset + 1 + i] = ips[i];
+  offsets_[id] = static_cast<uint32_t>(offset + 1);
+  const unsigned g = generation_of(id);
+  std::atomic<uint64_t>* table = slots_ + kTableStart[g];
+  const uint64_t mask = (uint64_t{1} << kTableLog2[g]) - 1;
+  const uint64_t tag = (hash >> 32) << 32;
   for (uint32_t probe = 0; probe < 64; ++probe) {
-    const uint32_t index = static_cast<uint32_t>((hash + probe) & (kSlots - 1));
-    uint32_t slot = slots_[index].load(std::memory_order_acquire);
-    if (slot == 0) {
-      // Claim space and an id for the trace, then publish it with a CAS; a
-      // lost race leaves the claimed words and id unused (rare, bounded).
-      const size_t offset = arena_used_.fetch_add(depth + 1, std::memory_order_relaxed);
-      if (offset + depth + 1 > arena_words_) return 0;
-      const uint32_t id = next_id_.fetch_add(1, std::memory_order_relaxed);
-      if (id >= kIds) return 0;
-      arena_[offset] = depth;
-      for (unsigned i = 0; i < depth; ++i) arena_[offset + 1 + i] = ips[i];
-      offsets_[id] = static_cast<uint32_t>(offset + 1);
-      uint32_t expected = 0;
-      if (slots_[index].compare_exchange_strong(expected, tag | id, std::memory_order_acq_rel)) return id;
-      slot = expected;  // someone else filled the slot: compare with theirs
+    std::atomic<uint64_t>& slot = table[(hash + probe) & mask];
+    uint64_t seen = slot.load(std::memory_order_acquire);
+    if (seen == 0) {
+      if (slot.compare_exchange_strong(seen, tag | id, std::memory_order_acq_rel)) return id;
+      // Someone else filled the slot: seen is theirs.
     }
-    if ((slot & 0xffff0000u) != tag) continue;
-    const uint32_t id = slot & 0xffffu;
-    const uintptr_t* stored = arena_ + (offsets_[id] - 1);
-    if (stored[0] == depth && std::memcmp(stored + 1, ips, depth * sizeof(uintptr_t)) == 0) return id;
+    const uint32_t theirs = static_cast<uint32_t>(seen);
+    if ((seen >> 32 << 32) == tag && same_stack(theirs, ips, depth)) return theirs;
   }
   return 0;
 }

@@ -122,13 +122,24 @@ struct SiteStats {
 
 class StackDepot {
  public:
-  // Site ids are below kIds; the hash table has twice as many slots, so
-  // that it is at most half full and an insert's probes (at most 64) find
-  // a free slot until the ids run out (with as many slots as ids, about one
-  // stack in 300 found none at 51,000 sites).
-  static constexpr uint32_t kIds = 1u << 16;
-  static constexpr unsigned kSlotsLog2 = 17;
-  static constexpr uint32_t kSlots = 1u << kSlotsLog2;
+  // Site ids are below kIds, handed out in order. The hash table that
+  // finds a stack's id grows in generations: the ids of generation g,
+  // [kFirstId[g], kFirstId[g + 1]), have a table of their own of
+  // 2^kTableLog2[g] slots, at least twice as many, so that it is at most
+  // half full and an insert's probes (at most 64) find a free slot. A
+  // program with a few hundred sites touches only the first table's 32
+  // KiB (its slots are touched at random); one with 200,000 also the
+  // others' 4.3 MiB.
+  static constexpr uint32_t kIds = 1u << 18;
+  static constexpr unsigned kGenerations = 3;
+  static constexpr uint32_t kFirstId[kGenerations + 1] = {1, 2048, 18432, kIds};
+  static constexpr unsigned kTableLog2[kGenerations] = {12, 15, 19};
+  static constexpr uint32_t kTableStart[kGenerations + 1] = {
+      0, 1u << kTableLog2[0], (1u << kTableLog2[0]) + (1u << kTableLog2[1]),
+      (1u << kTableLog2[0]) + (1u << kTableLog2[1]) + (1u << kTableLog2[2])};
+  static constexpr unsigned generation_of(uint32_t id) {
+    return id < kFirstId[1] ? 0 : id < kFirstId[2] ? 1 : 2;
+  }
 
   // mmap'd, untouched until used; room for kIds - 1 stacks of up to
   // max_depth frames (HOTPOOL_DEPTH).
@@ -164,10 +175,13 @@ class StackDepot {
   }
 
  private:
-  // The hash table: 0 empty, else (hash >> 48) << 16 | id. 4 bytes a slot:
-  // with twice the ids' slots, as many bytes (and pages touched) as 8-byte
-  // slots of as many as the ids.
-  std::atomic<uint32_t>* slots_ = nullptr;
+  // The id of the stack with this hash in generation g's table, 0 if none.
+  uint32_t find(unsigned g, uint64_t hash, const uintptr_t* ips, unsigned depth) const;
+  bool same_stack(uint32_t id, const uintptr_t* ips, unsigned depth) const;
+
+  // The generations' hash tables, one after the other (generation g's at
+  // kTableStart[g]): 0 empty, else (hash >> 32) << 32 | id.
+  std::atomic<uint64_t>* slots_ = nullptr;
   uint32_t* offsets_ = nullptr;  // per id: 1 + the offset of its trace in arena_ (0: none)
   SiteStats* sites_ = nullptr;   // per id
   uintptr_t* arena_ = nullptr;   // traces: [depth][ips...]

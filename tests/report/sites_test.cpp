@@ -358,7 +358,7 @@ TEST_F(SitesTest, BlocksAThreadFreesAfterHotpoolLetItGoAreItsOwn) {
 // are still told frame-local (their frame's return address kept in the
 // header), in the class lifetimes.
 TEST_F(SitesTest, SamplesWithoutASiteAreStillToldFrameLocal) {
-  constexpr int kLevels = 17;  // 131,072 stacks (and as many of malloc(8))
+  constexpr int kLevels = 18;  // 262,144 stacks (and as many of malloc(8))
   const Json report = run({"many_stacks", std::to_string(kLevels)},
                           {"HOTPOOL_SAMPLE=1", "HOTPOOL_MODE=profile", "HOTPOOL_DEPTH=64", "HOTPOOL_TOP=1"});
   uint64_t frees = 0, frame_local = 0, thread_local_frees = 0;
@@ -371,7 +371,7 @@ TEST_F(SitesTest, SamplesWithoutASiteAreStillToldFrameLocal) {
   EXPECT_EQ(frees, uint64_t{1} << kLevels);
   EXPECT_EQ(frame_local, uint64_t{1} << kLevels);
   EXPECT_EQ(thread_local_frees, 0u);
-  // The depot did run out, with every one of its 65,535 ids used (stacks
+  // The depot did run out, with every one of its 262,143 ids used (stacks
   // of 40 frames and more; one thread, so no id lost to a race), and the
   // report says how many samples have no site. Every stack here is
   // distinct (2^kLevels of each of frame_local_site's two allocations), so
@@ -379,14 +379,14 @@ TEST_F(SitesTest, SamplesWithoutASiteAreStillToldFrameLocal) {
   // stacks left over.
   const uint64_t sites = report["sites_total"].get<uint64_t>();
   const uint64_t unsited = report["sampling"]["unsited"].get<uint64_t>();
-  EXPECT_EQ(sites, 65535u);
+  EXPECT_EQ(sites, 262143u);
   EXPECT_GE(sites + unsited, uint64_t{2} << kLevels);
   EXPECT_LE(sites + unsited, report["totals"]["allocations"].get<uint64_t>());
   int status = 0;
   const std::string text = run_text({"many_stacks", std::to_string(kLevels)},
                                     {"HOTPOOL_SAMPLE=1", "HOTPOOL_MODE=profile", "HOTPOOL_DEPTH=64", "HOTPOOL_TOP=1"}, &status);
   ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
-  EXPECT_NE(text.find(" of them have no site (no stack captured, or all 65535 sites of the stack depot taken)"),
+  EXPECT_NE(text.find(" of them have no site (no stack captured, or all 262143 sites of the stack depot taken)"),
             std::string::npos) << text;
 }
 
