@@ -347,12 +347,22 @@ uint32_t StackDepot::insert(const uintptr_t* ips, unsigned depth) {
   for (unsigned g = 0; g <= used; ++g) {
     if (const uint32_t id = find(g, hash, ips, depth)) return id;
   }
-  // New: claim space and an id for the trace, then publish it in the id's
-  // generation with a CAS at the first free slot of its probes. A thread
-  // inserting the same stack meanwhile in the same generation meets it
-  // there (the claimed words and id stay unused: rare, bounded); in
-  // another generation (their ids on both sides of a generation's end),
-  // the stack gets two ids, the first one found from then on.
+  const uint32_t id = claim(ips, depth);
+  return id ? publish(id, hash, ips, depth) : 0;
+}
+
+// New stacks: claim space and an id for the trace, then publish it in the
+// id's generation with a CAS at the first free slot of its probes. Threads
+// inserting the same stack at once each claim an id: in the same
+// generation they meet at that slot, and all but one id stay unused. With
+// ids on both sides of a generation's end, each publishes its own; so one
+// published in a later generation looks again in the earlier ones, and
+// takes the id it finds there. Only an inserter stopped between its claim
+// and its publish (preempted, or interrupted by a signal handler) while
+// another passes leaves the stack with two ids (the earlier generation's
+// found from then on).
+uint32_t StackDepot::claim(const uintptr_t* ips, unsigned depth) {
+  if (!slots_ || depth == 0) return 0;
   const size_t offset = arena_used_.fetch_add(depth + 1, std::memory_order_relaxed);
   if (offset + depth + 1 > arena_words_) return 0;
   const uint32_t id = next_id_.fetch_add(1, std::memory_order_relaxed);
@@ -360,6 +370,14 @@ uint32_t StackDepot::insert(const uintptr_t* ips, unsigned depth) {
   arena_[offset] = depth;
   for (unsigned i = 0; i < depth; ++i) arena_[offset + 1 + i] = ips[i];
   offsets_[id] = static_cast<uint32_t>(offset + 1);
+  return id;
+}
+
+uint32_t StackDepot::publish(uint32_t id, const uintptr_t* ips, unsigned depth) {
+  return slots_ && id != 0 && id < kIds && depth != 0 ? publish(id, hash_stack(ips, depth), ips, depth) : 0;
+}
+
+uint32_t StackDepot::publish(uint32_t id, uint64_t hash, const uintptr_t* ips, unsigned depth) {
   const unsigned g = generation_of(id);
   std::atomic<uint64_t>* table = slots_ + kTableStart[g];
   const uint64_t mask = (uint64_t{1} << kTableLog2[g]) - 1;
@@ -368,7 +386,12 @@ uint32_t StackDepot::insert(const uintptr_t* ips, unsigned depth) {
     std::atomic<uint64_t>& slot = table[(hash + probe) & mask];
     uint64_t seen = slot.load(std::memory_order_acquire);
     if (seen == 0) {
-      if (slot.compare_exchange_strong(seen, tag | id, std::memory_order_acq_rel)) return id;
+      if (slot.compare_exchange_strong(seen, tag | id, std::memory_order_acq_rel)) {
+        for (unsigned older = 0; older < g; ++older) {
+          if (const uint32_t first = find(older, hash, ips, depth)) return first;
+        }
+        return id;
+      }
       // Someone else filled the slot: seen is theirs.
     }
     const uint32_t theirs = static_cast<uint32_t>(seen);

@@ -149,6 +149,13 @@ class StackDepot {
   // Ids are handed out in order, so that the sites' statistics fill their
   // array from its start (a page per site would be resident otherwise).
   uint32_t insert(const uintptr_t* ips, unsigned depth);
+  // insert()'s two steps for a stack not found, for tests that interleave
+  // them as racing threads would: claim stores the stack under a new id
+  // (0: the depot is full); publish makes it findable in the id's
+  // generation, and returns the id the stack has from then on (another
+  // inserter's if it met one; 0 if no slot was free).
+  uint32_t claim(const uintptr_t* ips, unsigned depth);
+  uint32_t publish(uint32_t id, const uintptr_t* ips, unsigned depth);
   // The stack of a site (depth; *ips set), 0 for an unknown id.
   unsigned stack(uint32_t id, const uintptr_t** ips) const {
     return slots_ && id < id_limit() ? known_stack(id, ips) : 0;
@@ -177,6 +184,7 @@ class StackDepot {
  private:
   // The id of the stack with this hash in generation g's table, 0 if none.
   uint32_t find(unsigned g, uint64_t hash, const uintptr_t* ips, unsigned depth) const;
+  uint32_t publish(uint32_t id, uint64_t hash, const uintptr_t* ips, unsigned depth);
   bool same_stack(uint32_t id, const uintptr_t* ips, unsigned depth) const;
 
   // The generations' hash tables, one after the other (generation g's at

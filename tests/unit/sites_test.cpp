@@ -159,17 +159,22 @@ TEST(StackDepot, FillsEveryIdWithStacksOfTheMaximumDepth) {
   EXPECT_EQ(failed, 0u);
   EXPECT_EQ(depot->id_limit(), StackDepot::kIds);
   EXPECT_EQ(depot->insert(stack(StackDepot::kIds), kDepth), 0u) << "full";
-  EXPECT_EQ(depot->insert(stack(1), kDepth), 1u);
-  EXPECT_EQ(depot->insert(stack(StackDepot::kIds - 1), kDepth), StackDepot::kIds - 1);
+  // Still found, in every generation's table.
+  for (uint32_t n : {1u, StackDepot::kFirstId[1] - 1, StackDepot::kFirstId[1], StackDepot::kFirstId[2] - 1,
+                     StackDepot::kFirstId[2], StackDepot::kIds - 1})
+    EXPECT_EQ(depot->insert(stack(n), kDepth), n);
   const uintptr_t* stored = nullptr;
   ASSERT_EQ(depot->stack(StackDepot::kIds - 1, &stored), kDepth);
   EXPECT_EQ(stored[kDepth / 2], 0x400000 + kDepth / 2 * 0x40 + (StackDepot::kIds - 1) * 16u);
 }
 
+// Within a generation (4 threads claim at most 2,000 ids here, all in the
+// first), threads inserting the same stacks at once agree on every id.
 TEST(StackDepot, ConcurrentInsertsAgreeOnIds) {
   auto depot = std::make_unique<StackDepot>();
   ASSERT_TRUE(depot->init(kMaxDepth));
-  constexpr int kStacks = 2000;
+  constexpr int kStacks = 500;
+  static_assert(4 * kStacks < StackDepot::kFirstId[1]);
   std::vector<std::vector<uint32_t>> ids(4, std::vector<uint32_t>(kStacks));
   std::vector<std::thread> threads;
   for (int t = 0; t < 4; ++t) {
@@ -188,6 +193,93 @@ TEST(StackDepot, ConcurrentInsertsAgreeOnIds) {
     distinct.insert(ids[0][i]);
   }
   EXPECT_EQ(distinct.size(), static_cast<size_t>(kStacks));
+}
+
+// Two inserters of one new stack whose ids fall on both sides of a
+// generation's end (interleaved here as racing threads would): the later
+// one, published second, looks again in the earlier generation and takes
+// the id it finds there. Published first (the earlier one stopped between
+// its claim and its publish), it keeps its own, and the stack is found
+// under the earlier generation's id from then on.
+TEST(StackDepot, AnInserterPastAGenerationsEndTakesTheEarlierId) {
+  auto depot = std::make_unique<StackDepot>();
+  ASSERT_TRUE(depot->init(kMaxDepth));
+  auto stack_of = [](uint32_t i, uintptr_t* stack) {
+    stack[0] = uintptr_t{i} * 16 + 1;
+    stack[1] = 0x77;
+  };
+  uintptr_t stack[2];
+  uint32_t n = 1;
+  auto fill_to = [&](uint32_t end) {
+    for (; n < end; ++n) {
+      stack_of(n, stack);
+      ASSERT_EQ(depot->insert(stack, 2), n);
+    }
+  };
+  fill_to(StackDepot::kFirstId[1] - 1);
+  stack_of(1000000, stack);
+  const uint32_t earlier = depot->claim(stack, 2), later = depot->claim(stack, 2);
+  ASSERT_EQ(earlier, StackDepot::kFirstId[1] - 1);
+  ASSERT_EQ(later, StackDepot::kFirstId[1]);
+  EXPECT_EQ(depot->publish(earlier, stack, 2), earlier);
+  EXPECT_EQ(depot->publish(later, stack, 2), earlier);
+  EXPECT_EQ(depot->insert(stack, 2), earlier);
+
+  n = later + 1;
+  fill_to(StackDepot::kFirstId[2] - 1);
+  stack_of(2000000, stack);
+  const uint32_t stopped = depot->claim(stack, 2), passing = depot->claim(stack, 2);
+  ASSERT_EQ(stopped, StackDepot::kFirstId[2] - 1);
+  EXPECT_EQ(depot->publish(passing, stack, 2), passing);
+  EXPECT_EQ(depot->publish(stopped, stack, 2), stopped);
+  EXPECT_EQ(depot->insert(stack, 2), stopped);
+}
+
+// Across the generations' ends, with threads: every stack is found under
+// one id, whatever id a thread got names that stack, and few stacks (only
+// those of an inserter preempted between its claim and its publish) have
+// two ids.
+TEST(StackDepot, ConcurrentInsertsAcrossGenerations) {
+  constexpr int kThreads = 4, kStacks = 20000;
+  static_assert(kStacks > static_cast<int>(StackDepot::kFirstId[2]));
+  auto stack_of = [](int i, uintptr_t* stack) {
+    stack[0] = static_cast<uintptr_t>(i) * 16 + 1;
+    stack[1] = 0x77;
+    stack[2] = static_cast<uintptr_t>(i);
+  };
+  auto depot = std::make_unique<StackDepot>();
+  ASSERT_TRUE(depot->init(kMaxDepth));
+  std::vector<std::vector<uint32_t>> ids(kThreads, std::vector<uint32_t>(kStacks));
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      uintptr_t stack[3];
+      for (int i = 0; i < kStacks; ++i) {
+        stack_of(i, stack);
+        ids[t][i] = depot->insert(stack, 3);
+      }
+    });
+  }
+  for (auto& thread : threads) thread.join();
+  std::set<uint32_t> distinct;
+  int split = 0;
+  for (int i = 0; i < kStacks; ++i) {
+    uintptr_t stack[3];
+    stack_of(i, stack);
+    const uint32_t id = depot->insert(stack, 3);
+    ASSERT_NE(id, 0u);
+    distinct.insert(id);
+    bool all = true;
+    for (int t = 0; t < kThreads; ++t) {
+      const uintptr_t* stored = nullptr;
+      ASSERT_EQ(depot->stack(ids[t][i], &stored), 3u);
+      EXPECT_EQ(stored[2], stack[2]);
+      all = all && ids[t][i] == id;
+    }
+    split += !all;
+  }
+  EXPECT_EQ(distinct.size(), static_cast<size_t>(kStacks));
+  EXPECT_LE(split, 2 * kThreads) << "stacks with two ids";
 }
 
 // A thread's pending sampled counts: what reaches the shared statistics
