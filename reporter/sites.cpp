@@ -369,7 +369,7 @@ uint32_t StackDepot::claim(const uintptr_t* ips, unsigned depth) {
   if (id >= kIds) return 0;
   arena_[offset] = depth;
   for (unsigned i = 0; i < depth; ++i) arena_[offset + 1 + i] = ips[i];
-  offsets_[id] = static_cast<uint32_t>(offset + 1);
+  __atomic_store_n(&offsets_[id], static_cast<uint32_t>(offset + 1), __ATOMIC_RELEASE);  // see known_stack
   return id;
 }
 

@@ -167,7 +167,9 @@ class StackDepot {
   // writes (next_id_). An id never handed out has no offset: 0.
   unsigned known_stack(uint32_t id, const uintptr_t** ips) const {
     if (!offsets_ || id == 0 || id >= kIds) return 0;
-    const uint32_t offset = offsets_[id];
+    // Acquire: the trace was stored before its offset (a report reads ids
+    // below id_limit(), which counts ids claimed and not stored yet).
+    const uint32_t offset = __atomic_load_n(&offsets_[id], __ATOMIC_ACQUIRE);
     if (offset == 0) return 0;
     const uintptr_t* stored = arena_ + (offset - 1);
     *ips = stored + 1;
