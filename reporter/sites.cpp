@@ -324,7 +324,8 @@ bool StackDepot::same_stack(uint32_t id, const uintptr_t* ips, unsigned depth) c
   return stored[0] == depth && std::memcmp(stored + 1, ips, depth * sizeof(uintptr_t)) == 0;
 }
 
-uint32_t StackDepot::find(unsigned g, uint64_t hash, const uintptr_t* ips, unsigned depth) const {
+__attribute__((always_inline)) inline uint32_t StackDepot::find(unsigned g, uint64_t hash, const uintptr_t* ips,
+                                                                unsigned depth) const {
   const std::atomic<uint64_t>* table = slots_ + kTableStart[g];
   const uint64_t mask = (uint64_t{1} << kTableLog2[g]) - 1;
   const uint64_t tag = (hash >> 32) << 32;
@@ -355,11 +356,12 @@ uint32_t StackDepot::insert(const uintptr_t* ips, unsigned depth) {
 // id's generation with a CAS at the first free slot of its probes. Threads
 // inserting the same stack at once each claim an id: in the same
 // generation they meet at that slot, and all but one id stay unused. With
-// ids on both sides of a generation's end, each publishes its own; so one
-// published in a later generation looks again in the earlier ones, and
-// takes the id it finds there. Only an inserter stopped between its claim
-// and its publish (preempted, or interrupted by a signal handler) while
-// another passes leaves the stack with two ids (the earlier generation's
+// ids on both sides of a generation's end, each generation gets its own;
+// so a publish in a later generation (its own id, or the one it met there)
+// looks again in the earlier ones, and returns the id it finds there.
+// Only an inserter stopped between its claim and its publish (preempted,
+// or interrupted by a signal handler) while another passes can leave its
+// caller with another id than the others' (the earliest generation's is
 // found from then on).
 uint32_t StackDepot::claim(const uintptr_t* ips, unsigned depth) {
   if (!slots_ || depth == 0) return 0;
@@ -374,7 +376,25 @@ uint32_t StackDepot::claim(const uintptr_t* ips, unsigned depth) {
 }
 
 uint32_t StackDepot::publish(uint32_t id, const uintptr_t* ips, unsigned depth) {
-  return slots_ && id != 0 && id < kIds && depth != 0 ? publish(id, hash_stack(ips, depth), ips, depth) : 0;
+  // Only an id claimed for this very stack: its slot's tag, and what the
+  // table's lookups compare, are that stack's.
+  if (!slots_ || id == 0 || id >= kIds || depth == 0) return 0;
+  if (__atomic_load_n(&offsets_[id], __ATOMIC_ACQUIRE) == 0 || !same_stack(id, ips, depth)) return 0;
+  return publish(id, hash_stack(ips, depth), ips, depth);
+}
+
+uint32_t StackDepot::oldest(unsigned g, uint64_t hash, const uintptr_t* ips, unsigned depth, uint32_t id) const {
+  // An earlier generation can hold the stack only if its inserter claimed
+  // an id there while this id's inserter had not found it: just before the
+  // generation's end, a few ids before this one (claims are in order). So
+  // only ids near their generation's start look (ids claimed by inserters
+  // stopped for longer are the race left, see above).
+  constexpr uint32_t kRaceWindow = 256;
+  if (id - kFirstId[g] >= kRaceWindow) return id;
+  for (unsigned older = 0; older < g; ++older) {
+    if (const uint32_t first = find(older, hash, ips, depth)) return first;
+  }
+  return id;
 }
 
 uint32_t StackDepot::publish(uint32_t id, uint64_t hash, const uintptr_t* ips, unsigned depth) {
@@ -386,16 +406,11 @@ uint32_t StackDepot::publish(uint32_t id, uint64_t hash, const uintptr_t* ips, u
     std::atomic<uint64_t>& slot = table[(hash + probe) & mask];
     uint64_t seen = slot.load(std::memory_order_acquire);
     if (seen == 0) {
-      if (slot.compare_exchange_strong(seen, tag | id, std::memory_order_acq_rel)) {
-        for (unsigned older = 0; older < g; ++older) {
-          if (const uint32_t first = find(older, hash, ips, depth)) return first;
-        }
-        return id;
-      }
+      if (slot.compare_exchange_strong(seen, tag | id, std::memory_order_acq_rel)) return oldest(g, hash, ips, depth, id);
       // Someone else filled the slot: seen is theirs.
     }
     const uint32_t theirs = static_cast<uint32_t>(seen);
-    if ((seen >> 32 << 32) == tag && same_stack(theirs, ips, depth)) return theirs;
+    if ((seen >> 32 << 32) == tag && same_stack(theirs, ips, depth)) return oldest(g, hash, ips, depth, theirs);
   }
   return 0;
 }

@@ -152,13 +152,18 @@ class StackDepot {
   // insert()'s two steps for a stack not found, for tests that interleave
   // them as racing threads would: claim stores the stack under a new id
   // (0: the depot is full); publish makes it findable in the id's
-  // generation, and returns the id the stack has from then on (another
-  // inserter's if it met one; 0 if no slot was free).
+  // generation, and returns the id to use: the one found in the earliest
+  // generation holding the stack when it looks (0 if no slot was free, or
+  // if `id` was not claimed for this stack).
   uint32_t claim(const uintptr_t* ips, unsigned depth);
   uint32_t publish(uint32_t id, const uintptr_t* ips, unsigned depth);
-  // The stack of a site (depth; *ips set), 0 for an unknown id.
+  // The stack of a site (depth; *ips set), 0 for an unknown id. For a
+  // report, which reads the ids below id_limit(): that counts ids claimed
+  // whose trace may not be stored yet, so the offset is read with acquire
+  // (the trace was stored before it, with release).
   unsigned stack(uint32_t id, const uintptr_t** ips) const {
-    return slots_ && id < id_limit() ? known_stack(id, ips) : 0;
+    if (!slots_ || id == 0 || id >= id_limit()) return 0;
+    return trace_at(__atomic_load_n(&offsets_[id], __ATOMIC_ACQUIRE), ips);
   }
   // The same for an id the caller got from insert(), or read from a
   // sampled block's header (which the program may have overwritten):
@@ -167,13 +172,11 @@ class StackDepot {
   // writes (next_id_). An id never handed out has no offset: 0.
   unsigned known_stack(uint32_t id, const uintptr_t** ips) const {
     if (!offsets_ || id == 0 || id >= kIds) return 0;
-    // Acquire: the trace was stored before its offset (a report reads ids
-    // below id_limit(), which counts ids claimed and not stored yet).
-    const uint32_t offset = __atomic_load_n(&offsets_[id], __ATOMIC_ACQUIRE);
-    if (offset == 0) return 0;
-    const uintptr_t* stored = arena_ + (offset - 1);
-    *ips = stored + 1;
-    return static_cast<unsigned>(stored[0]);
+    // Relaxed (a plain load on x86): an id from insert() came with its
+    // trace (insert's acquire), a header's with its block (the program's
+    // own hand-over, or this thread's). Atomic all the same, since an
+    // overwritten header can name an id another thread is storing.
+    return trace_at(__atomic_load_n(&offsets_[id], __ATOMIC_RELAXED), ips);
   }
   SiteStats& site(uint32_t id) { return sites_[id]; }
   const SiteStats& site(uint32_t id) const { return sites_[id]; }
@@ -184,9 +187,17 @@ class StackDepot {
   }
 
  private:
+  unsigned trace_at(uint32_t offset, const uintptr_t** ips) const {
+    if (offset == 0) return 0;  // no trace (yet)
+    const uintptr_t* stored = arena_ + (offset - 1);
+    *ips = stored + 1;
+    return static_cast<unsigned>(stored[0]);
+  }
   // The id of the stack with this hash in generation g's table, 0 if none.
   uint32_t find(unsigned g, uint64_t hash, const uintptr_t* ips, unsigned depth) const;
   uint32_t publish(uint32_t id, uint64_t hash, const uintptr_t* ips, unsigned depth);
+  // The stack's id in a generation before g if it has one, else id.
+  uint32_t oldest(unsigned g, uint64_t hash, const uintptr_t* ips, unsigned depth, uint32_t id) const;
   bool same_stack(uint32_t id, const uintptr_t* ips, unsigned depth) const;
 
   // The generations' hash tables, one after the other (generation g's at

@@ -195,13 +195,14 @@ TEST(StackDepot, ConcurrentInsertsAgreeOnIds) {
   EXPECT_EQ(distinct.size(), static_cast<size_t>(kStacks));
 }
 
-// Two inserters of one new stack whose ids fall on both sides of a
-// generation's end (interleaved here as racing threads would): the later
-// one, published second, looks again in the earlier generation and takes
-// the id it finds there. Published first (the earlier one stopped between
-// its claim and its publish), it keeps its own, and the stack is found
-// under the earlier generation's id from then on.
-TEST(StackDepot, AnInserterPastAGenerationsEndTakesTheEarlierId) {
+// Inserters of one new stack whose ids fall on both sides of a
+// generation's end (interleaved here as racing threads would): published
+// in order, all of them get the earlier generation's id, the one who met
+// another's slot in the later generation too. When the later one publishes
+// first (the earlier one stopped between its claim and its publish), it
+// keeps its own, and the stack is found under the earlier generation's id
+// from then on. publish() takes only an id claimed for that very stack.
+TEST(StackDepot, InsertersPastAGenerationsEndTakeTheEarlierId) {
   auto depot = std::make_unique<StackDepot>();
   ASSERT_TRUE(depot->init(kMaxDepth));
   auto stack_of = [](uint32_t i, uintptr_t* stack) {
@@ -213,32 +214,45 @@ TEST(StackDepot, AnInserterPastAGenerationsEndTakesTheEarlierId) {
   auto fill_to = [&](uint32_t end) {
     for (; n < end; ++n) {
       stack_of(n, stack);
-      ASSERT_EQ(depot->insert(stack, 2), n);
+      if (depot->insert(stack, 2) != n) return false;
     }
+    return true;
   };
-  fill_to(StackDepot::kFirstId[1] - 1);
+  ASSERT_TRUE(fill_to(StackDepot::kFirstId[1] - 1));
   stack_of(1000000, stack);
-  const uint32_t earlier = depot->claim(stack, 2), later = depot->claim(stack, 2);
-  ASSERT_EQ(earlier, StackDepot::kFirstId[1] - 1);
-  ASSERT_EQ(later, StackDepot::kFirstId[1]);
-  EXPECT_EQ(depot->publish(earlier, stack, 2), earlier);
-  EXPECT_EQ(depot->publish(later, stack, 2), earlier);
-  EXPECT_EQ(depot->insert(stack, 2), earlier);
+  const uint32_t first = depot->claim(stack, 2), second = depot->claim(stack, 2), third = depot->claim(stack, 2);
+  ASSERT_EQ(first, StackDepot::kFirstId[1] - 1);
+  ASSERT_EQ(second, StackDepot::kFirstId[1]);
+  EXPECT_EQ(depot->publish(first, stack, 2), first);
+  EXPECT_EQ(depot->publish(second, stack, 2), first);
+  EXPECT_EQ(depot->publish(third, stack, 2), first) << "met the second's slot";
+  EXPECT_EQ(depot->publish(second, stack, 2), first) << "again";
+  EXPECT_EQ(depot->insert(stack, 2), first);
 
-  n = later + 1;
-  fill_to(StackDepot::kFirstId[2] - 1);
+  n = third + 1;
+  ASSERT_TRUE(fill_to(StackDepot::kFirstId[2] - 1));
   stack_of(2000000, stack);
   const uint32_t stopped = depot->claim(stack, 2), passing = depot->claim(stack, 2);
   ASSERT_EQ(stopped, StackDepot::kFirstId[2] - 1);
   EXPECT_EQ(depot->publish(passing, stack, 2), passing);
   EXPECT_EQ(depot->publish(stopped, stack, 2), stopped);
   EXPECT_EQ(depot->insert(stack, 2), stopped);
+
+  // Not claimed, or claimed for another stack: refused, and nothing changes.
+  uintptr_t other[2];
+  stack_of(3000000, other);
+  EXPECT_EQ(depot->publish(depot->id_limit(), other, 2), 0u);
+  EXPECT_EQ(depot->publish(StackDepot::kIds - 1, other, 2), 0u);
+  EXPECT_EQ(depot->publish(stopped, other, 2), 0u);
+  const uint32_t other_id = depot->insert(other, 2);
+  EXPECT_EQ(other_id, passing + 1);
+  EXPECT_EQ(depot->insert(stack, 2), stopped);
 }
 
 // Across the generations' ends, with threads: every stack is found under
 // one id, whatever id a thread got names that stack, and few stacks (only
-// those of an inserter preempted between its claim and its publish) have
-// two ids.
+// those of an inserter preempted between its claim and its publish: each
+// thread has one insert at a time, and there are two ends) have two ids.
 TEST(StackDepot, ConcurrentInsertsAcrossGenerations) {
   constexpr int kThreads = 4, kStacks = 20000;
   static_assert(kStacks > static_cast<int>(StackDepot::kFirstId[2]));
