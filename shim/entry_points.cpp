@@ -367,6 +367,42 @@ void* realloc_sampled(void* block, size_t size) {
   return moved;
 }
 
+// realloc of a block of the real allocator, by the real realloc; the
+// countdown counted it when `counted` (the thread's state) is given.
+HOTPOOL_ALWAYS_INLINE void* realloc_real(ThreadState* counted, void* block, size_t size) {
+  const size_t old_usable = g_real.usable_size(block);
+  void* moved = g_real.realloc(block, size);
+  if (moved) {
+    record_free(old_usable);
+    if (counted != nullptr) return record_real_block(counted, moved, size);
+    record_alloc(moved, size);
+  } else if (size == 0) {
+    record_free(old_usable);  // glibc's realloc(p, 0) frees p and returns NULL
+  }
+  return moved;
+}
+
+// The realloc of a real block that brought the countdown to zero (size is
+// not 0): as event_malloc. A sample moves the block into a sampled one (as
+// realloc_sampled: the free of the old block is recorded before the new
+// block's allocation); else the real realloc.
+HOTPOOL_NOINLINE void* event_realloc(ThreadState* state, void* block, size_t size) {
+  if (g_sampling_by_bytes && by_bytes_skip(*state, size)) return realloc_real(state, block, size);
+  const unsigned event = take_event(*state);
+  void* moved = (event & kSampleEvent) ? sampled_allocate(*state, size, HOTPOOL_CALLER_FRAME()) : nullptr;
+  if (moved != nullptr) {
+    const size_t old_usable = g_real.usable_size(block);
+    std::memcpy(moved, block, old_usable < size ? old_usable : size);
+    record_free(old_usable);
+    g_real.free(block);
+    sampled_restamp(moved);  // allocated, as counted, after that free
+  } else {
+    moved = realloc_real(state, block, size);
+  }
+  if (event & kTickEvent) tick(*state);
+  return moved;
+}
+
 }  // namespace
 
 // FAST PATH of every entry point: one relaxed load of the phase, then
@@ -446,16 +482,12 @@ HOTPOOL_EXPORT void* realloc(void* block, size_t size) {
     warn_invalid_pointer("realloc", block);
     return g_real.realloc(block, size);
   }
-  // realloc is a free of the old block and an allocation of the new one.
-  const size_t old_usable = g_real.usable_size(block);
-  void* moved = g_real.realloc(block, size);
-  if (moved) {
-    record_free(old_usable);
-    record_alloc(moved, size);
-  } else if (size == 0) {
-    record_free(old_usable);  // glibc's realloc(p, 0) frees p and returns NULL
-  }
-  return moved;
+  // realloc is a free of the old block and an allocation of the new one:
+  // the countdown counts it as an allocation (an attached thread outside
+  // hotpool; realloc(p, 0) only frees), and samples it as one.
+  ThreadState* const counted = size != 0 ? tls.pool_state : nullptr;
+  if (counted != nullptr && HOTPOOL_UNLIKELY(--counted->countdown == 0)) return event_realloc(counted, block, size);
+  return realloc_real(counted, block, size);
 }
 
 HOTPOOL_EXPORT void* reallocarray(void* block, size_t count, size_t size) {

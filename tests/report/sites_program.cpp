@@ -14,6 +14,8 @@
 //                              thread in its last round of key destructors
 //   sites_program sizes N      N blocks of each of a few sizes, kept, then
 //                              freed; prints each size's malloc_usable_size
+//   sites_program realloc_shares N  N/2 rounds of realloc_share (a malloc,
+//                              its realloc, the free) and N/2 of large_share
 //   sites_program bytes N      N rounds of one 256 KiB block, one of 2 MiB
 //                              (too large to sample), four of 8 KiB, 1000 of
 //                              32 bytes and 500 calloc'ed ones, each freed at once
@@ -135,6 +137,16 @@ NOINLINE void small_share() {
 
 NOINLINE void large_share() {
   void* block = std::malloc(80);  // SITE: share70
+  g_sink = block;
+  std::free(block);
+}
+
+// A buffer grown by realloc, as strings and vectors of C programs are:
+// the grown block is an allocation of its own (realloc_share_to).
+NOINLINE void realloc_share() {
+  char* block = static_cast<char*>(std::malloc(40));  // SITE: realloc_share_from
+  block[0] = 1;
+  block = static_cast<char*>(std::realloc(block, 400));  // SITE: realloc_share_to
   g_sink = block;
   std::free(block);
 }
@@ -332,6 +344,11 @@ int main(int argc, char** argv) {
     for (int i = 0; i < repeat; ++i) late_site();
   } else if (std::strcmp(what, "exit_free") == 0) {
     if (exit_free_thread(count) != 0) return 1;
+  } else if (std::strcmp(what, "realloc_shares") == 0) {
+    for (int i = 0; i < count; ++i) {
+      if (i % 2 == 0) realloc_share();
+      else large_share();
+    }
   } else if (std::strcmp(what, "bytes") == 0) {
     for (int i = 0; i < count; ++i) {
       big_bytes();
