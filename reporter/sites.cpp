@@ -360,9 +360,9 @@ uint32_t StackDepot::insert(const uintptr_t* ips, unsigned depth) {
 // so a publish in a later generation (its own id, or the one it met there)
 // looks again in the earlier ones, and returns the id it finds there.
 // Only an inserter stopped between its claim and its publish (preempted,
-// or interrupted by a signal handler) while another passes can leave its
-// caller with another id than the others' (the earliest generation's is
-// found from then on).
+// or interrupted by a signal handler) while another, with an id in a later
+// generation, publishes the same stack can leave one of them with another
+// id than the others' (the earliest generation's is found from then on).
 uint32_t StackDepot::claim(const uintptr_t* ips, unsigned depth) {
   if (!slots_ || depth == 0) return 0;
   const size_t offset = arena_used_.fetch_add(depth + 1, std::memory_order_relaxed);
@@ -384,13 +384,12 @@ uint32_t StackDepot::publish(uint32_t id, const uintptr_t* ips, unsigned depth) 
 }
 
 uint32_t StackDepot::oldest(unsigned g, uint64_t hash, const uintptr_t* ips, unsigned depth, uint32_t id) const {
-  // An earlier generation can hold the stack only if its inserter claimed
-  // an id there while this id's inserter had not found it: just before the
-  // generation's end, a few ids before this one (claims are in order). So
-  // only ids near their generation's start look (ids claimed by inserters
-  // stopped for longer are the race left, see above).
-  constexpr uint32_t kRaceWindow = 256;
-  if (id - kFirstId[g] >= kRaceWindow) return id;
+  // An earlier generation holds the stack if its inserter claimed an id
+  // there before this id's inserter looked. How long before is unbounded (an
+  // inserter delayed between its lookup and its claim, by preemption or a
+  // page fault, while other threads claim any number of ids), so every
+  // earlier generation is searched. Cheap: only new stacks publish, and
+  // there are at most two earlier generations.
   for (unsigned older = 0; older < g; ++older) {
     if (const uint32_t first = find(older, hash, ips, depth)) return first;
   }

@@ -195,6 +195,22 @@ TEST(StackDepot, ConcurrentInsertsAgreeOnIds) {
   EXPECT_EQ(distinct.size(), static_cast<size_t>(kStacks));
 }
 
+// Stack number i, two frames deep; and the depot filled in order with the
+// stacks numbered from n up to end (each must get its number as id).
+void two_frames(uint32_t i, uintptr_t* stack) {
+  stack[0] = uintptr_t{i} * 16 + 1;
+  stack[1] = 0x77;
+}
+
+bool fill_depot(StackDepot& depot, uint32_t& n, uint32_t end) {
+  uintptr_t stack[2];
+  for (; n < end; ++n) {
+    two_frames(n, stack);
+    if (depot.insert(stack, 2) != n) return false;
+  }
+  return true;
+}
+
 // Inserters of one new stack whose ids fall on both sides of a
 // generation's end (interleaved here as racing threads would): published
 // in order, all of them get the earlier generation's id, the one who met
@@ -205,21 +221,11 @@ TEST(StackDepot, ConcurrentInsertsAgreeOnIds) {
 TEST(StackDepot, InsertersPastAGenerationsEndTakeTheEarlierId) {
   auto depot = std::make_unique<StackDepot>();
   ASSERT_TRUE(depot->init(kMaxDepth));
-  auto stack_of = [](uint32_t i, uintptr_t* stack) {
-    stack[0] = uintptr_t{i} * 16 + 1;
-    stack[1] = 0x77;
-  };
   uintptr_t stack[2];
   uint32_t n = 1;
-  auto fill_to = [&](uint32_t end) {
-    for (; n < end; ++n) {
-      stack_of(n, stack);
-      if (depot->insert(stack, 2) != n) return false;
-    }
-    return true;
-  };
+  auto fill_to = [&](uint32_t end) { return fill_depot(*depot, n, end); };
   ASSERT_TRUE(fill_to(StackDepot::kFirstId[1] - 1));
-  stack_of(1000000, stack);
+  two_frames(1000000, stack);
   const uint32_t first = depot->claim(stack, 2), second = depot->claim(stack, 2), third = depot->claim(stack, 2);
   ASSERT_EQ(first, StackDepot::kFirstId[1] - 1);
   ASSERT_EQ(second, StackDepot::kFirstId[1]);
@@ -231,7 +237,7 @@ TEST(StackDepot, InsertersPastAGenerationsEndTakeTheEarlierId) {
 
   n = third + 1;
   ASSERT_TRUE(fill_to(StackDepot::kFirstId[2] - 1));
-  stack_of(2000000, stack);
+  two_frames(2000000, stack);
   const uint32_t stopped = depot->claim(stack, 2), passing = depot->claim(stack, 2);
   ASSERT_EQ(stopped, StackDepot::kFirstId[2] - 1);
   EXPECT_EQ(depot->publish(passing, stack, 2), passing);
@@ -240,13 +246,39 @@ TEST(StackDepot, InsertersPastAGenerationsEndTakeTheEarlierId) {
 
   // Not claimed, or claimed for another stack: refused, and nothing changes.
   uintptr_t other[2];
-  stack_of(3000000, other);
+  two_frames(3000000, other);
   EXPECT_EQ(depot->publish(depot->id_limit(), other, 2), 0u);
   EXPECT_EQ(depot->publish(StackDepot::kIds - 1, other, 2), 0u);
   EXPECT_EQ(depot->publish(stopped, other, 2), 0u);
   const uint32_t other_id = depot->insert(other, 2);
   EXPECT_EQ(other_id, passing + 1);
   EXPECT_EQ(depot->insert(stack, 2), stopped);
+}
+
+// An inserter delayed between its lookup (which missed) and its claim, while
+// another inserts the same stack and any number of ids pass: its publish,
+// however far into a later generation, returns the earliest id.
+TEST(StackDepot, ALateClaimFarIntoALaterGenerationTakesTheEarliestId) {
+  auto depot = std::make_unique<StackDepot>();
+  ASSERT_TRUE(depot->init(kMaxDepth));
+  uint32_t n = 1;
+  auto fill_to = [&](uint32_t end) { return fill_depot(*depot, n, end); };
+  ASSERT_TRUE(fill_to(StackDepot::kFirstId[1] - 1));
+  uintptr_t delayed[2];
+  two_frames(1000000, delayed);
+  const uint32_t early = depot->insert(delayed, 2);
+  ASSERT_EQ(early, StackDepot::kFirstId[1] - 1);
+  n = early + 1;
+  ASSERT_TRUE(fill_to(StackDepot::kFirstId[1] + 1000));
+  const uint32_t late = depot->claim(delayed, 2);
+  ASSERT_EQ(late, StackDepot::kFirstId[1] + 1000);
+  EXPECT_EQ(depot->publish(late, delayed, 2), early);
+  n = late + 1;
+  ASSERT_TRUE(fill_to(StackDepot::kFirstId[2] + 3000));
+  const uint32_t later = depot->claim(delayed, 2);
+  ASSERT_EQ(later, StackDepot::kFirstId[2] + 3000);
+  EXPECT_EQ(depot->publish(later, delayed, 2), early);
+  EXPECT_EQ(depot->insert(delayed, 2), early);
 }
 
 // Across the generations' ends, with threads: every stack is found under
