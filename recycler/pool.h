@@ -198,6 +198,18 @@ class alignas(64) ClassDepot {
   }
   // What is wrong with a pointer that is not a block start; nullptr if fine.
   const char* check_block(const void* block) const;
+  // The start of the block holding `p` (a pointer into this class's area)
+  // when that block was handed out before (below the frontier), else
+  // nullptr. A division: for the rare pointers that are not block starts
+  // but may lie inside a block legitimately (a sampled aligned block's,
+  // see shim/sampler.cpp).
+  char* block_start_of(const void* p) const {
+    if (geometry_.size == 0) return nullptr;  // a class not set up
+    const size_t offset = static_cast<size_t>(static_cast<const char*>(p) - check_.area);  // huge below the area
+    const size_t number = offset / geometry_.size;
+    if (number >= check_.handed_out.load(std::memory_order_relaxed)) return nullptr;
+    return check_.area + number * geometry_.size;
+  }
 
   const ClassGeometry& geometry() const { return geometry_; }
   const char* area() const { return area_; }  // where its blocks start (see PoolRegion::area_colour)

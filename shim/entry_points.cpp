@@ -248,6 +248,53 @@ HOTPOOL_NOINLINE void* recorded_calloc(size_t count, size_t size) {
   return recorded_real_calloc(state, count, size);
 }
 
+// The aligned allocations (memalign & co.) run the countdown as malloc's
+// do, so that they are sampled as often (a sampled one is aligned in the
+// sample region, up to a page); they are never pooled: `real`, the real
+// function's call, serves every one that is not sampled. `alignment`: the
+// block's, a power of two, or 0 when the request's alignment is invalid
+// (the real function says what then) and no sample can be taken.
+template <typename Real>
+HOTPOOL_ALWAYS_INLINE void* recorded_real_aligned(size_t size, Real real) {
+  void* block = real();
+  if (HOTPOOL_LIKELY(block != nullptr)) recorded_malloc_generic(block, size);  // counted by the countdown
+  return block;
+}
+
+// The aligned allocation that brought the countdown to zero: as event_malloc.
+template <typename Real>
+HOTPOOL_NOINLINE void* event_aligned(ThreadState* state, size_t alignment, size_t size, Real real) {
+  if (g_sampling_by_bytes && by_bytes_skip(*state, size)) return recorded_real_aligned(size, real);
+  const unsigned event = take_event(*state);
+  void* block = (event & kSampleEvent) && alignment ? sampled_allocate(*state, size, HOTPOOL_CALLER_FRAME(), alignment)
+                                                     : nullptr;
+  if (block == nullptr) block = recorded_real_aligned(size, real);
+  if (event & kTickEvent) tick(*state);
+  return block;
+}
+
+template <typename Real>
+HOTPOOL_NOINLINE void* recorded_aligned_unattached(size_t alignment, size_t size, Real real) {
+  ThreadState* state = attach_current_thread();  // a first allocation attaches the thread
+  if (state != nullptr) {
+    if (HOTPOOL_UNLIKELY(--state->countdown == 0)) return event_aligned(state, alignment, size, real);
+    return recorded_real_aligned(size, real);
+  }
+  // Inside hotpool, torn down, or a signal handler inside a pooled path.
+  void* block = real();
+  if (HOTPOOL_LIKELY(block != nullptr) && !tls.in_hotpool) record_alloc(block, size);
+  return block;
+}
+
+// Recording (the phase checked by the caller).
+template <typename Real>
+HOTPOOL_ALWAYS_INLINE void* recorded_aligned(size_t alignment, size_t size, Real real) {
+  ThreadState* state = tls.pool_state;
+  if (HOTPOOL_UNLIKELY(state == nullptr)) return recorded_aligned_unattached(alignment, size, real);
+  if (HOTPOOL_UNLIKELY(--state->countdown == 0)) return event_aligned(state, alignment, size, real);
+  return recorded_real_aligned(size, real);
+}
+
 // The pooled class's bin was empty: a refill from the depot.
 HOTPOOL_NOINLINE void* pooled_malloc_refill(unsigned size_class, size_t size) {
   ThreadState* state = tls.pool_state;
@@ -505,36 +552,48 @@ HOTPOOL_EXPORT int posix_memalign(void** result, size_t alignment, size_t size) 
     *result = block;
     return 0;
   }
-  const int status = g_real.posix_memalign(result, alignment, size);
-  if (status == 0 && *result && recording(phase)) record_alloc(*result, size);
-  return status;
+  if (phase == Phase::Recording && is_power_of_two(alignment) && alignment % sizeof(void*) == 0) {
+    int status = 0;
+    void* block = recorded_aligned(alignment, size, [&]() -> void* {
+      void* real_block = nullptr;
+      status = g_real.posix_memalign(&real_block, alignment, size);
+      return status == 0 ? real_block : nullptr;
+    });
+    if (block == nullptr) return status ? status : ENOMEM;
+    *result = block;
+    return 0;
+  }
+  // Off, or an alignment the real function refuses (EINVAL).
+  return g_real.posix_memalign(result, alignment, size);
 }
 
 HOTPOOL_EXPORT void* aligned_alloc(size_t alignment, size_t size) {
   const Phase phase = g_phase.load(std::memory_order_relaxed);
   if (HOTPOOL_UNLIKELY(phase == Phase::Booting))
     return allocate_booting([=] { return aligned_alloc(alignment, size); }, size, alignment, false);
-  void* block = g_real.aligned_alloc(alignment, size);
-  if (HOTPOOL_LIKELY(block != nullptr) && recording(phase)) record_alloc(block, size);
-  return block;
+  if (phase == Phase::Recording)
+    return recorded_aligned(is_power_of_two(alignment) ? alignment : 0, size,
+                            [=] { return g_real.aligned_alloc(alignment, size); });
+  return g_real.aligned_alloc(alignment, size);
 }
 
 HOTPOOL_EXPORT void* memalign(size_t alignment, size_t size) {
   const Phase phase = g_phase.load(std::memory_order_relaxed);
   if (HOTPOOL_UNLIKELY(phase == Phase::Booting))
     return allocate_booting([=] { return memalign(alignment, size); }, size, alignment, false);
-  void* block = g_real.memalign(alignment, size);
-  if (HOTPOOL_LIKELY(block != nullptr) && recording(phase)) record_alloc(block, size);
-  return block;
+  if (phase == Phase::Recording)
+    return recorded_aligned(is_power_of_two(alignment) ? alignment : 0, size,
+                            [=] { return g_real.memalign(alignment, size); });
+  return g_real.memalign(alignment, size);
 }
 
 HOTPOOL_EXPORT void* valloc(size_t size) {
   const Phase phase = g_phase.load(std::memory_order_relaxed);
   if (HOTPOOL_UNLIKELY(phase == Phase::Booting))
     return allocate_booting([=] { return valloc(size); }, size, static_cast<size_t>(sysconf(_SC_PAGESIZE)), false);
-  void* block = g_real.valloc(size);
-  if (HOTPOOL_LIKELY(block != nullptr) && recording(phase)) record_alloc(block, size);
-  return block;
+  if (phase == Phase::Recording)
+    return recorded_aligned(static_cast<size_t>(sysconf(_SC_PAGESIZE)), size, [=] { return g_real.valloc(size); });
+  return g_real.valloc(size);
 }
 
 HOTPOOL_EXPORT void* pvalloc(size_t size) {
@@ -548,9 +607,14 @@ HOTPOOL_EXPORT void* pvalloc(size_t size) {
     if (phase == Phase::Booting) return allocate_booting([=] { return pvalloc(size); }, rounded, page, false);
     return memalign(page, rounded);
   }
-  void* block = g_real.pvalloc(size);
-  if (HOTPOOL_LIKELY(block != nullptr) && recording(phase)) record_alloc(block, size);
-  return block;
+  if (phase == Phase::Recording) {
+    // Sampled, the request rounded up to whole pages, as the real one rounds it.
+    size_t rounded;
+    if (__builtin_add_overflow(size ? size : 1, page - 1, &rounded)) return g_real.pvalloc(size);
+    rounded &= ~(page - 1);
+    return recorded_aligned(page, rounded, [=] { return g_real.pvalloc(size); });
+  }
+  return g_real.pvalloc(size);
 }
 
 HOTPOOL_EXPORT size_t malloc_usable_size(void* block) {

@@ -7,6 +7,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <sched.h>
+#include <sys/auxv.h>
 #include <sys/resource.h>
 #include <unistd.h>
 #include <time.h>
@@ -49,6 +50,17 @@ size_t sibling_usable(size_t requested, bool pooled) {
   return pooled ? g_classes.class_size(g_classes.class_of(requested)) : real_usable_estimate(requested);
 }
 constexpr size_t kHeader = sizeof(SampleHeader);
+
+// Aligned samples (memalign & co., sampled_allocate's `alignment`): region
+// blocks are 16-byte aligned, so a block aligned to A > 16 bytes starts up
+// to A - 16 bytes further into its region block than kHeader, its header
+// still right in front of it. When it does not start at kHeader (then it
+// starts at least kHeader + 16 in: offsets are multiples of 16), the
+// region block's first word says where it starts: the aligned key ^ its
+// address. A free that is not kHeader past a block start must find that
+// word (aligned_region_block), else it aborts as any interior pointer's.
+constexpr size_t kMaxSampledAlignment = 4096;
+constinit uint64_t g_aligned_key = 0;
 
 constinit reporter::Unwinder g_unwinder{};
 constinit uintptr_t g_unwinder_range[2] = {0, 0};  // libunwind's text, for pipe2
@@ -312,6 +324,10 @@ bool start_sampling(const ReentryGuard&) {
   g_limit = g_sample_classes.max_class_size() - kHeader;
   if (g_limit > UINT32_MAX) g_limit = UINT32_MAX;  // SampleHeader::usable
   g_clock.init();
+  // AT_RANDOM: 16 random bytes the kernel gives every process, no syscall.
+  uint64_t key = 0x2545f4914f6cdd1dull ^ reinterpret_cast<uintptr_t>(&key);
+  if (const auto* random = reinterpret_cast<const uint64_t*>(getauxval(AT_RANDOM))) key ^= random[0] * 31 + random[1];
+  g_aligned_key = key | 1;
   // For the pending sample counts (PendingSamples) and the fork gate.
   reporter::init_asymmetric_fences();
   g_active = true;
@@ -406,7 +422,7 @@ uint64_t next_sample_interval(ThreadState& state) {
   return 1 + static_cast<uint64_t>(reporter::natural_log(next_uniform(state)) / g_log_keep);
 }
 
-void* sampled_allocate(ThreadState& state, size_t size, reporter::Unwinder::Frame entry) {
+void* sampled_allocate(ThreadState& state, size_t size, reporter::Unwinder::Frame entry, size_t alignment) {
   if (!g_active) return nullptr;
   // By bytes every allocation that by_bytes_skip did not take comes here:
   // sampled or not, and if so, what it stands for. Before the size limit:
@@ -415,7 +431,9 @@ void* sampled_allocate(ThreadState& state, size_t size, reporter::Unwinder::Fram
   // more often than its weight says.
   reporter::SampleWeight weight;  // written and read by bytes only
   if (g_mean_bytes && !bytes_due(state, size, &weight)) return nullptr;
-  if (size > g_limit) return nullptr;
+  // The most an alignment moves the block into its region block.
+  const size_t lead = alignment > 16 ? alignment - 16 : 0;
+  if (size > g_limit || lead > g_limit - size || alignment > kMaxSampledAlignment) return nullptr;
   if (HOTPOOL_UNLIKELY(!state.stack_probed)) {
     // The thread's stack bounds, at its first sample rather than when it
     // attaches: a thread that attaches in a signal handler or a thread-exit
@@ -428,13 +446,14 @@ void* sampled_allocate(ThreadState& state, size_t size, reporter::Unwinder::Fram
   // What the request would get unsampled (malloc(0) too gets usable bytes),
   // and room for it after the header.
   const unsigned request_class = g_classes.class_of(size);
-  const bool pooled =
-      g_pool_limit && request_class + 1 < g_classes.count() && g_recycler.pooled(request_class);
+  // (An aligned request is never pooled: the real allocator's memalign serves it.)
+  const bool pooled = alignment == 0 && g_pool_limit && request_class + 1 < g_classes.count() &&
+                      g_recycler.pooled(request_class);
   // Near the largest class (its own pooled requests, or glibc's reckoning
   // past it), what the region's largest block holds after the header.
   size_t usable = sibling_usable(size, pooled);
-  if (usable > g_limit) usable = g_limit;  // size <= g_limit (above)
-  const unsigned region_class = g_sample_classes.class_of(usable + kHeader);
+  if (usable > g_limit - lead) usable = g_limit - lead;  // size <= g_limit - lead (above)
+  const unsigned region_class = g_sample_classes.class_of(usable + kHeader + lead);
   recycler::ClassDepot& depot = g_sample_region.depot(region_class);
   void* raw = nullptr;
   {
@@ -468,7 +487,15 @@ void* sampled_allocate(ThreadState& state, size_t size, reporter::Unwinder::Fram
   }
   const unsigned size_class = g_classes.class_of(usable);
   state.stats.record_alloc(g_global, size_class, size, usable);
-  auto* header = static_cast<SampleHeader*>(raw);
+  char* block = static_cast<char*>(raw) + kHeader;
+  if (lead) {
+    const uintptr_t at = (reinterpret_cast<uintptr_t>(block) + alignment - 1) & ~(alignment - 1);
+    if (at != reinterpret_cast<uintptr_t>(block)) {
+      block = reinterpret_cast<char*>(at);
+      *static_cast<uint64_t*>(raw) = g_aligned_key ^ at;  // see kMaxSampledAlignment
+    }
+  }
+  auto* header = reinterpret_cast<SampleHeader*>(block - kHeader);
   header->site = site;
   header->thread = state.ordinal;
   header->usable = static_cast<uint32_t>(usable);  // below the largest class
@@ -498,14 +525,43 @@ void* sampled_allocate(ThreadState& state, size_t size, reporter::Unwinder::Fram
       g_stack_depot.site(site).add_allocs(1, size, size, size, g_mean_bytes ? weight : reporter::SampleWeight{});
     }
   }
-  return static_cast<char*>(raw) + kHeader;
+  return block;
 }
+
+namespace {
+
+// The region block of a sampled block whose header does not start one: an
+// aligned block's (see kMaxSampledAlignment), else the free aborts.
+HOTPOOL_NOINLINE char* aligned_region_block(const recycler::ClassDepot& depot, void* block) {
+  char* start = depot.block_start_of(block);
+  const auto address = reinterpret_cast<uintptr_t>(block);
+  if (start && static_cast<size_t>(static_cast<char*>(block) - start) >= kHeader + 16 && address % 32 == 0 &&
+      *reinterpret_cast<const uint64_t*>(start) == (g_aligned_key ^ address))
+    return start;
+  const char* why = depot.check_block(static_cast<char*>(block) - kHeader);
+  recycler::fatal_pointer_error(why ? why : "free() of a pointer into the middle of a pooled block (interior or misaligned)",
+                                block);
+}
+
+// The region block of a sampled block that sampled_free_record accepted.
+char* region_block_of(void* block) {
+  char* raw = static_cast<char*>(block) - kHeader;
+  const recycler::ClassDepot& depot = g_sample_region.depot(g_sample_region.class_of_block(block));
+  if (HOTPOOL_LIKELY(depot.is_block_start(raw))) return raw;
+  char* start = depot.block_start_of(block);
+  return start ? start : raw;
+}
+
+}  // namespace
 
 
 size_t sampled_usable_size(const void* block) {
   const auto* header = reinterpret_cast<const SampleHeader*>(static_cast<const char*>(block) - kHeader);
   // Never past the block's room, whatever a write before the block left in its header.
-  const size_t room = g_sample_classes.class_size(g_sample_region.class_of_block(block)) - kHeader;
+  const unsigned region_class = g_sample_region.class_of_block(block);
+  const size_t offset = static_cast<size_t>(static_cast<const char*>(block) - region_block_of(const_cast<void*>(block)));
+  const size_t size = g_sample_classes.class_size(region_class);
+  const size_t room = size > offset ? size - offset : 0;
   return header->usable < room ? header->usable : room;
 }
 
@@ -517,7 +573,7 @@ void sampled_free_record(void* block) {
   char* raw = static_cast<char*>(block) - kHeader;
   const unsigned region_class = g_sample_region.class_of_block(block);
   recycler::ClassDepot& depot = g_sample_region.depot(region_class);
-  if (!depot.is_block_start(raw)) recycler::fatal_pointer_error(depot.check_block(raw), block);
+  if (!depot.is_block_start(raw)) aligned_region_block(depot, block);  // or abort
   auto* header = reinterpret_cast<SampleHeader*>(raw);
   if ((header->ops_state & kMarkMask) != kLive) recycler::fatal_pointer_error("double free of a sampled block", block);
   header->ops_state = (header->ops_state & ~kMarkMask) | kFreed;
@@ -570,12 +626,12 @@ void sampled_free_record(void* block) {
 }
 
 void sampled_release_to_depot(void* block) {
-  void* raw = static_cast<char*>(block) - kHeader;
+  void* raw = region_block_of(block);
   g_sample_region.depot(g_sample_region.class_of_block(block)).drain(&raw, 1, now_ns());
 }
 
 void sampled_free_release(void* block) {
-  void* raw = static_cast<char*>(block) - kHeader;
+  void* raw = region_block_of(block);
   const unsigned region_class = g_sample_region.class_of_block(block);
   // Into this thread's stash when its slot is free, unless this free runs
   // inside another hotpool call (a signal handler's): that call may be

@@ -3,7 +3,8 @@
 //
 // A sampled block comes from a region of its own (a second pool region, no
 // thread caches), with a 32-byte header in front of what the program gets:
-// the site, the thread, the time. free() recognises
+// the site, the thread, the time. (An aligned one may start further into
+// its region block: see sampler.cpp.) free() recognises
 // such a block by its address, like a pooled one, without a lookup, and
 // reading the header is safe because the memory is hotpool's.
 #pragma once
@@ -93,7 +94,10 @@ uint64_t next_sample_interval(ThreadState& state);
 // region full); the caller then allocates as usual.
 // `entry`: the allocator's entry frame, where the stack capture may start
 // (see reporter::Unwinder::capture); {0, 0} for capture()'s caller.
-void* sampled_allocate(ThreadState& state, size_t size, reporter::Unwinder::Frame entry = {0, 0});
+// `alignment`: 0 for malloc's, else a power of two the block is aligned
+// to (memalign & co.; up to a page, else nullptr).
+void* sampled_allocate(ThreadState& state, size_t size, reporter::Unwinder::Frame entry = {0, 0},
+                       size_t alignment = 0);
 inline bool is_sampled(const void* block) { return g_sample_region.contains(block); }
 void sampled_free(void* block);
 // realloc's two halves of sampled_free (see sampler.cpp).

@@ -22,15 +22,22 @@
 //   sites_program bytes_sites N  N rounds of the 512 stacks of many_stacks
 //                              (blocks of 3000 and 8 bytes), and every 8th
 //                              round one 256 KiB block
+//   sites_program aligned N    N rounds of one block from each aligned call
+//                              (memalign, aligned_alloc, posix_memalign,
+//                              valloc, C++'s aligned new), each checked for
+//                              its alignment and freed in its frame; exits 1
+//                              if one was not aligned
 #include <dlfcn.h>
 #include <limits.h>  // PTHREAD_DESTRUCTOR_ITERATIONS
 #include <pthread.h>
 
 #include <malloc.h>
 
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <new>
 #include <vector>
 
 #define NOINLINE __attribute__((noinline))
@@ -260,6 +267,54 @@ NOINLINE int descend(unsigned path, int level) {
 NOINLINE int branch_a(unsigned path, int level) { return descend(path, level) + 1; }  // not a tail call
 NOINLINE int branch_b(unsigned path, int level) { return descend(path, level) + 2; }
 
+// Aligned allocations: each written over its usable size (a sampled block
+// must hold it) and checked for its alignment.
+bool g_misaligned = false;
+
+NOINLINE void use_aligned(void* block, size_t alignment, size_t size) {
+  if (!block || reinterpret_cast<uintptr_t>(block) % alignment != 0 || malloc_usable_size(block) < size) {
+    g_misaligned = true;
+    return;
+  }
+  std::memset(block, 0x5a, malloc_usable_size(block));
+  g_sink = block;
+}
+
+NOINLINE void memalign_site() {
+  void* block = memalign(64, 200);  // SITE: memalign
+  use_aligned(block, 64, 200);
+  std::free(block);
+}
+
+NOINLINE void aligned_alloc_site() {
+  void* block = aligned_alloc(256, 1000);  // SITE: aligned_alloc
+  use_aligned(block, 256, 1000);
+  std::free(block);
+}
+
+NOINLINE void posix_memalign_site() {
+  void* block = nullptr;
+  if (posix_memalign(&block, 32, 40) != 0) block = nullptr;  // SITE: posix_memalign
+  use_aligned(block, 32, 40);
+  std::free(block);
+}
+
+NOINLINE void valloc_site() {
+  void* block = valloc(100);  // SITE: valloc
+  use_aligned(block, 4096, 100);
+  std::free(block);
+}
+
+struct alignas(128) Aligned128 {
+  char bytes[300];
+};
+
+NOINLINE void aligned_new_site() {
+  auto* object = new Aligned128;  // SITE: aligned_new
+  use_aligned(object, 128, sizeof(Aligned128));
+  delete object;
+}
+
 // A site that allocates only after many_stacks' thousands of sites: the
 // report must find it among all of them, whatever its id.
 NOINLINE void late_site() {
@@ -362,6 +417,15 @@ int main(int argc, char** argv) {
       for (unsigned path = 0; path < 512; ++path) descend(path, 9);
       if (i % 8 == 0) big_bytes();
     }
+  } else if (std::strcmp(what, "aligned") == 0) {
+    for (int i = 0; i < count; ++i) {
+      memalign_site();
+      aligned_alloc_site();
+      posix_memalign_site();
+      valloc_site();
+      aligned_new_site();
+    }
+    if (g_misaligned) return std::printf("misaligned\n"), 1;
   } else if (std::strcmp(what, "dlopen") == 0) {
     const int repeat = argc > 4 ? std::atoi(argv[4]) : 100;
     if (argc < 4 || call_library(argv[2], false, repeat) != 0 || call_library(argv[3], true, repeat) != 0) return 1;

@@ -13,6 +13,7 @@
 #include <set>
 #include <sstream>
 #include <string>
+#include <tuple>
 #include <vector>
 
 extern char** environ;
@@ -161,6 +162,43 @@ TEST_F(SitesTest, EveryPatternIsClassifiedAndAttributedToItsFunctionAndLine) {
   EXPECT_EQ(leak["sampled_allocations"], kCount);
   EXPECT_EQ(leak["live_at_exit"], kCount);
   EXPECT_EQ(leak["sampled_frees"], 0u);
+}
+
+// Aligned allocations (memalign, aligned_alloc, posix_memalign, valloc and
+// C++'s aligned new, alignments 32 B to a page) are sampled as malloc's
+// are: with HOTPOOL_SAMPLE=1 each one is a sample of its own function and
+// line, freed in its frame. The program checks every block's alignment and
+// usable size, and writes all of it.
+const std::tuple<const char*, const char*> kAlignedSites[] = {
+    {"memalign_site", "memalign"}, {"aligned_alloc_site", "aligned_alloc"}, {"posix_memalign_site", "posix_memalign"},
+    {"valloc_site", "valloc"},     {"aligned_new_site", "aligned_new"}};
+
+TEST_F(SitesTest, AlignedAllocationsAreSampledAtTheirOwnSites) {
+  const Json report = run({"aligned", std::to_string(kCount)}, {"HOTPOOL_SAMPLE=1", "HOTPOOL_MODE=profile"});
+  EXPECT_EQ(slurp(dir_ / "stdout"), "done\n");
+  EXPECT_EQ(report["sampling"]["unsited"], 0);
+  for (auto [function, marker] : kAlignedSites) {
+    auto figures = site(report, function, marker);
+    EXPECT_EQ(figures["sites"], 1u) << marker;
+    EXPECT_EQ(figures["sampled_allocations"], kCount) << marker;
+    EXPECT_EQ(figures["sampled_frees"], kCount) << marker;
+    EXPECT_EQ(figures["frame_local"], kCount) << marker;
+  }
+}
+
+// At the default rate, in mode auto (pools on), each aligned site is
+// estimated within 5% (~3,900 samples of 2M: a standard error of 1.6%).
+TEST_F(SitesTest, AlignedAllocationsAreEstimatedAtTheDefaultRate) {
+  constexpr uint64_t kRounds = 2000000;
+  const Json report = run({"aligned", std::to_string(kRounds)}, {"HOTPOOL_MODE=auto"});
+  EXPECT_EQ(slurp(dir_ / "stdout"), "done\n");
+  EXPECT_EQ(report["sampling"]["rate"].get<uint64_t>(), 512u);
+  for (auto [function, marker] : kAlignedSites) {
+    auto figures = site(report, function, marker);
+    const double estimate = static_cast<double>(figures["estimated_allocations"]);
+    EXPECT_NEAR(estimate / kRounds, 1.0, 0.05) << marker << ": " << estimate << " estimated";
+    EXPECT_EQ(figures["frame_local"], figures["sampled_frees"]) << marker;
+  }
 }
 
 TEST_F(SitesTest, RecycledCountsTheAllocatingThreadsCallsBetweenMallocAndFree) {

@@ -24,6 +24,7 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -335,6 +336,80 @@ TEST(InvalidFreeOfABlockStart, NeverHandedOutBlockInACarvedSlabAborts) {
       << describe(run);
   EXPECT_TRUE(run.said("hotpool: ")) << describe(run);
 }
+
+// ---------------------------------------------------------------------------
+// Sampled blocks (HOTPOOL_SAMPLE=1: every allocation is one, in every mode
+// but off) come from a region of their own, with checks of their own: a
+// double free, or a free of a pointer inside one, aborts as a pooled
+// block's does. An aligned one (memalign & co.) may start further into its
+// region block than a malloc'ed one, so pointers around it are checked too.
+
+TORTURE_SCENARIO(sampled_bad_free) {
+  const char* what = getenv("SAMPLED_BAD_FREE");
+  if (!what) return 2;
+  char* plain = static_cast<char*>(malloc(opaque(size_t{100})));
+  char* aligned = static_cast<char*>(memalign(opaque(size_t{256}), opaque(size_t{100})));
+  if (!plain || !aligned || reinterpret_cast<uintptr_t>(aligned) % 256 != 0) return 3;
+  const std::string bad = what;
+  if (bad == "plain_double") {
+    free(plain);
+    free(opaque(plain));
+  } else if (bad == "aligned_double") {
+    free(aligned);
+    free(opaque(aligned));
+  } else if (bad == "aligned_double_after_reuse_as_plain") {
+    // Its region block goes to the next malloc of its region class: one of
+    // these sizes (kept, so each takes another block).
+    free(aligned);
+    bool reused = false;
+    for (size_t size = 100; size <= 1024 && !reused; size += 8) {
+      char* block = static_cast<char*>(malloc(opaque(size)));
+      if (block == aligned) {  // it started where a malloc'ed one starts: a valid block again
+        say("same_start=1");
+        return 0;
+      }
+      reused = block && aligned > block && aligned < block + malloc_usable_size(block);
+    }
+    say("reused=%d", reused ? 1 : 0);
+    if (!reused) return 4;
+    free(opaque(aligned));
+  } else if (bad == "plain_interior") {
+    free(opaque(plain + 16));
+  } else if (bad == "aligned_interior") {
+    free(opaque(aligned + 32));
+  } else if (bad == "aligned_before") {
+    free(opaque(aligned - 16));
+  } else if (bad == "aligned_interior_realloc") {
+    free(realloc(opaque(aligned + 64), 10));
+  } else {
+    return 2;
+  }
+  say("continued=1");
+  return 0;
+}
+
+class SampledBadFree : public testing::TestWithParam<std::tuple<const char*, const char*>> {};
+
+TEST_P(SampledBadFree, Aborts) {
+  if (mode_under_test() == "off") GTEST_SKIP() << "nothing is sampled in mode off";
+  const auto [what, message] = GetParam();
+  const ScenarioRun run =
+      run_scenario("sampled_bad_free", Preload::Yes, {"HOTPOOL_SAMPLE=1", std::string("SAMPLED_BAD_FREE=") + what});
+  if (run.value("same_start") == "1") GTEST_SKIP() << "the aligned block started where a malloc'ed one starts";
+  expect_abort_saying(run, message);
+}
+
+constexpr const char* kSampledDoubleFree = "hotpool: double free of a sampled block";
+constexpr const char* kSampledInterior = "hotpool: free() of a pointer into the middle of a pooled block";
+INSTANTIATE_TEST_SUITE_P(
+    Cases, SampledBadFree,
+    testing::Values(std::tuple{"plain_double", kSampledDoubleFree}, std::tuple{"aligned_double", kSampledDoubleFree},
+                    // The block is a malloc'ed sample's again: the stale pointer is inside it.
+                    std::tuple{"aligned_double_after_reuse_as_plain", kSampledInterior},
+                    std::tuple{"plain_interior", kSampledInterior}, std::tuple{"aligned_interior", kSampledInterior},
+                    std::tuple{"aligned_before", kSampledInterior},
+                    std::tuple{"aligned_interior_realloc", kSampledInterior}),
+    [](const testing::TestParamInfo<SampledBadFree::ParamType>& param) { return std::string(std::get<0>(param.param)); });
 
 // A stack pointer is outside the pool region: glibc's free() gets it and
 // aborts. Every mode: the process dies with a message, never goes on.

@@ -565,6 +565,24 @@ TEST_F(RecyclerTest, ACarvedSlabCostsMemoryOnlyForTheBlocksHandedOut) {
   for (void* b : blocks) recycler_->deallocate(*cache_, b);
 }
 
+TEST_F(RecyclerTest, BlockStartOfFindsTheHandedOutBlockHoldingAnyOfItsBytes) {
+  // 48-byte blocks: not a power of two, so the division is exercised.
+  const ClassDepot& d = depot(48);
+  std::vector<char*> blocks;
+  for (int i = 0; i < 5; ++i) blocks.push_back(static_cast<char*>(recycler_->allocate(*cache_, cls(48))));
+  for (char* b : blocks) {
+    ASSERT_NE(b, nullptr);
+    for (size_t at : {size_t{0}, size_t{1}, size_t{16}, size_t{47}}) EXPECT_EQ(d.block_start_of(b + at), b) << at;
+  }
+  // Below the area's first block (its colour) and past the frontier: none.
+  EXPECT_EQ(d.block_start_of(d.area() - 16), nullptr);
+  // 1 MiB on: far past the few blocks the refills handed out (the frontier).
+  const char* beyond = d.area() + (size_t{1} << 20) / 48 * 48;
+  EXPECT_FALSE(d.is_block_start(beyond));
+  EXPECT_EQ(d.block_start_of(beyond + 8), nullptr);
+  for (char* b : blocks) recycler_->deallocate(*cache_, b);
+}
+
 TEST_F(RecyclerTest, ASecondFreeFromAThreadWithoutCacheIsQuarantined) {
   // The first free put the block in this cache; a thread without a cache
   // (not attached yet, or exited) frees it again: never handed out twice.
