@@ -255,20 +255,20 @@ HOTPOOL_NOINLINE void* recorded_calloc(size_t count, size_t size) {
 // block's, a power of two, or 0 when the request's alignment is invalid
 // (the real function says what then) and no sample can be taken.
 template <typename Real>
-HOTPOOL_ALWAYS_INLINE void* recorded_real_aligned(size_t size, Real real) {
+HOTPOOL_ALWAYS_INLINE void* recorded_real_aligned(ThreadState* state, size_t size, Real real) {
   void* block = real();
-  if (HOTPOOL_LIKELY(block != nullptr)) recorded_malloc_generic(block, size);  // counted by the countdown
-  return block;
+  if (HOTPOOL_UNLIKELY(block == nullptr)) return block;
+  return record_real_block(state, block, size);  // as malloc's (glibc's memalign gives heap chunks too)
 }
 
 // The aligned allocation that brought the countdown to zero: as event_malloc.
 template <typename Real>
 HOTPOOL_NOINLINE void* event_aligned(ThreadState* state, size_t alignment, size_t size, Real real) {
-  if (g_sampling_by_bytes && by_bytes_skip(*state, size)) return recorded_real_aligned(size, real);
+  if (g_sampling_by_bytes && by_bytes_skip(*state, size)) return recorded_real_aligned(state, size, real);
   const unsigned event = take_event(*state);
   void* block = (event & kSampleEvent) && alignment ? sampled_allocate(*state, size, HOTPOOL_CALLER_FRAME(), alignment)
                                                      : nullptr;
-  if (block == nullptr) block = recorded_real_aligned(size, real);
+  if (block == nullptr) block = recorded_real_aligned(state, size, real);
   if (event & kTickEvent) tick(*state);
   return block;
 }
@@ -278,7 +278,7 @@ HOTPOOL_NOINLINE void* recorded_aligned_unattached(size_t alignment, size_t size
   ThreadState* state = attach_current_thread();  // a first allocation attaches the thread
   if (state != nullptr) {
     if (HOTPOOL_UNLIKELY(--state->countdown == 0)) return event_aligned(state, alignment, size, real);
-    return recorded_real_aligned(size, real);
+    return recorded_real_aligned(state, size, real);
   }
   // Inside hotpool, torn down, or a signal handler inside a pooled path.
   void* block = real();
@@ -292,7 +292,7 @@ HOTPOOL_ALWAYS_INLINE void* recorded_aligned(size_t alignment, size_t size, Real
   ThreadState* state = tls.pool_state;
   if (HOTPOOL_UNLIKELY(state == nullptr)) return recorded_aligned_unattached(alignment, size, real);
   if (HOTPOOL_UNLIKELY(--state->countdown == 0)) return event_aligned(state, alignment, size, real);
-  return recorded_real_aligned(size, real);
+  return recorded_real_aligned(state, size, real);
 }
 
 // The pooled class's bin was empty: a refill from the depot.
