@@ -2,9 +2,12 @@
 // under LD_PRELOAD=libhotpool.so by CTest in every mode. Every block carries
 // a pattern derived from (thread, slot, size) that is checked before it is
 // freed or grown, so a block handed out twice, a lost byte or a stray write
-// is caught. Exits non-zero, with a line saying what went wrong.
+// is caught. One allocation in 8 is aligned (memalign, aligned_alloc,
+// posix_memalign; 32 B to a page), its alignment checked. Exits non-zero,
+// with a line saying what went wrong.
 //
 //   stress [--smoke] [--threads N] [--ops N] [--seed N] [--parts random,pairs,churn,fork]
+#include <malloc.h>
 #include <pthread.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -73,6 +76,23 @@ struct Slot {
   uint64_t tag = 0;
 };
 
+// An aligned allocation by one of the aligned calls (32 B to a page), its
+// alignment checked; nullptr (after fail) if it failed or is misaligned.
+void* aligned_block(Random& random, size_t size) {
+  const size_t alignment = size_t{32} << random.below(8);  // 32 ... 4096
+  void* block = nullptr;
+  switch (random.below(3)) {
+    case 0: block = memalign(alignment, size); break;
+    case 1: block = aligned_alloc(alignment, size); break;
+    default:
+      if (posix_memalign(&block, alignment, size) != 0) block = nullptr;
+  }
+  if (!block) return fail("aligned allocation failed", size), nullptr;
+  if (reinterpret_cast<uintptr_t>(block) % alignment) return fail("block not aligned as asked", alignment), nullptr;
+  if (malloc_usable_size(block) < size) return fail("aligned block smaller than asked", size), nullptr;
+  return block;
+}
+
 void random_worker(unsigned thread, size_t ops, uint64_t seed) {
   Random random{seed * 2654435761u + thread + 1};
   std::vector<Slot> slots(512);
@@ -105,6 +125,9 @@ void random_worker(unsigned thread, size_t ops, uint64_t seed) {
       const auto* bytes = static_cast<const unsigned char*>(slot.block);
       for (size_t i = 0; i < slot.size; i += (slot.size > 4096 ? 61 : 1))
         if (bytes[i]) return fail("calloc memory is not zero", slot.size);
+    } else if (random.below(8) == 0) {
+      slot.block = aligned_block(random, slot.size);
+      if (!slot.block) return;
     } else {
       slot.block = std::malloc(slot.size);
       if (!slot.block) return fail("malloc failed", slot.size);
@@ -141,7 +164,8 @@ void run_pairs(unsigned pairs, size_t ops, uint64_t seed) {
         Slot slot;
         slot.size = random.below(100) < 90 ? random.below(512) + 1 : random.below(65536) + 1;
         slot.tag = (uint64_t{p} << 40) + i + 1;
-        slot.block = std::malloc(slot.size);
+        // One in 8 aligned: freed by the consumer as any other.
+        slot.block = random.below(8) == 0 ? aligned_block(random, slot.size) : std::malloc(slot.size);
         if (!slot.block) return fail("malloc failed", slot.size);
         fill(slot.block, slot.size, slot.tag);
         std::unique_lock<std::mutex> lock(queues[p].mutex);
