@@ -263,21 +263,22 @@ HOTPOOL_ALWAYS_INLINE void* recorded_real_aligned(ThreadState* state, size_t siz
 
 // The aligned allocation that brought the countdown to zero: as event_malloc.
 template <typename Real>
-HOTPOOL_NOINLINE void* event_aligned(ThreadState* state, size_t alignment, size_t size, Real real) {
+HOTPOOL_NOINLINE void* event_aligned(ThreadState* state, size_t alignment, size_t size, size_t min_usable, Real real) {
   if (g_sampling_by_bytes && by_bytes_skip(*state, size)) return recorded_real_aligned(state, size, real);
   const unsigned event = take_event(*state);
-  void* block = (event & kSampleEvent) && alignment ? sampled_allocate(*state, size, HOTPOOL_CALLER_FRAME(), alignment)
-                                                     : nullptr;
+  void* block = nullptr;
+  if ((event & kSampleEvent) && alignment)
+    block = sampled_allocate(*state, size, HOTPOOL_CALLER_FRAME(), alignment, min_usable);
   if (block == nullptr) block = recorded_real_aligned(state, size, real);
   if (event & kTickEvent) tick(*state);
   return block;
 }
 
 template <typename Real>
-HOTPOOL_NOINLINE void* recorded_aligned_unattached(size_t alignment, size_t size, Real real) {
+HOTPOOL_NOINLINE void* recorded_aligned_unattached(size_t alignment, size_t size, size_t min_usable, Real real) {
   ThreadState* state = attach_current_thread();  // a first allocation attaches the thread
   if (state != nullptr) {
-    if (HOTPOOL_UNLIKELY(--state->countdown == 0)) return event_aligned(state, alignment, size, real);
+    if (HOTPOOL_UNLIKELY(--state->countdown == 0)) return event_aligned(state, alignment, size, min_usable, real);
     return recorded_real_aligned(state, size, real);
   }
   // Inside hotpool, torn down, or a signal handler inside a pooled path.
@@ -286,12 +287,13 @@ HOTPOOL_NOINLINE void* recorded_aligned_unattached(size_t alignment, size_t size
   return block;
 }
 
-// Recording (the phase checked by the caller).
+// Recording (the phase checked by the caller). `min_usable`: what a
+// sampled block must hold beyond `size` (pvalloc's whole pages).
 template <typename Real>
-HOTPOOL_ALWAYS_INLINE void* recorded_aligned(size_t alignment, size_t size, Real real) {
+HOTPOOL_ALWAYS_INLINE void* recorded_aligned(size_t alignment, size_t size, Real real, size_t min_usable = 0) {
   ThreadState* state = tls.pool_state;
-  if (HOTPOOL_UNLIKELY(state == nullptr)) return recorded_aligned_unattached(alignment, size, real);
-  if (HOTPOOL_UNLIKELY(--state->countdown == 0)) return event_aligned(state, alignment, size, real);
+  if (HOTPOOL_UNLIKELY(state == nullptr)) return recorded_aligned_unattached(alignment, size, min_usable, real);
+  if (HOTPOOL_UNLIKELY(--state->countdown == 0)) return event_aligned(state, alignment, size, min_usable, real);
   return recorded_real_aligned(state, size, real);
 }
 
@@ -608,11 +610,11 @@ HOTPOOL_EXPORT void* pvalloc(size_t size) {
     return memalign(page, rounded);
   }
   if (phase == Phase::Recording) {
-    // Sampled, the request rounded up to whole pages, as the real one rounds it.
+    // A sampled block holds whole pages, as the real one rounds the request.
     size_t rounded;
     if (__builtin_add_overflow(size ? size : 1, page - 1, &rounded)) return g_real.pvalloc(size);
     rounded &= ~(page - 1);
-    return recorded_aligned(page, rounded, [=] { return g_real.pvalloc(size); });
+    return recorded_aligned(page, size, [=] { return g_real.pvalloc(size); }, rounded);
   }
   return g_real.pvalloc(size);
 }

@@ -422,7 +422,8 @@ uint64_t next_sample_interval(ThreadState& state) {
   return 1 + static_cast<uint64_t>(reporter::natural_log(next_uniform(state)) / g_log_keep);
 }
 
-void* sampled_allocate(ThreadState& state, size_t size, reporter::Unwinder::Frame entry, size_t alignment) {
+void* sampled_allocate(ThreadState& state, size_t size, reporter::Unwinder::Frame entry, size_t alignment,
+                       size_t min_usable) {
   if (!g_active) return nullptr;
   // By bytes every allocation that by_bytes_skip did not take comes here:
   // sampled or not, and if so, what it stands for. Before the size limit:
@@ -431,9 +432,13 @@ void* sampled_allocate(ThreadState& state, size_t size, reporter::Unwinder::Fram
   // more often than its weight says.
   reporter::SampleWeight weight;  // written and read by bytes only
   if (g_mean_bytes && !bytes_due(state, size, &weight)) return nullptr;
-  // The most an alignment moves the block into its region block.
+  // The most an alignment moves the block into its region block, and the
+  // least the block holds: at least a byte, so that even an aligned
+  // malloc(0)'s block lies inside its region block.
   const size_t lead = alignment > 16 ? alignment - 16 : 0;
-  if (size > g_limit || lead > g_limit - size || alignment > kMaxSampledAlignment) return nullptr;
+  const size_t least = size > min_usable ? size : min_usable;
+  const size_t holds = least ? least : 1;
+  if (holds > g_limit || lead > g_limit - holds || alignment > kMaxSampledAlignment) return nullptr;
   if (HOTPOOL_UNLIKELY(!state.stack_probed)) {
     // The thread's stack bounds, at its first sample rather than when it
     // attaches: a thread that attaches in a signal handler or a thread-exit
@@ -451,8 +456,8 @@ void* sampled_allocate(ThreadState& state, size_t size, reporter::Unwinder::Fram
                       g_recycler.pooled(request_class);
   // Near the largest class (its own pooled requests, or glibc's reckoning
   // past it), what the region's largest block holds after the header.
-  size_t usable = sibling_usable(size, pooled);
-  if (usable > g_limit - lead) usable = g_limit - lead;  // size <= g_limit - lead (above)
+  size_t usable = sibling_usable(least, pooled);
+  if (usable > g_limit - lead) usable = g_limit - lead;  // holds <= g_limit - lead (above)
   const unsigned region_class = g_sample_classes.class_of(usable + kHeader + lead);
   recycler::ClassDepot& depot = g_sample_region.depot(region_class);
   void* raw = nullptr;

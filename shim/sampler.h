@@ -95,9 +95,10 @@ uint64_t next_sample_interval(ThreadState& state);
 // `entry`: the allocator's entry frame, where the stack capture may start
 // (see reporter::Unwinder::capture); {0, 0} for capture()'s caller.
 // `alignment`: 0 for malloc's, else a power of two the block is aligned
-// to (memalign & co.; up to a page, else nullptr).
+// to (memalign & co.; up to a page, else nullptr). `min_usable`: bytes the
+// block must hold beyond the `size` asked for (pvalloc's whole pages).
 void* sampled_allocate(ThreadState& state, size_t size, reporter::Unwinder::Frame entry = {0, 0},
-                       size_t alignment = 0);
+                       size_t alignment = 0, size_t min_usable = 0);
 inline bool is_sampled(const void* block) { return g_sample_region.contains(block); }
 void sampled_free(void* block);
 // realloc's two halves of sampled_free (see sampler.cpp).

@@ -27,6 +27,10 @@
 //                              valloc, C++'s aligned new), each checked for
 //                              its alignment and freed in its frame; exits 1
 //                              if one was not aligned
+//   sites_program aligned_edges N  N rounds of memalign(A, 0) for every
+//                              alignment A from 32 B to a page, and of
+//                              pvalloc(100) (a whole page usable); exits 1
+//                              if one was not aligned or too small
 #include <dlfcn.h>
 #include <limits.h>  // PTHREAD_DESTRUCTOR_ITERATIONS
 #include <pthread.h>
@@ -315,6 +319,23 @@ NOINLINE void aligned_new_site() {
   delete object;
 }
 
+NOINLINE void pvalloc_site() {
+  void* block = pvalloc(100);  // SITE: pvalloc
+  use_aligned(block, 4096, 4096);
+  std::free(block);
+}
+
+// A block of no bytes, as aligned as it gets: with a largest class of
+// A - 16 bytes (HOTPOOL_CLASSES), a sampled one once started at the very
+// end of its region block (the next one's start), and its free aborted.
+NOINLINE void aligned_zero_sites() {
+  for (size_t alignment = 32; alignment <= 4096; alignment *= 2) {
+    void* block = memalign(alignment, 0);
+    use_aligned(block, alignment, 0);
+    std::free(block);
+  }
+}
+
 // A site that allocates only after many_stacks' thousands of sites: the
 // report must find it among all of them, whatever its id.
 NOINLINE void late_site() {
@@ -424,6 +445,12 @@ int main(int argc, char** argv) {
       posix_memalign_site();
       valloc_site();
       aligned_new_site();
+    }
+    if (g_misaligned) return std::printf("misaligned\n"), 1;
+  } else if (std::strcmp(what, "aligned_edges") == 0) {
+    for (int i = 0; i < count; ++i) {
+      aligned_zero_sites();
+      pvalloc_site();
     }
     if (g_misaligned) return std::printf("misaligned\n"), 1;
   } else if (std::strcmp(what, "dlopen") == 0) {

@@ -201,6 +201,23 @@ TEST_F(SitesTest, AlignedAllocationsAreEstimatedAtTheDefaultRate) {
   }
 }
 
+// Aligned blocks of no bytes, sampled, with every largest class that is
+// an alignment minus 16 (HOTPOOL_CLASSES): each still lies inside its
+// region block, and its free is accepted. pvalloc's sampled blocks hold a
+// whole page, while its requests count as what the program asked for.
+TEST_F(SitesTest, AlignedEdgeCasesAreSampledSafely) {
+  for (size_t largest = 16; largest <= 4080; largest = largest * 2 + 16) {
+    const Json report = run({"aligned_edges", "10"}, {"HOTPOOL_SAMPLE=1", "HOTPOOL_MODE=profile",
+                                                      "HOTPOOL_CLASSES=" + std::to_string(largest)});
+    EXPECT_EQ(slurp(dir_ / "stdout"), "done\n") << "largest class " << largest;
+  }
+  const Json report = run({"aligned_edges", std::to_string(kCount)}, {"HOTPOOL_SAMPLE=1", "HOTPOOL_MODE=profile"});
+  EXPECT_EQ(slurp(dir_ / "stdout"), "done\n");
+  auto figures = site(report, "pvalloc_site", "pvalloc");
+  EXPECT_EQ(figures["sampled_allocations"], kCount);
+  EXPECT_EQ(figures["sampled_bytes"], 100 * kCount) << "the bytes asked for, not the page they got";
+}
+
 TEST_F(SitesTest, RecycledCountsTheAllocatingThreadsCallsBetweenMallocAndFree) {
   // HOTPOOL_RECYCLE=0: only a block freed before its thread's next
   // allocator call (temporary) is recycled.
