@@ -268,7 +268,7 @@ HOTPOOL_NOINLINE void* event_aligned(ThreadState* state, size_t alignment, size_
   const unsigned event = take_event(*state);
   void* block = nullptr;
   if ((event & kSampleEvent) && alignment)
-    block = sampled_allocate(*state, size, HOTPOOL_CALLER_FRAME(), alignment, min_usable);
+    block = sampled_allocate_aligned(*state, size, HOTPOOL_CALLER_FRAME(), alignment, min_usable);
   if (block == nullptr) block = recorded_real_aligned(state, size, real);
   if (event & kTickEvent) tick(*state);
   return block;

@@ -46,12 +46,12 @@ uint32_t header_site(const SampleHeader& header) {
 // the real allocator's as hotpool reckons it), so that sampling moves no
 // block into another class (a block belongs to the smallest class that
 // holds its usable size) and realloc and malloc_usable_size see the same.
-size_t sibling_usable(size_t requested, bool pooled) {
+HOTPOOL_ALWAYS_INLINE size_t sibling_usable(size_t requested, bool pooled) {
   return pooled ? g_classes.class_size(g_classes.class_of(requested)) : real_usable_estimate(requested);
 }
 constexpr size_t kHeader = sizeof(SampleHeader);
 
-// Aligned samples (memalign & co., sampled_allocate's `alignment`): region
+// Aligned samples (memalign & co., sampled_allocate_aligned): region
 // blocks are 16-byte aligned, so a block aligned to A > 16 bytes starts up
 // to A - 16 bytes further into its region block than kHeader, its header
 // still right in front of it. When it does not start at kHeader (then it
@@ -422,8 +422,13 @@ uint64_t next_sample_interval(ThreadState& state) {
   return 1 + static_cast<uint64_t>(reporter::natural_log(next_uniform(state)) / g_log_keep);
 }
 
-void* sampled_allocate(ThreadState& state, size_t size, reporter::Unwinder::Frame entry, size_t alignment,
-                       size_t min_usable) {
+namespace {
+
+// sampled_allocate, and sampled_allocate_aligned with kAligned: a copy of
+// its own each, so that malloc's samples do none of the alignment's work.
+template <bool kAligned>
+HOTPOOL_ALWAYS_INLINE void* allocate_sampled(ThreadState& state, size_t size, reporter::Unwinder::Frame entry,
+                                             size_t alignment, size_t min_usable) {
   if (!g_active) return nullptr;
   // By bytes every allocation that by_bytes_skip did not take comes here:
   // sampled or not, and if so, what it stands for. Before the size limit:
@@ -432,13 +437,17 @@ void* sampled_allocate(ThreadState& state, size_t size, reporter::Unwinder::Fram
   // more often than its weight says.
   reporter::SampleWeight weight;  // written and read by bytes only
   if (g_mean_bytes && !bytes_due(state, size, &weight)) return nullptr;
-  // The most an alignment moves the block into its region block, and the
-  // least the block holds: at least a byte, so that even an aligned
-  // malloc(0)'s block lies inside its region block.
-  const size_t lead = alignment > 16 ? alignment - 16 : 0;
-  const size_t least = size > min_usable ? size : min_usable;
-  const size_t holds = least ? least : 1;
-  if (holds > g_limit || lead > g_limit - holds || alignment > kMaxSampledAlignment) return nullptr;
+  // Aligned: the most the alignment moves the block into its region block,
+  // and the least the block holds (at least a byte, so that even an
+  // aligned malloc(0)'s block lies inside its region block).
+  size_t lead = 0, least = size;
+  if (kAligned) {
+    if (alignment > kMaxSampledAlignment) return nullptr;
+    lead = alignment > 16 ? alignment - 16 : 0;
+    if (least < min_usable) least = min_usable;
+    if (least == 0) least = 1;
+  }
+  if (least > g_limit || lead > g_limit - least) return nullptr;
   if (HOTPOOL_UNLIKELY(!state.stack_probed)) {
     // The thread's stack bounds, at its first sample rather than when it
     // attaches: a thread that attaches in a signal handler or a thread-exit
@@ -452,12 +461,12 @@ void* sampled_allocate(ThreadState& state, size_t size, reporter::Unwinder::Fram
   // and room for it after the header.
   const unsigned request_class = g_classes.class_of(size);
   // (An aligned request is never pooled: the real allocator's memalign serves it.)
-  const bool pooled = alignment == 0 && g_pool_limit && request_class + 1 < g_classes.count() &&
+  const bool pooled = !kAligned && g_pool_limit && request_class + 1 < g_classes.count() &&
                       g_recycler.pooled(request_class);
   // Near the largest class (its own pooled requests, or glibc's reckoning
   // past it), what the region's largest block holds after the header.
   size_t usable = sibling_usable(least, pooled);
-  if (usable > g_limit - lead) usable = g_limit - lead;  // holds <= g_limit - lead (above)
+  if (usable > g_limit - lead) usable = g_limit - lead;  // least <= g_limit - lead (above)
   const unsigned region_class = g_sample_classes.class_of(usable + kHeader + lead);
   recycler::ClassDepot& depot = g_sample_region.depot(region_class);
   void* raw = nullptr;
@@ -493,7 +502,7 @@ void* sampled_allocate(ThreadState& state, size_t size, reporter::Unwinder::Fram
   const unsigned size_class = g_classes.class_of(usable);
   state.stats.record_alloc(g_global, size_class, size, usable);
   char* block = static_cast<char*>(raw) + kHeader;
-  if (lead) {
+  if (kAligned && lead) {
     const uintptr_t at = (reinterpret_cast<uintptr_t>(block) + alignment - 1) & ~(alignment - 1);
     if (at != reinterpret_cast<uintptr_t>(block)) {
       block = reinterpret_cast<char*>(at);
@@ -533,6 +542,17 @@ void* sampled_allocate(ThreadState& state, size_t size, reporter::Unwinder::Fram
   return block;
 }
 
+}  // namespace
+
+void* sampled_allocate(ThreadState& state, size_t size, reporter::Unwinder::Frame entry) {
+  return allocate_sampled<false>(state, size, entry, 0, 0);
+}
+
+void* sampled_allocate_aligned(ThreadState& state, size_t size, reporter::Unwinder::Frame entry, size_t alignment,
+                               size_t min_usable) {
+  return allocate_sampled<true>(state, size, entry, alignment, min_usable);
+}
+
 namespace {
 
 // The region block of a sampled block whose header does not start one: an
@@ -548,37 +568,63 @@ HOTPOOL_NOINLINE char* aligned_region_block(const recycler::ClassDepot& depot, v
                                 block);
 }
 
-// The region block of a sampled block that sampled_free_record accepted.
-char* region_block_of(void* block) {
-  char* raw = static_cast<char*>(block) - kHeader;
-  const recycler::ClassDepot& depot = g_sample_region.depot(g_sample_region.class_of_block(block));
-  if (HOTPOOL_LIKELY(depot.is_block_start(raw))) return raw;
+// A sampled block's block of the sample region: where it starts, and its class.
+struct RegionBlock {
+  char* start;
+  unsigned region_class;
+};
+
+// The start of an aligned block's region block, for a block accepted before
+// (aligned_region_block): a division.
+HOTPOOL_NOINLINE char* aligned_block_start(const recycler::ClassDepot& depot, void* block) {
   char* start = depot.block_start_of(block);
-  return start ? start : raw;
+  return start ? start : static_cast<char*>(block) - kHeader;
 }
+
+// The region block of a sampled block that sampled_free_record accepted
+// (or any pointer into the region, for malloc_usable_size: then within it).
+inline RegionBlock region_block_of(void* block) {
+  char* raw = static_cast<char*>(block) - kHeader;
+  const unsigned region_class = g_sample_region.class_of_block(block);
+  const recycler::ClassDepot& depot = g_sample_region.depot(region_class);
+  if (HOTPOOL_LIKELY(depot.is_block_start(raw))) return {raw, region_class};
+  return {aligned_block_start(depot, block), region_class};
+}
+
+// The usable size it shows: never past the block's room, whatever a write
+// before the block left in its header.
+size_t usable_in(const void* block, RegionBlock region_block) {
+  const auto* header = reinterpret_cast<const SampleHeader*>(static_cast<const char*>(block) - kHeader);
+  const size_t offset = static_cast<size_t>(static_cast<const char*>(block) - region_block.start);
+  const size_t size = g_sample_classes.class_size(region_block.region_class);
+  const size_t room = size > offset ? size - offset : 0;
+  return header->usable < room ? header->usable : room;
+}
+
+RegionBlock record_sampled_free(void* block);
+void release_sampled(void* block, RegionBlock region_block);
 
 }  // namespace
 
-
 size_t sampled_usable_size(const void* block) {
-  const auto* header = reinterpret_cast<const SampleHeader*>(static_cast<const char*>(block) - kHeader);
-  // Never past the block's room, whatever a write before the block left in its header.
-  const unsigned region_class = g_sample_region.class_of_block(block);
-  const size_t offset = static_cast<size_t>(static_cast<const char*>(block) - region_block_of(const_cast<void*>(block)));
-  const size_t size = g_sample_classes.class_size(region_class);
-  const size_t room = size > offset ? size - offset : 0;
-  return header->usable < room ? header->usable : room;
+  return usable_in(block, region_block_of(const_cast<void*>(block)));
 }
 
 // The free of a sampled block, in two steps: the bookkeeping (lifetime,
 // escape class, counts), then giving the memory back. realloc does the
 // first before it allocates the new block (a realloc is a free, then an
 // allocation, as heaptrack counts it too) and the second after the copy.
-void sampled_free_record(void* block) {
+void sampled_free_record(void* block) { record_sampled_free(block); }
+
+namespace {
+
+// The first step; the region block it checked, for the second.
+RegionBlock record_sampled_free(void* block) {
   char* raw = static_cast<char*>(block) - kHeader;
   const unsigned region_class = g_sample_region.class_of_block(block);
   recycler::ClassDepot& depot = g_sample_region.depot(region_class);
-  if (!depot.is_block_start(raw)) aligned_region_block(depot, block);  // or abort
+  const RegionBlock region_block{HOTPOOL_LIKELY(depot.is_block_start(raw)) ? raw : aligned_region_block(depot, block),
+                                 region_class};  // or abort
   auto* header = reinterpret_cast<SampleHeader*>(raw);
   if ((header->ops_state & kMarkMask) != kLive) recycler::fatal_pointer_error("double free of a sampled block", block);
   header->ops_state = (header->ops_state & ~kMarkMask) | kFreed;
@@ -612,7 +658,7 @@ void sampled_free_record(void* block) {
   const uint64_t calls = same_thread ? (ops - header->ops_state) & kOpsMask : 0;
   const bool temporary = same_thread && calls == 0;
   const bool recycled = same_thread && calls <= g_recycle_calls;
-  const size_t usable = sampled_usable_size(block);
+  const size_t usable = usable_in(block, region_block);
   const unsigned size_class = g_classes.class_of(usable);
   if (HOTPOOL_LIKELY(state != nullptr) && HOTPOOL_LIKELY(state->pending.begin())) {
     state->pending.add_free(site, size_class, lifetime, is_short, recycled, temporary, escape, calls);
@@ -628,16 +674,24 @@ void sampled_free_record(void* block) {
     g_registry.record_in_fallback(
         [&](reporter::ThreadClassStats& stats) { stats.record_free(g_global, size_class, usable); });
   }
+  return region_block;
 }
 
+}  // namespace
+
 void sampled_release_to_depot(void* block) {
-  void* raw = region_block_of(block);
+  void* raw = region_block_of(block).start;
   g_sample_region.depot(g_sample_region.class_of_block(block)).drain(&raw, 1, now_ns());
 }
 
-void sampled_free_release(void* block) {
-  void* raw = region_block_of(block);
-  const unsigned region_class = g_sample_region.class_of_block(block);
+void sampled_free_release(void* block) { release_sampled(block, region_block_of(block)); }
+
+namespace {
+
+// The second step, given the block's region block.
+void release_sampled(void* block, RegionBlock region_block) {
+  void* raw = region_block.start;
+  const unsigned region_class = region_block.region_class;
   // Into this thread's stash when its slot is free, unless this free runs
   // inside another hotpool call (a signal handler's): that call may be
   // changing the stash, or hold the depot's lock. The block then waits
@@ -668,6 +722,8 @@ void sampled_free_release(void* block) {
   ++stash.count;
 }
 
+}  // namespace
+
 void forget_unwound_frames() {
   if (g_active) g_unwinder.forget_frames();
 }
@@ -685,10 +741,7 @@ void flush_sample_stash(ThreadState& state, bool after_fork) {
   }
 }
 
-void sampled_free(void* block) {
-  sampled_free_record(block);
-  sampled_free_release(block);
-}
+void sampled_free(void* block) { release_sampled(block, record_sampled_free(block)); }
 
 void sampled_revive(void* block) {
   auto* header = reinterpret_cast<SampleHeader*>(static_cast<char*>(block) - kHeader);

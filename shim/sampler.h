@@ -94,11 +94,12 @@ uint64_t next_sample_interval(ThreadState& state);
 // region full); the caller then allocates as usual.
 // `entry`: the allocator's entry frame, where the stack capture may start
 // (see reporter::Unwinder::capture); {0, 0} for capture()'s caller.
-// `alignment`: 0 for malloc's, else a power of two the block is aligned
-// to (memalign & co.; up to a page, else nullptr). `min_usable`: bytes the
-// block must hold beyond the `size` asked for (pvalloc's whole pages).
-void* sampled_allocate(ThreadState& state, size_t size, reporter::Unwinder::Frame entry = {0, 0},
-                       size_t alignment = 0, size_t min_usable = 0);
+void* sampled_allocate(ThreadState& state, size_t size, reporter::Unwinder::Frame entry = {0, 0});
+// The same, aligned (memalign & co.): `alignment` a power of two, up to a
+// page (else nullptr); `min_usable`: bytes the block must hold beyond the
+// `size` asked for (pvalloc's whole pages).
+void* sampled_allocate_aligned(ThreadState& state, size_t size, reporter::Unwinder::Frame entry, size_t alignment,
+                               size_t min_usable);
 inline bool is_sampled(const void* block) { return g_sample_region.contains(block); }
 void sampled_free(void* block);
 // realloc's two halves of sampled_free (see sampler.cpp).
