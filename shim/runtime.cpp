@@ -198,11 +198,7 @@ static bool g_explicit_classes = false;
 void start_recycler() {
   const recycler::RecyclerConfig config{region_bytes(),      g_options.cache_bytes, g_options.decay,
                                         g_options.keep_empty, g_options.checks,      g_options.cache_grow};
-  // AT_RANDOM: 16 random bytes the kernel gives every process, no syscall.
-  uint64_t key = 0x9e3779b97f4a7c15ull;
-  if (const auto* random = reinterpret_cast<const uint64_t*>(getauxval(AT_RANDOM))) key ^= random[0] ^ random[1];
-  key ^= reinterpret_cast<uintptr_t>(&key);
-  if (!g_recycler.init(g_classes, config, key)) {
+  if (!g_recycler.init(g_classes, config, process_key(0x9e3779b97f4a7c15ull))) {
     g_pool_note = "the pool region could not be reserved (see HOTPOOL_REGION): nothing was pooled";
     write_stderr_line("hotpool: the pool region could not be reserved (HOTPOOL_REGION); nothing will be pooled");
     return;
@@ -698,6 +694,13 @@ void warn_invalid_pointer(const char* function, const void* block) {
 
 const Options& current_options() { return g_options; }
 size_t sample_region_bytes() { return region_bytes(); }
+
+uint64_t process_key(uint64_t salt) {
+  uint64_t key = salt;
+  if (const auto* random = reinterpret_cast<const uint64_t*>(getauxval(AT_RANDOM))) key ^= random[0] ^ random[1];
+  key ^= reinterpret_cast<uintptr_t>(&key);
+  return key ? key : salt | 1;
+}
 void write_warning(const char* line) { write_stderr_line(line); }
 
 Mode current_mode() {

@@ -206,6 +206,10 @@ Mode current_mode();
 const Options& current_options();
 // Address space for the sample region (HOTPOOL_REGION, within RLIMIT_AS).
 size_t sample_region_bytes();
+// A secret of this process for hardening keys, different for each `salt`:
+// from AT_RANDOM (16 random bytes the kernel gives every process, no
+// system call) and an address (ASLR); never 0.
+uint64_t process_key(uint64_t salt);
 // One line on stderr.
 void write_warning(const char* line);
 

@@ -7,7 +7,6 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <sched.h>
-#include <sys/auxv.h>
 #include <sys/resource.h>
 #include <unistd.h>
 #include <time.h>
@@ -324,10 +323,7 @@ bool start_sampling(const ReentryGuard&) {
   g_limit = g_sample_classes.max_class_size() - kHeader;
   if (g_limit > UINT32_MAX) g_limit = UINT32_MAX;  // SampleHeader::usable
   g_clock.init();
-  // AT_RANDOM: 16 random bytes the kernel gives every process, no syscall.
-  uint64_t key = 0x2545f4914f6cdd1dull ^ reinterpret_cast<uintptr_t>(&key);
-  if (const auto* random = reinterpret_cast<const uint64_t*>(getauxval(AT_RANDOM))) key ^= random[0] * 31 + random[1];
-  g_aligned_key = key | 1;
+  g_aligned_key = process_key(0x2545f4914f6cdd1dull);
   // For the pending sample counts (PendingSamples) and the fork gate.
   reporter::init_asymmetric_fences();
   g_active = true;
@@ -601,24 +597,11 @@ size_t usable_in(const void* block, RegionBlock region_block) {
   return header->usable < room ? header->usable : room;
 }
 
-RegionBlock record_sampled_free(void* block);
-void release_sampled(void* block, RegionBlock region_block);
-
-}  // namespace
-
-size_t sampled_usable_size(const void* block) {
-  return usable_in(block, region_block_of(const_cast<void*>(block)));
-}
-
 // The free of a sampled block, in two steps: the bookkeeping (lifetime,
-// escape class, counts), then giving the memory back. realloc does the
-// first before it allocates the new block (a realloc is a free, then an
-// allocation, as heaptrack counts it too) and the second after the copy.
-void sampled_free_record(void* block) { record_sampled_free(block); }
-
-namespace {
-
-// The first step; the region block it checked, for the second.
+// escape class, counts), then giving the memory back (release_sampled).
+// realloc does the first before it allocates the new block (a realloc is a
+// free, then an allocation, as heaptrack counts it too) and the second
+// after the copy. The first returns the region block it checked, for the second.
 RegionBlock record_sampled_free(void* block) {
   char* raw = static_cast<char*>(block) - kHeader;
   const unsigned region_class = g_sample_region.class_of_block(block);
@@ -679,12 +662,16 @@ RegionBlock record_sampled_free(void* block) {
 
 }  // namespace
 
+size_t sampled_usable_size(const void* block) {
+  return usable_in(block, region_block_of(const_cast<void*>(block)));
+}
+
+void sampled_free_record(void* block) { record_sampled_free(block); }
+
 void sampled_release_to_depot(void* block) {
   void* raw = region_block_of(block).start;
   g_sample_region.depot(g_sample_region.class_of_block(block)).drain(&raw, 1, now_ns());
 }
-
-void sampled_free_release(void* block) { release_sampled(block, region_block_of(block)); }
 
 namespace {
 
@@ -723,6 +710,8 @@ void release_sampled(void* block, RegionBlock region_block) {
 }
 
 }  // namespace
+
+void sampled_free_release(void* block) { release_sampled(block, region_block_of(block)); }
 
 void forget_unwound_frames() {
   if (g_active) g_unwinder.forget_frames();
