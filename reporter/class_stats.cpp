@@ -16,7 +16,7 @@ void ThreadClassStats::publish(GlobalClassStats& global, unsigned c) {
   int64_t& delta = classes[c].live_delta;
   const int64_t live = global.live[c].fetch_add(delta, std::memory_order_relaxed) + delta;
   if (live > 0) raise_atomic(global.peak[c], static_cast<uint64_t>(live));
-  raise_to(peak_seen[c], live);
+  raise_to(classes[c].peak_seen, live);
   delta = 0;
   const int64_t total = global.total_live.fetch_add(total_live_delta, std::memory_order_relaxed) + total_live_delta;
   if (total > 0) raise_atomic(global.total_peak, static_cast<uint64_t>(total));
@@ -28,7 +28,7 @@ void ThreadClassStats::publish_all(GlobalClassStats& global) {
     ClassCounters& row = classes[c];
     if (row.live_delta != 0) global.live[c].fetch_add(row.live_delta, std::memory_order_relaxed);
     clear(row.live_delta);
-    raise_atomic(global.peak[c], load(peak_seen[c]));
+    raise_atomic(global.peak[c], load(row.peak_seen));
   }
   global.total_live.fetch_add(total_live_delta, std::memory_order_relaxed);
   total_live_delta = 0;
@@ -38,8 +38,8 @@ void ThreadClassStats::publish_all(GlobalClassStats& global) {
 void ThreadClassStats::reset() {
   for (unsigned c = 0; c < kMaxClasses; ++c) {
     ClassCounters& row = classes[c];
-    for (Counter* counter : {&row.allocs, &row.frees, &row.pooled_packed, &row.pooled_frees, &row.requested_bytes,
-                             &row.usable_bytes, &row.freed_bytes, &peak_seen[c], &pooled_allocs_folded[c]})
+    for (Counter* counter : {&row.allocs, &row.frees, &row.pooled_packed, &pooled_frees[c], &row.requested_bytes,
+                             &row.usable_bytes, &row.freed_bytes, &row.peak_seen, &pooled_allocs_folded[c]})
       clear(*counter);
     clear(row.live_delta);
     clear(pooled_folded[c]);
@@ -68,7 +68,7 @@ void StatsSnapshot::add(const ThreadClassStats& stats, bool is_thread, const uin
     ClassTotals& row = classes[c];
     const ClassCounters& counters = stats.classes[c];
     const uint64_t pooled_allocs = stats.pooled_allocs(c);
-    const uint64_t pooled_frees = pooled_frees_given ? pooled_frees_given[c] : load(counters.pooled_frees);
+    const uint64_t pooled_frees = pooled_frees_given ? pooled_frees_given[c] : load(stats.pooled_frees[c]);
     const uint64_t allocs = load(counters.allocs) + pooled_allocs;
     row.allocs += allocs;
     row.frees += load(counters.frees) + pooled_frees;
@@ -77,7 +77,7 @@ void StatsSnapshot::add(const ThreadClassStats& stats, bool is_thread, const uin
     row.requested_bytes += stats.requested_bytes(c);
     row.usable_bytes += load(counters.usable_bytes) + pooled_allocs * class_size[c];
     row.freed_bytes += load(counters.freed_bytes) + pooled_frees * class_size[c];
-    const uint64_t peak = load(stats.peak_seen[c]);
+    const uint64_t peak = load(counters.peak_seen);
     if (peak > row.peak_live_bytes) row.peak_live_bytes = peak;
     if (allocs && is_thread) row.threads += 1, allocated = true;
   }

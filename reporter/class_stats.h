@@ -68,7 +68,9 @@ struct GlobalClassStats {
 };
 
 // One class's counters in one thread: exactly one cache line, so recording an
-// allocation or a free touches a single line of the thread's memory.
+// allocation or a free touches a single line of the thread's memory besides
+// the first (calls and totals). The pooled frees, which no fast path counts,
+// live apart (ThreadClassStats::pooled_frees).
 // Blocks served by a pool have the class size as usable size: their bytes
 // follow from their counts, so the pooled fast paths bump fewer counters.
 // A pooled allocation is one add: its count and its requested bytes share
@@ -85,11 +87,11 @@ struct alignas(64) ClassCounters {
   Counter allocs;           // blocks from the real allocator
   Counter frees;
   Counter pooled_packed;    // blocks served by a pool, and their requested bytes, since the last fold
-  Counter pooled_frees;
   Counter requested_bytes;  // what the program asked for (both kinds; pooled: up to the last fold)
   Counter usable_bytes;     // what it got from the real allocator (malloc_usable_size)
   Counter freed_bytes;      // usable bytes given back to the real allocator
   int64_t live_delta;       // unpublished change of live bytes (both kinds)
+  Counter peak_seen;        // this thread's view of the class's peak live bytes
 };
 static_assert(sizeof(ClassCounters) == 64, "one cache line per class");
 
@@ -102,8 +104,8 @@ struct ThreadClassStats {
   alignas(64) Counter calls;
   int64_t total_live_delta;
   Counter total_peak_seen;
-  Counter peak_seen[kMaxClasses];  // this thread's view of each class's peak live bytes (8 to a line)
   ClassCounters classes[kMaxClasses];
+  Counter pooled_frees[kMaxClasses];  // blocks given back to a pool (see set_pooled_frees)
   int64_t pooled_folded[kMaxClasses];  // pooled_allocs - pooled_frees already in live_delta
   Counter pooled_allocs_folded[kMaxClasses];  // pooled allocations folded out of pooled_packed
 
@@ -127,19 +129,27 @@ struct ThreadClassStats {
     classes[c].pooled_packed.store(0, std::memory_order_relaxed);  // only the owner adds to it
   }
 
+  // Class c's row, its address computed once: the counters' adds (asm
+  // memory operands) would otherwise each make the compiler compute it anew.
+  __attribute__((always_inline)) ClassCounters& row_of(unsigned c) {
+    ClassCounters* row = &classes[c];
+    asm("" : "+r"(row));
+    return *row;
+  }
+
   // FAST PATH (real allocator): the class's line plus two read-mostly
   // global loads for the peak view. True when class c is due to be
   // published: the caller does so out of line (publish), so that its own
   // fast path needs no call and no stack frame.
   __attribute__((always_inline)) bool add_alloc(const GlobalClassStats& global, unsigned c, size_t requested,
                                                 size_t usable) {
-    ClassCounters& row = classes[c];
+    ClassCounters& row = row_of(c);
     bump(row.allocs, 1);
     bump(row.requested_bytes, requested);
     bump(row.usable_bytes, usable);
     const int64_t delta = row.live_delta += static_cast<int64_t>(usable);
     const int64_t total_delta = total_live_delta += static_cast<int64_t>(usable);
-    raise_to(peak_seen[c], global.live[c].load(std::memory_order_relaxed) + delta);
+    raise_to(row.peak_seen, global.live[c].load(std::memory_order_relaxed) + delta);
     raise_to(total_peak_seen, global.total_live.load(std::memory_order_relaxed) + total_delta);
     return delta > kFlushBytes || total_delta > kFlushBytes;
   }
@@ -150,7 +160,7 @@ struct ThreadClassStats {
   // FAST PATH (real allocator): one cache line; true when class c is due
   // to be published (as add_alloc).
   __attribute__((always_inline)) bool add_free(unsigned c, size_t usable) {
-    ClassCounters& row = classes[c];
+    ClassCounters& row = row_of(c);
     bump(row.frees, 1);
     bump(row.freed_bytes, usable);
     const int64_t delta = row.live_delta -= static_cast<int64_t>(usable);
@@ -177,8 +187,8 @@ struct ThreadClassStats {
   // A thread with a cache counts its pooled frees lazily (the shim's
   // pooled_frees_of): its owner writes the count here.
   void set_pooled_frees(unsigned c, uint64_t value) {
-    if (classes[c].pooled_frees.load(std::memory_order_relaxed) != value)
-      classes[c].pooled_frees.store(value, std::memory_order_relaxed);
+    if (pooled_frees[c].load(std::memory_order_relaxed) != value)
+      pooled_frees[c].store(value, std::memory_order_relaxed);
   }
   // Class c's row given line = c * 64 (see recycler::Recycler::line_of).
   ClassCounters& row_at_line(size_t line) {
@@ -188,7 +198,7 @@ struct ThreadClassStats {
   // into its live delta and the total's.
   void fold_pooled(unsigned c, uint64_t size) {
     ClassCounters& row = classes[c];
-    const int64_t net = static_cast<int64_t>(pooled_allocs(c) - row.pooled_frees.load(std::memory_order_relaxed));
+    const int64_t net = static_cast<int64_t>(pooled_allocs(c) - pooled_frees[c].load(std::memory_order_relaxed));
     if (net == pooled_folded[c]) return;  // nothing to fold: no write (an unused class's page stays untouched)
     const int64_t change = (net - pooled_folded[c]) * static_cast<int64_t>(size);
     pooled_folded[c] = net;
@@ -201,14 +211,14 @@ struct ThreadClassStats {
     for (unsigned c = 0; c < count && c < kMaxClasses; ++c) fold_pooled(c, sizes[c]);
   }
   void record_pooled_free(GlobalClassStats& global, unsigned c, size_t size) {
-    bump(classes[c].pooled_frees, 1);
+    bump(pooled_frees[c], 1);
     fold_pooled(c, size);
     publish_if_due(global, c);
   }
   // Raises this thread's view of class c's peak (and the total's) to the
   // live bytes now: published plus this thread's unpublished delta.
   void note_peak(GlobalClassStats& global, unsigned c) {
-    raise_to(peak_seen[c], global.live[c].load(std::memory_order_relaxed) + classes[c].live_delta);
+    raise_to(classes[c].peak_seen, global.live[c].load(std::memory_order_relaxed) + classes[c].live_delta);
     raise_to(total_peak_seen, global.total_live.load(std::memory_order_relaxed) + total_live_delta);
   }
   // Publishes class c if its deltas are beyond kFlushBytes either way.

@@ -37,6 +37,11 @@ HOTPOOL_NOINLINE void* allocate_booting(Again again, size_t size, size_t alignme
   return allocate_while_booting(size, rounded, zero);
 }
 
+// malloc's start-up (see PoolGate).
+HOTPOOL_NOINLINE void* malloc_booting(size_t size) {
+  return allocate_booting([=] { return malloc(size); }, size, 0, false);
+}
+
 bool is_power_of_two(size_t value) { return value && !(value & (value - 1)); }
 
 // realloc of a block from the bootstrap buffer: it never goes back to the
@@ -160,6 +165,13 @@ HOTPOOL_NOINLINE void* event_malloc(ThreadState* state, size_t size, unsigned cl
 }
 
 HOTPOOL_NOINLINE void* recorded_malloc_unattached(size_t size) {
+  // A request that raced with start-up may come here while booting: no
+  // thread is attached before the phase is Recording (see malloc).
+  const Phase phase = g_phase.load(std::memory_order_relaxed);
+  if (HOTPOOL_UNLIKELY(phase != Phase::Recording)) {
+    if (phase == Phase::Off) return g_real.malloc(size);
+    return malloc_booting(size);
+  }
   // A thread's first allocation attaches it first, so that it can be
   // sampled too (HOTPOOL_SAMPLE=1: every allocation is).
   ThreadState* state = attach_current_thread();
@@ -350,9 +362,18 @@ HOTPOOL_ALWAYS_INLINE unsigned pooled_class_plus_one_beyond_direct(size_t size) 
   const unsigned size_class = g_classes.class_of(size);
   return g_recycler.pooled(size_class) ? size_class + 1 : 0;
 }
-HOTPOOL_NOINLINE void* malloc_beyond_direct(size_t size) {
+// Past the pool gate's second test: a request above the direct table
+// when pools run, or any request before start-up chose phase Recording, and
+// in mode off (see PoolGate).
+HOTPOOL_NOINLINE void* malloc_large(size_t size) {
   if (const unsigned class_plus_one = pooled_class_plus_one_beyond_direct(size)) return pooled_malloc(size, class_plus_one);
   return recorded_malloc(size);
+}
+HOTPOOL_NOINLINE void* malloc_beyond_direct(size_t size) {
+  const Phase phase = g_phase.load(std::memory_order_relaxed);
+  if (phase == Phase::Off) return g_real.malloc(size);
+  if (HOTPOOL_UNLIKELY(phase != Phase::Recording)) return malloc_booting(size);
+  return malloc_large(size);  // a call of its own: this function needs no stack frame
 }
 HOTPOOL_ALWAYS_INLINE bool beyond_direct(size_t size) {
   return HOTPOOL_UNLIKELY(size - g_pool_gate.large_first < g_pool_gate.large_span);
@@ -458,20 +479,18 @@ HOTPOOL_NOINLINE void* event_realloc(ThreadState* state, void* block, size_t siz
 // Recording: the real call and record_alloc / record_free; Off: the real
 // call alone; Booting (first call of the process): start-up.
 // malloc and calloc ask the pool gate first (a compare and a table load
-// serve a pooled request, which is then in phase Recording); mode off then
-// costs that compare, a load, a compare and a jump.
+// serve a pooled request, which is then in phase Recording). malloc tests
+// no phase: the gate's second compare sends every request to
+// malloc_beyond_direct until start-up has chosen Recording, and in mode
+// off (PoolGate), so that mode profile's malloc is two compares and a jump
+// to recorded_malloc; mode off's, three compares and two jumps.
 HOTPOOL_EXPORT void* malloc(size_t size) {
   if (HOTPOOL_LIKELY(size < g_pool_gate.direct_end)) {
     if (const unsigned class_plus_one = g_recycler.pooled_class_plus_one(size))
       return pooled_malloc_inline(size, class_plus_one);
   }
-  const Phase phase = g_phase.load(std::memory_order_relaxed);
-  if (phase == Phase::Off) return g_real.malloc(size);
-  if (HOTPOOL_LIKELY(phase > Phase::Off)) {  // Recording: the flags of the compare above
-    if (beyond_direct(size)) return malloc_beyond_direct(size);
-    return recorded_malloc(size);
-  }
-  return allocate_booting([=] { return malloc(size); }, size, 0, false);
+  if (beyond_direct(size)) return malloc_beyond_direct(size);
+  return recorded_malloc(size);
 }
 
 HOTPOOL_EXPORT void free(void* block) {

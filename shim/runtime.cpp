@@ -30,7 +30,7 @@ constinit reporter::GlobalClassStats g_global{};
 constinit ThreadRegistry g_registry{};
 constinit recycler::Recycler g_recycler{};
 constinit size_t g_pool_limit = 0;
-constinit PoolGate g_pool_gate = {};
+constinit PoolGate g_pool_gate = {0, 0, ~size_t{0}};  // closed, and malloc's every request to the phase test
 
 static void pooled_free_uncached(void* block);
 
@@ -374,6 +374,11 @@ void boot() {
     g_pool_gate.large_first = direct + 1;
     g_pool_gate.large_span = g_pool_limit - direct;
     g_pool_gate.direct_end = direct + 1;
+  } else if (phase == Phase::Recording) {
+    // No pools: malloc goes straight to recording (a request that reads
+    // the gate before the phase finds the phase test in recorded_malloc's
+    // unattached path: no thread is attached before Recording).
+    g_pool_gate.large_span = 0;
   }
   errno = saved_errno;
   g_phase.store(phase, std::memory_order_release);

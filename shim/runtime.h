@@ -62,8 +62,8 @@ inline size_t real_usable_estimate(size_t request) {
   }
   return (chunk < 32 ? 32 : chunk) - 8;
 }
-// The entry points' view of g_pool_limit, set once start-up has chosen
-// phase Recording with pools (all zero otherwise: nothing passes the gate).
+// The entry points' view of g_pool_limit and of the phase, set once
+// start-up has chosen phase Recording.
 struct PoolGate {
   // min(g_pool_limit, the direct class table's limit) + 1: a request below
   // it finds whether it pools with one table load, before any phase test.
@@ -72,6 +72,9 @@ struct PoolGate {
   size_t direct_end;
   // Requests in [large_first, large_first + large_span) may pool too (the
   // classes above the direct table): one subtraction and one compare.
+  // Every request until start-up has chosen phase Recording, and in mode
+  // off (large_first 0, large_span all ones): malloc's way to the phase
+  // test; none in Recording without pools (large_span 0).
   size_t large_first;
   size_t large_span;
 };
