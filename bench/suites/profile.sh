@@ -35,7 +35,10 @@
 #      counts of clang-format on a small input with no preload,
 #      HOTPOOL_SAMPLE=0, HOTPOOL_SAMPLE=1 (exit report off) and
 #      HOTPOOL_SAMPLE=1 with its JSON report: instructions per unsampled
-#      and per sampled allocation, and what the exit report costs.
+#      and per sampled allocation, and what the exit report costs;
+#   5. with valgrind, callgrind's instruction counts of every workload at
+#      its --quick size, no preload and hotpool-default: the CPU-time
+#      table's first ratio, deterministic.
 #
 # Targets (the profiling issue): default sampling <= 1.05 x no preload,
 # every allocation <= 1.5 x; heaptrack was measured at 2.2 x on clang-format;
@@ -125,6 +128,7 @@ suite_profile() {
   } >"$meta_tsv"
   profile_micro "$work/micro" "$micro_rounds" "$micro_min_time" >>"$meta_tsv"
   profile_callgrind "$work" "$callgrind_kib" >>"$meta_tsv"
+  profile_callgrind_workloads "$work" >>"$meta_tsv"
 
   local -a labels=(
     "none=no preload"
@@ -273,6 +277,30 @@ profile_micro() {
   done
   printf 'micro_rounds\t%s\nmicro_min_time\t%s\n' "$rounds" "$min_time"
   ((failed == 0)) || printf 'micro_note\t%d run(s) failed (listed under the tables)\n' "$failed"
+}
+
+# profile_callgrind_workloads WORK: callgrind's instruction counts of every
+# workload at its --quick size, without preload and as the timed
+# hotpool-default runs it (mode profile, default sampling, JSON report): the
+# same ratio as the CPU-time table's, but deterministic, where a shared
+# machine's CPU times move by 10% and more from round to round. Prints meta
+# lines (callgrind_workload.NAME.none and .default, and .describe).
+profile_callgrind_workloads() {
+  local work=$1
+  [[ $BENCH_CALLGRIND != 0 ]] && command -v valgrind >/dev/null || return 0
+  local workload none default BENCH_QUICK=1  # the quick sizes: alloc_workload reads BENCH_QUICK
+  local -a hotpool=(--preload "$BENCH_LIBRARY" --env HOTPOOL_MODE=profile)
+  for workload in "${PROFILE_WORKLOADS[@]}"; do
+    alloc_workload "$workload"
+    bench_log "suite profile: instructions under callgrind, $workload (quick size): no preload, hotpool default"
+    bench_callgrind none "${ALLOC_OPTIONS[@]}" --stdout "$work/callgrind-$workload-none.out" -- "${ALLOC_PROGRAM[@]}"
+    bench_callgrind default "${ALLOC_OPTIONS[@]}" "${hotpool[@]}" \
+      --env "HOTPOOL_OUTPUT=$work/callgrind-$workload.json" --stdout "$work/callgrind.out" -- "${ALLOC_PROGRAM[@]}"
+    cmp -s "$work/callgrind-$workload-none.out" "$work/callgrind.out" ||
+      PROFILE_FAILURES+=("callgrind runs of $workload (quick size): hotpool's output differs from the run without preload")
+    printf 'callgrind_workload.%s.none\t%s\ncallgrind_workload.%s.default\t%s\n' "$workload" "$none" "$workload" "$default"
+    printf 'callgrind_workload.%s.describe\t%s\n' "$workload" "$(alloc_workload_describe "$workload")"
+  done
 }
 
 # profile_callgrind WORK KIB: callgrind's instruction counts of clang-format

@@ -570,8 +570,31 @@ def profile(runs_path, counts_path, meta_path, micro_dir, config_args):
     print()
     print(rss_note + "\n")
 
+    profile_instructions(workloads, meta)
     profile_counts(counts_path, meta)
     profile_cost(meta, micro_dir)
+
+
+def profile_instructions(workloads, meta):
+    rows = []
+    for w in workloads:
+        none, default = meta.get(f"callgrind_workload.{w}.none"), meta.get(f"callgrind_workload.{w}.default")
+        if none and default:
+            rows.append((w, int(none), int(default), meta.get(f"callgrind_workload.{w}.describe", "")))
+    if not rows:
+        return
+    print("### Instructions (callgrind): hotpool profile at default sampling, as a ratio to no preload\n")
+    print("Each workload at its `--quick` size, once: instruction counts are deterministic, so this is the "
+          "CPU-time table's first ratio without the machine's noise (not its value: instructions are not "
+          "equally costly, and the JSON exit report is a larger share of a shorter run).\n")
+    print(f"| workload | input | no preload | hotpool profile, default sampling (1 in {meta.get('default_sample', '?')}) |")
+    print("|---|---|---:|---:|")
+    ratios = []
+    for w, none, default, describe in rows:
+        ratios.append(default / none)
+        print(f"| {w} | {describe} | {fmt_int(none)} | **{default / none:.3f}** ({fmt_int(default)}) |")
+    mean = geomean(ratios)
+    print(f"| geometric mean | | | **{mean:.3f}** |\n")
 
 
 def profile_counts(counts_path, meta):
