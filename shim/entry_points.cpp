@@ -362,13 +362,14 @@ HOTPOOL_ALWAYS_INLINE unsigned pooled_class_plus_one_beyond_direct(size_t size) 
   const unsigned size_class = g_classes.class_of(size);
   return g_recycler.pooled(size_class) ? size_class + 1 : 0;
 }
-// Past the pool gate's second test: a request above the direct table
-// when pools run, or any request before start-up chose phase Recording, and
-// in mode off (see PoolGate).
+// A request above the direct table when pools run: pooled if its class is.
 HOTPOOL_NOINLINE void* malloc_large(size_t size) {
   if (const unsigned class_plus_one = pooled_class_plus_one_beyond_direct(size)) return pooled_malloc(size, class_plus_one);
   return recorded_malloc(size);
 }
+// Past the pool gate's second test: a request above the direct table
+// when pools run, or any request before start-up chose phase Recording, and
+// in mode off (see PoolGate).
 HOTPOOL_NOINLINE void* malloc_beyond_direct(size_t size) {
   const Phase phase = g_phase.load(std::memory_order_relaxed);
   if (phase == Phase::Off) return g_real.malloc(size);
