@@ -577,14 +577,17 @@ HOTPOOL_NOINLINE char* aligned_block_start(const recycler::ClassDepot& depot, vo
   return start ? start : static_cast<char*>(block) - kHeader;
 }
 
-// The region block of a sampled block that sampled_free_record accepted
-// (or any pointer into the region, for malloc_usable_size: then within it).
-inline RegionBlock region_block_of(void* block) {
+// The region block of a sampled block. kChecked: a free's, which aborts
+// unless the block is one (aligned_region_block); else a block that such a
+// free accepted (or any pointer into the region, for malloc_usable_size:
+// then within it).
+template <bool kChecked = false>
+HOTPOOL_ALWAYS_INLINE RegionBlock region_block_of(void* block) {
   char* raw = static_cast<char*>(block) - kHeader;
   const unsigned region_class = g_sample_region.class_of_block(block);
   const recycler::ClassDepot& depot = g_sample_region.depot(region_class);
   if (HOTPOOL_LIKELY(depot.is_block_start(raw))) return {raw, region_class};
-  return {aligned_block_start(depot, block), region_class};
+  return {kChecked ? aligned_region_block(depot, block) : aligned_block_start(depot, block), region_class};
 }
 
 // The usable size it shows: never past the block's room, whatever a write
@@ -603,12 +606,8 @@ size_t usable_in(const void* block, RegionBlock region_block) {
 // free, then an allocation, as heaptrack counts it too) and the second
 // after the copy. The first returns the region block it checked, for the second.
 RegionBlock record_sampled_free(void* block) {
-  char* raw = static_cast<char*>(block) - kHeader;
-  const unsigned region_class = g_sample_region.class_of_block(block);
-  recycler::ClassDepot& depot = g_sample_region.depot(region_class);
-  const RegionBlock region_block{HOTPOOL_LIKELY(depot.is_block_start(raw)) ? raw : aligned_region_block(depot, block),
-                                 region_class};  // or abort
-  auto* header = reinterpret_cast<SampleHeader*>(raw);
+  const RegionBlock region_block = region_block_of</*kChecked=*/true>(block);  // or abort
+  auto* header = reinterpret_cast<SampleHeader*>(static_cast<char*>(block) - kHeader);
   if ((header->ops_state & kMarkMask) != kLive) recycler::fatal_pointer_error("double free of a sampled block", block);
   header->ops_state = (header->ops_state & ~kMarkMask) | kFreed;
   const uint32_t site = header_site(*header);
@@ -669,8 +668,9 @@ size_t sampled_usable_size(const void* block) {
 void sampled_free_record(void* block) { record_sampled_free(block); }
 
 void sampled_release_to_depot(void* block) {
-  void* raw = region_block_of(block).start;
-  g_sample_region.depot(g_sample_region.class_of_block(block)).drain(&raw, 1, now_ns());
+  const RegionBlock region_block = region_block_of(block);
+  void* raw = region_block.start;
+  g_sample_region.depot(region_block.region_class).drain(&raw, 1, now_ns());
 }
 
 namespace {
