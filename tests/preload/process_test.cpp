@@ -760,6 +760,51 @@ TEST(Dlopen, LibraryThatAllocatesInConstructorAndFreesInDestructorLoadsAndUnload
 }
 
 // ---------------------------------------------------------------------------
+// C++ operator new and delete: hotpool's own, in every mode; a request
+// that fails is the C++ runtime's again (its new_handler loop, then
+// std::bad_alloc or nullptr), as without hotpool.
+
+// True when operator new(size) throws std::bad_alloc.
+bool new_throws_bad_alloc(size_t size) {
+  try {
+    ::operator delete(::operator new(opaque(size)));
+  } catch (const std::bad_alloc&) {
+    return true;
+  }
+  return false;
+}
+
+int g_new_handler_calls = 0;
+
+void give_up_on_second_call() {
+  if (++g_new_handler_calls == 2) std::set_new_handler(nullptr);
+}
+
+TEST(CppOperators, AreHotpoolsAndAFailedNewRunsTheProgramsNewHandler) {
+  for (const char* name : {"_Znwm", "_Znam", "_ZnwmRKSt9nothrow_t", "_ZdlPv", "_ZdlPvm", "_ZdaPvm"}) {
+    Dl_info where{};
+    void* symbol = dlsym(RTLD_DEFAULT, name);
+    ASSERT_NE(symbol, nullptr) << name;
+    ASSERT_NE(dladdr(symbol, &where), 0) << name;
+    EXPECT_NE(std::string(where.dli_fname).find("libhotpool"), std::string::npos)
+        << name << " is " << where.dli_fname << "'s";
+  }
+  constexpr size_t kImpossible = size_t{1} << 62;
+  std::set_new_handler(give_up_on_second_call);
+  EXPECT_TRUE(new_throws_bad_alloc(kImpossible));
+  EXPECT_EQ(g_new_handler_calls, 2) << "the handler runs until it gives up";
+  g_new_handler_calls = 0;
+  std::set_new_handler(give_up_on_second_call);
+  EXPECT_EQ(::operator new[](opaque(kImpossible), std::nothrow), nullptr);
+  EXPECT_EQ(g_new_handler_calls, 2);
+  // And the ordinary requests after them.
+  auto* numbers = new int[1000];
+  for (int i = 0; i < 1000; ++i) numbers[i] = i;
+  EXPECT_EQ(numbers[999], 999);
+  ::operator delete[](numbers, 1000 * sizeof(int));
+}
+
+// ---------------------------------------------------------------------------
 // Address space exhausted (RLIMIT_AS), in a forked child
 
 TEST(AddressSpaceLimit, AllocationsFailCleanlyWithEnomemAndTheHeapStaysUsable) {
@@ -800,13 +845,7 @@ TEST(AddressSpaceLimit, AllocationsFailCleanlyWithEnomemAndTheHeapStaysUsable) {
     errno = 0;
     CHILD_CHECK(pvalloc(opaque(kBig)) == nullptr && errno == ENOMEM);
     CHILD_CHECK(::operator new(opaque(kBig), std::nothrow) == nullptr);
-    bool threw = false;
-    try {
-      ::operator delete(::operator new(opaque(kBig)));
-    } catch (const std::bad_alloc&) {
-      threw = true;
-    }
-    CHILD_CHECK(threw);
+    CHILD_CHECK(new_throws_bad_alloc(kBig));
 
     // Use the address space up with blocks too large for any pool (pools
     // live in a region reserved up front, which RLIMIT_AS does not shrink),

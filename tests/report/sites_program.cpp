@@ -74,6 +74,37 @@ NOINLINE void thread_local_site() {
   std::free(second);
 }
 
+// The same escape classes through C++'s operators, which hotpool defines
+// itself (a failed new goes to the C++ runtime's): attributed to the
+// function that calls new, not to an operator.
+struct Node {
+  Node* next;
+  char payload[56];
+};
+
+NOINLINE void cpp_new_in_frame() {
+  auto* node = new Node;  // SITE: new_frame_local
+  g_sink = node;
+  std::free(std::malloc(8));  // another allocator call in between: not temporary
+  delete node;          // freed in its own frame (plain delete)
+}
+
+NOINLINE char* make_array() {
+  return new char[120];  // SITE: new_thread_local
+}
+
+NOINLINE void cpp_new_returned() {
+  char* first = make_array();
+  char* second = make_array();
+  ::operator delete[](first, 120);  // sized delete[]
+  delete[] second;
+}
+
+NOINLINE void cpp_nothrow_new_freed_at_once() {
+  void* block = ::operator new(24, std::nothrow);  // SITE: new_nothrow
+  ::operator delete(block, std::nothrow);
+}
+
 std::vector<void*> g_leaks;
 
 NOINLINE void leak_site() {
@@ -397,6 +428,9 @@ int main(int argc, char** argv) {
       thread_local_site();
       leak_site();
       realloc_site();
+      cpp_new_in_frame();
+      cpp_new_returned();
+      cpp_nothrow_new_freed_at_once();
     }
     cross_thread_sites(count);
   } else if (std::strcmp(what, "threads") == 0) {

@@ -162,6 +162,23 @@ TEST_F(SitesTest, EveryPatternIsClassifiedAndAttributedToItsFunctionAndLine) {
   EXPECT_EQ(leak["sampled_allocations"], kCount);
   EXPECT_EQ(leak["live_at_exit"], kCount);
   EXPECT_EQ(leak["sampled_frees"], 0u);
+
+  // C++'s new and delete (hotpool's own operators): the same classes, at
+  // the line that calls new.
+  auto new_frame_local = site(report, "cpp_new_in_frame", "new_frame_local");
+  EXPECT_EQ(new_frame_local["sites"], 1u);
+  EXPECT_EQ(new_frame_local["sampled_allocations"], kCount);
+  EXPECT_EQ(new_frame_local["frame_local"], kCount);
+  EXPECT_EQ(new_frame_local["temporary"], 0u);
+  auto new_thread_local = site(report, "make_array", "new_thread_local");
+  EXPECT_EQ(new_thread_local["sites"], 2u) << "two call sites of make_array";
+  EXPECT_EQ(new_thread_local["sampled_allocations"], 2 * kCount);
+  EXPECT_EQ(new_thread_local["thread_local"], 2 * kCount);
+  EXPECT_EQ(new_thread_local["frame_local"], 0u);
+  auto new_nothrow = site(report, "cpp_nothrow_new_freed_at_once", "new_nothrow");
+  EXPECT_EQ(new_nothrow["sampled_allocations"], kCount);
+  EXPECT_EQ(new_nothrow["temporary"], kCount);
+  EXPECT_EQ(new_nothrow["frame_local"], kCount);
 }
 
 // Aligned allocations (memalign, aligned_alloc, posix_memalign, valloc and
