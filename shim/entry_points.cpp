@@ -700,22 +700,24 @@ enum class NewKind : unsigned { Scalar, Array, ScalarNothrow, ArrayNothrow };
 
 // `tag`: the nothrow variants' std::nothrow argument, passed on.
 HOTPOOL_NOINLINE void* new_failed(NewKind kind, size_t size, const void* tag) {
-  static const char* const kNames[] = {"_Znwm", "_Znam", "_ZnwmRKSt9nothrow_t", "_ZnamRKSt9nothrow_t"};
-  static std::atomic<void*> runtime[4];
-  const auto index = static_cast<unsigned>(kind);
-  void* function = runtime[index].load(std::memory_order_acquire);
-  if (function == nullptr) {
-    function = dlsym(RTLD_NEXT, kNames[index]);
-    runtime[index].store(function, std::memory_order_release);
+  using New = void* (*)(size_t);
+  using NothrowNew = void* (*)(size_t, const void*);
+  static std::atomic<New> runtime_new[2];
+  static std::atomic<NothrowNew> runtime_nothrow_new[2];
+  const New no_new = [](size_t) -> void* {
+    write_warning("hotpool: operator new: out of memory, and no C++ runtime's operator new to throw std::bad_alloc");
+    abort();
+  };
+  const NothrowNew no_nothrow_new = [](size_t, const void*) -> void* { return nullptr; };
+  switch (kind) {
+    case NewKind::Scalar: return next_definition(runtime_new[0], "_Znwm", no_new)(size);
+    case NewKind::Array: return next_definition(runtime_new[1], "_Znam", no_new)(size);
+    case NewKind::ScalarNothrow:
+      return next_definition(runtime_nothrow_new[0], "_ZnwmRKSt9nothrow_t", no_nothrow_new)(size, tag);
+    case NewKind::ArrayNothrow:
+      return next_definition(runtime_nothrow_new[1], "_ZnamRKSt9nothrow_t", no_nothrow_new)(size, tag);
   }
-  const bool nothrow = kind == NewKind::ScalarNothrow || kind == NewKind::ArrayNothrow;
-  if (function != nullptr) {
-    if (nothrow) return reinterpret_cast<void* (*)(size_t, const void*)>(function)(size, tag);
-    return reinterpret_cast<void* (*)(size_t)>(function)(size);
-  }
-  if (nothrow) return nullptr;
-  write_warning("hotpool: operator new: out of memory, and no C++ runtime's operator new to throw std::bad_alloc");
-  abort();
+  return nullptr;
 }
 
 HOTPOOL_ALWAYS_INLINE void* new_entry(NewKind kind, size_t size, const void* tag = nullptr) {
@@ -817,6 +819,22 @@ HOTPOOL_EXPORT int pthread_cancel(pthread_t thread) {
 HOTPOOL_EXPORT int pthread_setcanceltype(int type, int* old_type) {
   if (type == PTHREAD_CANCEL_ASYNCHRONOUS) hotpool::recycler::g_cancellation_used.store(true, std::memory_order_seq_cst);
   return real_setcanceltype()(type, old_type);
+}
+
+// pthread_getattr_np holds the thread's lock while it allocates (glibc
+// 2.36: the affinity mask, by realloc, for every thread; for the main
+// thread also stdio's buffers, reading /proc/self/maps). Were one of those
+// allocations the thread's first sample, the sample's stack probe
+// (find_thread_stack) would call it again for the same thread and wait
+// for that lock forever: so the probe waits for a later sample while the
+// thread is in here (ThreadLocal::in_getattr).
+HOTPOOL_EXPORT int pthread_getattr_np(pthread_t thread, pthread_attr_t* attr) {
+  static std::atomic<int (*)(pthread_t, pthread_attr_t*)> next{nullptr};
+  const auto missing = [](pthread_t, pthread_attr_t*) { return ENOSYS; };
+  ++tls.in_getattr;
+  const int status = next_definition(next, "pthread_getattr_np", +missing)(thread, attr);
+  --tls.in_getattr;
+  return status;
 }
 
 // pipe2, for libunwind's sake only. libunwind 1.6 keeps a pipe to validate

@@ -444,11 +444,14 @@ HOTPOOL_ALWAYS_INLINE void* allocate_sampled(ThreadState& state, size_t size, re
     if (least == 0) least = 1;
   }
   if (least > g_limit || lead > g_limit - least) return nullptr;
-  if (HOTPOOL_UNLIKELY(!state.stack_probed)) {
+  if (HOTPOOL_UNLIKELY(!state.stack_probed) && tls.in_getattr == 0) {
     // The thread's stack bounds, at its first sample rather than when it
     // attaches: a thread that attaches in a signal handler or a thread-exit
     // destructor (its first allocator call a free) then does not look them
-    // up there (for the main thread glibc reads /proc/self/maps).
+    // up there (for the main thread glibc reads /proc/self/maps). Not
+    // inside the program's pthread_getattr_np, which holds the lock the
+    // probe's own call would wait for: a later sample probes (this one
+    // goes without the bounds, as on a stack they do not cover).
     ReentryGuard guard;
     state.stack_probed = true;
     find_thread_stack(state);

@@ -136,6 +136,10 @@ struct ThreadLocal {
   ThreadState* pool_state;
   ThreadStatus status;
   bool in_hotpool;          // the recursion guard
+  // Inside pthread_getattr_np (hotpool's, entry_points.cpp), which holds
+  // the thread's lock while it allocates: a sample's stack probe, which
+  // calls it again for this thread, waits for a later sample.
+  uint8_t in_getattr;
   // The thread's ThreadState::ordinal from its attach on, kept after its
   // teardown (0 before): a sampled block it frees in its last key
   // destructors is still its own, not another thread's.

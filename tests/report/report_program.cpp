@@ -13,6 +13,10 @@
 //   fast-then-slow  400,000 quick pairs over the 16 classes of 16 to 256
 //                bytes, then about 2 s of 4 pairs of 1 KiB every 250 us
 //                and, every 16th time, one pair of one of those classes
+//   getattr      the main thread, then 8 threads one after another, each
+//                calls pthread_getattr_np on itself first (glibc allocates
+//                in there with the thread's lock held), then allocates;
+//                prints the stack sizes it found nonzero
 #include <dlfcn.h>
 #include <pthread.h>
 #include <unistd.h>
@@ -90,6 +94,36 @@ void fast_then_slow() {
   std::printf("fast then slow done\n");
 }
 
+// pthread_getattr_np on the calling thread, then a few allocations: true
+// when it found the thread's stack.
+bool stack_then_allocate() {
+  pthread_attr_t attr;
+  if (pthread_getattr_np(pthread_self(), &attr) != 0) return false;
+  void* low = nullptr;
+  size_t size = 0;
+  const bool found = pthread_attr_getstack(&attr, &low, &size) == 0 && low && size;
+  pthread_attr_destroy(&attr);
+  for (int i = 0; i < 100; ++i) std::free(std::malloc(48));
+  return found;
+}
+
+char g_found;  // a thread's non-null result
+
+void* stack_then_allocate_thread(void*) { return stack_then_allocate() ? &g_found : nullptr; }
+
+int getattr_threads() {
+  int found = stack_then_allocate() ? 1 : 0;
+  for (int i = 0; i < 8; ++i) {
+    pthread_t thread;
+    void* result = nullptr;
+    if (pthread_create(&thread, nullptr, stack_then_allocate_thread, nullptr) != 0) return 2;
+    pthread_join(thread, &result);
+    found += result != nullptr;
+  }
+  std::printf("%d of 9 stacks found\n", found);
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -123,6 +157,7 @@ int main(int argc, char** argv) {
     slow_class();
     return 0;
   }
+  if (std::strcmp(mode, "getattr") == 0) return getattr_threads();
   if (std::strcmp(mode, "echo") == 0) {
     for (int i = 2; i < argc; ++i) std::printf("%s\n", argv[i]);
     return 0;
