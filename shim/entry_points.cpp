@@ -384,6 +384,15 @@ HOTPOOL_ALWAYS_INLINE bool beyond_direct(size_t size) {
   return HOTPOOL_UNLIKELY(size - g_pool_gate.large_first < g_pool_gate.large_span);
 }
 
+// realloc(p, 0) of a block of hotpool's own (pooled, sampled): as the real
+// allocator's does (RealAllocator::realloc_zero_frees): glibc frees p and
+// returns NULL; mimalloc, stacked under hotpool, gives a block of its
+// smallest size.
+void* realloc_to_zero(void* block) {
+  free(block);
+  return g_real.realloc_zero_frees ? nullptr : malloc(0);
+}
+
 // realloc of a pooled block: in place when the new size needs the same
 // class, else a move (to a pooled or a real block) and a free.
 void* realloc_pooled(void* block, size_t size) {
@@ -392,10 +401,7 @@ void* realloc_pooled(void* block, size_t size) {
     if (const char* problem = g_recycler.region().depot(size_class).check_block(block))
       hotpool::recycler::fatal_pointer_error(problem, block);
   }
-  if (size == 0) {
-    free(block);  // as glibc: realloc(p, 0) frees p and returns NULL
-    return nullptr;
-  }
+  if (size == 0) return realloc_to_zero(block);
   const size_t old_size = g_recycler.class_size(size_class);
   if (size <= g_pool_limit && g_classes.class_of(size) == size_class) {
     if (ThreadState* state = tls.state) {
@@ -424,10 +430,7 @@ void* realloc_pooled(void* block, size_t size) {
 // realloc of a sampled block: always a move, so that the free side of the
 // sample (lifetime, escape) is recorded.
 void* realloc_sampled(void* block, size_t size) {
-  if (size == 0) {
-    free(block);
-    return nullptr;
-  }
+  if (size == 0) return realloc_to_zero(block);
   // The old block's free is recorded first (a realloc frees, then
   // allocates), its memory released after the copy.
   sampled_free_record(block);

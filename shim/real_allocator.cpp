@@ -81,4 +81,12 @@ bool RealAllocator::probe_chunk_headers() {
   return true;
 }
 
+void RealAllocator::probe_realloc_zero() {
+  void* block = malloc(1);
+  if (!block) return;
+  void* after = realloc(block, 0);
+  realloc_zero_frees = after == nullptr;
+  if (after) free(after);
+}
+
 }  // namespace hotpool::shim

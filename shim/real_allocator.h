@@ -29,6 +29,10 @@ struct RealAllocator {
   // True when the real allocator is glibc's and its chunk header gives the
   // usable size directly (checked against malloc_usable_size at start-up).
   bool glibc_chunk_headers;
+  // What the real realloc(p, 0) does: frees p and returns NULL (glibc,
+  // jemalloc), or returns a fresh block of its smallest size (mimalloc).
+  // hotpool's own blocks (pooled, sampled) do the same. Probed at start-up.
+  bool realloc_zero_frees = true;
 
   // Fills every entry; false (with the entries it could not find left null)
   // when the next object in the lookup order lacks a required function.
@@ -36,6 +40,8 @@ struct RealAllocator {
 
   // Sets glibc_chunk_headers. Allocates and frees a few probe blocks.
   bool probe_chunk_headers();
+  // Sets realloc_zero_frees: one malloc(1), its realloc to 0, and a free.
+  void probe_realloc_zero();
 
   // FAST PATH: the usable size of a live block. glibc keeps it in the word
   // before the block (size | flags; mmapped chunks carry a 16-byte header,

@@ -351,7 +351,10 @@ void boot() {
   parse_options(environ, &g_options, write_stderr_line, nullptr);
   remember_start_dir();
   // Mode off never reads a block's size: it must not touch the heap at all.
-  if (complete && g_options.mode != Mode::Off) real.glibc_chunk_headers = real.probe_chunk_headers();
+  if (complete && g_options.mode != Mode::Off) {
+    real.glibc_chunk_headers = real.probe_chunk_headers();
+    real.probe_realloc_zero();
+  }
   g_real = real;
   build_class_table();
   uint64_t sizes[reporter::kMaxClasses];

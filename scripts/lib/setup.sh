@@ -7,11 +7,11 @@ HOTPOOL_BUILD=${HOTPOOL_BUILD:-$HOTPOOL_ROOT/build}
 # Packages the build and the tests need: libunwind's headers (found with
 # pkg-config) and Boost.Stacktrace for the reporter; the real-binary tests
 # run python3, sort, gzip, git, perl and sqlite3 from Debian, also with
-# hotpool stacked on jemalloc; the converter's test decodes pprof output
-# with protoc's code.
+# hotpool stacked on jemalloc (and python3 on mimalloc); the converter's
+# test decodes pprof output with protoc's code.
 HOTPOOL_PACKAGES=(cmake make g++ pkg-config libunwind-dev libboost-stacktrace-dev
                   libgtest-dev googletest nlohmann-json3-dev
-                  python3 sqlite3 gzip git perl coreutils libjemalloc2
+                  python3 sqlite3 gzip git perl coreutils libjemalloc2 libmimalloc2.0
                   protobuf-compiler python3-protobuf)
 
 hotpool_install_packages() {

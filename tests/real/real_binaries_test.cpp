@@ -300,6 +300,54 @@ TEST_P(StackedOnJemallocTest, SameOutputStatusAndReports) {
   check_same_output_status_and_reports(workload_name, mode, kJemalloc);
 }
 
+// realloc(p, 0) of a block hotpool serves itself (pooled, sampled) answers
+// as the allocator underneath does: glibc and jemalloc free p and return
+// NULL, mimalloc returns a block of its smallest size. python3 (ctypes)
+// prints each answer, without hotpool and with it in front.
+constexpr const char* kMimalloc = "/usr/lib/x86_64-linux-gnu/libmimalloc.so.2";
+constexpr const char* kReallocToZero = R"(import ctypes
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
+libc.realloc.restype = ctypes.c_void_p
+libc.realloc.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+for size in (24, 100, 5000):
+    block = libc.realloc(libc.malloc(size), 0)
+    print(size, "NULL" if block is None else "a block")
+    if block is not None:
+        libc.free(block)
+)";
+
+TEST(StackedAllocator, ReallocToZeroOfHotpoolsBlocksAnswersAsTheAllocatorUnderneath) {
+  ScratchDirectory scratch;
+  const auto run = [&](const std::string& preload, std::vector<std::string> options) {
+    ChildSpec spec;
+    spec.argv = {"/usr/bin/python3", "-c", kReallocToZero};
+    spec.environment = std::move(options);
+    spec.environment.push_back("LANG=C");
+    spec.environment.push_back("LD_PRELOAD=" + preload);
+    spec.working_directory = scratch.path();
+    spec.stderr_path = scratch.path() / "stderr";
+    spec.deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+    const ChildResult child = run_child(spec);
+    EXPECT_TRUE(WIFEXITED(child.wait_status) && WEXITSTATUS(child.wait_status) == 0)
+        << preload << ": " << describe_wait_status(child.wait_status) << child.failure;
+    return child.stdout_text;
+  };
+  for (const std::string& underneath : {std::string(), std::string(kMimalloc), std::string(kJemalloc)}) {
+    ASSERT_TRUE(underneath.empty() || access(underneath.c_str(), R_OK) == 0) << underneath << " is not installed";
+    const std::string alone = run(underneath, {});
+    EXPECT_EQ(alone.find("24 "), 0u) << alone;
+    const std::string stacked = std::string(HOTPOOL_LIBRARY) + (underneath.empty() ? "" : ":" + underneath);
+    // Pooled from the first call (mode fixed), then every block sampled.
+    EXPECT_EQ(run(stacked, {"HOTPOOL_MODE=fixed", "HOTPOOL_CLASSES=32,112,5008", "HOTPOOL_REPORT=off"}), alone)
+        << "pooled, on " << (underneath.empty() ? "glibc" : underneath);
+    EXPECT_EQ(run(stacked, {"HOTPOOL_MODE=profile", "HOTPOOL_SAMPLE=1", "HOTPOOL_REPORT=off"}), alone)
+        << "sampled, on " << (underneath.empty() ? "glibc" : underneath);
+  }
+}
+
 std::vector<std::string> workload_names() {
   std::vector<std::string> names;
   for (const Workload& workload : real_workloads()) names.push_back(workload.name);
