@@ -71,9 +71,15 @@ void FrameTable::learn(uintptr_t return_address, uint16_t words) {
     }
     if ((entry & kAddressMask) != return_address) continue;
     const uint16_t known = static_cast<uint16_t>(entry >> 48);
-    // A second distance makes the address varying, for good.
-    if (known != words && known != kVarying)
+    // A second distance makes the address varying, for good; at a
+    // frame-pointer site, the frame pointer alone is left (replayed when
+    // the frame it called keeps one too).
+    if (known != words && known != kVarying && known != kFramePointer) {
+      const uint16_t merged = frame_pointer(known) && frame_pointer(words) ? kFramePointer : kVarying;
+      __atomic_store_n(&slots_[index], return_address | (uint64_t{merged} << 48), __ATOMIC_RELAXED);
+    } else if (known == kFramePointer && !frame_pointer(words)) {
       __atomic_store_n(&slots_[index], return_address | (uint64_t{kVarying} << 48), __ATOMIC_RELAXED);
+    }
     return;
   }
   // Every probed slot is taken: not learned (libgcc walks such frames).
@@ -123,6 +129,14 @@ bool Unwinder::skipped(uintptr_t ip) const {
 }
 
 namespace {
+// x86-64's frame pointer: %rbp (DWARF register 6), the caller's %rbp saved
+// at CFA - 16, just below the return address.
+#if defined(__x86_64__)
+constexpr bool kFramePointerAbi = true;
+#else
+constexpr bool kFramePointerAbi = false;
+#endif
+
 struct GccTrace {
   uintptr_t* frames;
   uintptr_t* cfas;
@@ -240,6 +254,11 @@ int Unwinder::replay(uintptr_t return_address, uintptr_t cfa, uintptr_t* raw, ui
   int count = 1;
   uintptr_t ip = return_address;
   unsigned scan = 0;  // meets()'s one pass over the previous capture's CFAs
+  // Whether the frame below the one being walked (the function `ip`'s
+  // function called) keeps a frame pointer: then it pushed the caller's
+  // %rbp just below its return address. capture()'s own frame and the
+  // start frame's (hotpool's) are taken not to.
+  bool callee_frame_pointer = false;
   for (;;) {
     if (count == capacity) return count;
     raw[count] = ip;
@@ -253,10 +272,25 @@ int Unwinder::replay(uintptr_t return_address, uintptr_t cfa, uintptr_t* raw, ui
     const uint16_t words = FrameTable::lookup(table, ip);
     if (words == FrameTable::kOutermost) return count;
     if (words == FrameTable::kUnknown || words == FrameTable::kVarying) return -1;
-    const uintptr_t next_cfa = cfa + uintptr_t{words} * sizeof(uintptr_t);
+    const bool frame_pointer = words & FrameTable::kFramePointer;  // kOutermost and kVarying are out
+    const uintptr_t distance = static_cast<uintptr_t>(words & FrameTable::kDistanceMask) * sizeof(uintptr_t);
+    uintptr_t next_cfa = cfa + distance;
+    if (frame_pointer && callee_frame_pointer) {
+      // This frame's %rbp, its CFA - 16, saved by its callee's prologue
+      // (push %rbp) in the slot below the callee's return address: the
+      // frame's CFA whatever its size. A distance learned too must agree
+      // (else the frame's size varies and libgcc sees what it is now).
+      if (cfa < stack_low + 2 * sizeof(uintptr_t)) return -1;
+      const uintptr_t chained = *reinterpret_cast<const uintptr_t*>(cfa - 2 * sizeof(uintptr_t)) + 2 * sizeof(uintptr_t);
+      if ((distance && chained != next_cfa) || (chained & (sizeof(uintptr_t) - 1))) return -1;
+      next_cfa = chained;
+    } else if (distance == 0) {
+      return -1;  // a frame-pointer site of varying size, called from a function without one
+    }
+    callee_frame_pointer = frame_pointer;
     // The caller's return address is read from the thread's own stack,
     // above the current frame, or not at all.
-    if (next_cfa > stack_high || next_cfa - sizeof(uintptr_t) < stack_low) return -1;
+    if (next_cfa <= cfa || next_cfa > stack_high || next_cfa - sizeof(uintptr_t) < stack_low) return -1;
     ip = *reinterpret_cast<const uintptr_t*>(next_cfa - sizeof(uintptr_t));
     cfa = next_cfa;
     // A null return address ends libgcc's walks, which then mark the frame
@@ -279,13 +313,25 @@ void Unwinder::learn(const uintptr_t* raw, const uintptr_t* cfas, const uintptr_
   for (int i = 1; i < walked && i + 1 < got; ++i) {
     const uintptr_t ip = raw[i];
     const uintptr_t distance = cfas[i + 1] - cfas[i];
-    // A frame with a frame pointer (its CFA 16 bytes above %rbp): code
-    // built without one sets it up only when the frame's size varies
-    // (alloca, variable arrays); its distance is not learned.
-    const bool frame_pointer = cfas[i + 1] == rbps[i] + 16;
-    const bool usable = !frame_pointer && cfas[i] && cfas[i + 1] > cfas[i] && distance % sizeof(uintptr_t) == 0 &&
-                        distance / sizeof(uintptr_t) < FrameTable::kVarying;
-    frames_.learn(ip, usable ? static_cast<uint16_t>(distance / sizeof(uintptr_t)) : FrameTable::kVarying);
+    // A frame with a frame pointer (its CFA 16 bytes above %rbp): marked
+    // so, with its distance. Code built without frame pointers sets one up
+    // when the frame's size varies (alloca, variable arrays): the next walk
+    // with another size leaves the frame pointer alone (see FrameTable).
+    bool frame_pointer = kFramePointerAbi && cfas[i] && cfas[i + 1] == rbps[i] + 2 * sizeof(uintptr_t);
+    // Its caller's %rbp where a replay reads it (below the return address),
+    // as libgcc restored it from the unwind tables (checked where libgcc
+    // walked the caller): else the frame's layout is not the usual one, and
+    // its distance is not learned.
+    if (frame_pointer && i + 1 < walked &&
+        *reinterpret_cast<const uintptr_t*>(cfas[i + 1] - 2 * sizeof(uintptr_t)) != rbps[i + 1]) {
+      frames_.learn(ip, FrameTable::kVarying);
+      continue;
+    }
+    const bool usable = cfas[i] && cfas[i + 1] > cfas[i] && distance % sizeof(uintptr_t) == 0 &&
+                        distance / sizeof(uintptr_t) <= FrameTable::kMaxDistance;
+    const uint16_t words = usable ? static_cast<uint16_t>(distance / sizeof(uintptr_t)) : 0;
+    frames_.learn(ip, frame_pointer ? static_cast<uint16_t>(FrameTable::kFramePointer | words)
+                                    : usable ? words : FrameTable::kVarying);
   }
   if (outermost_reached && walked == got) frames_.learn(raw[got - 1], FrameTable::kOutermost);
 }

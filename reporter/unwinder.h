@@ -66,10 +66,17 @@ bool allocating_frame_active(const uintptr_t* allocation, unsigned allocation_de
 // have one such distance for good (the CFA is the stack pointer plus a
 // constant there); a frame that allocates on the stack (alloca, variable
 // arrays, realignment) or a signal frame has several, and is marked so,
-// when a walk sees a second one. A capture whose every return address has
-// a single known distance is replayed from the table: a hash lookup and a
-// load per frame, instead of libgcc's search and interpretation of the
-// unwind tables (some 1,000-2,000 instructions per frame). One table per
+// when a walk sees a second one. A call site in a function that keeps a
+// frame pointer (%rbp = its CFA - 16 there: code built with
+// -fno-omit-frame-pointer, as Rust's standard library, Go and whole
+// distributions are) is marked so too, with its distance while it has
+// one: when the function it called keeps one too, that one saved this
+// frame's %rbp just below its own return address, which gives this
+// frame's CFA whatever its size (see Unwinder::replay). A capture whose
+// every return address is known so is replayed from the table: a hash
+// lookup and a load or two per frame, instead of libgcc's search and
+// interpretation of the unwind tables (some 1,000-2,000 instructions per
+// frame, and a lock shared by every thread on the way). One table per
 // process, lock-free (one 64-bit word per address), in its own mmap'd
 // memory, never freed; emptied when a library is unloaded (hotpool's
 // dlclose), as other code may then be loaded at the same addresses.
@@ -80,6 +87,13 @@ class FrameTable {
   static constexpr uint16_t kUnknown = 0;      // not in the table
   static constexpr uint16_t kOutermost = 0xffff;  // libgcc's walk ended with this frame
   static constexpr uint16_t kVarying = 0xfffe;    // more than one distance seen
+  // A frame-pointer call site: this bit, with its distance in the bits
+  // below, or none (0: more than one seen). Distances of either kind stay
+  // below kFramePointer words (256 KiB): a larger frame is kVarying.
+  static constexpr uint16_t kFramePointer = 0x8000;
+  static constexpr uint16_t kDistanceMask = 0x7fff;
+  static constexpr uint16_t kMaxDistance = 0x7ffd;  // kFramePointer | it stays below kVarying
+  static constexpr bool frame_pointer(uint16_t words) { return (words & kFramePointer) && words < kVarying; }
 
   bool init();  // false without memory (every lookup then says kUnknown)
   bool ready() const { return slots_ != nullptr; }
@@ -102,7 +116,9 @@ class FrameTable {
     }
     return kUnknown;
   }
-  // Records what a walk saw (a distance in words, kOutermost or kVarying).
+  // Records what a walk saw (a distance in words, optionally with
+  // kFramePointer, kOutermost or kVarying). A second distance makes a
+  // frame-pointer site kFramePointer alone, any other kVarying.
   void learn(uintptr_t return_address, uint16_t words);
   // Forgets everything (dlclose: other code may be loaded where the
   // unloaded code was). The memory goes back to the OS; a walk running

@@ -1,5 +1,6 @@
 #include "reporter/sites.h"
 #include "reporter/unwinder.h"
+#include "frame_pointer_frames.h"
 
 #include <gtest/gtest.h>
 
@@ -597,9 +598,6 @@ using hotpool::reporter::CapturedStack;
 using hotpool::reporter::TraceCache;
 using hotpool::reporter::Unwinder;
 
-struct Captures {
-  CapturedStack full, cached;
-};
 
 // Captures the stack twice, without and with the trace cache, at the
 // bottom of a recursion of `depth` calls (noinline, not tail calls).
@@ -667,12 +665,6 @@ __attribute__((noinline)) unsigned alloca_and_capture(const Unwinder& unwinder, 
 }
 
 
-#if defined(__SANITIZE_ADDRESS__)
-constexpr bool kBuiltWithFramePointers = true;  // the ASan build (CMakeLists.txt)
-#else
-constexpr bool kBuiltWithFramePointers = false;
-#endif
-
 // Once libgcc has walked a stack, the same stack is replayed from the frame
 // table: the result must be what a full unwind gives, for stacks seen before
 // and new ones, deeper than a capture keeps, through a frame of varying
@@ -695,13 +687,7 @@ TEST(FrameTable, ReplayedCapturesEqualFullUnwinds) {
       expect_same(captures.full, captures.cached, static_cast<unsigned>(bytes));
     }
   }
-  // Frames that keep a frame pointer are never replayed (their size may
-  // vary): the ASan build (-fno-omit-frame-pointer) walks every capture,
-  // and only the equality above is checked there.
-  const bool frame_pointers = kBuiltWithFramePointers;
-  if (!frame_pointers) {
-    EXPECT_GT(cache->replayed, 20u) << "walked " << cache->walked;
-  }
+  EXPECT_GT(cache->replayed, 20u) << "walked " << cache->walked;
   EXPECT_GT(cache->walked, 0u);
   EXPECT_GT(unwinder.frame_table().size(), 5u);
 
@@ -730,9 +716,35 @@ TEST(FrameTable, ReplayedCapturesEqualFullUnwinds) {
     replayed_there = own->replayed;
   });
   other.join();
-  if (!frame_pointers) {
-    EXPECT_GT(replayed_there, 0u);  // the table learned on this thread serves that one
+  EXPECT_GT(replayed_there, 0u);  // the table learned on this thread serves that one
+}
+
+// Code built with frame pointers: its frames are replayed too, also those
+// whose size varies (alloca), from the %rbp each one's callee saved.
+// Every capture equals a full unwind; once the table has seen a frame of
+// each kind, none is walked by libgcc any more.
+TEST(FrameTable, FramePointerFramesAreReplayedWhateverTheirSize) {
+  Unwinder unwinder;
+  ASSERT_TRUE(unwinder.load(false));
+  auto cache = thread_cache();
+  unsigned captures_in_last_round = 0;
+  uint64_t replayed_before_last_round = 0;
+  for (int round = 0; round < 3; ++round) {
+    if (round == 2) replayed_before_last_round = cache->replayed;
+    for (unsigned depth : {2u, 10u, 40u}) {
+      for (size_t bytes : {0u, 16u, 4096u, 100u, 0u, 2000u, 48u}) {
+        Captures captures;
+        cache->count = 0;  // no rejoining the previous capture: replayed or walked in full
+        frame_pointer_recurse_and_capture(unwinder, *cache, depth, bytes, 24, captures);
+        expect_same(captures.full, captures.cached, depth);
+        EXPECT_GE(captures.cached.depth, std::min(depth + 3, 24u)) << "recursion " << depth << ", " << bytes << " bytes";
+        captures_in_last_round += round == 2;
+      }
+    }
   }
+#if defined(__x86_64__)
+  EXPECT_EQ(cache->replayed - replayed_before_last_round, captures_in_last_round) << "walked " << cache->walked;
+#endif
 }
 
 // A capture may start at a frame above its caller's (the allocator's entry
@@ -788,9 +800,7 @@ TEST(TraceCache, ACaptureFromAStartFrameEqualsAFullUnwindFromThere) {
             << "frame " << i << " from the start, recursion " << depth;
     }
   }
-  if (!kBuiltWithFramePointers) {
-    EXPECT_GT(from_start, 0u);
-  }
+  EXPECT_GT(from_start, 0u);
 }
 
 // A capture in a signal handler on an alternate stack: libgcc walks it
