@@ -1,4 +1,8 @@
+// Boost.Stacktrace's libbacktrace backend: header-only over a static
+// libbacktrace, or its shared library (see CMakeLists.txt).
+#ifndef HOTPOOL_STATIC_BACKTRACE
 #define BOOST_STACKTRACE_LINK
+#endif
 #define BOOST_STACKTRACE_USE_BACKTRACE
 #include "symbolize.h"
 
