@@ -27,8 +27,19 @@ void* map_noreserve(size_t bytes) {
 }  // namespace
 
 size_t page_bytes() {
-  const long page = sysconf(_SC_PAGESIZE);  // from the auxiliary vector: no system call
-  return page > 0 ? static_cast<size_t>(page) : 4096;
+  // From the auxiliary vector (no system call), once: start-up asks for
+  // every class of both regions, and glibc's sysconf is a switch of some
+  // fifty instructions.
+  // (No function-local static: its guard is the C++ runtime's. Threads
+  // racing here store the same value.)
+  static std::atomic<size_t> cached{0};
+  size_t page = cached.load(std::memory_order_relaxed);
+  if (page == 0) {
+    const long bytes = sysconf(_SC_PAGESIZE);
+    page = bytes > 0 ? static_cast<size_t>(bytes) : 4096;
+    cached.store(page, std::memory_order_relaxed);
+  }
+  return page;
 }
 
 namespace {

@@ -30,9 +30,11 @@ bool SizeClassTable::build_from_list(const size_t* sizes, unsigned count) {
   for (unsigned i = 0; i < count; ++i) {
     if (sizes[i] == 0 || sizes[i] > kLargestClassLimit) continue;
     const auto size = static_cast<uint32_t>(round_up_to_alignment(sizes[i]));
-    // Insertion into the sorted prefix, skipping duplicates.
-    unsigned pos = 0;
-    while (pos < count_ && sizes_[pos] < size) ++pos;
+    // Insertion into the sorted prefix, skipping duplicates; searched from
+    // its end, so that a list in order (the usual case) costs one
+    // comparison per size.
+    unsigned pos = count_;
+    while (pos > 0 && sizes_[pos - 1] >= size) --pos;
     if (pos < count_ && sizes_[pos] == size) continue;
     if (count_ == kMaxClasses - 1) break;
     for (unsigned j = count_; j > pos; --j) sizes_[j] = sizes_[j - 1];
