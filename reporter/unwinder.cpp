@@ -317,7 +317,8 @@ void Unwinder::learn(const uintptr_t* raw, const uintptr_t* cfas, const uintptr_
     // so, with its distance. Code built without frame pointers sets one up
     // when the frame's size varies (alloca, variable arrays): the next walk
     // with another size leaves the frame pointer alone (see FrameTable).
-    bool frame_pointer = kFramePointerAbi && cfas[i] && cfas[i + 1] == rbps[i] + 2 * sizeof(uintptr_t);
+    bool frame_pointer =
+        kFramePointerAbi && cfas[i] && cfas[i + 1] > cfas[i] && cfas[i + 1] == rbps[i] + 2 * sizeof(uintptr_t);
     // Its caller's %rbp where a replay reads it (below the return address),
     // as libgcc restored it from the unwind tables (checked where libgcc
     // walked the caller): else the frame's layout is not the usual one, and
