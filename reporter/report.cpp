@@ -263,6 +263,16 @@ void write_text_sampling(const StatsSnapshot& stats, const SamplingView& view, O
     out.str("  ").count(view.unsited).str(" of them have no site (no stack captured, or all ")
         .u64(StackDepot::kIds - 1).str(" sites of the stack depot taken): the size classes count them, the sites do not\n");
   }
+  // Where libgcc walked many of the stacks, sampling cost more than it
+  // does once the frame table knows the program's frames: said, with why.
+  if (const uint64_t stacks = view.stacks_replayed + view.stacks_walked;
+      view.stacks_walked >= 100 && view.stacks_walked * 10 >= stacks) {
+    out.str("  ").percent(view.stacks_walked, stacks)
+        .str(" of the sampled stacks were walked by libgcc (some 1,000-2,000 instructions a frame), the rest"
+             " replayed from what earlier walks learned; walked are call sites whose frame size changes (alloca,"
+             " variable-length arrays) when they call the allocator themselves or from code without frame"
+             " pointers, signal frames, and code without unwind tables\n");
+  }
   out.str("  size class  short-lived  recycled  median life  temporary  frame-local  thread-local  cross-thread\n");
   for (unsigned c = 0; c < stats.class_count; ++c) {
     const LifetimeStats& life = view.class_lifetimes[c];
@@ -351,6 +361,8 @@ void write_json_sampling(const StatsSnapshot& stats, const SamplingView* view, u
       .str(", \"mean_bytes\": ").u64(view->mean_bytes).str(", \"short_ns\": ").u64(view->short_ns)
       .str(", \"recycle_calls\": ").u64(view->recycle_calls)
       .str(", \"unsited\": ").u64(view->unsited)
+      .str(", \"stacks\": {\"replayed\": ").u64(view->stacks_replayed)
+      .str(", \"walked\": ").u64(view->stacks_walked).ch('}')
       .str(", \"lifetime_bucket_bounds_ns\": [");
   for (unsigned b = 1; b < kLifetimeBuckets; ++b) out.str(b > 1 ? ", " : "").u64(lifetime_bucket_low(b));
   out.str("]},\n  \"class_lifetimes\": [");

@@ -23,6 +23,9 @@ struct SamplingView {
   uint64_t short_ns;        // the short-lived threshold
   uint64_t recycle_calls;   // the recycled threshold (the freeing thread's allocator calls)
   uint64_t unsited;         // sampled allocations without a site: no stack, or the stack depot full
+  // Stacks captured through a thread's trace cache (libgcc's unwinder):
+  // replayed from the frame table, or walked by libgcc.
+  uint64_t stacks_replayed, stacks_walked;
   unsigned top;             // sites shown per list (0 to kMaxTop)
   unsigned frames;          // frames shown per site
   uint64_t longest_ns;      // no lifetime is longer: the run's duration (medians never read above it)

@@ -382,7 +382,7 @@ __attribute__((noinline)) bool Unwinder::capture(unsigned depth, CapturedStack* 
                  : -1;
     int cache_count = got;  // what the cache keeps of this capture
     if (got >= 0) {
-      ++cache->replayed;
+      TraceCache::bump(cache->replayed);
     } else {
       // With a cache the whole stack is kept (up to kMaxDepth frames), not
       // only what this capture reports: a later capture that rejoins it
@@ -407,7 +407,7 @@ __attribute__((noinline)) bool Unwinder::capture(unsigned depth, CapturedStack* 
       const int status = reinterpret_cast<Backtrace>(gcc_backtrace_)(gcc_frame, &trace);
       got = trace.count;
       if (!trace.walked) trace.walked = got;
-      if (cached) ++cache->walked;
+      if (cached) TraceCache::bump(cache->walked);
       // _URC_END_OF_STACK: libgcc found no caller beyond the last frame.
       if (learning) learn(raw, cfas, rbps, trace.walked, got, trace.outermost || status == 5, own_return, own_cfa);
       // The cache ends before the first frame libgcc found outside the

@@ -31,7 +31,10 @@ struct TraceCache {
   static constexpr unsigned kFrames = kMaxDepth + kLeadingFrames;
   // Captures through this cache replayed from the frame table, and walked
   // by libgcc (per thread: shared counters would bounce between CPUs).
+  // Written by the owning thread only, as relaxed atomics: a report reads
+  // them from another (see bump()).
   uint64_t replayed, walked;
+  static void bump(uint64_t& counter) { __atomic_store_n(&counter, counter + 1, __ATOMIC_RELAXED); }
   unsigned count;
   bool truncated;  // the stack went on beyond ips()[count - 1]
   uintptr_t stack_low, stack_high;

@@ -361,6 +361,15 @@ uint64_t sampling_mean_bytes() { return g_mean_bytes; }
 uint64_t sampling_short_ns() { return g_short_ns; }
 uint64_t sampling_recycle_calls() { return g_recycle_calls; }
 uint64_t sampling_unsited() { return g_unsited.value.load(std::memory_order_relaxed); }
+void sampling_stack_counts(uint64_t* replayed, uint64_t* walked) {
+  *replayed = *walked = 0;
+  // A state's counters go on when another thread takes it over: the sum
+  // covers every thread that ever ran.
+  g_registry.for_each_carved([&](ThreadState& state) {
+    *replayed += __atomic_load_n(&state.trace_cache.replayed, __ATOMIC_RELAXED);
+    *walked += __atomic_load_n(&state.trace_cache.walked, __ATOMIC_RELAXED);
+  });
+}
 
 namespace {
 // Uniform in (0, 1): xorshift64*, seeded from the thread's ordinal (runs

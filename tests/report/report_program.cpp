@@ -17,6 +17,7 @@
 //                calls pthread_getattr_np on itself first (glibc allocates
 //                in there with the thread's lock held), then allocates;
 //                prints the stack sizes it found nonzero
+#include <alloca.h>
 #include <dlfcn.h>
 #include <pthread.h>
 #include <unistd.h>
@@ -124,6 +125,28 @@ int getattr_threads() {
   return 0;
 }
 
+// A frame whose size changes from call to call (alloca, by its rounding of
+// 16 bytes) that calls malloc itself: the frame table cannot replay it (its
+// frame pointer is saved by no callee of the program's: the allocator's
+// frames come next), so libgcc walks each of these stacks.
+__attribute__((noinline)) unsigned long allocate_below_alloca(unsigned words) {
+  auto* scratch = static_cast<volatile unsigned long*>(alloca(words * sizeof(unsigned long)));
+  for (unsigned i = 0; i < words; ++i) scratch[i] = i;
+  void* block = std::malloc(64);
+  std::memset(block, 0, 64);
+  std::free(block);
+  return scratch[words - 1];
+}
+
+// Frames of fixed sizes (the program is built without frame pointers):
+// replayed from what the first walks taught.
+__attribute__((noinline)) unsigned long allocate_in_fixed_frames(unsigned i) {
+  void* block = std::malloc(64 + i % 64);
+  std::memset(block, 0, 64);
+  std::free(block);
+  return i;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -158,6 +181,14 @@ int main(int argc, char** argv) {
     return 0;
   }
   if (std::strcmp(mode, "getattr") == 0) return getattr_threads();
+  if (std::strcmp(mode, "alloca") == 0 || std::strcmp(mode, "fixed-frames") == 0) {
+    const bool varying = std::strcmp(mode, "alloca") == 0;
+    unsigned long sum = 0;
+    for (unsigned i = 0; i < 5000; ++i)
+      sum += varying ? allocate_below_alloca(2 * (1 + i % 37)) : allocate_in_fixed_frames(i);
+    std::printf("%lu\n", sum);
+    return 0;
+  }
   if (std::strcmp(mode, "echo") == 0) {
     for (int i = 2; i < argc; ++i) std::printf("%s\n", argv[i]);
     return 0;

@@ -257,6 +257,21 @@ TEST_F(SitesTest, RecycledCountsTheAllocatingThreadsCallsBetweenMallocAndFree) {
   EXPECT_LE(recycled, freed);
 }
 
+// The program is built with frame pointers (as code of distributions built
+// with -fno-omit-frame-pointer, Rust's standard library or Go): its stacks
+// are replayed from the frame table once libgcc has walked each call site,
+// not walked at every sample.
+TEST_F(SitesTest, StacksOfCodeWithFramePointersAreReplayedNotWalked) {
+  const Json report = run({"patterns", std::to_string(kCount)}, {"HOTPOOL_SAMPLE=1", "HOTPOOL_MODE=profile"});
+  const Json& stacks = report["sampling"]["stacks"];
+  const uint64_t replayed = stacks["replayed"], walked = stacks["walked"];
+  uint64_t sampled = 0;
+  for (const Json& row : report["sites"]) sampled += row["sampled_allocations"].get<uint64_t>();
+  EXPECT_GE(replayed + walked, sampled) << stacks;  // a stack per sampled allocation
+  EXPECT_GT(walked, 0u) << stacks;                  // each call site's first
+  EXPECT_LT(walked * 100, replayed) << stacks;
+}
+
 TEST_F(SitesTest, EverySampledCountEqualsTheExactCount) {
   // HOTPOOL_SAMPLE=1: the sites' sampled allocations add up to the exact
   // per-class counts of those classes' allocations from the patterns.
