@@ -269,9 +269,9 @@ void write_text_sampling(const StatsSnapshot& stats, const SamplingView& view, O
       view.stacks_walked >= 100 && view.stacks_walked * 10 >= stacks) {
     out.str("  ").percent(view.stacks_walked, stacks)
         .str(" of the sampled stacks were walked by libgcc (some 1,000-2,000 instructions a frame), the rest"
-             " replayed from what earlier walks learned; walked are call sites whose frame size changes (alloca,"
-             " variable-length arrays) when they call the allocator themselves or from code without frame"
-             " pointers, signal frames, and code without unwind tables\n");
+             " replayed from what earlier walks learned; walked are stacks other than the threads' own (signal"
+             " handlers' alternate stacks, coroutines), signal frames, code without unwind tables, and frames of"
+             " changing size (alloca) whose frame pointer the replay cannot find\n");
   }
   out.str("  size class  short-lived  recycled  median life  temporary  frame-local  thread-local  cross-thread\n");
   for (unsigned c = 0; c < stats.class_count; ++c) {

@@ -72,14 +72,24 @@ void FrameTable::learn(uintptr_t return_address, uint16_t words) {
     if ((entry & kAddressMask) != return_address) continue;
     const uint16_t known = static_cast<uint16_t>(entry >> 48);
     // A second distance makes the address varying, for good; at a
-    // frame-pointer site, the frame pointer alone is left (replayed when
-    // the frame it called keeps one too).
-    if (known != words && known != kVarying && known != kFramePointer) {
-      const uint16_t merged = frame_pointer(known) && frame_pointer(words) ? kFramePointer : kVarying;
-      __atomic_store_n(&slots_[index], return_address | (uint64_t{merged} << 48), __ATOMIC_RELAXED);
-    } else if (known == kFramePointer && !frame_pointer(words)) {
-      __atomic_store_n(&slots_[index], return_address | (uint64_t{kVarying} << 48), __ATOMIC_RELAXED);
+    // frame-pointer site, the frame pointer alone is left (replayed from
+    // its %rbp). What a walk saw of %rbp adds up.
+    uint16_t merged = known;
+    if (known == words || known == kVarying) {
+      // nothing new
+    } else if (frame_pointer(known) || frame_pointer(words)) {
+      merged = frame_pointer(known) && frame_pointer(words) ? kFramePointer : kVarying;
+    } else if (known != kOutermost && words != kOutermost &&
+               (known & kDistanceMask) == (words & kDistanceMask)) {
+      // The same distance, %rbp seen elsewhere: what was not seen takes
+      // what is; two different places are none.
+      const unsigned seen = rbp_at(words), had = rbp_at(known);
+      const unsigned rbp = had == kRbpUnseen ? seen : seen == kRbpUnseen ? had : kRbpLost;
+      merged = static_cast<uint16_t>((known & ~kRbpMask) | (rbp << kRbpShift));
+    } else {
+      merged = kVarying;
     }
+    if (merged != known) __atomic_store_n(&slots_[index], return_address | (uint64_t{merged} << 48), __ATOMIC_RELAXED);
     return;
   }
   // Every probed slot is taken: not learned (libgcc walks such frames).
@@ -233,8 +243,32 @@ int gcc_frame(void* context, void* arg) {
 }
 }  // namespace
 
-int Unwinder::replay(uintptr_t return_address, uintptr_t cfa, uintptr_t* raw, uintptr_t* cfas, int capacity,
-                     const TraceCache& cache) const {
+namespace {
+// Where the %rbp of frame f of a replay (raw[f], whose callee's CFA is
+// cfas[f]) at its call is, or null if not known: from its callee's table
+// entry (`callee_words`, frame f - 1's): a callee with a frame pointer
+// saved it just below its return address; one without says where it keeps
+// it (a slot of its frame, or in place: then it is the callee's own, found
+// the same way further down); frame 1's is the start frame's.
+const uintptr_t* rbp_of(const uint64_t* table, const UnwindFrame& from, const uintptr_t* raw, const uintptr_t* cfas,
+                        int f, uint16_t callee_words) {
+  if (!kFramePointerAbi) return nullptr;
+  for (;;) {
+    if (f <= 1) return from.rbp_known ? &from.rbp : nullptr;
+    if (FrameTable::frame_pointer(callee_words))
+      return reinterpret_cast<const uintptr_t*>(cfas[f] - 2 * sizeof(uintptr_t));
+    const unsigned at = FrameTable::rbp_at(callee_words);
+    if (at >= FrameTable::kRbpFirstSlot && at <= FrameTable::kRbpLastSlot)
+      return reinterpret_cast<const uintptr_t*>(cfas[f] - at * sizeof(uintptr_t));
+    if (at != FrameTable::kRbpKept) return nullptr;
+    --f;  // the callee's own, as it left it in place
+    callee_words = f > 1 ? FrameTable::lookup(table, raw[f - 1]) : 0;
+  }
+}
+}  // namespace
+
+int Unwinder::replay(const Frame& from, uintptr_t* raw, uintptr_t* cfas, int capacity, const TraceCache& cache) const {
+  uintptr_t cfa = from.cfa;
   if (!replay_ok_.load(std::memory_order_relaxed) || !first_frame_.load(std::memory_order_relaxed)) return -1;
   // Frame 0 is capture() itself, as in libgcc's walks: the same address
   // as theirs (where capture() calls it).
@@ -252,13 +286,12 @@ int Unwinder::replay(uintptr_t return_address, uintptr_t cfa, uintptr_t* raw, ui
   const unsigned cached_count = cache.count;
   const uint64_t* const table = frames_.slots();
   int count = 1;
-  uintptr_t ip = return_address;
+  uintptr_t ip = from.return_address;
   unsigned scan = 0;  // meets()'s one pass over the previous capture's CFAs
-  // Whether the frame below the one being walked (the function `ip`'s
-  // function called) keeps a frame pointer: then it pushed the caller's
-  // %rbp just below its return address. capture()'s own frame and the
-  // start frame's (hotpool's) are taken not to.
-  bool callee_frame_pointer = false;
+  // The table entry of the frame walked before (the callee of the one
+  // being walked): where the latter's %rbp is, looked at only at a
+  // frame-pointer site (see rbp_of), so that other frames pay nothing.
+  uint16_t callee_words = 0;
   for (;;) {
     if (count == capacity) return count;
     raw[count] = ip;
@@ -272,25 +305,24 @@ int Unwinder::replay(uintptr_t return_address, uintptr_t cfa, uintptr_t* raw, ui
     const uint16_t words = FrameTable::lookup(table, ip);
     if (words == FrameTable::kOutermost) return count;
     if (words == FrameTable::kUnknown || words == FrameTable::kVarying) return -1;
-    const bool frame_pointer = words & FrameTable::kFramePointer;  // kOutermost and kVarying are out
+    // (A site without a frame pointer has a distance of at least a word.)
     const uintptr_t distance = static_cast<uintptr_t>(words & FrameTable::kDistanceMask) * sizeof(uintptr_t);
     uintptr_t next_cfa = cfa + distance;
-    if (frame_pointer && callee_frame_pointer) {
-      // This frame's %rbp, its CFA - 16, saved by its callee's prologue
-      // (push %rbp) in the slot below the callee's return address: the
-      // frame's CFA whatever its size. A distance learned too must agree
-      // (else the frame's size varies and libgcc sees what it is now).
-      if (cfa < stack_low + 2 * sizeof(uintptr_t)) return -1;
-      const uintptr_t chained = *reinterpret_cast<const uintptr_t*>(cfa - 2 * sizeof(uintptr_t)) + 2 * sizeof(uintptr_t);
-      if ((distance && chained != next_cfa) || (chained & (sizeof(uintptr_t) - 1))) return -1;
-      next_cfa = chained;
-    } else if (distance == 0) {
-      return -1;  // a frame-pointer site of varying size, called from a function without one
+    if (__builtin_expect(words & FrameTable::kFramePointer, 0)) {  // kOutermost and kVarying are out
+      // The frame's CFA is its %rbp + 16, whatever its size; a distance
+      // learned too must agree (else the frame's size varies, and libgcc
+      // sees what it is now). Without the %rbp, libgcc walks it.
+      const uintptr_t* const rbp_at = rbp_of(table, from, raw, cfas, count - 1, callee_words);
+      if (!rbp_at) return -1;
+      const uintptr_t at_rbp = *rbp_at + 2 * sizeof(uintptr_t);
+      if ((distance && at_rbp != next_cfa) || (at_rbp & (sizeof(uintptr_t) - 1)) || at_rbp <= cfa) return -1;
+      next_cfa = at_rbp;
     }
-    callee_frame_pointer = frame_pointer;
-    // The caller's return address is read from the thread's own stack,
-    // above the current frame, or not at all.
-    if (next_cfa <= cfa || next_cfa > stack_high || next_cfa - sizeof(uintptr_t) < stack_low) return -1;
+    // The caller's return address (and a frame pointer's saved %rbp, below
+    // it) are read from the thread's own stack, above the current frame,
+    // or not at all.
+    if (next_cfa > stack_high || next_cfa - 2 * sizeof(uintptr_t) < stack_low) return -1;
+    callee_words = words;
     ip = *reinterpret_cast<const uintptr_t*>(next_cfa - sizeof(uintptr_t));
     cfa = next_cfa;
     // A null return address ends libgcc's walks, which then mark the frame
@@ -331,8 +363,27 @@ void Unwinder::learn(const uintptr_t* raw, const uintptr_t* cfas, const uintptr_
     const bool usable = cfas[i] && cfas[i + 1] > cfas[i] && distance % sizeof(uintptr_t) == 0 &&
                         distance / sizeof(uintptr_t) <= FrameTable::kMaxDistance;
     const uint16_t words = usable ? static_cast<uint16_t>(distance / sizeof(uintptr_t)) : 0;
+    // Without a frame pointer: where the caller's %rbp is at this call (as
+    // libgcc restored it, where it walked the caller): still in %rbp, or in
+    // one slot below the return address, inside the frame (where the
+    // function saved it, so also while it has not changed it yet). A value
+    // found in two slots (small integers in registers used as variables
+    // are common) tells nothing; found nowhere, it is elsewhere.
+    unsigned rbp_seen = FrameTable::kRbpUnseen;
+    if (kFramePointerAbi && !frame_pointer && usable && i + 1 < walked) {
+      const uintptr_t caller_rbp = rbps[i + 1];
+      unsigned found = 0, slot_k = 0;
+      for (unsigned k = FrameTable::kRbpFirstSlot; k <= FrameTable::kRbpLastSlot; ++k) {
+        const uintptr_t slot = cfas[i + 1] - k * sizeof(uintptr_t);
+        if (slot < cfas[i]) break;
+        if (*reinterpret_cast<const uintptr_t*>(slot) == caller_rbp) ++found, slot_k = k;
+      }
+      if (found == 1) rbp_seen = slot_k;
+      else if (found == 0) rbp_seen = rbps[i] == caller_rbp ? FrameTable::kRbpKept : FrameTable::kRbpLost;
+    }
     frames_.learn(ip, frame_pointer ? static_cast<uint16_t>(FrameTable::kFramePointer | words)
-                                    : usable ? words : FrameTable::kVarying);
+                      : usable      ? static_cast<uint16_t>(words | (rbp_seen << FrameTable::kRbpShift))
+                                    : FrameTable::kVarying);
   }
   if (outermost_reached && walked == got) frames_.learn(raw[got - 1], FrameTable::kOutermost);
 }
@@ -340,7 +391,7 @@ void Unwinder::learn(const uintptr_t* raw, const uintptr_t* cfas, const uintptr_
 // Not inlined: replay() starts from this function's own return address and
 // CFA, which are libgcc's second frame.
 __attribute__((noinline)) bool Unwinder::capture(unsigned depth, CapturedStack* out, TraceCache* cache,
-                                                  Frame start) const {
+                                                  const Frame& start) const {
   out->depth = 0;
   out->cfa = 0;
   if (!ready_) return false;
@@ -377,9 +428,8 @@ __attribute__((noinline)) bool Unwinder::capture(unsigned depth, CapturedStack* 
     // From the caller's start frame if it gave one (its frame lies above
     // this one on the stack), else from this function's caller.
     const bool from_start = start.return_address && start.cfa > own_cfa;
-    got = cached ? replay(from_start ? start.return_address : own_return, from_start ? start.cfa : own_cfa, raw, cfas,
-                          capacity, *cache)
-                 : -1;
+    const Frame own{own_return, own_cfa};
+    got = cached ? replay(from_start ? start : own, raw, cfas, capacity, *cache) : -1;
     int cache_count = got;  // what the cache keeps of this capture
     if (got >= 0) {
       TraceCache::bump(cache->replayed);

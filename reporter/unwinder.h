@@ -72,14 +72,22 @@ bool allocating_frame_active(const uintptr_t* allocation, unsigned allocation_de
 // when a walk sees a second one. A call site in a function that keeps a
 // frame pointer (%rbp = its CFA - 16 there: code built with
 // -fno-omit-frame-pointer, as Rust's standard library, Go and whole
-// distributions are) is marked so too, with its distance while it has
-// one: when the function it called keeps one too, that one saved this
-// frame's %rbp just below its own return address, which gives this
-// frame's CFA whatever its size (see Unwinder::replay). A capture whose
-// every return address is known so is replayed from the table: a hash
-// lookup and a load or two per frame, instead of libgcc's search and
-// interpretation of the unwind tables (some 1,000-2,000 instructions per
-// frame, and a lock shared by every thread on the way). One table per
+// distributions are; in other code, the functions whose frame size varies)
+// is marked so, with its distance while it has one; its CFA is taken from
+// its %rbp, never from the distance alone (a frame of varying size seen
+// once has one distance; replayed with it, a larger frame would read a
+// stale return address). The replay knows a frame's %rbp when the frame
+// below it keeps a frame pointer too (its prologue saved the caller's just
+// below its return address), when the start frame gives it (the
+// allocator's entry), or when the function below keeps no frame pointer
+// but is marked with what it does with its caller's %rbp at that call:
+// leaves it in place, or saved it in one of the slots below its return
+// address (learned from the %rbp libgcc restored for the caller). A
+// capture whose every return address is known so is replayed from the
+// table: a hash lookup and a load or two per frame, instead of libgcc's
+// search and interpretation of the unwind tables (some 1,000-2,000
+// instructions per frame, and a lock shared by every thread on the way).
+// One table per
 // process, lock-free (one 64-bit word per address), in its own mmap'd
 // memory, never freed; emptied when a library is unloaded (hotpool's
 // dlclose), as other code may then be loaded at the same addresses.
@@ -91,12 +99,20 @@ class FrameTable {
   static constexpr uint16_t kOutermost = 0xffff;  // libgcc's walk ended with this frame
   static constexpr uint16_t kVarying = 0xfffe;    // more than one distance seen
   // A frame-pointer call site: this bit, with its distance in the bits
-  // below, or none (0: more than one seen). Distances of either kind stay
-  // below kFramePointer words (256 KiB): a larger frame is kVarying.
+  // below (up to kMaxDistance), or none (0: more than one seen).
   static constexpr uint16_t kFramePointer = 0x8000;
-  static constexpr uint16_t kDistanceMask = 0x7fff;
-  static constexpr uint16_t kMaxDistance = 0x7ffd;  // kFramePointer | it stays below kVarying
+  // Any other call site: its distance in the low bits (up to
+  // kMaxDistance: a larger frame is kVarying), and in kRbpMask where the
+  // caller's %rbp is at that call: kRbpUnseen (no walk told yet), kRbpKept
+  // (still in %rbp), k from kRbpFirstSlot to kRbpLastSlot (saved at
+  // CFA - 8 * k), kRbpLost (elsewhere, or walks disagreed: for good).
+  static constexpr uint16_t kDistanceMask = 0x0fff;  // 32 KiB
+  static constexpr uint16_t kMaxDistance = 0x0fff;
+  static constexpr unsigned kRbpShift = 12;
+  static constexpr uint16_t kRbpMask = 0x7000;
+  static constexpr unsigned kRbpUnseen = 0, kRbpKept = 1, kRbpLost = 7, kRbpFirstSlot = 2, kRbpLastSlot = 6;
   static constexpr bool frame_pointer(uint16_t words) { return (words & kFramePointer) && words < kVarying; }
+  static constexpr unsigned rbp_at(uint16_t words) { return (words & kRbpMask) >> kRbpShift; }
 
   bool init();  // false without memory (every lookup then says kUnknown)
   bool ready() const { return slots_ != nullptr; }
@@ -119,9 +135,9 @@ class FrameTable {
     }
     return kUnknown;
   }
-  // Records what a walk saw (a distance in words, optionally with
-  // kFramePointer, kOutermost or kVarying). A second distance makes a
-  // frame-pointer site kFramePointer alone, any other kVarying.
+  // Records what a walk saw (a distance in words with kFramePointer, or
+  // with what it saw of %rbp, kOutermost or kVarying). A second distance
+  // makes a frame-pointer site kFramePointer alone, any other kVarying.
   void learn(uintptr_t return_address, uint16_t words);
   // Forgets everything (dlclose: other code may be loaded where the
   // unloaded code was). The memory goes back to the OS; a walk running
@@ -133,6 +149,16 @@ class FrameTable {
  private:
   static uint64_t load_slot(const uint64_t* slot) { return __atomic_load_n(slot, __ATOMIC_RELAXED); }
   uint64_t* slots_ = nullptr;
+};
+
+// A frame of the calling thread outside Unwinder::capture()'s own, given as
+// the return address in it and the CFA that comes with it (the callee's);
+// `rbp`, when `rbp_known`: the %rbp of the frame `return_address` returns
+// into, as it was at that call (the allocator's entry reads it there).
+struct UnwindFrame {
+  uintptr_t return_address, cfa;
+  uintptr_t rbp = 0;
+  bool rbp_known = false;
 };
 
 class Unwinder {
@@ -162,10 +188,8 @@ class Unwinder {
   // address in it and its CFA: the replay starts there instead of at
   // capture()'s caller, and the frames in between (hotpool's, skipped
   // anyway) are not walked. A walk by libgcc still starts at capture().
-  struct Frame {
-    uintptr_t return_address, cfa;
-  };
-  bool capture(unsigned depth, CapturedStack* out, TraceCache* cache = nullptr, Frame start = {0, 0}) const;
+  using Frame = UnwindFrame;
+  bool capture(unsigned depth, CapturedStack* out, TraceCache* cache = nullptr, const Frame& start = Frame{}) const;
   const FrameTable& frame_table() const { return frames_; }
   void forget_frames() const { frames_.clear(); }
 
@@ -175,8 +199,7 @@ class Unwinder {
   // the start frame it was given, from the frame table: frames in raw[1..],
   // their CFAs in cfas[1..]; -1 when the table does not know a frame, the
   // first CFA is outside the thread's stack (or replaying is off).
-  int replay(uintptr_t return_address, uintptr_t cfa, uintptr_t* raw, uintptr_t* cfas, int capacity,
-             const TraceCache& cache) const;
+  int replay(const Frame& from, uintptr_t* raw, uintptr_t* cfas, int capacity, const TraceCache& cache) const;
   void learn(const uintptr_t* raw, const uintptr_t* cfas, const uintptr_t* rbps, int walked, int got,
              bool outermost_reached, uintptr_t return_address, uintptr_t cfa) const;
 

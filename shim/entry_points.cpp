@@ -145,15 +145,70 @@ HOTPOOL_ALWAYS_INLINE void* recorded_real_calloc(ThreadState* state, size_t coun
 // and recorded_malloc reach event_malloc by tail jumps, so its return
 // address is the program's call into malloc, and hotpool's frames between
 // the capture and there are not walked. Where a compiler makes calls of
-// them instead, the capture walks those frames as any others.
-#define HOTPOOL_CALLER_FRAME()                                                           \
-  (hotpool::reporter::Unwinder::Frame{reinterpret_cast<uintptr_t>(__builtin_return_address(0)), \
-                                      reinterpret_cast<uintptr_t>(__builtin_dwarf_cfa())})
+// them instead, the capture walks those frames as any others. With the
+// %rbp that frame had at its call (`caller_rbp`, see kEventTrampolines),
+// which a frame of varying size needs to be replayed.
+#define HOTPOOL_CALLER_FRAME()                                                                         \
+  (hotpool::reporter::UnwindFrame{reinterpret_cast<uintptr_t>(__builtin_return_address(0)),           \
+                                  reinterpret_cast<uintptr_t>(__builtin_dwarf_cfa()), caller_rbp, \
+                                  kEventTrampolines})
+
+// The event functions below (event_malloc, event_calloc, event_realloc)
+// are entered through a trampoline of two instructions that passes them,
+// as a fourth argument, %rbp as it is at their entry: when they are
+// reached by tail jumps from the program's call, the calling function's
+// %rbp at its call (the ABI has every function that jumps on restore the
+// callee-saved registers first), else hotpool's caller's (which the
+// replay then takes only through frames known to leave %rbp alone). A
+// compiled function cannot read it reliably: its prologue may have put
+// something else in %rbp first.
+#if defined(__x86_64__)
+constexpr bool kEventTrampolines = true;
+#define HOTPOOL_EVENT_TRAMPOLINE(name)     \
+  asm(".pushsection .text\n"               \
+      ".p2align 4\n"                       \
+      ".globl " #name "\n"                 \
+      ".hidden " #name "\n"                \
+      ".type " #name ", @function\n"       \
+      #name ":\n"                          \
+      ".cfi_startproc\n"                   \
+      "  movq %rbp, %rcx\n"                \
+      "  jmp " #name "_from\n"             \
+      ".cfi_endproc\n"                     \
+      ".size " #name ", .-" #name "\n"     \
+      ".popsection\n")
+// The trampoline (declared outside the anonymous namespace: it is defined
+// in assembly), then the function it enters.
+#define HOTPOOL_EVENT_FUNCTION(name, ...)                                                       \
+  }                                                                                             \
+  void* name(__VA_ARGS__) asm("hotpool_" #name);                                                \
+  namespace {                                                                                   \
+  __attribute__((used)) HOTPOOL_NOINLINE void* name##_from(__VA_ARGS__, uintptr_t caller_rbp) \
+      asm("hotpool_" #name "_from");                                                            \
+  HOTPOOL_EVENT_TRAMPOLINE(hotpool_##name);
+#else
+constexpr bool kEventTrampolines = false;
+#define HOTPOOL_EVENT_FUNCTION(name, ...) HOTPOOL_NOINLINE void* name##_from(__VA_ARGS__, uintptr_t caller_rbp);
+#endif
+HOTPOOL_EVENT_FUNCTION(event_malloc, ThreadState* state, size_t size, unsigned class_plus_one)
+HOTPOOL_EVENT_FUNCTION(event_calloc, ThreadState* state, size_t count, size_t size)
+HOTPOOL_EVENT_FUNCTION(event_realloc, ThreadState* state, void* block, size_t size)
+#if !defined(__x86_64__)
+HOTPOOL_ALWAYS_INLINE void* event_malloc(ThreadState* state, size_t size, unsigned class_plus_one) {
+  return event_malloc_from(state, size, class_plus_one, 0);
+}
+HOTPOOL_ALWAYS_INLINE void* event_calloc(ThreadState* state, size_t count, size_t size) {
+  return event_calloc_from(state, count, size, 0);
+}
+HOTPOOL_ALWAYS_INLINE void* event_realloc(ThreadState* state, void* block, size_t size) {
+  return event_realloc_from(state, block, size, 0);
+}
+#endif
 
 // The allocation that brought the countdown to zero (class_plus_one: its
 // pooled class plus one, or 0): sampled if a sample is due, else served as
 // any other; then the tick if one is due.
-HOTPOOL_NOINLINE void* event_malloc(ThreadState* state, size_t size, unsigned class_plus_one) {
+void* event_malloc_from(ThreadState* state, size_t size, unsigned class_plus_one, uintptr_t caller_rbp) {
   if (g_sampling_by_bytes && by_bytes_skip(*state, size)) {  // by bytes, every allocation comes here
     if (class_plus_one) return pooled_pop(tls, state, size, class_plus_one);
     return recorded_real_malloc(state, size);
@@ -227,7 +282,7 @@ HOTPOOL_NOINLINE void recorded_free(void* block) {
 }
 
 // The calloc that brought the countdown to zero: as event_malloc.
-HOTPOOL_NOINLINE void* event_calloc(ThreadState* state, size_t count, size_t size) {
+void* event_calloc_from(ThreadState* state, size_t count, size_t size, uintptr_t caller_rbp) {
   size_t bytes;
   const bool overflow = __builtin_mul_overflow(count, size, &bytes);
   if (g_sampling_by_bytes && !overflow && by_bytes_skip(*state, bytes))  // as event_malloc
@@ -284,7 +339,12 @@ HOTPOOL_NOINLINE void* event_aligned(ThreadState* state, size_t alignment, size_
   const unsigned event = take_event(*state);
   void* block = nullptr;
   if ((event & kSampleEvent) && alignment)
-    block = sampled_allocate_aligned(*state, size, HOTPOOL_CALLER_FRAME(), alignment, min_usable);
+    // (No trampoline for the template: the frame's %rbp is not known.)
+    block = sampled_allocate_aligned(*state, size,
+                                     hotpool::reporter::UnwindFrame{
+                                         reinterpret_cast<uintptr_t>(__builtin_return_address(0)),
+                                         reinterpret_cast<uintptr_t>(__builtin_dwarf_cfa())},
+                                     alignment, min_usable);
   if (block == nullptr) block = recorded_real_aligned(state, size, real);
   if (event & kTickEvent) tick(*state);
   return block;
@@ -464,7 +524,7 @@ HOTPOOL_ALWAYS_INLINE void* realloc_real(ThreadState* counted, void* block, size
 // not 0): as event_malloc. A sample moves the block into a sampled one (as
 // realloc_sampled: the free of the old block is recorded before the new
 // block's allocation); else the real realloc.
-HOTPOOL_NOINLINE void* event_realloc(ThreadState* state, void* block, size_t size) {
+void* event_realloc_from(ThreadState* state, void* block, size_t size, uintptr_t caller_rbp) {
   if (g_sampling_by_bytes && by_bytes_skip(*state, size)) return realloc_real(state, block, size);
   const unsigned event = take_event(*state);
   void* moved = (event & kSampleEvent) ? sampled_allocate(*state, size, HOTPOOL_CALLER_FRAME()) : nullptr;

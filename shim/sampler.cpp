@@ -134,7 +134,8 @@ unsigned stash_capacity(unsigned region_class) { return g_stash_capacity[region_
 
 // The stack of this call, above hotpool, the C++ runtime and libc; empty
 // while a fork is pending (see the fork gate).
-void capture_stack(reporter::CapturedStack* stack, reporter::Unwinder::Frame start = {0, 0}) {
+void capture_stack(reporter::CapturedStack* stack,
+                   const reporter::Unwinder::Frame& start = reporter::Unwinder::Frame{}) {
   // libunwind may read files: read() is a cancellation point, and malloc
   // is not; and a thread cancelled while counted as unwinding would hold
   // every fork back. So cancellation waits until the capture is done

@@ -20,6 +20,7 @@
 #include <alloca.h>
 #include <dlfcn.h>
 #include <pthread.h>
+#include <signal.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -126,9 +127,8 @@ int getattr_threads() {
 }
 
 // A frame whose size changes from call to call (alloca, by its rounding of
-// 16 bytes) that calls malloc itself: the frame table cannot replay it (its
-// frame pointer is saved by no callee of the program's: the allocator's
-// frames come next), so libgcc walks each of these stacks.
+// 16 bytes) that calls malloc itself: replayed from the %rbp the
+// allocator's entry passes on (no distance fits every call).
 __attribute__((noinline)) unsigned long allocate_below_alloca(unsigned words) {
   auto* scratch = static_cast<volatile unsigned long*>(alloca(words * sizeof(unsigned long)));
   for (unsigned i = 0; i < words; ++i) scratch[i] = i;
@@ -145,6 +145,29 @@ __attribute__((noinline)) unsigned long allocate_in_fixed_frames(unsigned i) {
   std::memset(block, 0, 64);
   std::free(block);
   return i;
+}
+
+// Allocations in a signal handler on an alternate signal stack: stacks
+// outside the thread's own are walked by libgcc, every one.
+void allocate_in_handler(int) {
+  void* block = std::malloc(48);
+  std::memset(block, 0, 48);
+  std::free(block);
+}
+
+int allocate_on_alternate_stack(unsigned signals) {
+  static char alternate[1 << 16];
+  stack_t stack = {};
+  stack.ss_sp = alternate;
+  stack.ss_size = sizeof(alternate);
+  if (sigaltstack(&stack, nullptr) != 0) return 1;
+  struct sigaction action = {};
+  action.sa_handler = allocate_in_handler;
+  action.sa_flags = SA_ONSTACK;
+  if (sigaction(SIGUSR1, &action, nullptr) != 0) return 1;
+  for (unsigned i = 0; i < signals; ++i) raise(SIGUSR1);
+  std::printf("%u signals\n", signals);
+  return 0;
 }
 
 }  // namespace
@@ -189,6 +212,7 @@ int main(int argc, char** argv) {
     std::printf("%lu\n", sum);
     return 0;
   }
+  if (std::strcmp(mode, "signal-stack") == 0) return allocate_on_alternate_stack(3000);
   if (std::strcmp(mode, "echo") == 0) {
     for (int i = 2; i < argc; ++i) std::printf("%s\n", argv[i]);
     return 0;

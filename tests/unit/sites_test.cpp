@@ -719,10 +719,25 @@ TEST(FrameTable, ReplayedCapturesEqualFullUnwinds) {
   EXPECT_GT(replayed_there, 0u);  // the table learned on this thread serves that one
 }
 
+// From the start frame on (the return address into the entry's caller),
+// the cached capture is what libgcc's full walk gives.
+void expect_same_from_start(const Captures& captures, const std::string& what) {
+  unsigned in_full = 0, in_cached = 0;
+  while (in_full < captures.full.depth && captures.full.ips[in_full] != captures.start) ++in_full;
+  while (in_cached < captures.cached.depth && captures.cached.ips[in_cached] != captures.start) ++in_cached;
+  ASSERT_LT(in_full, captures.full.depth) << what;
+  ASSERT_LT(in_cached, captures.cached.depth) << what;
+  const unsigned compared = std::min(captures.full.depth - in_full, captures.cached.depth - in_cached);
+  EXPECT_GE(compared, 8u) << what;
+  for (unsigned i = 0; i < compared; ++i)
+    ASSERT_EQ(captures.cached.ips[in_cached + i], captures.full.ips[in_full + i]) << "frame " << i << ", " << what;
+}
+
 // Code built with frame pointers: its frames are replayed too, also those
-// whose size varies (alloca), from the %rbp each one's callee saved.
-// Every capture equals a full unwind; once the table has seen a frame of
-// each kind, none is walked by libgcc any more.
+// whose size varies (alloca), from the %rbp each one's callee saved, and
+// the first from the %rbp the start frame gives (as the allocator's entry
+// does). Every capture equals a full unwind; once the table has seen a
+// frame of each kind, none is walked by libgcc any more.
 TEST(FrameTable, FramePointerFramesAreReplayedWhateverTheirSize) {
   Unwinder unwinder;
   ASSERT_TRUE(unwinder.load(false));
@@ -735,9 +750,8 @@ TEST(FrameTable, FramePointerFramesAreReplayedWhateverTheirSize) {
       for (size_t bytes : {0u, 16u, 4096u, 100u, 0u, 2000u, 48u}) {
         Captures captures;
         cache->count = 0;  // no rejoining the previous capture: replayed or walked in full
-        frame_pointer_recurse_and_capture(unwinder, *cache, depth, bytes, 24, captures);
-        expect_same(captures.full, captures.cached, depth);
-        EXPECT_GE(captures.cached.depth, std::min(depth + 3, 24u)) << "recursion " << depth << ", " << bytes << " bytes";
+        frame_pointer_recurse_and_capture(unwinder, *cache, depth, bytes, 24, /*give_rbp=*/true, captures);
+        expect_same_from_start(captures, std::to_string(depth) + " deep, " + std::to_string(bytes) + " bytes");
         captures_in_last_round += round == 2;
       }
     }
@@ -745,6 +759,29 @@ TEST(FrameTable, FramePointerFramesAreReplayedWhateverTheirSize) {
 #if defined(__x86_64__)
   EXPECT_EQ(cache->replayed - replayed_before_last_round, captures_in_last_round) << "walked " << cache->walked;
 #endif
+}
+
+// A frame of varying size whose %rbp the replay does not know (its callee
+// keeps no frame pointer and the start frame does not give it) is walked by
+// libgcc at every size, never replayed with a distance seen before: at
+// another size, that distance points into the frame's stack buffer, where
+// a stale return address may lie (the stack would be a wrong one).
+TEST(FrameTable, AFrameOfVaryingSizeWithoutItsFramePointerIsWalkedNotReplayedAtAStaleDistance) {
+  Unwinder unwinder;
+  ASSERT_TRUE(unwinder.load(false));
+  auto cache = thread_cache();
+  for (int round = 0; round < 3; ++round) {
+    for (size_t bytes : {16u, 624u, 16u, 4096u, 48u}) {
+      Captures captures;
+      cache->count = 0;
+      const uint64_t walked_before = cache->walked;
+      frame_pointer_recurse_and_capture(unwinder, *cache, 3, bytes, 24, /*give_rbp=*/false, captures);
+      expect_same_from_start(captures, std::to_string(bytes) + " bytes, round " + std::to_string(round));
+#if defined(__x86_64__)
+      EXPECT_EQ(cache->walked, walked_before + 1) << bytes << " bytes, round " << round;
+#endif
+    }
+  }
 }
 
 // A capture may start at a frame above its caller's (the allocator's entry
