@@ -614,6 +614,17 @@ __attribute__((noinline)) unsigned recurse_and_capture(const Unwinder& unwinder,
   return below + 1;
 }
 
+// The ASan build (CMakeLists.txt) keeps frame pointers everywhere: a frame
+// with one is replayed only from its %rbp, which a capture without a start
+// frame giving it (these tests' own frames calling capture()) does not
+// know, so those captures are walked by libgcc there, and only their
+// equality with a full unwind is checked.
+#if defined(__SANITIZE_ADDRESS__)
+constexpr bool kBuiltWithFramePointers = true;
+#else
+constexpr bool kBuiltWithFramePointers = false;
+#endif
+
 // Frames 0 and 1 are inside Unwinder::capture and at its call (the
 // compiler may duplicate either): the stacks are compared from frame 2.
 void expect_same(const CapturedStack& a, const CapturedStack& b, unsigned depth) {
@@ -687,7 +698,9 @@ TEST(FrameTable, ReplayedCapturesEqualFullUnwinds) {
       expect_same(captures.full, captures.cached, static_cast<unsigned>(bytes));
     }
   }
-  EXPECT_GT(cache->replayed, 20u) << "walked " << cache->walked;
+  if (!kBuiltWithFramePointers) {
+    EXPECT_GT(cache->replayed, 20u) << "walked " << cache->walked;
+  }
   EXPECT_GT(cache->walked, 0u);
   EXPECT_GT(unwinder.frame_table().size(), 5u);
 
@@ -716,7 +729,9 @@ TEST(FrameTable, ReplayedCapturesEqualFullUnwinds) {
     replayed_there = own->replayed;
   });
   other.join();
-  EXPECT_GT(replayed_there, 0u);  // the table learned on this thread serves that one
+  if (!kBuiltWithFramePointers) {
+    EXPECT_GT(replayed_there, 0u);  // the table learned on this thread serves that one
+  }
 }
 
 // From the start frame on (the return address into the entry's caller),
@@ -837,7 +852,9 @@ TEST(TraceCache, ACaptureFromAStartFrameEqualsAFullUnwindFromThere) {
             << "frame " << i << " from the start, recursion " << depth;
     }
   }
-  EXPECT_GT(from_start, 0u);
+  if (!kBuiltWithFramePointers) {
+    EXPECT_GT(from_start, 0u);
+  }
 }
 
 // A capture in a signal handler on an alternate stack: libgcc walks it
