@@ -781,7 +781,7 @@ TEST(FrameTable, FramePointerFramesAreReplayedWhateverTheirSize) {
 // libgcc at every size, never replayed with a distance seen before: at
 // another size, that distance points into the frame's stack buffer, where
 // a stale return address may lie (the stack would be a wrong one).
-TEST(FrameTable, AFrameOfVaryingSizeWithoutItsFramePointerIsWalkedNotReplayedAtAStaleDistance) {
+TEST(FrameTable, AFrameOfVaryingSizeWhoseRbpIsNotKnownIsWalkedNeverReplayedAtAStaleDistance) {
   Unwinder unwinder;
   ASSERT_TRUE(unwinder.load(false));
   auto cache = thread_cache();
