@@ -219,12 +219,26 @@ TEST_F(ReportTest, TheReportCountsStacksReplayedAndWalkedAndSaysWhenWalksDominat
   for (const char* mode : {"fixed-frames", "alloca"}) {
     const RunResult result = run_program({mode}, {"HOTPOOL_MODE=profile", "HOTPOOL_SAMPLE=1", json});
     ASSERT_EQ(result.status, 0) << result.err;
-    const nlohmann::json stacks = only_json_report()["sampling"]["stacks"];
+    const nlohmann::json report = only_json_report();
+    const nlohmann::json stacks = report["sampling"]["stacks"];
     const uint64_t replayed = stacks["replayed"], walked = stacks["walked"];
     EXPECT_GE(replayed + walked, 5000u) << mode << " " << stacks;  // a stack per sampled allocation
     EXPECT_GT(walked, 0u) << mode << " " << stacks;                // each call site's first
     EXPECT_LT(walked * 100, replayed) << mode << " " << stacks;
-    for (const fs::path& report : reports()) fs::remove(report);
+    // And every replayed stack is the right one: all 5000 allocations of
+    // the allocating function are one site, called from main (a stack
+    // replayed at a wrong place would be another site).
+    const char* allocating = std::strcmp(mode, "alloca") == 0 ? "allocate_below_alloca" : "allocate_in_fixed_frames";
+    uint64_t from_main = 0, elsewhere = 0;
+    for (const auto& site : report["sites"]) {
+      const nlohmann::json& frames = site["frames"];
+      if (frames.empty() || frames[0]["function"].get<std::string>().find(allocating) == std::string::npos) continue;
+      const bool called_from_main = frames.size() > 1 && frames[1]["function"] == "main";
+      (called_from_main ? from_main : elsewhere) += site["sampled_allocations"].get<uint64_t>();
+    }
+    EXPECT_EQ(from_main, 5000u) << mode;
+    EXPECT_EQ(elsewhere, 0u) << mode;
+    for (const fs::path& path : reports()) fs::remove(path);
   }
   {
     const RunResult result = run_program({"signal-stack"}, {"HOTPOOL_MODE=profile", "HOTPOOL_SAMPLE=1", json});
