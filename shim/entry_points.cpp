@@ -146,20 +146,21 @@ HOTPOOL_ALWAYS_INLINE void* recorded_real_calloc(ThreadState* state, size_t coun
 // address is the program's call into malloc, and hotpool's frames between
 // the capture and there are not walked. Where a compiler makes calls of
 // them instead, the capture walks those frames as any others. With the
-// %rbp that frame had at its call (`caller_rbp`, see kEventTrampolines),
-// which a frame of varying size needs to be replayed.
-#define HOTPOOL_CALLER_FRAME()                                                                         \
+// %rbp that frame had at its call when known (`caller_rbp`, see
+// kEventTrampolines): a frame-pointer frame is replayed only from it.
+#define HOTPOOL_CALLER_FRAME_WITH(rbp, rbp_known)                                                     \
   (hotpool::reporter::UnwindFrame{reinterpret_cast<uintptr_t>(__builtin_return_address(0)),           \
-                                  reinterpret_cast<uintptr_t>(__builtin_dwarf_cfa()), caller_rbp, \
-                                  kEventTrampolines})
+                                  reinterpret_cast<uintptr_t>(__builtin_dwarf_cfa()), rbp, rbp_known})
+#define HOTPOOL_CALLER_FRAME() HOTPOOL_CALLER_FRAME_WITH(caller_rbp, kEventTrampolines)
 
 // The event functions below (event_malloc, event_calloc, event_realloc)
 // are entered through a trampoline of two instructions that passes them,
 // as a fourth argument, %rbp as it is at their entry: when they are
 // reached by tail jumps from the program's call, the calling function's
 // %rbp at its call (the ABI has every function that jumps on restore the
-// callee-saved registers first), else hotpool's caller's (which the
-// replay then takes only through frames known to leave %rbp alone). A
+// callee-saved registers first), else that of hotpool's function that
+// called (which the replay then carries up only through frames whose table
+// entry says where they keep their caller's, see FrameTable). A
 // compiled function cannot read it reliably: its prologue may have put
 // something else in %rbp first.
 #if defined(__x86_64__)
@@ -340,11 +341,7 @@ HOTPOOL_NOINLINE void* event_aligned(ThreadState* state, size_t alignment, size_
   void* block = nullptr;
   if ((event & kSampleEvent) && alignment)
     // (No trampoline for the template: the frame's %rbp is not known.)
-    block = sampled_allocate_aligned(*state, size,
-                                     hotpool::reporter::UnwindFrame{
-                                         reinterpret_cast<uintptr_t>(__builtin_return_address(0)),
-                                         reinterpret_cast<uintptr_t>(__builtin_dwarf_cfa())},
-                                     alignment, min_usable);
+    block = sampled_allocate_aligned(*state, size, HOTPOOL_CALLER_FRAME_WITH(0, false), alignment, min_usable);
   if (block == nullptr) block = recorded_real_aligned(state, size, real);
   if (event & kTickEvent) tick(*state);
   return block;
