@@ -159,7 +159,8 @@ void SiteStats::add_allocs(uint64_t count, uint64_t total_bytes, uint64_t min, u
   raise(max_size, max);
 }
 
-void PendingSamples::attach(StackDepot* depot, LifetimeStats* class_lifetimes, bool asymmetric) {
+void PendingSamples::attach(StackDepot* depot, LifetimeStats* class_lifetimes, bool asymmetric, bool sparse) {
+  shift_ = 32 - (sparse ? kSparseEntriesLog2 : kEntriesLog2);
   depot_ = depot;
   class_lifetimes_ = class_lifetimes;
   asymmetric_ = asymmetric;
@@ -211,7 +212,9 @@ void PendingSamples::add_free(uint32_t site, unsigned size_class, uint64_t lifet
 }
 
 void PendingSamples::merge(Entry& slot) {
-  if (slot.key != 0 && depot_) {
+  // An empty entry is all zeros: left unwritten (its page stays untouched).
+  if (slot.key == 0) return;
+  if (depot_) {
     SiteStats& stats = depot_->site(slot.key);
     if (slot.allocs) stats.add_allocs(slot.allocs, slot.bytes, slot.min_size, slot.max_size, slot.weight);
     stats.lifetimes.merge(slot.life);
@@ -223,7 +226,9 @@ void PendingSamples::merge(Entry& slot) {
 
 void PendingSamples::flush_locked() {
   events_ = 0;
-  for (Entry& slot : entries_) {
+  for (unsigned i = 0, used = 1u << (32 - shift_); i < used; ++i) {
+    Entry& slot = entries_[i];
+    if (slot.key == 0) continue;  // empty: left unwritten
     merge(slot);
     slot.key = 0;
   }

@@ -234,6 +234,9 @@ class PendingSamples {
  public:
   static constexpr unsigned kEntriesLog2 = 7;
   static constexpr unsigned kEntries = 1u << kEntriesLog2;
+  // Sparse samples (see attach) use the first entries only: a site's
+  // entry is evicted more often then, rarely enough not to show.
+  static constexpr unsigned kSparseEntriesLog2 = 4;
   static constexpr uint32_t kFlushEvents = 8192;
 
   struct Entry {
@@ -245,7 +248,11 @@ class PendingSamples {
 
   // The shared statistics the counts go to (null: none), and the protocol
   // (asymmetric: fence.h's handshake, set up already; else a try-lock).
-  void attach(StackDepot* depot, LifetimeStats* class_lifetimes, bool asymmetric);
+  // sparse: samples are few (1 in 16 allocations or fewer), and the table
+  // uses 1 << kSparseEntriesLog2 entries, 4 KiB: the whole table, hashed
+  // into by site, made every page of a thread's 28 KiB resident. Only
+  // while the table is empty (a thread attaching, or before its first sample).
+  void attach(StackDepot* depot, LifetimeStats* class_lifetimes, bool asymmetric, bool sparse = false);
 
   // The owner's section: false when it cannot count here now (a flush is
   // running, or this is a signal handler inside the owner's own section).
@@ -294,7 +301,7 @@ class PendingSamples {
 
  private:
   // Fibonacci hashing: consecutive site ids spread out.
-  static unsigned slot_of(uint32_t key) { return (key * 0x9e3779b1u) >> (32 - kEntriesLog2); }
+  unsigned slot_of(uint32_t key) const { return (key * 0x9e3779b1u) >> shift_; }
   Entry& entry(uint32_t key);
   __attribute__((noinline)) void add_alloc_to_new(uint32_t site, uint64_t size);
   void merge(Entry& entry);
@@ -316,6 +323,7 @@ class PendingSamples {
   std::atomic<bool> flush_requested_{false};  // a flusher wants in
   std::atomic<bool> flusher_{false};          // one flusher at a time
   uint32_t events_ = 0;
+  unsigned shift_ = 32 - kEntriesLog2;  // slot_of's: 32 - log2 of the entries in use
   StackDepot* depot_ = nullptr;
   LifetimeStats* class_lifetimes_ = nullptr;
   Entry entries_[kEntries] = {};

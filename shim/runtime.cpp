@@ -274,7 +274,7 @@ void boot_at_load() {
   if (start_sampling(guard) && tls.state) {
     // This thread attached before sampling began: its pending counts take
     // the protocol sampling set up (no other thread uses them yet).
-    tls.state->pending.attach(&g_stack_depot, g_class_lifetimes, reporter::asymmetric_fences());
+    tls.state->pending.attach(&g_stack_depot, g_class_lifetimes, reporter::asymmetric_fences(), sampling_sparse());
     tls.state->sample_left = next_sample_interval(*tls.state);
     arm_countdown(*tls.state);
     tls.state->stack_probed = false;
@@ -410,7 +410,7 @@ static ThreadState* attach_thread(const ReentryGuard& guard) {
   state->trace_cache.stack_low = state->trace_cache.stack_high = 0;
   for (SampleStash& stash : state->sample_stash)
     if (stash.count) stash.count = 0;  // emptied when the state was given back (written only if not: see reporter::clear)
-  state->pending.attach(&g_stack_depot, g_class_lifetimes, reporter::asymmetric_fences());
+  state->pending.attach(&g_stack_depot, g_class_lifetimes, reporter::asymmetric_fences(), sampling_sparse());
   state->memo_busy = false;  // the memo's sites stay valid: a stack's site is the same in every thread
   state->stack_probed = false;  // looked for at the first sample
   state->countdown = state->window = state->alloc_base = 0;

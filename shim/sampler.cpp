@@ -113,21 +113,25 @@ uint64_t now_ns() { return g_clock.now_ns(); }
 
 // Blocks a thread keeps per sample-region class: up to 64 KiB of them
 // when samples are dense (1 in 16 allocations or more, or by bytes 1 in
-// 4 KiB or more), where a trip to the depot per sample would show; 4 KiB
-// otherwise, where a stash mostly costs memory (demo_server at the default
-// 1 in 512: 0.1 MiB less peak RSS, of 4.4 MiB); SampleStash::kSlots
-// blocks at most, one at least.
+// 4 KiB or more), where a trip to the depot per sample would show
+// (SampleStash::kSlots blocks at most, one at least); none otherwise:
+// a sparse sample then takes its block from the depot and gives it back
+// there (a lock, some 100 instructions, once per hundreds of allocations),
+// so that the region holds about the live samples. A stash of 4 KiB per
+// class and thread (refilled by halves) kept 3.6 MiB of the region
+// resident for 12 live samples in a program of 100 threads at 1 in 512.
 // Computed once (start_sampling): a sample's allocation and its free each
 // ask, and a division per ask was 1% of a sample's instructions.
 constinit uint8_t g_stash_capacity[reporter::kMaxClasses] = {};
 static_assert(SampleStash::kSlots <= UINT8_MAX, "a stash's capacity fits a byte");
 void init_stash_capacities() {
-  const bool dense = g_rate ? g_rate <= 16 : g_mean_bytes <= 4096;
-  const size_t bytes = dense ? size_t{64} << 10 : size_t{4} << 10;
+  const bool dense = !sampling_sparse();
+  constexpr size_t kDenseBytes = size_t{64} << 10;
   for (unsigned c = 0; c < g_sample_classes.count() && c < reporter::kMaxClasses; ++c) {
     const size_t size = g_sample_classes.class_size(c);
-    const size_t blocks = size ? bytes / size : 1;
-    g_stash_capacity[c] = static_cast<uint8_t>(blocks >= SampleStash::kSlots ? SampleStash::kSlots : blocks ? blocks : 1);
+    const size_t blocks = size ? kDenseBytes / size : 1;
+    g_stash_capacity[c] =
+        dense ? static_cast<uint8_t>(blocks >= SampleStash::kSlots ? SampleStash::kSlots : blocks ? blocks : 1) : 0;
   }
 }
 unsigned stash_capacity(unsigned region_class) { return g_stash_capacity[region_class]; }
@@ -357,6 +361,7 @@ void move_to_high_descriptors(int fds[2]) {
 }
 
 bool sampling_active() { return g_active; }
+bool sampling_sparse() { return g_rate ? g_rate > 16 : g_mean_bytes > 4096; }
 uint64_t sampling_rate() { return g_rate; }
 uint64_t sampling_mean_bytes() { return g_mean_bytes; }
 uint64_t sampling_short_ns() { return g_short_ns; }
@@ -481,19 +486,26 @@ HOTPOOL_ALWAYS_INLINE void* allocate_sampled(ThreadState& state, size_t size, re
   void* raw = nullptr;
   {
     ReentryGuard guard;  // the depot's lock: see pooled_malloc_refill
+    const unsigned capacity = stash_capacity(region_class);
     SampleStash& stash = state.sample_stash[region_class];
-    if (stash.count == 0) {
+    if (capacity == 0) {  // no stash (sparse samples): a block of the depot's, the stash left untouched
       if (!depot.ready()) return nullptr;
-      // Half the stash's room (at least one block), the stash's count
-      // with the depot under its lock (a fork() then sees both or neither).
-      const unsigned want = stash_capacity(region_class) / 2 + 1;
       recycler::SpinLockGuard lock(depot.lock(), recycler::kNoCancellationPoint);
-      stash.count = depot.refill_locked(stash.slots, want, 0);
-      if (stash.count == 0) return nullptr;
+      if (depot.refill_locked(&raw, 1, 0) == 0) return nullptr;
+    } else {
+      if (stash.count == 0) {
+        if (!depot.ready()) return nullptr;
+        // Half the stash's room (at least one block), the stash's count
+        // with the depot under its lock (a fork() then sees both or neither).
+        const unsigned want = capacity / 2 + 1;
+        recycler::SpinLockGuard lock(depot.lock(), recycler::kNoCancellationPoint);
+        stash.count = depot.refill_locked(stash.slots, want, 0);
+        if (stash.count == 0) return nullptr;
+      }
+      raw = stash.slots[stash.count - 1];
+      asm volatile("" ::: "memory");
+      --stash.count;
     }
-    raw = stash.slots[stash.count - 1];
-    asm volatile("" ::: "memory");
-    --stash.count;
   }
   reporter::CapturedStack stack;
   capture_stack(&stack, entry);
@@ -708,6 +720,12 @@ void release_sampled(void* block, RegionBlock region_block) {
   if (nested) return defer_free(*state, block);
   SampleStash& stash = state->sample_stash[region_class];
   const unsigned capacity = stash_capacity(region_class);
+  if (capacity == 0) {  // no stash (sparse samples): straight back to the depot
+    recycler::ClassDepot& depot = g_sample_region.depot(region_class);
+    recycler::SpinLockGuard lock(depot.lock(), recycler::kNoCancellationPoint);
+    depot.drain_locked(&raw, 1, now_ns());
+    return;
+  }
   if (stash.count >= capacity) {
     // Full: the older blocks back to the depot, with the count (as a refill).
     const unsigned keep = capacity / 2;
