@@ -60,7 +60,16 @@ void* Recycler::allocate_slow(ThreadCache& cache, unsigned size_class) {
   if (bin.capacity == 0) size_bin(cache, size_class);
   else note_trip(cache, size_class, kRefillTrip);
   // Refill half the bin: the other half is room for frees before a drain.
-  const unsigned want = bin.capacity / 2 ? bin.capacity / 2 : 1;
+  // Slow start: a bin's first refills bring 4, 8, 16, ... blocks, so that a
+  // thread that uses a class little holds few of its blocks idle (100
+  // threads using 25 classes each held 18 MiB of free blocks with refills
+  // of 31 from the start); one that uses it much is at half the bin after
+  // a few trips.
+  uint8_t& fills = cache.counters[size_class].fills;
+  const unsigned ramp = kFirstRefill << fills;
+  if (fills < kRampSteps) ++fills;
+  unsigned want = bin.capacity / 2 ? bin.capacity / 2 : 1;
+  if (want > ramp) want = ramp;
   ClassDepot& depot = region_.depot(size_class);
   unsigned got;
   {
@@ -219,6 +228,7 @@ void Recycler::unsize_bins(ThreadCache& cache) {
   for_each_sized_bin(cache, [&](unsigned c) {
     cache.bins[c].capacity = 0;
     cache.counters[c].last_trip = kNoTrip;
+    cache.counters[c].fills = 0;
   });
   if (cache.grown_bytes) cache.grown_bytes = 0;
   for (uint64_t& word : cache.sized)

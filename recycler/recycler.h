@@ -55,6 +55,9 @@ struct BinCounters {
   // drain, or a drain after a refill, says the class's working set is
   // larger than the bin, which then grows (Recycler::note_trip).
   uint8_t last_trip;
+  // Refills since the bin was sized, up to kRampSteps: the first ones bring
+  // fewer blocks (Recycler::allocate_slow).
+  uint8_t fills;
 };
 
 struct ThreadCache {
@@ -223,6 +226,12 @@ class Recycler {
 
   PoolRegion& region() { return region_; }
   const RecyclerConfig& config() const { return config_; }
+
+  // The slow start of refills (allocate_slow): kFirstRefill blocks, doubling
+  // with each refill for kRampSteps refills (past half of the largest bin),
+  // never more than half the bin.
+  static constexpr unsigned kFirstRefill = 4;
+  static constexpr uint8_t kRampSteps = 4;
 
  private:
   // A block carrying its free marker: abort if this thread's cache or the

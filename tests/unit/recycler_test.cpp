@@ -95,7 +95,7 @@ TEST_F(RecyclerTest, CacheIsLifoAndRefillsAndDrainsInHalves) {
   void* a = recycler_->allocate(*cache_, c);
   const Bin& bin = cache_->bins[c];
   EXPECT_EQ(bin.capacity, 1024u / 48);  // cache_bytes / size, at most kBinSlots
-  EXPECT_EQ(bin.count, bin.capacity / 2 - 1) << "a refill brings half the capacity";
+  EXPECT_EQ(bin.count, Recycler::kFirstRefill - 1) << "a first refill brings 4 blocks (slow start)";
   EXPECT_EQ(cache_->counters[c].refills.load(), 1u);
   recycler_->deallocate(*cache_, a);
   EXPECT_EQ(recycler_->allocate(*cache_, c), a) << "LIFO: the last freed block comes back first";
@@ -107,6 +107,26 @@ TEST_F(RecyclerTest, CacheIsLifoAndRefillsAndDrainsInHalves) {
   EXPECT_GE(cache_->counters[c].drains.load(), 1u);
   EXPECT_LE(bin.count, bin.capacity);
   EXPECT_GT(depot(48).counters().depot_free_bytes.load(), depot_before);
+}
+
+TEST_F(RecyclerTest, ABinsFirstRefillsStartSmallAndDoubleUpToHalfTheBin) {
+  build(true, 64 * 1024);  // 16-byte blocks: kBinSlots to a bin
+  const unsigned c = cls(16);
+  const Bin& bin = cache_->bins[c];
+  // Each refill when the bin is empty: 4, 8, 16 blocks, then half the bin.
+  const unsigned expected[] = {4, 8, 16, kBinSlots / 2, kBinSlots / 2};
+  for (const unsigned refill : expected) {
+    ASSERT_NE(recycler_->allocate(*cache_, c), nullptr);
+    EXPECT_EQ(bin.capacity, kBinSlots);
+    EXPECT_EQ(bin.count, refill - 1) << "the refill brought " << refill << " blocks";
+    for (unsigned i = 1; i < refill; ++i) ASSERT_NE(recycler_->allocate(*cache_, c), nullptr);
+    EXPECT_EQ(bin.count, 0u);
+  }
+  EXPECT_EQ(cache_->counters[c].refills.load(), 5u);
+  // A flush (thread exit) starts the next thread slowly again.
+  recycler_->flush(*cache_);
+  ASSERT_NE(recycler_->allocate(*cache_, c), nullptr);
+  EXPECT_EQ(bin.count, Recycler::kFirstRefill - 1);
 }
 
 // One round of a batch: `count` blocks of class c allocated, then freed
