@@ -486,25 +486,28 @@ HOTPOOL_ALWAYS_INLINE void* allocate_sampled(ThreadState& state, size_t size, re
   void* raw = nullptr;
   {
     ReentryGuard guard;  // the depot's lock: see pooled_malloc_refill
-    const unsigned capacity = stash_capacity(region_class);
     SampleStash& stash = state.sample_stash[region_class];
-    if (capacity == 0) {  // no stash (sparse samples): a block of the depot's, the stash left untouched
-      if (!depot.ready()) return nullptr;
-      recycler::SpinLockGuard lock(depot.lock(), recycler::kNoCancellationPoint);
-      if (depot.refill_locked(&raw, 1, 0) == 0) return nullptr;
-    } else {
-      if (stash.count == 0) {
-        if (!depot.ready()) return nullptr;
-        // Half the stash's room (at least one block), the stash's count
-        // with the depot under its lock (a fork() then sees both or neither).
-        const unsigned want = capacity / 2 + 1;
-        recycler::SpinLockGuard lock(depot.lock(), recycler::kNoCancellationPoint);
-        stash.count = depot.refill_locked(stash.slots, want, 0);
-        if (stash.count == 0) return nullptr;
-      }
+    if (HOTPOOL_LIKELY(stash.count != 0)) {
       raw = stash.slots[stash.count - 1];
       asm volatile("" ::: "memory");
       --stash.count;
+    } else {
+      if (!depot.ready()) return nullptr;
+      const unsigned capacity = stash_capacity(region_class);
+      recycler::SpinLockGuard lock(depot.lock(), recycler::kNoCancellationPoint);
+      if (capacity == 0) {
+        // No stash (sparse samples): a block of the depot's (the stash's
+        // count was only read: its page stays untouched).
+        if (depot.refill_locked(&raw, 1, 0) == 0) return nullptr;
+      } else {
+        // Half the stash's room (at least one block), the stash's count
+        // with the depot under its lock (a fork() then sees both or neither).
+        stash.count = depot.refill_locked(stash.slots, capacity / 2 + 1, 0);
+        if (stash.count == 0) return nullptr;
+        raw = stash.slots[stash.count - 1];
+        asm volatile("" ::: "memory");
+        --stash.count;
+      }
     }
   }
   reporter::CapturedStack stack;
@@ -720,17 +723,13 @@ void release_sampled(void* block, RegionBlock region_block) {
   if (nested) return defer_free(*state, block);
   SampleStash& stash = state->sample_stash[region_class];
   const unsigned capacity = stash_capacity(region_class);
-  if (capacity == 0) {  // no stash (sparse samples): straight back to the depot
+  if (stash.count >= capacity) {
     recycler::ClassDepot& depot = g_sample_region.depot(region_class);
     recycler::SpinLockGuard lock(depot.lock(), recycler::kNoCancellationPoint);
-    depot.drain_locked(&raw, 1, now_ns());
-    return;
-  }
-  if (stash.count >= capacity) {
+    // No stash (sparse samples): straight back to the depot.
+    if (capacity == 0) return depot.drain_locked(&raw, 1, now_ns());
     // Full: the older blocks back to the depot, with the count (as a refill).
     const unsigned keep = capacity / 2;
-    recycler::ClassDepot& depot = g_sample_region.depot(region_class);
-    recycler::SpinLockGuard lock(depot.lock(), recycler::kNoCancellationPoint);
     depot.drain_locked(stash.slots, stash.count - keep, now_ns());
     for (unsigned i = 0; i < keep; ++i) stash.slots[i] = stash.slots[stash.count - keep + i];
     stash.count = keep;
