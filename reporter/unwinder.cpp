@@ -50,23 +50,28 @@ bool module_range_named(const char* name, uintptr_t range[2]) {
 }
 
 bool FrameTable::init() {
-  if (slots_) return true;
-  void* memory = mmap(nullptr, kSlots * sizeof(uint64_t), PROT_READ | PROT_WRITE,
+  if (ready()) return true;
+  constexpr size_t kSmallBytes = (size_t{1} << kSmallLog2) * sizeof(uint64_t);
+  constexpr size_t kLargeBytes = (size_t{1} << kLargeLog2) * sizeof(uint64_t);
+  void* memory = mmap(nullptr, kSmallBytes + kLargeBytes, PROT_READ | PROT_WRITE,
                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (memory == MAP_FAILED) return false;
-  slots_ = static_cast<uint64_t*>(memory);
+  small_ = static_cast<uint64_t*>(memory);
+  large_ = small_ + (size_t{1} << kSmallLog2);
+  current_.store(reinterpret_cast<uintptr_t>(small_) | (uint64_t{(1u << kSmallLog2) - 1} << 48), std::memory_order_release);
   return true;
 }
 
-void FrameTable::learn(uintptr_t return_address, uint16_t words) {
-  if (!slots_ || return_address == 0 || (return_address & ~kAddressMask) || words == kUnknown) return;
+bool FrameTable::learn_in(View table, uintptr_t return_address, uint16_t words) {
+  auto* const slots = const_cast<uint64_t*>(table.slots);  // the table's own: writable
   const uint64_t wanted = return_address | (static_cast<uint64_t>(words) << 48);
-  unsigned index = first_slot(return_address);
-  for (unsigned probe = 0; probe < kProbes; ++probe, index = (index + 1) & (kSlots - 1)) {
-    uint64_t entry = load_slot(&slots_[index]);
+  const unsigned mask = table.mask;
+  unsigned index = first_slot(return_address) & mask;
+  for (unsigned probe = 0; probe < kProbes; ++probe, index = (index + 1) & mask) {
+    uint64_t entry = load_slot(&slots[index]);
     if (entry == 0) {
-      if (__atomic_compare_exchange_n(&slots_[index], &entry, wanted, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED))
-        return;
+      if (__atomic_compare_exchange_n(&slots[index], &entry, wanted, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+        return true;
       // Another thread took the slot meanwhile: entry is what it stored.
     }
     if ((entry & kAddressMask) != return_address) continue;
@@ -89,19 +94,47 @@ void FrameTable::learn(uintptr_t return_address, uint16_t words) {
     } else {
       merged = kVarying;
     }
-    if (merged != known) __atomic_store_n(&slots_[index], return_address | (uint64_t{merged} << 48), __ATOMIC_RELAXED);
-    return;
+    if (merged != known) __atomic_store_n(&slots[index], return_address | (uint64_t{merged} << 48), __ATOMIC_RELAXED);
+    return false;
   }
   // Every probed slot is taken: not learned (libgcc walks such frames).
+  return false;
+}
+
+void FrameTable::learn(uintptr_t return_address, uint16_t words) {
+  if (return_address == 0 || (return_address & ~kAddressMask) || words == kUnknown) return;
+  const View table = view();
+  if (!table.slots) return;
+  if (!learn_in(table, return_address, words)) return;
+  // The insert that fills the small table to kGrowAt grows it (one thread).
+  if (table.slots == small_ && used_.fetch_add(1, std::memory_order_relaxed) + 1 == kGrowAt) grow();
+}
+
+void FrameTable::grow() {
+  // The small table's entries into the large one, which then replaces it.
+  // What other threads learn in the small one meanwhile is lost (their
+  // walks teach it again); a replay still reading the small one finds its
+  // pages zero once they are given back: addresses unknown, walked.
+  const View large{large_, (1u << kLargeLog2) - 1};
+  for (unsigned i = 0; i < (1u << kSmallLog2); ++i) {
+    const uint64_t entry = load_slot(&small_[i]);
+    if (entry) learn_in(large, entry & kAddressMask, static_cast<uint16_t>(entry >> 48));
+  }
+  current_.store(reinterpret_cast<uintptr_t>(large_) | (uint64_t{large.mask} << 48), std::memory_order_release);
+  madvise(small_, (size_t{1} << kSmallLog2) * sizeof(uint64_t), MADV_DONTNEED);
 }
 
 void FrameTable::clear() {
-  if (slots_) madvise(slots_, kSlots * sizeof(uint64_t), MADV_DONTNEED);  // reads as zero again
+  const View table = view();
+  if (table.slots)
+    madvise(const_cast<uint64_t*>(table.slots), (size_t{table.mask} + 1) * sizeof(uint64_t), MADV_DONTNEED);  // reads as zero again
+  if (table.slots == small_) used_.store(0, std::memory_order_relaxed);
 }
 
 unsigned FrameTable::size() const {
+  const View table = view();
   unsigned used = 0;
-  for (unsigned i = 0; slots_ && i < kSlots; ++i) used += load_slot(&slots_[i]) != 0;
+  for (unsigned i = 0; table.slots && i <= table.mask; ++i) used += load_slot(&table.slots[i]) != 0;
   return used;
 }
 
@@ -250,7 +283,7 @@ namespace {
 // saved it just below its return address; one without says where it keeps
 // it (a slot of its frame, or in place: then it is the callee's own, found
 // the same way further down); frame 1's is the start frame's.
-const uintptr_t* rbp_of(const uint64_t* table, const UnwindFrame& from, const uintptr_t* raw, const uintptr_t* cfas,
+const uintptr_t* rbp_of(FrameTable::View table, const UnwindFrame& from, const uintptr_t* raw, const uintptr_t* cfas,
                         int f, uint16_t callee_words) {
   if (!kFramePointerAbi) return nullptr;
   for (;;) {
@@ -284,7 +317,7 @@ int Unwinder::replay(const Frame& from, uintptr_t* raw, uintptr_t* cfas, int cap
   const uintptr_t* const cached_cfas = cache.cfas();
   const uintptr_t* const cached_ips = cache.ips();
   const unsigned cached_count = cache.count;
-  const uint64_t* const table = frames_.slots();
+  const FrameTable::View table = frames_.view();
   int count = 1;
   uintptr_t ip = from.return_address;
   unsigned scan = 0;  // meets()'s one pass over the previous capture's CFAs

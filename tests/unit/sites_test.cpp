@@ -595,6 +595,7 @@ TEST(FrameActivity, TheAllocatingFunctionIsActiveWhileItsCallersAreTheOuterStack
 namespace unwinding {
 
 using hotpool::reporter::CapturedStack;
+using hotpool::reporter::FrameTable;
 using hotpool::reporter::TraceCache;
 using hotpool::reporter::Unwinder;
 
@@ -675,6 +676,41 @@ __attribute__((noinline)) unsigned alloca_and_capture(const Unwinder& unwinder, 
   return below + buffer[0];
 }
 
+
+// The frame table starts small (a hash table makes every page it spreads
+// over resident) and grows once, when half full, keeping what it learned;
+// a dlclose's clear empties it.
+TEST(FrameTable, StartsSmallAndGrowsOnceKeepingWhatItLearned) {
+  FrameTable table;
+  ASSERT_TRUE(table.init());
+  EXPECT_EQ(table.slots(), 1u << FrameTable::kSmallLog2);
+  std::vector<std::pair<uintptr_t, uint16_t>> learned;
+  uintptr_t address = 0x401000;
+  // Distinct return addresses until the table grows (an insert whose
+  // probes all find other addresses is not learned, nor counted).
+  for (unsigned i = 0; table.slots() == 1u << FrameTable::kSmallLog2 && i < 4 * FrameTable::kGrowAt; ++i) {
+    address += 13 + i % 29;
+    const auto words = static_cast<uint16_t>(1 + i % 700);
+    table.learn(address, words);
+    if (table.slots() == 1u << FrameTable::kSmallLog2 && FrameTable::lookup(table.view(), address) == words)
+      learned.emplace_back(address, words);
+  }
+  ASSERT_EQ(table.slots(), 1u << FrameTable::kLargeLog2) << "grown when half full";
+  EXPECT_GE(learned.size(), FrameTable::kGrowAt - 1);
+  unsigned kept = 0;
+  for (const auto& [at, words] : learned) kept += FrameTable::lookup(table.view(), at) == words;
+  EXPECT_EQ(kept, learned.size()) << "every address learned in the small table is in the large one";
+  EXPECT_GE(table.size(), learned.size());
+  // Learning goes on in the large table; a second distance still makes an
+  // address varying.
+  table.learn(0x7f0000001000, 5);
+  EXPECT_EQ(FrameTable::lookup(table.view(), 0x7f0000001000), 5);
+  table.learn(learned.front().first, static_cast<uint16_t>(learned.front().second + 1));
+  EXPECT_EQ(FrameTable::lookup(table.view(), learned.front().first), FrameTable::kVarying);
+  table.clear();
+  EXPECT_EQ(table.size(), 0u);
+  EXPECT_EQ(FrameTable::lookup(table.view(), 0x7f0000001000), FrameTable::kUnknown);
+}
 
 // Once libgcc has walked a stack, the same stack is replayed from the frame
 // table: the result must be what a full unwind gives, for stacks seen before
