@@ -8,6 +8,7 @@
 #   tcmalloc       Debian libtcmalloc-minimal4 (gperftools' tcmalloc without the profiler)
 #   mimalloc       Debian libmimalloc2.0
 #   hotpool-auto   libhotpool.so, HOTPOOL_MODE=auto (the default)
+#   hotpool-profile  libhotpool.so, HOTPOOL_MODE=profile (records, pools nothing)
 #   hotpool-fixed  libhotpool.so, HOTPOOL_MODE=fixed, HOTPOOL_CLASSES from the caller
 #   hotpool-fixed-nochecks  the same with HOTPOOL_CHECKS=off: what the
 #                  hardening checks (double/invalid free detection) cost
@@ -59,6 +60,7 @@ bench_allocator_label() {
       version=$(dpkg-query -W -f='${Version}' "${BENCH_ALLOCATOR_PACKAGE[$1]}" 2>/dev/null | sed 's/-[^-]*$//; s/+.*//')
       printf '%s %s\n' "$1" "$version" ;;
     hotpool-auto) printf 'hotpool auto\n' ;;
+    hotpool-profile) printf 'hotpool profile\n' ;;
     hotpool-fixed) printf 'hotpool fixed\n' ;;
     hotpool-fixed-nochecks) printf 'hotpool fixed, HOTPOOL_CHECKS=off\n' ;;
     floor) printf 'floor (a bare LIFO)\n' ;;
@@ -75,6 +77,7 @@ bench_allocator_options() {
     glibc) _options=() ;;
     jemalloc | tcmalloc | mimalloc) _options=(--preload "$(bench_allocator_library "$2")") ;;
     hotpool-auto) _options=(--preload "$BENCH_LIBRARY" --env HOTPOOL_MODE=auto --env HOTPOOL_REPORT=off) ;;
+    hotpool-profile) _options=(--preload "$BENCH_LIBRARY" --env HOTPOOL_MODE=profile --env HOTPOOL_REPORT=off) ;;
     hotpool-fixed)
       _options=(--preload "$BENCH_LIBRARY" --env HOTPOOL_MODE=fixed --env "HOTPOOL_CLASSES=${3:?hotpool-fixed needs HOTPOOL_CLASSES}"
                 --env HOTPOOL_REPORT=off) ;;

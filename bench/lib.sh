@@ -14,6 +14,7 @@
 #   BENCH_MICRO      the micro benchmark program (bench/micro/allocator_bench.cpp)
 #   BENCH_FLOOR_LIBRARY  suite micro's floor (bench/tools/floor_allocator.cpp)
 #   BENCH_DEMO_SERVER  the demo_server workload
+#   BENCH_THREAD_CROWD the thread_crowd workload (suite threads)
 
 bench_log() { printf '%s\n' "$*" >&2; }
 bench_die() { printf 'scripts/bench: %s\n' "$*" >&2; exit 1; }
