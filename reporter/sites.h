@@ -248,7 +248,7 @@ class PendingSamples {
 
   // The shared statistics the counts go to (null: none), and the protocol
   // (asymmetric: fence.h's handshake, set up already; else a try-lock).
-  // sparse: samples are few (1 in 16 allocations or fewer), and the table
+  // sparse: samples are few (fewer than 1 in 16 allocations), and the table
   // uses 1 << kSparseEntriesLog2 entries, 4 KiB: the whole table, hashed
   // into by site, made every page of a thread's 28 KiB resident. Only
   // while the table is empty (a thread attaching, or before its first sample).

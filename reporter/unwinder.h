@@ -98,7 +98,6 @@ class FrameTable {
  public:
   static constexpr unsigned kSmallLog2 = 12;  // 4,096 slots, 32 KiB
   static constexpr unsigned kLargeLog2 = 16;  // 65,536 slots, 512 KiB
-  static constexpr unsigned kSlots = 1u << kLargeLog2;
   // The small table is replaced by the large one when it is this full:
   // past half, probes grow long and inserts start failing.
   static constexpr unsigned kGrowAt = (1u << kSmallLog2) / 2;
@@ -139,8 +138,8 @@ class FrameTable {
     return {reinterpret_cast<const uint64_t*>(word & kAddressMask), static_cast<unsigned>(word >> 48)};
   }
   // The hash's top 16 bits (Fibonacci hashing), for either table: the
-  // small one takes their low ones (a fixed shift: a variable one cost a
-  // replay 6% more instructions, in spills).
+  // small one takes their low ones (a fixed shift: a variable one cost
+  // replay() 3.5% more instructions, in spills).
   static unsigned first_slot(uintptr_t address) {
     return static_cast<unsigned>((address * 0x9e3779b97f4a7c15ull) >> (64 - kLargeLog2));
   }

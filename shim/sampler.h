@@ -55,9 +55,9 @@ bool start_sampling(const ReentryGuard&);
 // The bounds of the calling thread's stack into state (under the guard).
 void find_thread_stack(ThreadState& state);
 bool sampling_active();
-// Samples are few: 1 in more than 16 allocations, or by bytes 1 in more
-// than 4 KiB (thread-local sample buffers are then kept small). False
-// before sampling starts.
+// Samples are few: fewer than 1 in 16 allocations, or by bytes fewer
+// than 1 in 4 KiB (thread-local sample buffers are then kept small).
+// False before sampling starts.
 bool sampling_sparse();
 uint64_t sampling_rate();  // 0 when sampling by bytes
 uint64_t sampling_mean_bytes();  // HOTPOOL_SAMPLE_BYTES: 0 when sampling by count
