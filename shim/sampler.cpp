@@ -116,8 +116,9 @@ uint64_t now_ns() { return g_clock.now_ns(); }
 // 4 KiB or more), where a trip to the depot per sample would show
 // (SampleStash::kSlots blocks at most, one at least); none otherwise:
 // a sparse sample then takes its block from the depot and gives it back
-// there (a lock, some 100 instructions, once per hundreds of allocations),
-// so that the region holds about the live samples. A stash of 4 KiB per
+// there (a lock and a bitmap search each way, some 300 instructions per
+// sample: under 1 per allocation at 1 in 512), so that the region holds
+// about the live samples. A stash of 4 KiB per
 // class and thread (refilled by halves) kept 3.6 MiB of the region
 // resident for 12 live samples in a program of 100 threads at 1 in 512.
 // Computed once (start_sampling): a sample's allocation and its free each
