@@ -1,5 +1,7 @@
 #include "sites.h"
 
+#include "pages.h"
+
 #include <sched.h>
 #include <sys/mman.h>
 
@@ -164,6 +166,11 @@ void PendingSamples::attach(StackDepot* depot, LifetimeStats* class_lifetimes, b
   depot_ = depot;
   class_lifetimes_ = class_lifetimes;
   asymmetric_ = asymmetric;
+}
+
+void PendingSamples::touch_for_write(unsigned classes, bool sparse) const {
+  touch_pages_for_write(class_life_, (classes < kMaxClasses ? classes : kMaxClasses) * sizeof(LifetimeCounts));
+  touch_pages_for_write(entries_, (size_t{1} << (sparse ? kSparseEntriesLog2 : kEntriesLog2)) * sizeof(Entry));
 }
 
 PendingSamples::Entry& PendingSamples::entry(uint32_t key) {

@@ -253,6 +253,10 @@ class PendingSamples {
   // into by site, made every page of a thread's 28 KiB resident. Only
   // while the table is empty (a thread attaching, or before its first sample).
   void attach(StackDepot* depot, LifetimeStats* class_lifetimes, bool asymmetric, bool sparse = false);
+  // The pages of the first `classes` classes' counts and of the entries a
+  // table attached with `sparse` uses, touched for writing (see pages.h):
+  // a new thread's state, before anything reads them.
+  void touch_for_write(unsigned classes, bool sparse) const;
 
   // The owner's section: false when it cannot count here now (a flush is
   // running, or this is a signal handler inside the owner's own section).
