@@ -399,7 +399,6 @@ void* allocate_while_booting(size_t size, size_t alignment, bool zero) {
   return block;
 }
 
-// The thread's first recorded call: a ThreadState of its own.
 // The classes whose per-thread counters, bin and sample counts a new
 // thread's state has touched for writing at attach: those up to 1 KiB in
 // the default table, where most programs' allocations are.
@@ -439,6 +438,7 @@ static void touch_state_for_write(ThreadState& state, bool auto_mode) {
   }
 }
 
+// The thread's first recorded call: a ThreadState of its own.
 static ThreadState* attach_thread(const ReentryGuard& guard) {
   ThreadState* state = g_registry.acquire(guard);
   if (!state) return nullptr;
