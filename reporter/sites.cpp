@@ -219,26 +219,18 @@ void PendingSamples::add_free(uint32_t site, unsigned size_class, uint64_t lifet
 }
 
 void PendingSamples::merge(Entry& slot) {
-  // An empty entry is all zeros: left unwritten (its page stays untouched).
   if (slot.key == 0) return;
   if (depot_) {
     SiteStats& stats = depot_->site(slot.key);
     if (slot.allocs) stats.add_allocs(slot.allocs, slot.bytes, slot.min_size, slot.max_size, slot.weight);
     stats.lifetimes.merge(slot.life);
   }
-  const uint32_t key = slot.key;
-  slot = Entry{};
-  slot.key = key;
+  slot = Entry{};  // empty (key 0)
 }
 
 void PendingSamples::flush_locked() {
   events_ = 0;
-  for (unsigned i = 0, used = 1u << (32 - shift_); i < used; ++i) {
-    Entry& slot = entries_[i];
-    if (slot.key == 0) continue;  // empty: left unwritten
-    merge(slot);
-    slot.key = 0;
-  }
+  for (unsigned i = 0, used = 1u << (32 - shift_); i < used; ++i) merge(entries_[i]);
   for (unsigned word = 0; word < kMaxClasses / 64; ++word) {
     for (uint64_t bits = class_touched_[word]; bits; bits &= bits - 1) {
       const unsigned c = word * 64 + static_cast<unsigned>(__builtin_ctzll(bits));

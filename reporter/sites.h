@@ -308,6 +308,8 @@ class PendingSamples {
   unsigned slot_of(uint32_t key) const { return (key * 0x9e3779b1u) >> shift_; }
   Entry& entry(uint32_t key);
   __attribute__((noinline)) void add_alloc_to_new(uint32_t site, uint64_t size);
+  // Adds an entry to the shared statistics and empties it (an empty one is
+  // left unwritten: its page stays untouched).
   void merge(Entry& entry);
   void flush_locked();
   void after_event() {

@@ -416,25 +416,28 @@ constexpr unsigned kTouchedClasses = 32;
 // pages already: touching them again is a few locked stores.
 static void touch_state_for_write(ThreadState& state, bool auto_mode) {
   using reporter::touch_pages_for_write;
+  // The first kTouchedClasses elements of an array indexed by class.
+  const auto touch_classes = [](const auto* per_class) {
+    touch_pages_for_write(per_class, kTouchedClasses * sizeof(*per_class));
+  };
   const reporter::ThreadClassStats& stats = state.stats;
   touch_pages_for_write(&stats, reinterpret_cast<const char*>(&stats.classes[kTouchedClasses]) -
                                     reinterpret_cast<const char*>(&stats));
   if (g_pool_limit) {
-    touch_pages_for_write(state.cache.bins, kTouchedClasses * sizeof(state.cache.bins[0]));
-    touch_pages_for_write(state.cache.counters, kTouchedClasses * sizeof(state.cache.counters[0]));
-    touch_pages_for_write(stats.pooled_frees, kTouchedClasses * sizeof(stats.pooled_frees[0]));
-    touch_pages_for_write(stats.pooled_folded, kTouchedClasses * sizeof(stats.pooled_folded[0]));
-    touch_pages_for_write(stats.pooled_allocs_folded, kTouchedClasses * sizeof(stats.pooled_allocs_folded[0]));
+    touch_classes(state.cache.bins);
+    touch_classes(state.cache.counters);
+    touch_classes(stats.pooled_frees);
+    touch_classes(stats.pooled_folded);
+    touch_classes(stats.pooled_allocs_folded);
   }
   if (auto_mode) {
-    touch_pages_for_write(state.policy_allocs, kTouchedClasses * sizeof(state.policy_allocs[0]));
-    touch_pages_for_write(state.policy_frees, kTouchedClasses * sizeof(state.policy_frees[0]));
+    touch_classes(state.policy_allocs);
+    touch_classes(state.policy_frees);
   }
   if (sampling_active()) {
     state.pending.touch_for_write(kTouchedClasses, sampling_sparse());
     touch_pages_for_write(&state.site_memo, sizeof(state.site_memo));
-    // A dense rate's stashes (a sparse one's are only read).
-    if (!sampling_sparse()) touch_pages_for_write(state.sample_stash, kTouchedClasses * sizeof(state.sample_stash[0]));
+    if (!sampling_sparse()) touch_classes(state.sample_stash);  // a sparse rate's stashes are only read
   }
 }
 
