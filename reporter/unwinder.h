@@ -158,7 +158,10 @@ class FrameTable {
   }
   // Records what a walk saw (a distance in words with kFramePointer, or
   // with what it saw of %rbp, kOutermost or kVarying). A second distance
-  // makes a frame-pointer site kFramePointer alone, any other kVarying.
+  // makes a frame-pointer site kFramePointer alone, any other kVarying. A
+  // site seen both with and without the frame pointer keeps the plain
+  // entry when both saw the same distance (kVarying otherwise): a walk
+  // without it proves the CFA is not computed from %rbp there.
   void learn(uintptr_t return_address, uint16_t words);
   // Forgets everything (dlclose: other code may be loaded where the
   // unloaded code was). The memory goes back to the OS; a walk running

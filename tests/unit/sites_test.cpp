@@ -762,6 +762,40 @@ TEST(FrameTable, StartsSmallAndGrowsOnceKeepingWhatItLearned) {
   EXPECT_EQ(FrameTable::lookup(table.view(), 0x7f0000001000), FrameTable::kUnknown);
 }
 
+// What walks that disagree leave in the table. A site seen with and
+// without the frame pointer at the same distance keeps the plain entry (a
+// walk without it proves the CFA is not computed from %rbp there; %rbp
+// equal to CFA - 16 was a coincidence, and marking the site varying made
+// every later capture through it a libgcc walk); anything else that
+// disagrees is varying, two frame-pointer distances are the frame pointer
+// alone.
+TEST(FrameTable, DisagreeingWalksMergeByWhatTheyProve) {
+  FrameTable table;
+  ASSERT_TRUE(table.init());
+  using T = FrameTable;
+  const auto plain = [](uint16_t distance, unsigned rbp_slot) {
+    return static_cast<uint16_t>(distance | (rbp_slot << T::kRbpShift));
+  };
+  const auto pointer = [](uint16_t distance) { return static_cast<uint16_t>(T::kFramePointer | distance); };
+  uintptr_t address = 0x401000;
+  const auto after = [&](std::initializer_list<uint16_t> walks) {
+    address += 0x40;
+    for (uint16_t words : walks) table.learn(address, words);
+    return T::lookup(table.view(), address);
+  };
+  EXPECT_EQ(after({plain(6, 2), pointer(6)}), plain(6, 2)) << "the plain walk first";
+  EXPECT_EQ(after({pointer(6), plain(6, 2)}), plain(6, 2)) << "the frame-pointer walk first";
+  EXPECT_EQ(after({plain(6, 2), pointer(6), pointer(6), plain(6, 2)}), plain(6, 2)) << "for good";
+  EXPECT_EQ(after({plain(6, 2), pointer(7)}), T::kVarying) << "another distance";
+  EXPECT_EQ(after({pointer(7), plain(6, 2)}), T::kVarying);
+  EXPECT_EQ(after({pointer(6), pointer(9), plain(6, 2)}), T::kVarying) << "the frame's size varied";
+  EXPECT_EQ(after({pointer(6), pointer(9)}), T::kFramePointer);
+  EXPECT_EQ(after({T::kOutermost, pointer(6)}), T::kVarying);
+  EXPECT_EQ(after({pointer(6), T::kVarying}), T::kVarying);
+  EXPECT_EQ(after({plain(6, 2), plain(7, 2)}), T::kVarying);
+  EXPECT_EQ(after({plain(6, 0), plain(6, 2)}), plain(6, 2)) << "%rbp seen once adds up";
+}
+
 // Once libgcc has walked a stack, the same stack is replayed from the frame
 // table: the result must be what a full unwind gives, for stacks seen before
 // and new ones, deeper than a capture keeps, through a frame of varying
