@@ -265,11 +265,11 @@ void write_text_sampling(const StatsSnapshot& stats, const SamplingView& view, O
   }
   // Where libgcc walked many of the stacks, sampling cost more than it
   // does once the frame table knows the program's frames: said, with why.
-  if (const uint64_t stacks = view.stacks_replayed + view.stacks_walked;
+  if (const uint64_t stacks = view.stacks_replayed + view.stacks_walked + view.stacks_recalled;
       view.stacks_walked >= 100 && view.stacks_walked * 10 >= stacks) {
     out.str("  ").percent(view.stacks_walked, stacks)
         .str(" of the sampled stacks were walked by libgcc (some 1,000-2,000 instructions a frame), the rest"
-             " replayed from what earlier walks learned; walked are stacks other than the threads' own (signal"
+             " replayed from what earlier walks learned or recalled; walked are stacks other than the threads' own (signal"
              " handlers' alternate stacks, coroutines), signal frames, code without unwind tables, and frames of"
              " changing size (alloca) whose frame pointer the replay cannot find\n");
   }
@@ -362,7 +362,8 @@ void write_json_sampling(const StatsSnapshot& stats, const SamplingView* view, u
       .str(", \"recycle_calls\": ").u64(view->recycle_calls)
       .str(", \"unsited\": ").u64(view->unsited)
       .str(", \"stacks\": {\"replayed\": ").u64(view->stacks_replayed)
-      .str(", \"walked\": ").u64(view->stacks_walked).ch('}')
+      .str(", \"walked\": ").u64(view->stacks_walked)
+      .str(", \"recalled\": ").u64(view->stacks_recalled).ch('}')
       .str(", \"lifetime_bucket_bounds_ns\": [");
   for (unsigned b = 1; b < kLifetimeBuckets; ++b) out.str(b > 1 ? ", " : "").u64(lifetime_bucket_low(b));
   out.str("]},\n  \"class_lifetimes\": [");

@@ -24,8 +24,9 @@ struct SamplingView {
   uint64_t recycle_calls;   // the recycled threshold (the freeing thread's allocator calls)
   uint64_t unsited;         // sampled allocations without a site: no stack, or the stack depot full
   // Stacks captured through a thread's trace cache (libgcc's unwinder):
-  // replayed from the frame table, or walked by libgcc.
-  uint64_t stacks_replayed, stacks_walked;
+  // replayed from the frame table, or walked by libgcc; and sampled stacks
+  // recalled from a thread's stack memo (dense rates: see StackMemo).
+  uint64_t stacks_replayed, stacks_walked, stacks_recalled;
   unsigned top;             // sites shown per list (0 to kMaxTop)
   unsigned frames;          // frames shown per site
   uint64_t longest_ns;      // no lifetime is longer: the run's duration (medians never read above it)

@@ -438,10 +438,80 @@ void Unwinder::learn(const uintptr_t* raw, const uintptr_t* cfas, const uintptr_
 
 // Not inlined: replay() starts from this function's own return address and
 // CFA, which are libgcc's second frame.
+void StackMemo::reset(unsigned depth) {
+  stride = depth ? depth + kLeadingFrames : 0;
+  if (stride > kMaxFrames) stride = kMaxFrames;
+  for (Entry& entry : entries) entry.ip = 0;
+}
+
+int Unwinder::recall(StackMemo& memo, const Frame& start) const {
+  const unsigned set = StackMemo::set_of(start.return_address, start.cfa);
+  const uint32_t generation = generation_.load(std::memory_order_relaxed);
+  for (unsigned way = 0; way < StackMemo::kWays; ++way) {
+    const unsigned index = set * StackMemo::kWays + way;
+    StackMemo::Entry& entry = memo.entries[index];
+    if (entry.ip != start.return_address || entry.cfa != start.cfa || entry.site == 0 ||
+        entry.generation != generation)
+      continue;
+    // Each return address still in its slot (above the start frame, on
+    // this thread's stack: see StackMemo).
+    const StackMemo::Frame* frame = memo.frames + index * memo.stride;
+    const StackMemo::Frame* const end = frame + entry.frames;
+    while (frame != end && *reinterpret_cast<const uintptr_t*>(frame->cfa - sizeof(uintptr_t)) == frame->ip) ++frame;
+    if (frame != end) continue;
+    entry.stamp = ++memo.clock;
+    TraceCache::bump(memo.recalled);
+    return static_cast<int>(index);
+  }
+  return -1;
+}
+
+int Unwinder::remember(StackMemo& memo, const uintptr_t* raw, const uintptr_t* cfas, int got, int first,
+                       unsigned reported, unsigned depth, uintptr_t allocating_cfa) const {
+  // The frames the result came from: to the last one it reports, and the
+  // one after the allocating function's (its CFA comes with it).
+  const int last = first + static_cast<int>(reported);
+  const int end = last > first + 2 ? last : first + 2;
+  if (!memo.on() || allocating_cfa == 0 || end > got || static_cast<unsigned>(end - 2) > memo.stride) return -1;
+  const FrameTable::View table = frames_.view();
+  // A result with fewer frames than asked for ended with the stack (its
+  // last frame the outermost), or another time it could be longer.
+  if (reported < depth && FrameTable::lookup(table, raw[got - 1]) != FrameTable::kOutermost) return -1;
+  // Every frame up to the last of a fixed size (see StackMemo).
+  for (int i = 1; i + 1 < end; ++i) {
+    const uint16_t words = FrameTable::lookup(table, raw[i]);
+    if (words == FrameTable::kUnknown || words >= FrameTable::kVarying || (words & FrameTable::kFramePointer))
+      return -1;
+  }
+  // The set's empty or least recently used entry.
+  const unsigned set = StackMemo::set_of(raw[1], cfas[1]);
+  unsigned index = set * StackMemo::kWays;
+  for (unsigned way = 0; way < StackMemo::kWays; ++way) {
+    const unsigned candidate = set * StackMemo::kWays + way;
+    if (memo.entries[candidate].ip == 0) {
+      index = candidate;
+      break;
+    }
+    if (static_cast<int32_t>(memo.entries[candidate].stamp - memo.entries[index].stamp) < 0) index = candidate;
+  }
+  StackMemo::Entry& entry = memo.entries[index];
+  StackMemo::Frame* frame = memo.frames + index * memo.stride;
+  for (int i = 2; i < end; ++i) *frame++ = {raw[i], cfas[i]};
+  entry.ip = raw[1];
+  entry.cfa = cfas[1];
+  entry.allocating_cfa = allocating_cfa;
+  entry.site = 0;
+  entry.stamp = ++memo.clock;
+  entry.generation = generation_.load(std::memory_order_relaxed);
+  entry.frames = static_cast<uint32_t>(end - 2);
+  return static_cast<int>(index);
+}
+
 __attribute__((noinline)) bool Unwinder::capture(unsigned depth, CapturedStack* out, TraceCache* cache,
-                                                  const Frame& start) const {
+                                                  const Frame& start, StackMemo* memo) const {
   out->depth = 0;
   out->cfa = 0;
+  out->memo_entry = -1;
   if (!ready_) return false;
   if (depth > kMaxDepth) depth = kMaxDepth;
   constexpr unsigned kLeading = kLeadingFrames;
@@ -450,6 +520,7 @@ __attribute__((noinline)) bool Unwinder::capture(unsigned depth, CapturedStack* 
   uintptr_t* raw = own_raw;
   uintptr_t* cfas = own_cfas;  // filled up to got
   int got;
+  bool memorable = false;  // replayed from the start frame (raw[1])
   if (backtrace_) {
     using Backtrace = int (*)(void**, int);
     void* frames[kMaxDepth + kLeading];
@@ -481,6 +552,7 @@ __attribute__((noinline)) bool Unwinder::capture(unsigned depth, CapturedStack* 
     int cache_count = got;  // what the cache keeps of this capture
     if (got >= 0) {
       TraceCache::bump(cache->replayed);
+      memorable = memo && from_start && got >= 2;
     } else {
       // With a cache the whole stack is kept (up to kMaxDepth frames), not
       // only what this capture reports: a later capture that rejoins it
@@ -534,6 +606,7 @@ __attribute__((noinline)) bool Unwinder::capture(unsigned depth, CapturedStack* 
   const unsigned frames = first < got ? static_cast<unsigned>(got - first) : 0;
   out->depth = frames < depth ? frames : depth;
   std::memcpy(out->ips, raw + first, out->depth * sizeof(uintptr_t));
+  if (memorable) out->memo_entry = remember(*memo, raw, cfas, got, first, out->depth, depth, out->cfa);
   return out->depth > 0;
 }
 

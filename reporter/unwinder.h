@@ -52,7 +52,68 @@ struct TraceCache {
 struct CapturedStack {
   unsigned depth;            // frames in ips, outermost last
   uintptr_t cfa;             // the allocating function's canonical frame address, 0 if unknown
+  int memo_entry;            // the StackMemo entry that remembers this capture, -1 if none
   uintptr_t ips[kMaxDepth];  // return addresses (the first: inside the allocating function)
+};
+
+// A thread's recent captures from a start frame (the allocator's entry,
+// see Unwinder::capture), each with the site its caller named for it, so
+// that the same stack again costs a check of its return addresses instead
+// of a replay and a site lookup. Keyed by the start frame (its return
+// address and CFA), four entries a key hash, the least recently used one
+// replaced; one start frame has several outer stacks (the same function
+// called from several callers at the same depth). With every allocation
+// sampled, the stack was found in 128 entries for 94% of clang-format's
+// samples (32 entries: 88%; the last stack alone: 21%), 99% of sqlite3's
+// (32: 72%) and 98% of python3's.
+//
+// An entry holds the frames after the start frame up to the last one the
+// capture's result (and the allocating function's CFA) came from, each
+// with its CFA; it is remembered only when every frame but the last has a
+// fixed size (the frame table's distance, no frame pointer) and the stack
+// ended there or went on beyond the result. Then the stack is the same
+// exactly when each return address is still in its slot: from the start
+// frame's CFA, each next CFA is the same distance up, so each slot is at
+// the same place (a frame of varying size could leave a stale return
+// address where its slot was). A check reads only the thread's own stack
+// above the start frame. Emptied when the thread's first sample looks up
+// its stack (a state is reused by later threads), and void when libraries
+// are unloaded (forget_frames: other code may then be at the same address).
+// Only the owning thread uses it, outside a capture (a signal handler's
+// sample does not, see sampled_allocate in the shim).
+struct StackMemo {
+  static constexpr unsigned kWays = 4;
+  static constexpr unsigned kSetBits = 5;
+  static constexpr unsigned kSets = 1u << kSetBits;
+  static constexpr unsigned kEntries = kWays * kSets;
+  static constexpr unsigned kMaxFrames = kMaxDepth + kLeadingFrames;
+  struct Frame {
+    uintptr_t ip, cfa;
+  };
+  struct Entry {
+    uintptr_t ip, cfa;         // the start frame; ip 0: empty
+    uintptr_t allocating_cfa;  // CapturedStack::cfa
+    uint32_t site;             // 0 until the caller names it
+    uint32_t stamp;            // when last used (the least recent is replaced)
+    uint32_t generation;       // Unwinder's when remembered
+    uint32_t frames;           // in the entry's frames, checked in order
+  };
+  // Frames kept per entry (0: off): HOTPOOL_DEPTH and the leading frames.
+  // Set once the thread's stack is known; empties every entry.
+  void reset(unsigned depth);
+  bool on() const { return stride != 0; }
+  static unsigned set_of(uintptr_t ip, uintptr_t cfa) {
+    return static_cast<unsigned>(((ip ^ (cfa << 7)) * 0x9e3779b97f4a7c15ull) >> (64 - kSetBits));
+  }
+  void name(int entry, uint32_t site) { entries[entry].site = site; }
+  // Stacks recalled (as TraceCache's counters: the owner writes, a report reads).
+  uint64_t recalled;
+  unsigned stride;
+  uint32_t clock;
+  Entry entries[kEntries];
+  // Entry e's from e * stride on: with the default HOTPOOL_DEPTH, 72 KiB
+  // when every entry is used (the rest of the 152 KiB is never touched).
+  Frame frames[kEntries * kMaxFrames];
 };
 
 // True when the function that made an allocation (whose stack was
@@ -220,13 +281,27 @@ class Unwinder {
   // address in it and its CFA: the replay starts there instead of at
   // capture()'s caller, and the frames in between (hotpool's, skipped
   // anyway) are not walked. A walk by libgcc still starts at capture().
+  // `memo` (with a cache and a start frame): a replayed capture is
+  // remembered there when it can be (out->memo_entry; the caller names its
+  // site, see StackMemo).
   using Frame = UnwindFrame;
-  bool capture(unsigned depth, CapturedStack* out, TraceCache* cache = nullptr, const Frame& start = Frame{}) const;
+  bool capture(unsigned depth, CapturedStack* out, TraceCache* cache = nullptr, const Frame& start = Frame{},
+               StackMemo* memo = nullptr) const;
+  // The entry of `memo` that remembers the stack from `start` on with its
+  // site named, still the same (every return address in its slot), or -1.
+  int recall(StackMemo& memo, const Frame& start) const;
   const FrameTable& frame_table() const { return frames_; }
-  void forget_frames() const { frames_.clear(); }
+  void forget_frames() const {
+    frames_.clear();
+    generation_.fetch_add(1, std::memory_order_relaxed);
+  }
 
  private:
   bool skipped(uintptr_t ip) const;
+  // A replayed capture from `start` (raw[1]) into the memo: its entry, or -1.
+  // `reported` frames of the `depth` asked for, from raw[first] on.
+  int remember(StackMemo& memo, const uintptr_t* raw, const uintptr_t* cfas, int got, int first, unsigned reported,
+               unsigned depth, uintptr_t allocating_cfa) const;
   // The walk outwards from (return_address, cfa), capture()'s caller or
   // the start frame it was given, from the frame table: frames in raw[1..],
   // their CFAs in cfas[1..]; -1 when the table does not know a frame, the
@@ -247,6 +322,7 @@ class Unwinder {
   // sees of its own frame (the replay would start from the wrong place).
   mutable std::atomic<bool> replay_ok_{true};
   mutable std::atomic<uintptr_t> first_frame_{0};  // libgcc's frame 0: where capture() calls it
+  mutable std::atomic<uint32_t> generation_{0};     // forget_frames() calls: older memo entries are void
   uintptr_t skip_[8][2] = {};
   unsigned skip_count_ = 0;
 };

@@ -94,6 +94,9 @@ constinit bool g_sampling_by_bytes = false;
 namespace {
 constinit double g_log_keep = 0;  // ln(1 - 1/g_rate): the geometric intervals' scale
 constinit unsigned g_depth = 0;
+// A thread's stack memo keeps this many frames (0: no memo): dense rates
+// with libgcc's unwinder only (see reporter::StackMemo).
+constinit unsigned g_memo_depth = 0;
 constinit uint64_t g_short_ns = 0;
 constinit uint64_t g_recycle_calls = 0;
 constinit size_t g_limit = 0;  // largest request that can be sampled
@@ -140,7 +143,8 @@ unsigned stash_capacity(unsigned region_class) { return g_stash_capacity[region_
 // The stack of this call, above hotpool, the C++ runtime and libc; empty
 // while a fork is pending (see the fork gate).
 void capture_stack(reporter::CapturedStack* stack,
-                   const reporter::Unwinder::Frame& start = reporter::Unwinder::Frame{}) {
+                   const reporter::Unwinder::Frame& start = reporter::Unwinder::Frame{},
+                   reporter::StackMemo* memo = nullptr) {
   // libunwind may read files: read() is a cancellation point, and malloc
   // is not; and a thread cancelled while counted as unwinding would hold
   // every fork back. So cancellation waits until the capture is done
@@ -148,6 +152,8 @@ void capture_stack(reporter::CapturedStack* stack,
   // uses cancellation, against an asynchronous one).
   const recycler::CancellationOff cancellation_off(g_unwinder.uses_libunwind());
   stack->depth = 0;
+  stack->cfa = 0;
+  stack->memo_entry = -1;
   ThreadState* const state = tls.state;
   // The fork gate: this thread counts itself as unwinding, then looks for a
   // pending fork; the forking thread announces itself, then waits for the
@@ -174,7 +180,7 @@ void capture_stack(reporter::CapturedStack* stack,
     reporter::TraceCache* cache = state && !tls_unwinding ? &state->trace_cache : nullptr;
     const bool nested = tls_unwinding;
     tls_unwinding = true;
-    g_unwinder.capture(g_depth, stack, cache, start);
+    g_unwinder.capture(g_depth, stack, cache, start, memo);
     tls_unwinding = nested;
   }
   if (own_count) {
@@ -326,6 +332,7 @@ bool start_sampling(const ReentryGuard&) {
     return false;
   }
   init_stash_capacities();
+  g_memo_depth = !sampling_sparse() && !use_libunwind ? g_depth : 0;
   g_limit = g_sample_classes.max_class_size() - kHeader;
   if (g_limit > UINT32_MAX) g_limit = UINT32_MAX;  // SampleHeader::usable
   g_clock.init();
@@ -368,13 +375,14 @@ uint64_t sampling_mean_bytes() { return g_mean_bytes; }
 uint64_t sampling_short_ns() { return g_short_ns; }
 uint64_t sampling_recycle_calls() { return g_recycle_calls; }
 uint64_t sampling_unsited() { return g_unsited.value.load(std::memory_order_relaxed); }
-void sampling_stack_counts(uint64_t* replayed, uint64_t* walked) {
-  *replayed = *walked = 0;
+void sampling_stack_counts(uint64_t* replayed, uint64_t* walked, uint64_t* recalled) {
+  *replayed = *walked = *recalled = 0;
   // A state's counters go on when another thread takes it over: the sum
   // covers every thread that ever ran.
   g_registry.for_each_carved([&](ThreadState& state) {
     *replayed += __atomic_load_n(&state.trace_cache.replayed, __ATOMIC_RELAXED);
     *walked += __atomic_load_n(&state.trace_cache.walked, __ATOMIC_RELAXED);
+    *recalled += __atomic_load_n(&state.stack_memo.recalled, __ATOMIC_RELAXED);
   });
 }
 
@@ -471,6 +479,7 @@ HOTPOOL_ALWAYS_INLINE void* allocate_sampled(ThreadState& state, size_t size, re
     ReentryGuard guard;
     state.stack_probed = true;
     find_thread_stack(state);
+    if (g_memo_depth) state.stack_memo.reset(g_memo_depth);  // a former thread's entries out
   }
   // What the request would get unsampled (malloc(0) too gets usable bytes),
   // and room for it after the header.
@@ -511,18 +520,37 @@ HOTPOOL_ALWAYS_INLINE void* allocate_sampled(ThreadState& state, size_t size, re
       }
     }
   }
+  // The stack and its site: recalled from the stack memo when it holds the
+  // same stack, else captured, named by the site memo and remembered. The
+  // memos are this thread's, and changed in steps: a signal handler's
+  // sample meanwhile (memo_busy) uses neither.
   reporter::CapturedStack stack;
-  capture_stack(&stack, entry);
-  if (!stack.cfa) stack.cfa = find_frame_cfa(stack, state, reinterpret_cast<uintptr_t>(&stack + 1));
   uint32_t site;
-  if (HOTPOOL_LIKELY(!state.memo_busy)) {
+  const bool own_memos = !state.memo_busy;
+  if (HOTPOOL_LIKELY(own_memos)) {
     state.memo_busy = true;
     asm volatile("" ::: "memory");
-    site = state.site_memo.site_of(g_stack_depot, stack.ips, stack.depth);
+  }
+  reporter::StackMemo* const memo = own_memos && state.stack_probed && state.stack_memo.on() ? &state.stack_memo
+                                                                                             : nullptr;
+  const int recalled = memo ? g_unwinder.recall(*memo, entry) : -1;
+  if (recalled >= 0) {
+    site = memo->entries[recalled].site;  // never 0
+    stack.cfa = memo->entries[recalled].allocating_cfa;
+    stack.depth = 0;  // (the frames are read only for a sample without a site)
+  } else {
+    capture_stack(&stack, entry, memo);
+    if (!stack.cfa) stack.cfa = find_frame_cfa(stack, state, reinterpret_cast<uintptr_t>(&stack + 1));
+    if (HOTPOOL_LIKELY(own_memos)) {
+      site = state.site_memo.site_of(g_stack_depot, stack.ips, stack.depth);
+      if (site && stack.memo_entry >= 0) memo->name(stack.memo_entry, site);
+    } else {
+      site = g_stack_depot.insert(stack.ips, stack.depth);
+    }
+  }
+  if (HOTPOOL_LIKELY(own_memos)) {
     asm volatile("" ::: "memory");
     state.memo_busy = false;
-  } else {
-    site = g_stack_depot.insert(stack.ips, stack.depth);
   }
   const unsigned size_class = g_classes.class_of(usable);
   state.stats.record_alloc(g_global, size_class, size, usable);

@@ -67,8 +67,9 @@ uint64_t sampling_recycle_calls();
 // depot had no id (or no free slot within its probes) left.
 uint64_t sampling_unsited();
 // Stacks captured through the threads' trace caches (libgcc's unwinder), of
-// every thread ever attached: replayed from the frame table, walked by libgcc.
-void sampling_stack_counts(uint64_t* replayed, uint64_t* walked);
+// every thread ever attached: replayed from the frame table, walked by
+// libgcc; and sampled stacks recalled from the threads' stack memos.
+void sampling_stack_counts(uint64_t* replayed, uint64_t* walked, uint64_t* recalled);
 // Now, by the clock of sampled lifetimes (the time-stamp counter where the
 // kernel trusts it: no system call), in ns.
 uint64_t lifetime_clock_ns();

@@ -99,6 +99,10 @@ struct ThreadState {
   // being read or changed (a signal handler's sample then goes to the depot).
   reporter::SiteMemo site_memo;
   bool memo_busy;
+  // The thread's recent sampled stacks with their sites, at dense rates
+  // (see reporter::StackMemo): used while memo_busy, set up when the
+  // thread's stack is looked up (stack_probed), untouched at sparse rates.
+  reporter::StackMemo stack_memo;
   // Pooled or sampled blocks a signal handler freed while this thread was
   // inside hotpool (a cache's or a stash's change, a depot's lock): kept
   // here until the thread is out (free_deferred) or exits. A sampled

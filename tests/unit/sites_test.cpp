@@ -600,6 +600,7 @@ namespace unwinding {
 
 using hotpool::reporter::CapturedStack;
 using hotpool::reporter::FrameTable;
+using hotpool::reporter::StackMemo;
 using hotpool::reporter::TraceCache;
 using hotpool::reporter::Unwinder;
 
@@ -917,6 +918,103 @@ TEST(FrameTable, AFrameOfVaryingSizeWhoseRbpIsNotKnownIsWalkedNeverReplayedAtASt
 #endif
     }
   }
+}
+
+// The stack memo. memo_leaf's start frame is its own (as the allocator's
+// entry gives its own): it captures, remembering the stack, or recalls it.
+// memo_outer_a and memo_outer_b reach the same start frame (the same call
+// site in memo_middle, at the same depth when their frames have the same
+// size) through different outer stacks.
+__attribute__((noinline)) int memo_leaf(const Unwinder& unwinder, TraceCache& cache, StackMemo& memo, bool capture) {
+  const Unwinder::Frame start{reinterpret_cast<uintptr_t>(__builtin_return_address(0)),
+                              reinterpret_cast<uintptr_t>(__builtin_dwarf_cfa())};
+  int entry;
+  if (capture) {
+    CapturedStack out;
+    unwinder.capture(4, &out, &cache, start, &memo);
+    entry = out.memo_entry;
+  } else {
+    entry = unwinder.recall(memo, start);
+  }
+  asm volatile("" ::: "memory");
+  return entry;
+}
+__attribute__((noinline)) int memo_middle(const Unwinder& unwinder, TraceCache& cache, StackMemo& memo, bool capture) {
+  const int entry = memo_leaf(unwinder, cache, memo, capture);
+  asm volatile("" ::: "memory");
+  return entry;
+}
+__attribute__((noinline)) int memo_outer_a(const Unwinder& unwinder, TraceCache& cache, StackMemo& memo, bool capture) {
+  const int entry = memo_middle(unwinder, cache, memo, capture);
+  asm volatile("" ::: "memory");
+  return entry;
+}
+__attribute__((noinline)) int memo_outer_b(const Unwinder& unwinder, TraceCache& cache, StackMemo& memo, bool capture) {
+  const int entry = memo_middle(unwinder, cache, memo, capture);
+  asm volatile("" ::: "memory");
+  return entry + 0;
+}
+// One call site each for the test's calls: a capture of 4 frames (none
+// skipped here) checks the frames up to the one returning into these.
+__attribute__((noinline)) int memo_via_a(const Unwinder& unwinder, TraceCache& cache, StackMemo& memo, bool capture) {
+  const int entry = memo_outer_a(unwinder, cache, memo, capture);
+  asm volatile("" ::: "memory");
+  return entry;
+}
+__attribute__((noinline)) int memo_via_b(const Unwinder& unwinder, TraceCache& cache, StackMemo& memo, bool capture) {
+  const int entry = memo_outer_b(unwinder, cache, memo, capture);
+  asm volatile("" ::: "memory");
+  return entry;
+}
+// Through a frame of varying size (alloca: it keeps a frame pointer).
+__attribute__((noinline)) int memo_below_alloca(const Unwinder& unwinder, TraceCache& cache, StackMemo& memo,
+                                                size_t bytes) {
+  auto* buffer = static_cast<volatile char*>(alloca(bytes));
+  buffer[0] = 1;
+  const int entry = memo_middle(unwinder, cache, memo, true);
+  asm volatile("" ::: "memory");
+  return entry + buffer[0] - 1;
+}
+
+// A stack is recalled from the memo where it was remembered and its site
+// named, from the same stack only: not through another outer stack, not
+// once libraries were unloaded (forget_frames) or the memo reset; and a
+// stack through a frame of varying size is never remembered.
+TEST(StackMemo, RecallsTheSameStackOnly) {
+  Unwinder unwinder;
+  ASSERT_TRUE(unwinder.load(false));
+  auto cache = thread_cache();
+  auto memo = std::make_unique<StackMemo>();
+  memo->reset(4);
+  // The first capture is walked by libgcc (nothing to remember), the next
+  // replayed and remembered.
+  int entry = -1;
+  for (int i = 0; i < 4 && entry < 0; ++i) entry = memo_via_a(unwinder, *cache, *memo, true);
+  ASSERT_GE(entry, 0) << "walked " << cache->walked << ", replayed " << cache->replayed;
+  EXPECT_EQ(memo_via_a(unwinder, *cache, *memo, false), -1) << "no site named yet";
+  memo->name(entry, 42);
+  EXPECT_EQ(memo_via_a(unwinder, *cache, *memo, false), entry);
+  EXPECT_EQ(memo_via_a(unwinder, *cache, *memo, false), entry);
+  EXPECT_EQ(memo->recalled, 2u);
+  EXPECT_EQ(memo->entries[entry].site, 42u);
+  EXPECT_EQ(memo_via_b(unwinder, *cache, *memo, false), -1) << "another outer stack";
+  EXPECT_EQ(memo_via_a(unwinder, *cache, *memo, false), entry) << "and the first one still";
+  unwinder.forget_frames();
+  EXPECT_EQ(memo_via_a(unwinder, *cache, *memo, false), -1) << "void after forget_frames";
+  // Remembered again once replayed, then reset.
+  entry = -1;
+  for (int i = 0; i < 4 && entry < 0; ++i) entry = memo_via_a(unwinder, *cache, *memo, true);
+  ASSERT_GE(entry, 0);
+  memo->name(entry, 43);
+  EXPECT_EQ(memo_via_a(unwinder, *cache, *memo, false), entry);
+  memo->reset(4);
+  EXPECT_EQ(memo_via_a(unwinder, *cache, *memo, false), -1) << "void after reset";
+  for (size_t bytes : {64u, 64u, 64u, 4000u}) {
+    EXPECT_EQ(memo_below_alloca(unwinder, *cache, *memo, bytes), -1) << bytes << " bytes";
+  }
+  memo->reset(0);
+  EXPECT_FALSE(memo->on());
+  EXPECT_EQ(memo_via_a(unwinder, *cache, *memo, true), -1) << "off: nothing remembered";
 }
 
 // A capture may start at a frame above its caller's (the allocator's entry
