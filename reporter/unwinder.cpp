@@ -436,8 +436,6 @@ void Unwinder::learn(const uintptr_t* raw, const uintptr_t* cfas, const uintptr_
   if (outermost_reached && walked == got) frames_.learn(raw[got - 1], FrameTable::kOutermost);
 }
 
-// Not inlined: replay() starts from this function's own return address and
-// CFA, which are libgcc's second frame.
 void StackMemo::reset(unsigned depth) {
   stride = depth ? depth + kLeadingFrames : 0;
   if (stride > kMaxFrames) stride = kMaxFrames;
@@ -507,6 +505,8 @@ int Unwinder::remember(StackMemo& memo, const uintptr_t* raw, const uintptr_t* c
   return static_cast<int>(index);
 }
 
+// Not inlined: replay() starts from this function's own return address and
+// CFA, which are libgcc's second frame.
 __attribute__((noinline)) bool Unwinder::capture(unsigned depth, CapturedStack* out, TraceCache* cache,
                                                   const Frame& start, StackMemo* memo) const {
   out->depth = 0;

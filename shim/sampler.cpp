@@ -531,8 +531,8 @@ HOTPOOL_ALWAYS_INLINE void* allocate_sampled(ThreadState& state, size_t size, re
     state.memo_busy = true;
     asm volatile("" ::: "memory");
   }
-  reporter::StackMemo* const memo = own_memos && state.stack_probed && state.stack_memo.on() ? &state.stack_memo
-                                                                                             : nullptr;
+  reporter::StackMemo* const memo =
+      own_memos && g_memo_depth && state.stack_probed && state.stack_memo.on() ? &state.stack_memo : nullptr;
   const int recalled = memo ? g_unwinder.recall(*memo, entry) : -1;
   if (recalled >= 0) {
     site = memo->entries[recalled].site;  // never 0
