@@ -611,13 +611,13 @@ void note_pooled(ThreadState& state, unsigned c) {
   stats.publish_if_due(g_global, c);
 }
 
-uint64_t thread_ops(const ThreadState& state) {
-  uint64_t ops = state.stats.calls.load(std::memory_order_relaxed) + state.alloc_base + state.window - state.countdown;
+uint64_t pooled_frees_of_sized_bins(const ThreadState& state) {
   // The classes whose bins this thread used (a pooled free or allocation
   // sizes its bin first; a realloc in place sizes it too): none in mode
   // profile, nor where every allocation is sampled.
-  recycler::for_each_sized_bin(state.cache, [&](unsigned c) { ops += pooled_frees_of(state, c); });
-  return ops;
+  uint64_t frees = 0;
+  recycler::for_each_sized_bin(state.cache, [&](unsigned c) { frees += pooled_frees_of(state, c); });
+  return frees;
 }
 
 // The countdown's next window: to the nearer of the next sample and tick.

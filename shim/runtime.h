@@ -106,8 +106,16 @@ void arm_countdown(ThreadState& state);
 // one included, its frees of pooled blocks and its other calls), for
 // "temporary". A pooled free counts nowhere (one add less on the fast
 // path): pooled_frees_of gives them, summed here over the thread's used
-// bins (sampled allocations and frees only; none in mode profile).
-uint64_t thread_ops(const ThreadState& state);
+// bins (sampled allocations and frees only; none in mode profile). Inline
+// up to the bins: a sampled allocation and its free each ask.
+uint64_t pooled_frees_of_sized_bins(const ThreadState& state);
+HOTPOOL_ALWAYS_INLINE uint64_t thread_ops(const ThreadState& state) {
+  const uint64_t ops =
+      state.stats.calls.load(std::memory_order_relaxed) + state.alloc_base + state.window - state.countdown;
+  uint64_t sized = 0;
+  for (const uint64_t word : state.cache.sized) sized |= word;
+  return sized ? ops + pooled_frees_of_sized_bins(state) : ops;
+}
 // The owner's pooled class c after a slow path (refill, drain, tick,
 // realloc in place): its pooled frees written out (pooled_frees_of), its
 // pooled blocks' live bytes folded into its deltas, published when due.
