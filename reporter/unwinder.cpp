@@ -457,6 +457,16 @@ int Unwinder::recall(StackMemo& memo, const Frame& start) const {
     const StackMemo::Frame* const end = frame + entry.frames;
     while (frame != end && *reinterpret_cast<const uintptr_t*>(frame->cfa - sizeof(uintptr_t)) == frame->ip) ++frame;
     if (frame != end) continue;
+    // And each frame pointer's %rbp the same (its slot is in a frame
+    // checked above, or the start frame's %rbp is given).
+    unsigned same = 0;
+    for (; same < entry.pointers; ++same) {
+      const uintptr_t at = entry.rbp_at[same];
+      if (at ? *reinterpret_cast<const uintptr_t*>(at) != entry.rbp[same]
+             : !start.rbp_known || start.rbp != entry.rbp[same])
+        break;
+    }
+    if (same != entry.pointers) continue;
     entry.stamp = ++memo.clock;
     TraceCache::bump(memo.recalled);
     return static_cast<int>(index);
@@ -464,8 +474,8 @@ int Unwinder::recall(StackMemo& memo, const Frame& start) const {
   return -1;
 }
 
-int Unwinder::remember(StackMemo& memo, const uintptr_t* raw, const uintptr_t* cfas, int got, int first,
-                       unsigned reported, unsigned depth, uintptr_t allocating_cfa) const {
+int Unwinder::remember(StackMemo& memo, const Frame& start, const uintptr_t* raw, const uintptr_t* cfas, int got,
+                       int first, unsigned reported, unsigned depth, uintptr_t allocating_cfa) const {
   // The frames the result came from: to the last one it reports, and the
   // one after the allocating function's (its CFA comes with it).
   const int last = first + static_cast<int>(reported);
@@ -475,11 +485,20 @@ int Unwinder::remember(StackMemo& memo, const uintptr_t* raw, const uintptr_t* c
   // A result with fewer frames than asked for ended with the stack (its
   // last frame the outermost), or another time it could be longer.
   if (reported < depth && FrameTable::lookup(table, raw[got - 1]) != FrameTable::kOutermost) return -1;
-  // Every frame up to the last of a fixed size (see StackMemo).
+  // Every frame up to the last of a fixed size, or with a frame pointer
+  // and its %rbp where the replay finds it (see StackMemo).
+  uintptr_t rbp_at[StackMemo::kMaxPointers], rbp[StackMemo::kMaxPointers];
+  unsigned pointers = 0;
   for (int i = 1; i + 1 < end; ++i) {
     const uint16_t words = FrameTable::lookup(table, raw[i]);
-    if (words == FrameTable::kUnknown || words >= FrameTable::kVarying || (words & FrameTable::kFramePointer))
-      return -1;
+    if (words == FrameTable::kUnknown || words >= FrameTable::kVarying) return -1;
+    if (!FrameTable::frame_pointer(words)) continue;
+    if (pointers == StackMemo::kMaxPointers) return -1;
+    const uint16_t callee_words = i > 1 ? FrameTable::lookup(table, raw[i - 1]) : 0;
+    const uintptr_t* const at = rbp_of(table, start, raw, cfas, i, callee_words);
+    if (!at || *at + 2 * sizeof(uintptr_t) != cfas[i + 1]) return -1;
+    rbp_at[pointers] = at == &start.rbp ? 0 : reinterpret_cast<uintptr_t>(at);
+    rbp[pointers++] = *at;
   }
   // The set's empty or least recently used entry.
   const unsigned set = StackMemo::set_of(raw[1], cfas[1]);
@@ -501,7 +520,12 @@ int Unwinder::remember(StackMemo& memo, const uintptr_t* raw, const uintptr_t* c
   entry.site = 0;
   entry.stamp = ++memo.clock;
   entry.generation = generation_.load(std::memory_order_relaxed);
-  entry.frames = static_cast<uint32_t>(end - 2);
+  entry.frames = static_cast<uint16_t>(end - 2);
+  entry.pointers = static_cast<uint16_t>(pointers);
+  for (unsigned p = 0; p < pointers; ++p) {
+    entry.rbp_at[p] = rbp_at[p];
+    entry.rbp[p] = rbp[p];
+  }
   return static_cast<int>(index);
 }
 
@@ -606,7 +630,7 @@ __attribute__((noinline)) bool Unwinder::capture(unsigned depth, CapturedStack* 
   const unsigned frames = first < got ? static_cast<unsigned>(got - first) : 0;
   out->depth = frames < depth ? frames : depth;
   std::memcpy(out->ips, raw + first, out->depth * sizeof(uintptr_t));
-  if (memorable) out->memo_entry = remember(*memo, raw, cfas, got, first, out->depth, depth, out->cfa);
+  if (memorable) out->memo_entry = remember(*memo, start, raw, cfas, got, first, out->depth, depth, out->cfa);
   return out->depth > 0;
 }
 

@@ -69,12 +69,15 @@ struct CapturedStack {
 //
 // An entry holds the frames after the start frame up to the last one the
 // capture's result (and the allocating function's CFA) came from, each
-// with its CFA; it is remembered only when every frame but the last has a
-// fixed size (the frame table's distance, no frame pointer) and the stack
-// ended there or went on beyond the result. Then the stack is the same
-// exactly when each return address is still in its slot: from the start
-// frame's CFA, each next CFA is the same distance up, so each slot is at
-// the same place (a frame of varying size could leave a stale return
+// with its CFA; it is remembered only when the stack ended there or went
+// on beyond the result, and every frame but the last was replayed from the
+// frame table: one of a fixed size (its distance), or one that keeps a
+// frame pointer (its CFA is its %rbp + 16, whatever its size), with its
+// %rbp where the replay found it (a slot of a frame below it, or the
+// allocator's entry's). Then the stack is the same exactly when each
+// return address is still in its slot and each such %rbp is the same:
+// from the start frame's CFA, each next CFA is then where it was, and so
+// is each slot (a frame whose size changed could leave a stale return
 // address where its slot was). A check reads only the thread's own stack
 // above the start frame. Emptied when the thread's first sample looks up
 // its stack (a state is reused by later threads), and void when libraries
@@ -87,6 +90,9 @@ struct StackMemo {
   static constexpr unsigned kSets = 1u << kSetBits;
   static constexpr unsigned kEntries = kWays * kSets;
   static constexpr unsigned kMaxFrames = kMaxDepth + kLeadingFrames;
+  // Frames with a frame pointer per entry at most (a stack with more is
+  // not remembered).
+  static constexpr unsigned kMaxPointers = 8;
   struct Frame {
     uintptr_t ip, cfa;
   };
@@ -96,7 +102,12 @@ struct StackMemo {
     uint32_t site;             // 0 until the caller names it
     uint32_t stamp;            // when last used (the least recent is replaced)
     uint32_t generation;       // Unwinder's when remembered
-    uint32_t frames;           // in the entry's frames, checked in order
+    uint16_t frames;           // in the entry's frames, checked in order
+    uint16_t pointers;         // frame-pointer frames' %rbp, checked after them
+    // Where each such %rbp is (0: the start frame's, which the allocator's
+    // entry gives), and its value.
+    uintptr_t rbp_at[kMaxPointers];
+    uintptr_t rbp[kMaxPointers];
   };
   // Frames kept per entry (0: off): HOTPOOL_DEPTH and the leading frames.
   // Set once the thread's stack is known; empties every entry.
@@ -112,7 +123,8 @@ struct StackMemo {
   uint32_t clock;
   Entry entries[kEntries];
   // Entry e's from e * stride on: with the default HOTPOOL_DEPTH, 72 KiB
-  // when every entry is used (the rest of the 152 KiB is never touched).
+  // when every entry is used (the rest of the 152 KiB is never touched);
+  // the entries themselves, 21 KiB.
   Frame frames[kEntries * kMaxFrames];
 };
 
@@ -300,8 +312,8 @@ class Unwinder {
   bool skipped(uintptr_t ip) const;
   // A replayed capture from `start` (raw[1]) into the memo: its entry, or -1.
   // `reported` frames of the `depth` asked for, from raw[first] on.
-  int remember(StackMemo& memo, const uintptr_t* raw, const uintptr_t* cfas, int got, int first, unsigned reported,
-               unsigned depth, uintptr_t allocating_cfa) const;
+  int remember(StackMemo& memo, const Frame& start, const uintptr_t* raw, const uintptr_t* cfas, int got, int first,
+               unsigned reported, unsigned depth, uintptr_t allocating_cfa) const;
   // The walk outwards from (return_address, cfa), capture()'s caller or
   // the start frame it was given, from the frame table: frames in raw[1..],
   // their CFAs in cfas[1..]; -1 when the table does not know a frame, the

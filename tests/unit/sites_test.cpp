@@ -924,10 +924,15 @@ TEST(FrameTable, AFrameOfVaryingSizeWhoseRbpIsNotKnownIsWalkedNeverReplayedAtASt
 // entry gives its own): it captures, remembering the stack, or recalls it.
 // memo_outer_a and memo_outer_b reach the same start frame (the same call
 // site in memo_middle, at the same depth when their frames have the same
-// size) through different outer stacks.
-__attribute__((noinline)) int memo_leaf(const Unwinder& unwinder, TraceCache& cache, StackMemo& memo, bool capture) {
+// size) through different outer stacks. memo_leaf keeps a frame pointer:
+// its caller's %rbp is then the one its prologue saved (the allocator's
+// entry passes it on in the start frame too).
+__attribute__((noinline, optimize("no-omit-frame-pointer"))) int memo_leaf(const Unwinder& unwinder,
+                                                                          TraceCache& cache, StackMemo& memo,
+                                                                          bool capture) {
   const Unwinder::Frame start{reinterpret_cast<uintptr_t>(__builtin_return_address(0)),
-                              reinterpret_cast<uintptr_t>(__builtin_dwarf_cfa())};
+                              reinterpret_cast<uintptr_t>(__builtin_dwarf_cfa()),
+                              *static_cast<const uintptr_t*>(__builtin_frame_address(0)), true};
   int entry;
   if (capture) {
     CapturedStack out;
@@ -966,20 +971,34 @@ __attribute__((noinline)) int memo_via_b(const Unwinder& unwinder, TraceCache& c
   asm volatile("" ::: "memory");
   return entry;
 }
-// Through a frame of varying size (alloca: it keeps a frame pointer).
+// Through a frame of varying size (alloca: it keeps a frame pointer),
+// whose %rbp the start frame gives.
 __attribute__((noinline)) int memo_below_alloca(const Unwinder& unwinder, TraceCache& cache, StackMemo& memo,
-                                                size_t bytes) {
+                                                size_t bytes, bool capture) {
   auto* buffer = static_cast<volatile char*>(alloca(bytes));
   buffer[0] = 1;
-  const int entry = memo_middle(unwinder, cache, memo, true);
+  const int entry = memo_leaf(unwinder, cache, memo, capture);
   asm volatile("" ::: "memory");
   return entry + buffer[0] - 1;
+}
+__attribute__((noinline)) int memo_above_alloca(const Unwinder& unwinder, TraceCache& cache, StackMemo& memo,
+                                                size_t bytes, bool capture) {
+  const int entry = memo_below_alloca(unwinder, cache, memo, bytes, capture);
+  asm volatile("" ::: "memory");
+  return entry;
+}
+__attribute__((noinline)) int memo_via_alloca(const Unwinder& unwinder, TraceCache& cache, StackMemo& memo,
+                                              size_t bytes, bool capture) {
+  const int entry = memo_above_alloca(unwinder, cache, memo, bytes, capture);
+  asm volatile("" ::: "memory");
+  return entry;
 }
 
 // A stack is recalled from the memo where it was remembered and its site
 // named, from the same stack only: not through another outer stack, not
-// once libraries were unloaded (forget_frames) or the memo reset; and a
-// stack through a frame of varying size is never remembered.
+// once libraries were unloaded (forget_frames) or the memo reset. A stack
+// through a frame of varying size (a frame pointer's) is recalled at the
+// same size, its %rbp checked.
 TEST(StackMemo, RecallsTheSameStackOnly) {
   Unwinder unwinder;
   ASSERT_TRUE(unwinder.load(false));
@@ -1009,9 +1028,21 @@ TEST(StackMemo, RecallsTheSameStackOnly) {
   EXPECT_EQ(memo_via_a(unwinder, *cache, *memo, false), entry);
   memo->reset(4);
   EXPECT_EQ(memo_via_a(unwinder, *cache, *memo, false), -1) << "void after reset";
-  for (size_t bytes : {64u, 64u, 64u, 4000u}) {
-    EXPECT_EQ(memo_below_alloca(unwinder, *cache, *memo, bytes), -1) << bytes << " bytes";
+  for (size_t bytes : {64u, 4000u}) {
+    entry = -1;
+    for (int i = 0; i < 4 && entry < 0; ++i) entry = memo_via_alloca(unwinder, *cache, *memo, bytes, true);
+    ASSERT_GE(entry, 0) << bytes << " bytes";
+    EXPECT_GE(memo->entries[entry].pointers, 1u) << "the alloca frame's %rbp, checked";
+    memo->name(entry, static_cast<uint32_t>(bytes));
+    EXPECT_EQ(memo_via_alloca(unwinder, *cache, *memo, bytes, false), entry) << bytes << " bytes";
+    EXPECT_EQ(memo_via_alloca(unwinder, *cache, *memo, bytes + 16, false), -1) << "another size";
   }
+  // A frame pointer's %rbp changed (as by another frame size at the same
+  // place): not recalled.
+  entry = memo_via_alloca(unwinder, *cache, *memo, 64, false);
+  ASSERT_GE(entry, 0);
+  memo->entries[entry].rbp[0] ^= 16;
+  EXPECT_EQ(memo_via_alloca(unwinder, *cache, *memo, 64, false), -1);
   memo->reset(0);
   EXPECT_FALSE(memo->on());
   EXPECT_EQ(memo_via_a(unwinder, *cache, *memo, true), -1) << "off: nothing remembered";
