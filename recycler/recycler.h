@@ -78,6 +78,13 @@ inline void bump_counter(std::atomic<T>& counter, T by = 1) {
   counter.store(counter.load(std::memory_order_relaxed) + by, std::memory_order_relaxed);
 }
 
+// Whether any bin in `cache` is sized (none in mode profile).
+inline bool any_sized_bin(const ThreadCache& cache) {
+  uint64_t sized = 0;
+  for (const uint64_t word : cache.sized) sized |= word;
+  return sized != 0;
+}
+
 // Calls visit(c) for every class whose bin in `cache` is sized (used since
 // the cache was last flushed).
 template <typename Visit>

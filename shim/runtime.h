@@ -112,9 +112,7 @@ uint64_t pooled_frees_of_sized_bins(const ThreadState& state);
 HOTPOOL_ALWAYS_INLINE uint64_t thread_ops(const ThreadState& state) {
   const uint64_t ops =
       state.stats.calls.load(std::memory_order_relaxed) + state.alloc_base + state.window - state.countdown;
-  uint64_t sized = 0;
-  for (const uint64_t word : state.cache.sized) sized |= word;
-  return sized ? ops + pooled_frees_of_sized_bins(state) : ops;
+  return recycler::any_sized_bin(state.cache) ? ops + pooled_frees_of_sized_bins(state) : ops;
 }
 // The owner's pooled class c after a slow path (refill, drain, tick,
 // realloc in place): its pooled frees written out (pooled_frees_of), its

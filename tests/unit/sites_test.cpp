@@ -921,18 +921,20 @@ TEST(FrameTable, AFrameOfVaryingSizeWhoseRbpIsNotKnownIsWalkedNeverReplayedAtASt
 }
 
 // The stack memo. memo_leaf's start frame is its own (as the allocator's
-// entry gives its own): it captures, remembering the stack, or recalls it.
-// memo_outer_a and memo_outer_b reach the same start frame (the same call
-// site in memo_middle, at the same depth when their frames have the same
-// size) through different outer stacks. memo_leaf keeps a frame pointer:
-// its caller's %rbp is then the one its prologue saved (the allocator's
-// entry passes it on in the start frame too).
-__attribute__((noinline, optimize("no-omit-frame-pointer"))) int memo_leaf(const Unwinder& unwinder,
-                                                                          TraceCache& cache, StackMemo& memo,
-                                                                          bool capture) {
+// entry gives its own): it captures, remembering the stack, or recalls it;
+// memo_last_start is that start frame. memo_via<0> and memo_via<1> reach
+// the same start frame (the same call site in memo_middle, at the same
+// depth: their frames and memo_outer's have the same size) through
+// different outer stacks. memo_leaf keeps a frame pointer: its caller's
+// %rbp is then the one its prologue saved (the allocator's entry passes it
+// on in the start frame too). noipa: no two of these are folded into one.
+Unwinder::Frame memo_last_start;
+__attribute__((noipa, optimize("no-omit-frame-pointer"))) int memo_leaf(const Unwinder& unwinder, TraceCache& cache,
+                                                                       StackMemo& memo, bool capture) {
   const Unwinder::Frame start{reinterpret_cast<uintptr_t>(__builtin_return_address(0)),
                               reinterpret_cast<uintptr_t>(__builtin_dwarf_cfa()),
                               *static_cast<const uintptr_t*>(__builtin_frame_address(0)), true};
+  memo_last_start = start;
   int entry;
   if (capture) {
     CapturedStack out;
@@ -944,36 +946,28 @@ __attribute__((noinline, optimize("no-omit-frame-pointer"))) int memo_leaf(const
   asm volatile("" ::: "memory");
   return entry;
 }
-__attribute__((noinline)) int memo_middle(const Unwinder& unwinder, TraceCache& cache, StackMemo& memo, bool capture) {
+__attribute__((noipa)) int memo_middle(const Unwinder& unwinder, TraceCache& cache, StackMemo& memo, bool capture) {
   const int entry = memo_leaf(unwinder, cache, memo, capture);
   asm volatile("" ::: "memory");
   return entry;
 }
-__attribute__((noinline)) int memo_outer_a(const Unwinder& unwinder, TraceCache& cache, StackMemo& memo, bool capture) {
+template <int kWhich>
+__attribute__((noipa)) int memo_outer(const Unwinder& unwinder, TraceCache& cache, StackMemo& memo, bool capture) {
   const int entry = memo_middle(unwinder, cache, memo, capture);
   asm volatile("" ::: "memory");
   return entry;
-}
-__attribute__((noinline)) int memo_outer_b(const Unwinder& unwinder, TraceCache& cache, StackMemo& memo, bool capture) {
-  const int entry = memo_middle(unwinder, cache, memo, capture);
-  asm volatile("" ::: "memory");
-  return entry + 0;
 }
 // One call site each for the test's calls: a capture of 4 frames (none
 // skipped here) checks the frames up to the one returning into these.
-__attribute__((noinline)) int memo_via_a(const Unwinder& unwinder, TraceCache& cache, StackMemo& memo, bool capture) {
-  const int entry = memo_outer_a(unwinder, cache, memo, capture);
-  asm volatile("" ::: "memory");
-  return entry;
-}
-__attribute__((noinline)) int memo_via_b(const Unwinder& unwinder, TraceCache& cache, StackMemo& memo, bool capture) {
-  const int entry = memo_outer_b(unwinder, cache, memo, capture);
+template <int kWhich>
+__attribute__((noipa)) int memo_via(const Unwinder& unwinder, TraceCache& cache, StackMemo& memo, bool capture) {
+  const int entry = memo_outer<kWhich>(unwinder, cache, memo, capture);
   asm volatile("" ::: "memory");
   return entry;
 }
 // Through a frame of varying size (alloca: it keeps a frame pointer),
 // whose %rbp the start frame gives.
-__attribute__((noinline)) int memo_below_alloca(const Unwinder& unwinder, TraceCache& cache, StackMemo& memo,
+__attribute__((noipa)) int memo_below_alloca(const Unwinder& unwinder, TraceCache& cache, StackMemo& memo,
                                                 size_t bytes, bool capture) {
   auto* buffer = static_cast<volatile char*>(alloca(bytes));
   buffer[0] = 1;
@@ -981,13 +975,13 @@ __attribute__((noinline)) int memo_below_alloca(const Unwinder& unwinder, TraceC
   asm volatile("" ::: "memory");
   return entry + buffer[0] - 1;
 }
-__attribute__((noinline)) int memo_above_alloca(const Unwinder& unwinder, TraceCache& cache, StackMemo& memo,
+__attribute__((noipa)) int memo_above_alloca(const Unwinder& unwinder, TraceCache& cache, StackMemo& memo,
                                                 size_t bytes, bool capture) {
   const int entry = memo_below_alloca(unwinder, cache, memo, bytes, capture);
   asm volatile("" ::: "memory");
   return entry;
 }
-__attribute__((noinline)) int memo_via_alloca(const Unwinder& unwinder, TraceCache& cache, StackMemo& memo,
+__attribute__((noipa)) int memo_via_alloca(const Unwinder& unwinder, TraceCache& cache, StackMemo& memo,
                                               size_t bytes, bool capture) {
   const int entry = memo_above_alloca(unwinder, cache, memo, bytes, capture);
   asm volatile("" ::: "memory");
@@ -1008,26 +1002,30 @@ TEST(StackMemo, RecallsTheSameStackOnly) {
   // The first capture is walked by libgcc (nothing to remember), the next
   // replayed and remembered.
   int entry = -1;
-  for (int i = 0; i < 4 && entry < 0; ++i) entry = memo_via_a(unwinder, *cache, *memo, true);
+  for (int i = 0; i < 4 && entry < 0; ++i) entry = memo_via<0>(unwinder, *cache, *memo, true);
   ASSERT_GE(entry, 0) << "walked " << cache->walked << ", replayed " << cache->replayed;
-  EXPECT_EQ(memo_via_a(unwinder, *cache, *memo, false), -1) << "no site named yet";
+  EXPECT_EQ(memo_via<0>(unwinder, *cache, *memo, false), -1) << "no site named yet";
   memo->name(entry, 42);
-  EXPECT_EQ(memo_via_a(unwinder, *cache, *memo, false), entry);
-  EXPECT_EQ(memo_via_a(unwinder, *cache, *memo, false), entry);
+  EXPECT_EQ(memo_via<0>(unwinder, *cache, *memo, false), entry);
+  EXPECT_EQ(memo_via<0>(unwinder, *cache, *memo, false), entry);
   EXPECT_EQ(memo->recalled, 2u);
   EXPECT_EQ(memo->entries[entry].site, 42u);
-  EXPECT_EQ(memo_via_b(unwinder, *cache, *memo, false), -1) << "another outer stack";
-  EXPECT_EQ(memo_via_a(unwinder, *cache, *memo, false), entry) << "and the first one still";
+  const Unwinder::Frame start_a = memo_last_start;
+  EXPECT_EQ(memo_via<1>(unwinder, *cache, *memo, false), -1) << "another outer stack";
+  // (From the same start frame: only the frames beyond it tell the stacks apart.)
+  EXPECT_EQ(memo_last_start.return_address, start_a.return_address);
+  EXPECT_EQ(memo_last_start.cfa, start_a.cfa);
+  EXPECT_EQ(memo_via<0>(unwinder, *cache, *memo, false), entry) << "and the first one still";
   unwinder.forget_frames();
-  EXPECT_EQ(memo_via_a(unwinder, *cache, *memo, false), -1) << "void after forget_frames";
+  EXPECT_EQ(memo_via<0>(unwinder, *cache, *memo, false), -1) << "void after forget_frames";
   // Remembered again once replayed, then reset.
   entry = -1;
-  for (int i = 0; i < 4 && entry < 0; ++i) entry = memo_via_a(unwinder, *cache, *memo, true);
+  for (int i = 0; i < 4 && entry < 0; ++i) entry = memo_via<0>(unwinder, *cache, *memo, true);
   ASSERT_GE(entry, 0);
   memo->name(entry, 43);
-  EXPECT_EQ(memo_via_a(unwinder, *cache, *memo, false), entry);
+  EXPECT_EQ(memo_via<0>(unwinder, *cache, *memo, false), entry);
   memo->reset(4);
-  EXPECT_EQ(memo_via_a(unwinder, *cache, *memo, false), -1) << "void after reset";
+  EXPECT_EQ(memo_via<0>(unwinder, *cache, *memo, false), -1) << "void after reset";
   for (size_t bytes : {64u, 4000u}) {
     entry = -1;
     for (int i = 0; i < 4 && entry < 0; ++i) entry = memo_via_alloca(unwinder, *cache, *memo, bytes, true);
@@ -1035,7 +1033,7 @@ TEST(StackMemo, RecallsTheSameStackOnly) {
     EXPECT_GE(memo->entries[entry].pointers, 1u) << "the alloca frame's %rbp, checked";
     memo->name(entry, static_cast<uint32_t>(bytes));
     EXPECT_EQ(memo_via_alloca(unwinder, *cache, *memo, bytes, false), entry) << bytes << " bytes";
-    EXPECT_EQ(memo_via_alloca(unwinder, *cache, *memo, bytes + 16, false), -1) << "another size";
+    EXPECT_EQ(memo_via_alloca(unwinder, *cache, *memo, bytes + 16, false), -1) << "another size: another start frame";
   }
   // A frame pointer's %rbp changed (as by another frame size at the same
   // place): not recalled.
@@ -1045,7 +1043,7 @@ TEST(StackMemo, RecallsTheSameStackOnly) {
   EXPECT_EQ(memo_via_alloca(unwinder, *cache, *memo, 64, false), -1);
   memo->reset(0);
   EXPECT_FALSE(memo->on());
-  EXPECT_EQ(memo_via_a(unwinder, *cache, *memo, true), -1) << "off: nothing remembered";
+  EXPECT_EQ(memo_via<0>(unwinder, *cache, *memo, true), -1) << "off: nothing remembered";
 }
 
 // A capture may start at a frame above its caller's (the allocator's entry
