@@ -157,28 +157,52 @@ const char* advice(const SiteRow& row) {
   return "";
 }
 
+// One frame of the text report: "function (file:line)", or "function
+// (module+0xoffset)" without debug information.
+void write_frame(Output& out, const char* function, const char* file, unsigned line, const Symbol& symbol) {
+  out.str(function);
+  if (file[0]) {
+    const char* slash = std::strrchr(file, '/');
+    out.str(" (").str(slash ? slash + 1 : file).ch(':').u64(line).ch(')');
+  } else if (symbol.module[0]) {
+    out.str(" (").str(symbol.module).str("+0x");
+    char hex[17];
+    int n = 0;
+    uintptr_t value = symbol.offset;
+    do hex[n++] = "0123456789abcdef"[value & 15]; while (value >>= 4);
+    while (n) out.ch(hex[--n]);
+    out.ch(')');
+  }
+}
+
+// A site's stack, innermost first: its first view.frames return addresses,
+// each preceded by the functions inlined there (an optimized build's
+// allocating function is often inlined into its caller), at most twice
+// that many in all but for the first address's, which are all shown.
 void write_frames(const SamplingView& view, uint32_t id, Output& out, const char* indent) {
   const uintptr_t* ips = nullptr;
   const unsigned depth = view.depot->stack(id, &ips);
+  const unsigned most = 2 * view.frames;
   out.str(indent);
-  for (unsigned f = 0; f < depth && f < view.frames; ++f) {
+  unsigned shown = 0, f = 0;
+  bool cut = false;
+  for (; f < depth && f < view.frames && !cut; ++f) {
     const Symbol& symbol = *view.symbolize(ips[f]);
-    if (f) out.str(" <- ");
-    out.str(symbol.function);
-    if (symbol.file[0]) {
-      const char* slash = std::strrchr(symbol.file, '/');
-      out.str(" (").str(slash ? slash + 1 : symbol.file).ch(':').u64(symbol.line).ch(')');
-    } else if (symbol.module[0]) {
-      out.str(" (").str(symbol.module).str("+0x");
-      char hex[17];
-      int n = 0;
-      uintptr_t value = symbol.offset;
-      do hex[n++] = "0123456789abcdef"[value & 15]; while (value >>= 4);
-      while (n) out.ch(hex[--n]);
-      out.ch(')');
+    for (unsigned i = 0; i <= symbol.inlined_count; ++i) {
+      if (f && shown >= most) {
+        cut = true;
+        break;
+      }
+      if (shown++) out.str(" <- ");
+      if (i < symbol.inlined_count) {
+        const InlinedFrame& inlined = symbol.inlined[i];
+        write_frame(out, inlined.function, inlined.file, inlined.line, symbol);
+      } else {
+        write_frame(out, symbol.function, symbol.file, symbol.line, symbol);
+      }
     }
   }
-  if (depth > view.frames) out.str(" <- ...");
+  if (cut || depth > f) out.str(" <- ...");
   out.ch('\n');
 }
 
@@ -434,9 +458,18 @@ void write_json_sampling(const StatsSnapshot& stats, const SamplingView* view, u
     const unsigned depth = view->depot->stack(row.id, &ips);
     for (unsigned f = 0; f < depth && f < kJsonFrames; ++f) {
       const Symbol& symbol = *view->symbolize(ips[f]);
-      out.str(f ? ", " : "").str("{\"function\": ").json_string(symbol.function)
-          .str(", \"file\": ").json_string(symbol.file).str(", \"line\": ").u64(symbol.line)
-          .str(", \"module\": ").json_string(symbol.module).str(", \"offset\": ").u64(symbol.offset).ch('}');
+      // The functions inlined at this address first (innermost first), each
+      // marked inlined, then the address's own function.
+      for (unsigned level = 0; level <= symbol.inlined_count; ++level) {
+        const bool inlined = level < symbol.inlined_count;
+        const InlinedFrame* frame = inlined ? &symbol.inlined[level] : nullptr;
+        out.str(f || level ? ", " : "").str("{\"function\": ")
+            .json_string(frame ? frame->function : symbol.function)
+            .str(", \"file\": ").json_string(frame ? frame->file : symbol.file)
+            .str(", \"line\": ").u64(frame ? frame->line : symbol.line)
+            .str(", \"inlined\": ").str(inlined ? "true" : "false")
+            .str(", \"module\": ").json_string(symbol.module).str(", \"offset\": ").u64(symbol.offset).ch('}');
+      }
     }
     out.str("]}");
   }

@@ -310,7 +310,74 @@ CacheEntry* cache_slot(uintptr_t address) {
   return nullptr;  // full here: symbolize without caching
 }
 
-void symbolize_uncached(uintptr_t return_address, Symbol* out) {
+// The functions inlined at `call`, innermost first, into `out` (at most
+// Symbol::kMaxInlined); how many there are. libbacktrace reports each
+// level of DWARF's inlining records at an address, innermost first, the
+// function they were all inlined into last: that last one is Boost's
+// frame (its name and line), so the levels before it are the inlined
+// ones. Boost.Stacktrace keeps the last level only; this asks the same
+// libbacktrace state (Boost's, per thread) for all of them.
+#ifdef HOTPOOL_STATIC_BACKTRACE
+struct InlineLevels {
+  InlinedFrame* out;
+  unsigned count;  // levels seen, the outermost included
+};
+
+int collect_level(void* data, uintptr_t, const char* file, int line, const char* function) {
+  auto& levels = *static_cast<InlineLevels*>(data);
+  // One more than kept: the outermost is the frame itself, not kept here.
+  if (levels.count < Symbol::kMaxInlined + 1) {
+    InlinedFrame& frame = levels.out[levels.count];
+    copy(frame.function, sizeof(frame.function), function ? boost::core::demangle(function).c_str() : "??");
+    copy(frame.file, sizeof(frame.file), file ? file : "");
+    frame.line = line > 0 ? static_cast<unsigned>(line) : 0;
+  }
+  ++levels.count;
+  return 0;  // go on to the next level
+}
+
+void ignore_error(void*, const char*, int) {}
+
+unsigned inlined_at(uintptr_t call, InlinedFrame* out) {
+  const boost::stacktrace::detail::program_location program;
+  backtrace_state* state = boost::stacktrace::detail::construct_state(program);
+  if (!state) return 0;
+  static InlinedFrame levels[Symbol::kMaxInlined + 1];  // 6 KiB, off the stack (calls are serialized)
+  InlineLevels collected = {levels, 0};
+  backtrace_pcinfo(state, call, collect_level, ignore_error, &collected);
+  if (collected.count < 2) return 0;
+  const unsigned inlined = std::min(collected.count - 1, Symbol::kMaxInlined);
+  std::memcpy(out, levels, inlined * sizeof(InlinedFrame));
+  return inlined;
+}
+#else
+// Boost's shared library keeps its libbacktrace to itself: no inlined frames.
+unsigned inlined_at(uintptr_t, InlinedFrame*) { return 0; }
+#endif
+
+// Inlined frames of cached symbols live as long as the cache: in chunks of
+// our own memory, never freed.
+InlinedFrame* keep_inlined(const InlinedFrame* frames, unsigned count) {
+  constexpr size_t kChunk = 256 << 10;
+  static char* next = nullptr;
+  static size_t left = 0;
+  const size_t bytes = count * sizeof(InlinedFrame);
+  if (bytes > left) {
+    void* memory = mmap(nullptr, kChunk, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (memory == MAP_FAILED) return nullptr;
+    next = static_cast<char*>(memory);
+    left = kChunk;
+  }
+  auto* kept = reinterpret_cast<InlinedFrame*>(next);
+  std::memcpy(kept, frames, bytes);
+  next += bytes;
+  left -= bytes;
+  return kept;
+}
+
+// `inlined`: where the inlined frames go when the symbol is not cached
+// (else they are kept with keep_inlined).
+void symbolize_uncached(uintptr_t return_address, Symbol* out, InlinedFrame* inlined) {
   *out = Symbol{};
   const uintptr_t call = return_address - 1;
   Module* module = module_of(call);
@@ -332,6 +399,16 @@ void symbolize_uncached(uintptr_t return_address, Symbol* out) {
   const std::string file = frame.source_file();
   copy(out->file, sizeof(out->file), file.c_str());
   out->line = static_cast<unsigned>(frame.source_line());
+  static InlinedFrame found[Symbol::kMaxInlined];  // as levels in inlined_at
+  const unsigned count = inlined_at(call, found);
+  if (count == 0) return;
+  if (inlined) {
+    std::memcpy(inlined, found, count * sizeof(InlinedFrame));
+    out->inlined = inlined;
+  } else {
+    out->inlined = keep_inlined(found, count);
+  }
+  if (out->inlined) out->inlined_count = count;
 }
 }  // namespace
 
@@ -339,8 +416,9 @@ const Symbol* symbolize_cached(uintptr_t return_address) {
   CacheEntry* entry = cache_slot(return_address);
   if (entry && entry->address == return_address) return &entry->symbol;
   static Symbol uncached;  // when the cache is full here (or has no memory)
+  static InlinedFrame uncached_inlined[Symbol::kMaxInlined];
   Symbol* out = entry ? &entry->symbol : &uncached;
-  symbolize_uncached(return_address, out);
+  symbolize_uncached(return_address, out, entry ? nullptr : uncached_inlined);
   if (entry) entry->address = return_address;
   return out;
 }

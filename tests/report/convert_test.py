@@ -25,13 +25,13 @@ def check(condition, what):
         print("FAILED: " + what)
 
 
-def run_report(args, sample="1", sample_bytes="0"):
-    report = os.path.join(args.workdir, "run-%s-%s.json" % (sample, sample_bytes))
+def run_report(args, sample="1", sample_bytes="0", scenario="patterns"):
+    report = os.path.join(args.workdir, "run-%s-%s-%s.json" % (scenario, sample, sample_bytes))
     if os.path.exists(report):
         os.remove(report)
     env = dict(os.environ, LD_PRELOAD=args.library, HOTPOOL_MODE="profile", HOTPOOL_SAMPLE=sample,
                HOTPOOL_SAMPLE_BYTES=sample_bytes, HOTPOOL_OUTPUT=report)
-    subprocess.run([args.program, "patterns", str(COUNT)], env=env, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run([args.program, scenario, str(COUNT)], env=env, check=True, stdout=subprocess.DEVNULL)
     with open(report) as file:
         return report, json.load(file)
 
@@ -107,20 +107,22 @@ def test_pprof(args, path, report):
     keys = {"allocations": "estimated_allocations", "space": "sampled_bytes", "live_at_exit": "live_at_exit",
             "short_lived": "short_lived", "frame_local": "frame_local"}
     for sample, site in zip(profile.sample, sites):
-        check(len(sample.location_id) == len(site["frames"]), "pprof: a location per frame of site %d" % site["id"])
-        for location_id, frame in zip(sample.location_id, site["frames"]):  # the leaf first in both
+        addresses = return_addresses(site["frames"])
+        check(len(sample.location_id) == len(addresses), "pprof: a location per return address of site %d" % site["id"])
+        for location_id, address in zip(sample.location_id, addresses):  # the leaf first in both
             location = locations.get(location_id)
-            if location is None or not location.line or location.mapping_id not in mappings:
-                check(False, "pprof: location %d resolves" % location_id)
+            if location is None or len(location.line) != len(address) or location.mapping_id not in mappings:
+                check(False, "pprof: location %d resolves, a line per frame" % location_id)
                 continue
             mapping = mappings[location.mapping_id]
             check(location.id and mapping.memory_start <= location.address < mapping.memory_limit,
                   "pprof: location %d has an id and lies in its mapping" % location_id)
-            function = functions[location.line[0].function_id]
-            if frame["function"] != "??":
-                check(strings[function.name] == frame["function"], "pprof: function %s" % frame["function"])
-            check(location.line[0].line == frame["line"], "pprof: line of %s" % frame["function"])
-            check(strings[mappings[location.mapping_id].filename] == frame["module"], "pprof: module of a frame")
+            for line, frame in zip(location.line, address):  # the inlined frames first, the address's own last
+                function = functions[line.function_id]
+                if frame["function"] != "??":
+                    check(strings[function.name] == frame["function"], "pprof: function %s" % frame["function"])
+                check(line.line == frame["line"], "pprof: line of %s" % frame["function"])
+            check(strings[mappings[location.mapping_id].filename] == address[-1]["module"], "pprof: module of a frame")
         for index, (kind, _) in enumerate(types):
             if kind in keys:
                 check(sample.value[index] == site[keys[kind]], "pprof: %s of site %d" % (kind, site["id"]))
@@ -130,6 +132,42 @@ def test_pprof(args, path, report):
     leaf_lines = [locations[sample.location_id[0]].line[0] for sample in profile.sample]
     named = [strings[functions[line.function_id].name] for line in leaf_lines]
     check(any("frame_local_site" in name for name in named), "pprof: a sample's leaf is frame_local_site")
+
+
+def return_addresses(frames):
+    """The report's frames grouped by return address: the frames inlined
+    there (marked), then the address's own."""
+    groups, group = [], []
+    for frame in frames:
+        group.append(frame)
+        if not frame.get("inlined"):
+            groups.append(group)
+            group = []
+    return groups + ([group] if group else [])
+
+
+def test_inlined(args):
+    # sites_program's allocation in inlined_allocate, inlined into
+    # inlined_middle, inlined into inlining_caller: one return address.
+    path, report = run_report(args, scenario="inlined")
+    chain = ["inlining_caller", "inlined_middle", "inlined_allocate"]
+    stacks = [stack for stack, _ in collapsed_lines(convert(args, path))
+              if stack and stack[-1].startswith("inlined_allocate")]
+    check(len(stacks) == 1 and all(name in frame for name, frame in zip(chain, stacks[0][-3:]))
+          and any(frame == "main" for frame in stacks[0][:-3]),
+          "collapsed: main, then %s, got %s" % (";".join(chain), stacks))
+    output = os.path.join(args.workdir, "inlined.pb.gz")
+    convert(args, path, "--format", "pprof", "--output", output)
+    module = importlib.import_module(os.path.splitext(os.path.basename(args.proto))[0] + "_pb2")
+    with open(output, "rb") as file:
+        profile = module.Profile.FromString(gzip.decompress(file.read()))
+    strings = list(profile.string_table)
+    locations = {location.id: location for location in profile.location}
+    functions = {function.id: function for function in profile.function}
+    leaves = [locations[sample.location_id[0]] for sample in profile.sample if sample.location_id]
+    named = [[strings[functions[line.function_id].name] for line in leaf.line] for leaf in leaves]
+    check(any(len(lines) == 3 and all(name in line for name, line in zip(reversed(chain), lines)) for lines in named),
+          "pprof: a location with lines %s, got %s" % (list(reversed(chain)), named))
 
 
 def test_scaled(args):
@@ -207,6 +245,7 @@ def main():
     check(report["sampling"]["rate"] == 1, "the report samples every allocation")
     test_collapsed(args, path, report)
     test_pprof(args, path, report)
+    test_inlined(args)
     test_scaled(args)
     test_by_bytes(args)
     test_inputs(args)

@@ -273,6 +273,21 @@ NOINLINE int recurse(int depth) {
   return below + 1;  // not a tail call
 }
 
+// An allocation in a function inlined into another inlined one, inlined
+// into a function of its own frame (always_inline: at any optimization
+// level): one return address, three functions.
+__attribute__((always_inline)) inline void* inlined_allocate(size_t size) {
+  return std::malloc(size);  // SITE: inlined_malloc
+}
+__attribute__((always_inline)) inline void inlined_middle(size_t size) {
+  void* block = inlined_allocate(size);  // SITE: inlined_call
+  g_sink = block;
+  std::free(block);
+}
+NOINLINE void inlining_caller() {
+  inlined_middle(88);  // SITE: inlined_into
+}
+
 using LibraryFunction = void (*)(int);
 
 NOINLINE int call_library(const char* path, bool unload, int count) {
@@ -487,6 +502,8 @@ int main(int argc, char** argv) {
       pvalloc_site();
     }
     if (g_misaligned) return std::printf("misaligned\n"), 1;
+  } else if (std::strcmp(what, "inlined") == 0) {
+    for (int i = 0; i < count; ++i) inlining_caller();
   } else if (std::strcmp(what, "dlopen") == 0) {
     const int repeat = argc > 4 ? std::atoi(argv[4]) : 100;
     if (argc < 4 || call_library(argv[2], false, repeat) != 0 || call_library(argv[3], true, repeat) != 0) return 1;

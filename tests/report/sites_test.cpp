@@ -615,6 +615,57 @@ TEST_F(SitesTest, ARecursionDeeperThanTheDepthOptionKeepsItsInnermostFrames) {
   }
 }
 
+// An allocation inside functions the compiler inlined: the report names
+// each of them, innermost first, with its line, marked inlined, then the
+// function they were inlined into (the return address's own), with the
+// line where they were. The text report shows the same chain.
+TEST_F(SitesTest, InlinedFunctionsAreNamedWithTheirLines) {
+  constexpr uint64_t kRepeat = 300;
+  const Json report = run({"inlined", std::to_string(kRepeat)}, {"HOTPOOL_SAMPLE=1", "HOTPOOL_MODE=profile"});
+  const struct {
+    const char* function;
+    const char* marker;
+    bool inlined;
+  } expected[] = {{"inlined_allocate", "inlined_malloc", true},
+                  {"inlined_middle", "inlined_call", true},
+                  {"inlining_caller", "inlined_into", false}};
+  unsigned found = 0;
+  for (const Json& row : report["sites"]) {
+    const Json& frames = row["frames"];
+    if (frames.empty() || frames[0]["function"].get<std::string>().find("inlined_allocate") == std::string::npos)
+      continue;
+    ++found;
+    EXPECT_EQ(row["sampled_allocations"].get<uint64_t>(), kRepeat) << row;
+    EXPECT_EQ(row["frame_local"].get<uint64_t>(), kRepeat) << "freed by inlined_middle, in inlining_caller's frame";
+    ASSERT_GE(frames.size(), 4u) << row;
+    for (unsigned f = 0; f < 3; ++f) {
+      EXPECT_NE(frames[f]["function"].get<std::string>().find(expected[f].function), std::string::npos) << frames[f];
+      EXPECT_EQ(frames[f]["line"].get<unsigned>(), site_line(expected[f].marker)) << frames[f];
+      EXPECT_NE(frames[f]["file"].get<std::string>().find("sites_program.cpp"), std::string::npos) << frames[f];
+      EXPECT_EQ(frames[f]["inlined"].get<bool>(), expected[f].inlined) << frames[f];
+      // One return address: the same module and offset for all three.
+      EXPECT_EQ(frames[f]["offset"], frames[2]["offset"]) << frames[f];
+      EXPECT_EQ(frames[f]["module"], frames[2]["module"]) << frames[f];
+    }
+    EXPECT_NE(frames[3]["function"].get<std::string>().find("main"), std::string::npos) << frames[3];
+    EXPECT_FALSE(frames[3]["inlined"].get<bool>()) << frames[3];
+    EXPECT_NE(frames[3]["offset"], frames[2]["offset"]);
+  }
+  EXPECT_EQ(found, 1u);
+
+  int status = 0;
+  const std::string text = run_text({"inlined", std::to_string(kRepeat)}, {"HOTPOOL_SAMPLE=1", "HOTPOOL_MODE=profile"}, &status);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+  const size_t at = text.find("(sites_program.cpp:" + std::to_string(site_line("inlined_malloc")) + ")");
+  ASSERT_NE(at, std::string::npos) << text;
+  const size_t middle = text.find("(sites_program.cpp:" + std::to_string(site_line("inlined_call")) + ")", at);
+  const size_t caller = text.find("(sites_program.cpp:" + std::to_string(site_line("inlined_into")) + ")", at);
+  EXPECT_NE(middle, std::string::npos) << text;
+  EXPECT_NE(caller, std::string::npos) << text;
+  EXPECT_LT(middle, caller) << text;
+  EXPECT_NE(text.find("inlining_caller", middle), std::string::npos) << text;
+}
+
 // Code loaded with dlopen(): a stripped library's function is named from
 // its dynamic symbols, with its module; a library unloaded before the
 // report leaves frames that cannot be named, and the report is still whole.
