@@ -5,12 +5,17 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <cstdio>
+#include <iterator>
 #include <memory>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include "reporter/class_stats.h"
+#include "reporter/sites.h"
+#include "reporter/unwinder.h"
 
 namespace hotpool::reporter {
 namespace {
@@ -226,6 +231,90 @@ TEST_F(ReportTest, TextTableShowsOnlyUsedClassesAndTheLargeRow) {
   EXPECT_NE(text.find("       large          1"), std::string::npos) << text;
   EXPECT_EQ(text.find("        32 B"), std::string::npos) << text;
   EXPECT_NE(text.find("       total          2"), std::string::npos) << text;
+}
+
+// A symbolizer for made-up return addresses: address k * 0x1000 is "fk"
+// (x.cpp, line k), with kInlined[k] functions inlined there, "fk_in0"
+// innermost (h.h, lines 100, 101, ...).
+constexpr unsigned kInlined[] = {0, 10, 0, 3, 0, 0, 0, 0, 2};
+const Symbol* made_up_symbolize(uintptr_t address) {
+  static Symbol symbol;
+  static InlinedFrame inlined[Symbol::kMaxInlined];
+  const unsigned k = static_cast<unsigned>(address >> 12);
+  symbol = Symbol{};
+  std::snprintf(symbol.function, sizeof symbol.function, "f%u", k);
+  std::snprintf(symbol.file, sizeof symbol.file, "/src/x.cpp");
+  symbol.line = k;
+  std::snprintf(symbol.module, sizeof symbol.module, "prog");
+  symbol.offset = address;
+  symbol.inlined_count = k < std::size(kInlined) ? kInlined[k] : 0;
+  for (unsigned i = 0; i < symbol.inlined_count; ++i) {
+    inlined[i] = InlinedFrame{};
+    std::snprintf(inlined[i].function, sizeof inlined[i].function, "f%u_in%u", k, i);
+    std::snprintf(inlined[i].file, sizeof inlined[i].file, "/src/h.h");
+    inlined[i].line = 100 + i;
+  }
+  symbol.inlined = inlined;
+  return &symbol;
+}
+
+// Functions inlined at a return address are frames of the stack: the text
+// report shows a site's first 4 addresses, each with its inlined functions,
+// at most 8 frames in all but every one of the first address's; the JSON
+// report lists them all, marked inlined, with their address's offset.
+TEST_F(ReportTest, InlinedFunctionsAreFramesOfTheirSitesStack) {
+  auto depot = std::make_unique<StackDepot>();
+  ASSERT_TRUE(depot->init(kMaxDepth));
+  const uintptr_t many_first[] = {0x1000, 0x2000, 0x3000, 0x4000, 0x5000, 0x6000};  // 10 inlined at the first
+  const uintptr_t four_fit[] = {0x2000, 0x3000, 0x4000, 0x5000, 0x7000};           // 7 frames in 4 addresses
+  const uintptr_t cut_inside[] = {0x2000, 0x3000, 0x4000, 0x8000};                 // the 4th address's own is the 9th
+  for (const auto& [stack, depth, bytes] : {std::tuple{many_first, 6u, 3000u}, std::tuple{four_fit, 5u, 2000u},
+                                            std::tuple{cut_inside, 4u, 1000u}}) {
+    const uint32_t id = depot->insert(stack, depth);
+    ASSERT_NE(id, 0u);
+    depot->site(id).add_allocs(1, bytes, bytes, bytes, SampleWeight{});
+  }
+  const auto class_lifetimes = std::make_unique<LifetimeStats[]>(kMaxClasses);  // none sampled
+  const SamplingView view{1, 0, 100000, 65536, 0, 0, 0, 0, 8, 4, 1000000000, depot.get(), class_lifetimes.get(),
+                          made_up_symbolize};
+  ReportContext ctx = context();
+  ctx.sampling = &view;
+  const StatsSnapshot snap = snapshot();
+  const std::string text = capture([&](Output& o) { write_text_report(snap, ctx, o); });
+  std::string all_ten;
+  for (unsigned i = 0; i < 10; ++i) all_ten += "f1_in" + std::to_string(i) + " (h.h:" + std::to_string(100 + i) + ") <- ";
+  EXPECT_NE(text.find("       " + all_ten + "f1 (x.cpp:1) <- ...\n"), std::string::npos) << text;
+  EXPECT_NE(text.find("       f2 (x.cpp:2) <- f3_in0 (h.h:100) <- f3_in1 (h.h:101) <- f3_in2 (h.h:102) <- f3 (x.cpp:3)"
+                      " <- f4 (x.cpp:4) <- f5 (x.cpp:5) <- ...\n"),
+            std::string::npos)
+      << text;
+  EXPECT_NE(text.find("       f2 (x.cpp:2) <- f3_in0 (h.h:100) <- f3_in1 (h.h:101) <- f3_in2 (h.h:102) <- f3 (x.cpp:3)"
+                      " <- f4 (x.cpp:4) <- f8_in0 (h.h:100) <- f8_in1 (h.h:101) <- ...\n"),
+            std::string::npos)
+      << text;
+
+  const nlohmann::json report = nlohmann::json::parse(capture([&](Output& o) { write_json_report(snap, ctx, o); }));
+  bool seen = false;
+  for (const auto& site : report["sites"]) {
+    const auto& frames = site["frames"];
+    if (frames.empty() || frames[0]["function"] != "f1_in0") continue;
+    seen = true;
+    ASSERT_EQ(frames.size(), 10u + 6u + 3u) << site;
+    for (unsigned i = 0; i < 10; ++i) {
+      EXPECT_EQ(frames[i]["function"], "f1_in" + std::to_string(i));
+      EXPECT_EQ(frames[i]["line"], 100 + i);
+      EXPECT_EQ(frames[i]["inlined"], true);
+      EXPECT_EQ(frames[i]["offset"], 0x1000);
+    }
+    EXPECT_EQ(frames[10]["function"], "f1");
+    EXPECT_EQ(frames[10]["inlined"], false);
+    EXPECT_EQ(frames[12]["function"], "f3_in0");
+    EXPECT_EQ(frames[12]["offset"], 0x3000);
+    EXPECT_EQ(frames[15]["function"], "f3");
+    EXPECT_EQ(frames[15]["inlined"], false);
+    EXPECT_EQ(frames[18]["function"], "f6");
+  }
+  EXPECT_TRUE(seen) << report["sites"];
 }
 
 }  // namespace
