@@ -310,8 +310,9 @@ CacheEntry* cache_slot(uintptr_t address) {
   return nullptr;  // full here: symbolize without caching
 }
 
-// The functions inlined at `call`, innermost first, into `out` (at most
-// Symbol::kMaxInlined); how many there are. libbacktrace reports each
+// The functions inlined at `call`, innermost first, into `out` (room for
+// Symbol::kMaxInlined + 1: the outermost level is written there too);
+// how many there are, at most Symbol::kMaxInlined. libbacktrace reports each
 // level of DWARF's inlining records at an address, innermost first, the
 // function they were all inlined into last: that last one is Boost's
 // frame (its name and line), so the levels before it are the inlined
@@ -342,13 +343,9 @@ unsigned inlined_at(uintptr_t call, InlinedFrame* out) {
   const boost::stacktrace::detail::program_location program;
   backtrace_state* state = boost::stacktrace::detail::construct_state(program);
   if (!state) return 0;
-  static InlinedFrame levels[Symbol::kMaxInlined + 1];  // 6 KiB, off the stack (calls are serialized)
-  InlineLevels collected = {levels, 0};
+  InlineLevels collected = {out, 0};
   backtrace_pcinfo(state, call, collect_level, ignore_error, &collected);
-  if (collected.count < 2) return 0;
-  const unsigned inlined = std::min(collected.count - 1, Symbol::kMaxInlined);
-  std::memcpy(out, levels, inlined * sizeof(InlinedFrame));
-  return inlined;
+  return collected.count < 2 ? 0 : std::min(collected.count - 1, Symbol::kMaxInlined);
 }
 #else
 // Boost's shared library keeps its libbacktrace to itself: no inlined frames.
@@ -376,7 +373,7 @@ InlinedFrame* keep_inlined(const InlinedFrame* frames, unsigned count) {
 }
 
 // `inlined`: where the inlined frames go when the symbol is not cached
-// (else they are kept with keep_inlined).
+// (room for Symbol::kMaxInlined + 1; else they are kept with keep_inlined).
 void symbolize_uncached(uintptr_t return_address, Symbol* out, InlinedFrame* inlined) {
   *out = Symbol{};
   const uintptr_t call = return_address - 1;
@@ -399,15 +396,10 @@ void symbolize_uncached(uintptr_t return_address, Symbol* out, InlinedFrame* inl
   const std::string file = frame.source_file();
   copy(out->file, sizeof(out->file), file.c_str());
   out->line = static_cast<unsigned>(frame.source_line());
-  static InlinedFrame found[Symbol::kMaxInlined];  // as levels in inlined_at
-  const unsigned count = inlined_at(call, found);
+  static InlinedFrame found[Symbol::kMaxInlined + 1];  // 6 KiB, off the stack (calls are serialized)
+  const unsigned count = inlined_at(call, inlined ? inlined : found);
   if (count == 0) return;
-  if (inlined) {
-    std::memcpy(inlined, found, count * sizeof(InlinedFrame));
-    out->inlined = inlined;
-  } else {
-    out->inlined = keep_inlined(found, count);
-  }
+  out->inlined = inlined ? inlined : keep_inlined(found, count);
   if (out->inlined) out->inlined_count = count;
 }
 }  // namespace
@@ -416,7 +408,7 @@ const Symbol* symbolize_cached(uintptr_t return_address) {
   CacheEntry* entry = cache_slot(return_address);
   if (entry && entry->address == return_address) return &entry->symbol;
   static Symbol uncached;  // when the cache is full here (or has no memory)
-  static InlinedFrame uncached_inlined[Symbol::kMaxInlined];
+  static InlinedFrame uncached_inlined[Symbol::kMaxInlined + 1];
   Symbol* out = entry ? &entry->symbol : &uncached;
   symbolize_uncached(return_address, out, entry ? nullptr : uncached_inlined);
   if (entry) entry->address = return_address;
