@@ -2,6 +2,9 @@
 
 #include <cstring>
 
+#include "frame_names.h"
+#include "unwinder.h"  // kMaxDepth
+
 namespace hotpool::reporter {
 namespace {
 
@@ -158,9 +161,12 @@ const char* advice(const SiteRow& row) {
 }
 
 // One frame of the text report: "function (file:line)", or "function
-// (module+0xoffset)" without debug information.
+// (module+0xoffset)" without debug information; the function by its short
+// name (frame_names.h).
 void write_frame(Output& out, const char* function, const char* file, unsigned line, const Symbol& symbol) {
-  out.str(function);
+  char name[sizeof symbol.function];
+  short_function_name(function, name, sizeof name);
+  out.str(name);
   if (file[0]) {
     const char* slash = std::strrchr(file, '/');
     out.str(" (").str(slash ? slash + 1 : file).ch(':').u64(line).ch(')');
@@ -175,34 +181,101 @@ void write_frame(Output& out, const char* function, const char* file, unsigned l
   }
 }
 
-// A site's stack, innermost first: its first view.frames return addresses,
-// each preceded by the functions inlined there (an optimized build's
-// allocating function is often inlined into its caller), at most twice
-// that many in all but for the first address's, which are all shown.
+// The frames of a site's stack, innermost first: each return address's
+// inlined functions (innermost first), then its own function. `visit`
+// gets the frame's function, file and line and its address's symbol, and
+// returns false to stop. Symbols are cached: a second walk looks nothing up again.
+template <typename Visit>
+void for_each_frame(const SamplingView& view, const uintptr_t* ips, unsigned depth, Visit visit) {
+  for (unsigned f = 0; f < depth; ++f) {
+    const Symbol& symbol = *view.symbolize(ips[f]);
+    for (unsigned i = 0; i <= symbol.inlined_count; ++i) {
+      const bool inlined = i < symbol.inlined_count;
+      const InlinedFrame* frame = inlined ? &symbol.inlined[i] : nullptr;
+      if (!visit(frame ? frame->function : symbol.function, frame ? frame->file : symbol.file,
+                 frame ? frame->line : symbol.line, inlined, symbol))
+        return;
+    }
+  }
+}
+
+// The first frame of a site's stack outside system headers and the C and
+// C++ runtime (frame_names.h): the code that asked for the memory. False
+// if every one of its first `depth` return addresses' frames is a library's.
+bool find_focus(const SamplingView& view, const uintptr_t* ips, unsigned depth, unsigned* focus) {
+  unsigned frame = 0;
+  bool found = false;
+  for_each_frame(view, ips, depth, [&](const char*, const char* file, unsigned, bool, const Symbol& symbol) {
+    found = !is_library_frame(file, symbol.module);
+    if (!found) ++frame;
+    return !found;
+  });
+  *focus = frame;
+  return found;
+}
+
+// A site's stack in the text report, innermost first, from its focus (see
+// find_focus): the library frames in front of it folded into their count
+// when they are 3 or more, but for the last one, the library function the
+// focus called (a push_back, a string's append); then 2 * view.frames
+// items, a frame or a run of 3 or more library frames folded into their
+// count (a thread's start, the standard library's invoke). With no focus,
+// the first 2 * view.frames frames as they are.
 void write_frames(const SamplingView& view, uint32_t id, Output& out, const char* indent) {
   const uintptr_t* ips = nullptr;
   const unsigned depth = view.depot->stack(id, &ips);
-  const unsigned most = 2 * view.frames;
-  out.str(indent);
-  unsigned shown = 0, f = 0;
-  bool cut = false;
-  for (; f < depth && f < view.frames && !cut; ++f) {
-    const Symbol& symbol = *view.symbolize(ips[f]);
-    for (unsigned i = 0; i <= symbol.inlined_count; ++i) {
-      if (f && shown >= most) {
-        cut = true;
-        break;
-      }
-      if (shown++) out.str(" <- ");
-      if (i < symbol.inlined_count) {
-        const InlinedFrame& inlined = symbol.inlined[i];
-        write_frame(out, inlined.function, inlined.file, inlined.line, symbol);
-      } else {
-        write_frame(out, symbol.function, symbol.file, symbol.line, symbol);
-      }
-    }
+  static bool library[kMaxDepth * (Symbol::kMaxInlined + 1)];
+  unsigned count = 0;
+  for_each_frame(view, ips, depth, [&](const char*, const char* file, unsigned, bool, const Symbol& symbol) {
+    library[count++] = is_library_frame(file, symbol.module);
+    return true;
+  });
+  unsigned focus = 0;
+  while (focus < count && library[focus]) ++focus;
+  const bool fold = focus < count;
+  if (!fold) focus = 0;
+  constexpr unsigned kFoldAt = 3;
+  // The items to show: a frame (folded 0) or a run of library frames.
+  struct Item {
+    unsigned first, folded;
+  };
+  constexpr unsigned kMaxItems = 64;
+  Item items[kMaxItems];
+  unsigned item_count = 0, frame = 0, from_focus = 0;
+  bool more = false;
+  if (fold && focus >= kFoldAt) {
+    items[item_count++] = {0, focus - 1};
+    frame = focus - 1;
   }
-  if (cut || depth > f) out.str(" <- ...");
+  const unsigned budget = 2 * view.frames;
+  while (frame < count && item_count < kMaxItems) {
+    if (frame >= focus && from_focus == budget) {
+      more = true;
+      break;
+    }
+    unsigned run = 0;
+    if (fold && frame > focus)
+      while (frame + run < count && library[frame + run]) ++run;
+    if (run >= kFoldAt) {
+      items[item_count++] = {frame, run};
+      frame += run;
+    } else {
+      items[item_count++] = {frame++, 0};
+    }
+    if (items[item_count - 1].first >= focus) ++from_focus;
+  }
+  out.str(indent);
+  unsigned next = 0, at = 0;
+  for_each_frame(view, ips, depth, [&](const char* function, const char* file, unsigned line, bool, const Symbol& symbol) {
+    if (next == item_count) return false;
+    const Item& item = items[next];
+    if (at++ != item.first) return true;
+    if (next++) out.str(" <- ");
+    if (item.folded) out.str("(+").u64(item.folded).str(" library frames)");
+    else write_frame(out, function, file, line, symbol);
+    return true;
+  });
+  if (more) out.str(" <- ...");
   out.ch('\n');
 }
 
@@ -455,23 +528,25 @@ void write_json_sampling(const StatsSnapshot& stats, const SamplingView* view, u
     write_json_histogram(out, row.histogram);
     out.str(", \"advice\": ").json_string(advice(row)).str(", \"frames\": [");
     const uintptr_t* ips = nullptr;
-    const unsigned depth = view->depot->stack(row.id, &ips);
-    for (unsigned f = 0; f < depth && f < kJsonFrames; ++f) {
-      const Symbol& symbol = *view->symbolize(ips[f]);
-      // The functions inlined at this address first (innermost first), each
-      // marked inlined, then the address's own function.
-      for (unsigned level = 0; level <= symbol.inlined_count; ++level) {
-        const bool inlined = level < symbol.inlined_count;
-        const InlinedFrame* frame = inlined ? &symbol.inlined[level] : nullptr;
-        out.str(f || level ? ", " : "").str("{\"function\": ")
-            .json_string(frame ? frame->function : symbol.function)
-            .str(", \"file\": ").json_string(frame ? frame->file : symbol.file)
-            .str(", \"line\": ").u64(frame ? frame->line : symbol.line)
-            .str(", \"inlined\": ").str(inlined ? "true" : "false")
-            .str(", \"module\": ").json_string(symbol.module).str(", \"offset\": ").u64(symbol.offset).ch('}');
-      }
-    }
-    out.str("]}");
+    unsigned depth = view->depot->stack(row.id, &ips);
+    if (depth > kJsonFrames) depth = kJsonFrames;
+    // The functions inlined at each address first (innermost first), each
+    // marked inlined, then the address's own function.
+    unsigned frame = 0;
+    for_each_frame(*view, ips, depth, [&](const char* function, const char* file, unsigned line, bool inlined,
+                                          const Symbol& symbol) {
+      out.str(frame++ ? ", " : "").str("{\"function\": ").json_string(function)
+          .str(", \"file\": ").json_string(file)
+          .str(", \"line\": ").u64(line)
+          .str(", \"inlined\": ").str(inlined ? "true" : "false")
+          .str(", \"module\": ").json_string(symbol.module).str(", \"offset\": ").u64(symbol.offset).ch('}');
+      return true;
+    });
+    out.str("], \"focus_frame\": ");
+    unsigned focus = 0;
+    if (find_focus(*view, ips, depth, &focus)) out.u64(focus);
+    else out.str("null");
+    out.ch('}');
   }
   out.str(shown ? "\n  ]" : "]");
 }

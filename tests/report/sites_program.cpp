@@ -27,6 +27,9 @@
 //                              valloc, C++'s aligned new), each checked for
 //                              its alignment and freed in its frame; exits 1
 //                              if one was not aligned
+//   sites_program library_path N  N vectors each grown by push_back to 64
+//                              elements: allocations through the standard
+//                              library's inlined code, then freed
 //   sites_program aligned_edges N  N rounds of memalign(A, 0) for every
 //                              alignment A from 32 B to a page, and of
 //                              pvalloc(100) (a whole page usable); exits 1
@@ -288,6 +291,15 @@ NOINLINE void inlining_caller() {
   inlined_middle(88);  // SITE: inlined_into
 }
 
+// Allocations the program asks for through the standard library: each
+// push_back that outgrows the vector's storage allocates in its
+// _M_realloc_insert, through the allocator traits, down to operator new.
+NOINLINE void grow_vector() {
+  std::vector<int> values;
+  for (int i = 0; i < 64; ++i) values.push_back(i);  // SITE: library_push_back
+  g_sink = values.data();
+}
+
 using LibraryFunction = void (*)(int);
 
 NOINLINE int call_library(const char* path, bool unload, int count) {
@@ -504,6 +516,8 @@ int main(int argc, char** argv) {
     if (g_misaligned) return std::printf("misaligned\n"), 1;
   } else if (std::strcmp(what, "inlined") == 0) {
     for (int i = 0; i < count; ++i) inlining_caller();
+  } else if (std::strcmp(what, "library_path") == 0) {
+    for (int i = 0; i < count; ++i) grow_vector();
   } else if (std::strcmp(what, "dlopen") == 0) {
     const int repeat = argc > 4 ? std::atoi(argv[4]) : 100;
     if (argc < 4 || call_library(argv[2], false, repeat) != 0 || call_library(argv[3], true, repeat) != 0) return 1;

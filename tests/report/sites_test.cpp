@@ -666,6 +666,50 @@ TEST_F(SitesTest, InlinedFunctionsAreNamedWithTheirLines) {
   EXPECT_NE(text.find("inlining_caller", middle), std::string::npos) << text;
 }
 
+// Allocations a function asks for through the standard library (a
+// vector's push_back, inlined): the JSON report's focus_frame is that
+// function's frame, after the library's (new_allocator.h, allocator.h ...
+// stl_vector.h); the text report folds those into their count but for the
+// push_back, and names functions without their template arguments.
+TEST_F(SitesTest, LibraryFramesInFrontOfTheProgramsOwnAreFolded) {
+  constexpr uint64_t kRepeat = 100;
+  const Json report = run({"library_path", std::to_string(kRepeat)}, {"HOTPOOL_SAMPLE=1", "HOTPOOL_MODE=profile"});
+  unsigned found = 0, folded = 0;
+  for (const Json& row : report["sites"]) {
+    const Json& frames = row["frames"];
+    if (!row["focus_frame"].is_number()) continue;
+    const unsigned focus = row["focus_frame"].get<unsigned>();
+    ASSERT_LT(focus, frames.size()) << row;
+    if (frames[focus]["function"].get<std::string>().find("grow_vector") == std::string::npos) continue;
+    ++found;
+    EXPECT_EQ(row["sampled_allocations"].get<uint64_t>(), 7 * kRepeat) << "storage for 1, 2, 4 ... 64 ints";
+    EXPECT_EQ(frames[focus]["line"].get<unsigned>(), site_line("library_push_back")) << frames[focus];
+    EXPECT_NE(frames[focus]["file"].get<std::string>().find("sites_program.cpp"), std::string::npos);
+    // At least the allocator, its traits and the push_back in front.
+    ASSERT_GE(focus, 3u) << row;
+    for (unsigned f = 0; f < focus; ++f)
+      EXPECT_NE(frames[f]["file"].get<std::string>().find("/include/c++/"), std::string::npos) << frames[f];
+    EXPECT_NE(frames[focus - 1]["function"].get<std::string>().find("push_back"), std::string::npos);
+    folded = focus - 1;
+  }
+  ASSERT_EQ(found, 1u);
+
+  int status = 0;
+  const std::string text =
+      run_text({"library_path", std::to_string(kRepeat)}, {"HOTPOOL_SAMPLE=1", "HOTPOOL_MODE=profile"}, &status);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+  const size_t at = text.find("       (+" + std::to_string(folded) + " library frames) <- ");
+  ASSERT_NE(at, std::string::npos) << text;
+  const std::string line = text.substr(at, text.find('\n', at) - at);
+  const size_t push_back = line.find("push_back (stl_vector.h:");
+  const size_t own = line.find("grow_vector (sites_program.cpp:" + std::to_string(site_line("library_push_back")) + ")");
+  EXPECT_NE(push_back, std::string::npos) << line;
+  EXPECT_NE(own, std::string::npos) << line;
+  EXPECT_LT(push_back, own) << line;
+  EXPECT_EQ(line.find("<int"), std::string::npos) << "no template arguments: " << line;
+  EXPECT_EQ(line.find("const&"), std::string::npos) << "no parameter lists: " << line;
+}
+
 // Code loaded with dlopen(): a stripped library's function is named from
 // its dynamic symbols, with its module; a library unloaded before the
 // report leaves frames that cannot be named, and the report is still whole.

@@ -6,14 +6,17 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <cstring>
 #include <iterator>
 #include <memory>
 #include <string>
 #include <thread>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "reporter/class_stats.h"
+#include "reporter/frame_names.h"
 #include "reporter/sites.h"
 #include "reporter/unwinder.h"
 
@@ -235,7 +238,9 @@ TEST_F(ReportTest, TextTableShowsOnlyUsedClassesAndTheLargeRow) {
 
 // A symbolizer for made-up return addresses: address k * 0x1000 is "fk"
 // (x.cpp, line k), with kInlined[k] functions inlined there, "fk_in0"
-// innermost (h.h, lines 100, 101, ...).
+// innermost (lines 100, 101, ...), in h.h: a system header's for k = 1
+// and 8, the program's own else. Address 0x9000 is "f9" of libstdc++.so.6,
+// without debug information.
 constexpr unsigned kInlined[] = {0, 10, 0, 3, 0, 0, 0, 0, 2};
 const Symbol* made_up_symbolize(uintptr_t address) {
   static Symbol symbol;
@@ -243,36 +248,46 @@ const Symbol* made_up_symbolize(uintptr_t address) {
   const unsigned k = static_cast<unsigned>(address >> 12);
   symbol = Symbol{};
   std::snprintf(symbol.function, sizeof symbol.function, "f%u", k);
-  std::snprintf(symbol.file, sizeof symbol.file, "/src/x.cpp");
-  symbol.line = k;
-  std::snprintf(symbol.module, sizeof symbol.module, "prog");
+  std::snprintf(symbol.file, sizeof symbol.file, "%s", k == 9 ? "" : "/src/x.cpp");
+  symbol.line = k == 9 ? 0 : k;
+  std::snprintf(symbol.module, sizeof symbol.module, "%s", k == 9 ? "libstdc++.so.6" : "prog");
   symbol.offset = address;
   symbol.inlined_count = k < std::size(kInlined) ? kInlined[k] : 0;
   for (unsigned i = 0; i < symbol.inlined_count; ++i) {
     inlined[i] = InlinedFrame{};
     std::snprintf(inlined[i].function, sizeof inlined[i].function, "f%u_in%u", k, i);
-    std::snprintf(inlined[i].file, sizeof inlined[i].file, "/src/h.h");
+    std::snprintf(inlined[i].file, sizeof inlined[i].file, "%s",
+                  k == 1 || k == 8 ? "/usr/include/c++/12/bits/h.h" : "/src/h.h");
     inlined[i].line = 100 + i;
   }
   symbol.inlined = inlined;
   return &symbol;
 }
 
-// Functions inlined at a return address are frames of the stack: the text
-// report shows a site's first 4 addresses, each with its inlined functions,
-// at most 8 frames in all but every one of the first address's; the JSON
-// report lists them all, marked inlined, with their address's offset.
-TEST_F(ReportTest, InlinedFunctionsAreFramesOfTheirSitesStack) {
+// A site's stack in the reports. Functions inlined at a return address are
+// frames too. The text report shows 8 frames from the first one outside
+// the system headers and the C and C++ runtime (the focus), folds 3 or more
+// library frames in front of it into their count but for the last one,
+// and any later run of 3 or more; with no focus, the first 8 frames. The
+// JSON report lists every frame, inlined ones marked, with their address's
+// offset, and the focus's index.
+TEST_F(ReportTest, SitesStacksShowTheirOwnCodeWithLibraryFramesFolded) {
   auto depot = std::make_unique<StackDepot>();
   ASSERT_TRUE(depot->init(kMaxDepth));
-  const uintptr_t many_first[] = {0x1000, 0x2000, 0x3000, 0x4000, 0x5000, 0x6000};  // 10 inlined at the first
-  const uintptr_t four_fit[] = {0x2000, 0x3000, 0x4000, 0x5000, 0x7000};           // 7 frames in 4 addresses
-  const uintptr_t cut_inside[] = {0x2000, 0x3000, 0x4000, 0x8000};                 // the 4th address's own is the 9th
-  for (const auto& [stack, depth, bytes] : {std::tuple{many_first, 6u, 3000u}, std::tuple{four_fit, 5u, 2000u},
-                                            std::tuple{cut_inside, 4u, 1000u}}) {
-    const uint32_t id = depot->insert(stack, depth);
+  const std::vector<uintptr_t> stacks[] = {
+      {0x1000, 0x2000, 0x3000, 0x4000, 0x5000, 0x6000},  // 10 library frames inlined first
+      {0x2000, 0x3000, 0x4000, 0x5000, 0x7000},          // 8 frames of the program's own
+      {0x2000, 0x9000, 0x9000, 0x9000, 0x4000},          // 3 library frames inside the stack
+      {0x5000, 0x9000, 0x9000, 0x6000},                  // 2 of them: shown
+      {0x8000, 0x2000},                                  // 2 in front: shown
+      {0x9000, 0x9000, 0x9000, 0x9000, 0x9000, 0x9000, 0x9000, 0x9000, 0x9000, 0x9000},  // no focus
+  };
+  uint64_t bytes = 6000;
+  for (const auto& stack : stacks) {
+    const uint32_t id = depot->insert(stack.data(), static_cast<unsigned>(stack.size()));
     ASSERT_NE(id, 0u);
     depot->site(id).add_allocs(1, bytes, bytes, bytes, SampleWeight{});
+    bytes -= 1000;
   }
   const auto class_lifetimes = std::make_unique<LifetimeStats[]>(kMaxClasses);  // none sampled
   const SamplingView view{1, 0, 100000, 65536, 0, 0, 0, 0, 8, 4, 1000000000, depot.get(), class_lifetimes.get(),
@@ -281,40 +296,113 @@ TEST_F(ReportTest, InlinedFunctionsAreFramesOfTheirSitesStack) {
   ctx.sampling = &view;
   const StatsSnapshot snap = snapshot();
   const std::string text = capture([&](Output& o) { write_text_report(snap, ctx, o); });
-  std::string all_ten;
-  for (unsigned i = 0; i < 10; ++i) all_ten += "f1_in" + std::to_string(i) + " (h.h:" + std::to_string(100 + i) + ") <- ";
-  EXPECT_NE(text.find("       " + all_ten + "f1 (x.cpp:1) <- ...\n"), std::string::npos) << text;
-  EXPECT_NE(text.find("       f2 (x.cpp:2) <- f3_in0 (h.h:100) <- f3_in1 (h.h:101) <- f3_in2 (h.h:102) <- f3 (x.cpp:3)"
-                      " <- f4 (x.cpp:4) <- f5 (x.cpp:5) <- ...\n"),
-            std::string::npos)
-      << text;
-  EXPECT_NE(text.find("       f2 (x.cpp:2) <- f3_in0 (h.h:100) <- f3_in1 (h.h:101) <- f3_in2 (h.h:102) <- f3 (x.cpp:3)"
-                      " <- f4 (x.cpp:4) <- f8_in0 (h.h:100) <- f8_in1 (h.h:101) <- ...\n"),
-            std::string::npos)
-      << text;
+  const std::string f9 = "f9 (libstdc++.so.6+0x9000)";
+  const std::string eight_own = "f2 (x.cpp:2) <- f3_in0 (h.h:100) <- f3_in1 (h.h:101) <- f3_in2 (h.h:102) <- f3 (x.cpp:3)"
+                                " <- f4 (x.cpp:4) <- f5 (x.cpp:5)";
+  for (const std::string& line : std::vector<std::string>{
+           "(+9 library frames) <- f1_in9 (h.h:109) <- f1 (x.cpp:1) <- f2 (x.cpp:2) <- f3_in0 (h.h:100) <- f3_in1 (h.h:101)"
+           " <- f3_in2 (h.h:102) <- f3 (x.cpp:3) <- f4 (x.cpp:4) <- f5 (x.cpp:5) <- ...",
+           eight_own + " <- f7 (x.cpp:7)",
+           "f2 (x.cpp:2) <- (+3 library frames) <- f4 (x.cpp:4)",
+           "f5 (x.cpp:5) <- " + f9 + " <- " + f9 + " <- f6 (x.cpp:6)",
+           "f8_in0 (h.h:100) <- f8_in1 (h.h:101) <- f8 (x.cpp:8) <- f2 (x.cpp:2)",
+           f9 + " <- " + f9 + " <- " + f9 + " <- " + f9 + " <- " + f9 + " <- " + f9 + " <- " + f9 + " <- " + f9 + " <- ...",
+       }) {
+    EXPECT_NE(text.find("\n       " + line + "\n"), std::string::npos) << line << "\n" << text;
+  }
 
   const nlohmann::json report = nlohmann::json::parse(capture([&](Output& o) { write_json_report(snap, ctx, o); }));
-  bool seen = false;
+  unsigned seen = 0;
   for (const auto& site : report["sites"]) {
     const auto& frames = site["frames"];
-    if (frames.empty() || frames[0]["function"] != "f1_in0") continue;
-    seen = true;
-    ASSERT_EQ(frames.size(), 10u + 6u + 3u) << site;
-    for (unsigned i = 0; i < 10; ++i) {
-      EXPECT_EQ(frames[i]["function"], "f1_in" + std::to_string(i));
-      EXPECT_EQ(frames[i]["line"], 100 + i);
-      EXPECT_EQ(frames[i]["inlined"], true);
-      EXPECT_EQ(frames[i]["offset"], 0x1000);
+    ASSERT_FALSE(frames.empty()) << site;
+    const std::string first = frames[0]["function"];
+    if (first == "f1_in0") {
+      ++seen;
+      ASSERT_EQ(frames.size(), 10u + 6u + 3u) << site;
+      for (unsigned i = 0; i < 10; ++i) {
+        EXPECT_EQ(frames[i]["function"], "f1_in" + std::to_string(i));
+        EXPECT_EQ(frames[i]["line"], 100 + i);
+        EXPECT_EQ(frames[i]["inlined"], true);
+        EXPECT_EQ(frames[i]["offset"], 0x1000);
+      }
+      EXPECT_EQ(frames[10]["function"], "f1");
+      EXPECT_EQ(frames[10]["inlined"], false);
+      EXPECT_EQ(frames[12]["function"], "f3_in0");
+      EXPECT_EQ(frames[12]["offset"], 0x3000);
+      EXPECT_EQ(frames[15]["function"], "f3");
+      EXPECT_EQ(frames[15]["inlined"], false);
+      EXPECT_EQ(frames[18]["function"], "f6");
+      EXPECT_EQ(site["focus_frame"], 10) << site;
+    } else if (first == "f8_in0") {
+      ++seen;
+      EXPECT_EQ(site["focus_frame"], 2) << site;
+    } else if (first == "f9") {
+      ++seen;
+      EXPECT_TRUE(site["focus_frame"].is_null()) << site;
+    } else if (first == "f2" && frames.size() == 8) {
+      ++seen;
+      EXPECT_EQ(site["focus_frame"], 0) << site;
     }
-    EXPECT_EQ(frames[10]["function"], "f1");
-    EXPECT_EQ(frames[10]["inlined"], false);
-    EXPECT_EQ(frames[12]["function"], "f3_in0");
-    EXPECT_EQ(frames[12]["offset"], 0x3000);
-    EXPECT_EQ(frames[15]["function"], "f3");
-    EXPECT_EQ(frames[15]["inlined"], false);
-    EXPECT_EQ(frames[18]["function"], "f6");
   }
-  EXPECT_TRUE(seen) << report["sites"];
+  EXPECT_EQ(seen, 4u) << report["sites"];
+}
+
+// The text report's names: pprof's simplified names, without template
+// arguments, parameter lists, qualifiers and return types.
+TEST(FrameNames, ShortNamesKeepTheFunctionsName) {
+  const std::pair<const char*, const char*> cases[] = {
+      {"std::__new_allocator<char>::allocate(unsigned long, void const*)", "std::__new_allocator::allocate"},
+      {"std::__cxx11::basic_string<char, std::char_traits<char>, std::allocator<char> >::substr(unsigned long, "
+       "unsigned long) const",
+       "std::__cxx11::basic_string::substr"},
+      {"void std::vector<int, std::allocator<int> >::_M_realloc_insert<int const&>(__gnu_cxx::__normal_iterator<int*, "
+       "std::vector<int, std::allocator<int> > >, int const&)",
+       "std::vector::_M_realloc_insert"},
+      {"std::__detail::_MakeUniq<char []>::__array std::make_unique<char []>(unsigned long)", "std::make_unique"},
+      {"std::thread::_State_impl<std::thread::_Invoker<std::tuple<main::{lambda()#1}> > >::_M_run()",
+       "std::thread::_State_impl::_M_run"},
+      {"main::{lambda()#1}::operator()() const", "main::{lambda#1}::operator()"},
+      {"__invoke_impl<void, main(int, char**)::<lambda()> >", "__invoke_impl"},
+      {"main(int, char**)::<lambda()>", "main::<lambda>"},
+      {"(anonymous namespace)::grow_vector()", "(anonymous namespace)::grow_vector"},
+      {"int* (anonymous namespace)::find<int>(int*, int*)", "(anonymous namespace)::find"},
+      {"std::operator<< <std::char_traits<char> >(std::basic_ostream<char>&, char const*)", "std::operator<<"},
+      {"Matrix::operator<(Matrix const&) const", "Matrix::operator<"},
+      {"Handle::operator->() &&", "Handle::operator->"},
+      {"operator new(unsigned long)", "operator new"},
+      {"operator delete[](void*)", "operator delete[]"},
+      {"Value::operator bool() const", "Value::operator bool"},
+      {"parse_header(char const*) [clone .isra.0]", "parse_header"},
+      {"unsigned long hash<std::string>(std::string const&)", "hash"},
+      {"PyUnicode_Substring", "PyUnicode_Substring"},
+      {"??", "??"},
+      {"std::vector<std::pair<int, std::basic_string<char, std::char_traits<char>, std::alloc", "std::vector"},  // cut short
+      {"", ""},
+  };
+  for (const auto& [name, expected] : cases) {
+    char out[192];
+    EXPECT_EQ(short_function_name(name, out, sizeof out), std::strlen(expected)) << name;
+    EXPECT_STREQ(out, expected) << name;
+  }
+  char small[8];
+  EXPECT_EQ(short_function_name("std::vector<int>::push_back(int const&)", small, sizeof small), 7u);
+  EXPECT_STREQ(small, "std::ve");
+}
+
+TEST(FrameNames, LibraryFramesAreSystemHeadersAndTheRuntime) {
+  EXPECT_TRUE(is_library_frame("/usr/include/c++/12/bits/stl_vector.h", "prog"));
+  EXPECT_TRUE(is_library_frame("/usr/include/x86_64-linux-gnu/bits/string_fortified.h", "prog"));
+  EXPECT_TRUE(is_library_frame("/opt/gcc-13/include/c++/13/bits/new_allocator.h", "prog"));
+  EXPECT_TRUE(is_library_frame("../../../../src/libstdc++-v3/libsupc++/new_op.cc", "libstdc++.so.6"));
+  EXPECT_TRUE(is_library_frame("./nptl/pthread_create.c", "libc.so.6"));
+  EXPECT_TRUE(is_library_frame("", "libstdc++.so.6"));
+  EXPECT_TRUE(is_library_frame("", "libc++abi.so.1"));
+  EXPECT_FALSE(is_library_frame("/home/me/server/parse.cpp", "server"));
+  EXPECT_FALSE(is_library_frame("", "python3.11"));
+  EXPECT_FALSE(is_library_frame("", "libsqlite3.so.0"));
+  EXPECT_FALSE(is_library_frame("", "libcurl.so.4"));  // not the C runtime
+  EXPECT_FALSE(is_library_frame("", ""));
 }
 
 }  // namespace
