@@ -535,7 +535,10 @@ void write_json_sampling(const StatsSnapshot& stats, const SamplingView* view, u
     unsigned frame = 0;
     for_each_frame(*view, ips, depth, [&](const char* function, const char* file, unsigned line, bool inlined,
                                           const Symbol& symbol) {
+      char short_name[sizeof symbol.function];
+      short_function_name(function, short_name, sizeof short_name);
       out.str(frame++ ? ", " : "").str("{\"function\": ").json_string(function)
+          .str(", \"short_function\": ").json_string(short_name)
           .str(", \"file\": ").json_string(file)
           .str(", \"line\": ").u64(line)
           .str(", \"inlined\": ").str(inlined ? "true" : "false")

@@ -120,7 +120,9 @@ def test_pprof(args, path, report):
             for line, frame in zip(location.line, address):  # the inlined frames first, the address's own last
                 function = functions[line.function_id]
                 if frame["function"] != "??":
-                    check(strings[function.name] == frame["function"], "pprof: function %s" % frame["function"])
+                    check(strings[function.name] == frame["short_function"], "pprof: function %s" % frame["function"])
+                    check(strings[function.system_name] == frame["function"],
+                          "pprof: system name %s" % frame["function"])
                 check(line.line == frame["line"], "pprof: line of %s" % frame["function"])
             check(strings[mappings[location.mapping_id].filename] == address[-1]["module"], "pprof: module of a frame")
         for index, (kind, _) in enumerate(types):
@@ -168,6 +170,32 @@ def test_inlined(args):
     named = [[strings[functions[line.function_id].name] for line in leaf.line] for leaf in leaves]
     check(any(len(lines) == 3 and all(name in line for name, line in zip(reversed(chain), lines)) for lines in named),
           "pprof: a location with lines %s, got %s" % (list(reversed(chain)), named))
+
+
+def test_names(args):
+    # sites_program's vector grown by push_back: by default functions are
+    # named as the text report names them, --full-names keeps the report's
+    # full names; pprof's function has both.
+    path, report = run_report(args, scenario="library_path")
+    site = next((site for site in report["sites"]
+                 if any("grow_vector" in frame["function"] for frame in site["frames"])), None)
+    check(site is not None, "names: the report has grow_vector's site")
+    if site is None:
+        return
+    full = [frame["function"] for frame in site["frames"]]
+    short = [frame["short_function"] for frame in site["frames"]]
+    check(any("<int" in name for name in full) and not any("<int" in name for name in short),
+          "names: template arguments in the full names only: %s / %s" % (full, short))
+    check(any(name.endswith("push_back") for name in short), "names: a short push_back among %s" % short)
+    check("(anonymous namespace)::grow_vector" in short, "names: grow_vector's short name among %s" % short)
+    for options, names in (((), short), (("--full-names",), full)):
+        stacks = [stack for stack, _ in collapsed_lines(convert(args, path, *options))
+                  if any("grow_vector" in frame for frame in stack)]
+        # Outermost first; a frame without a name is its module and offset.
+        expected = [name.replace(";", ":") for name in reversed(names)]
+        check(len(stacks) == 1 and len(stacks[0]) == len(expected)
+              and all(got == want or want == "??" for got, want in zip(stacks[0], expected)),
+              "collapsed %s: the site's stack %s, got %s" % (" ".join(options), expected, stacks))
 
 
 def test_scaled(args):
@@ -246,6 +274,7 @@ def main():
     test_collapsed(args, path, report)
     test_pprof(args, path, report)
     test_inlined(args)
+    test_names(args)
     test_scaled(args)
     test_by_bytes(args)
     test_inputs(args)
