@@ -242,17 +242,12 @@ void write_frames(const SamplingView& view, uint32_t id, Output& out, const char
   constexpr unsigned kMaxItems = 64;
   Item items[kMaxItems];
   unsigned item_count = 0, frame = 0, from_focus = 0;
-  bool more = false;
   if (fold && focus >= kFoldAt) {
     items[item_count++] = {0, focus - 1};
     frame = focus - 1;
   }
   const unsigned budget = 2 * view.frames;
-  while (frame < count && item_count < kMaxItems) {
-    if (frame >= focus && from_focus == budget) {
-      more = true;
-      break;
-    }
+  while (frame < count && item_count < kMaxItems && !(frame >= focus && from_focus == budget)) {
     unsigned run = 0;
     if (fold && frame > focus)
       while (frame + run < count && library[frame + run]) ++run;
@@ -264,6 +259,7 @@ void write_frames(const SamplingView& view, uint32_t id, Output& out, const char
     }
     if (items[item_count - 1].first >= focus) ++from_focus;
   }
+  const bool more = frame < count;
   out.str(indent);
   unsigned next = 0, at = 0;
   for_each_frame(view, ips, depth, [&](const char* function, const char* file, unsigned line, bool, const Symbol& symbol) {
