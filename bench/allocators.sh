@@ -70,14 +70,18 @@ bench_allocator_label() {
 
 # bench_allocator_options VAR NAME [HOTPOOL_CLASSES]: VAR (an array) gets the
 # stopwatch options that run a program under NAME. hotpool's exit report is
-# off: a timed run measures the allocator, not the report.
+# off: a timed run measures the allocator, not the report; so are the call
+# stacks of sampled allocations in modes auto and fixed (HOTPOOL_SITES=auto:
+# nothing would show them), as when hotpool is preloaded for speed alone.
+# hotpool-profile captures them (HOTPOOL_SITES=on), as a profiling run does.
 bench_allocator_options() {
   local -n _options=$1
   case $2 in
     glibc) _options=() ;;
     jemalloc | tcmalloc | mimalloc) _options=(--preload "$(bench_allocator_library "$2")") ;;
     hotpool-auto) _options=(--preload "$BENCH_LIBRARY" --env HOTPOOL_MODE=auto --env HOTPOOL_REPORT=off) ;;
-    hotpool-profile) _options=(--preload "$BENCH_LIBRARY" --env HOTPOOL_MODE=profile --env HOTPOOL_REPORT=off) ;;
+    hotpool-profile)
+      _options=(--preload "$BENCH_LIBRARY" --env HOTPOOL_MODE=profile --env HOTPOOL_REPORT=off --env HOTPOOL_SITES=on) ;;
     hotpool-fixed)
       _options=(--preload "$BENCH_LIBRARY" --env HOTPOOL_MODE=fixed --env "HOTPOOL_CLASSES=${3:?hotpool-fixed needs HOTPOOL_CLASSES}"
                 --env HOTPOOL_REPORT=off) ;;

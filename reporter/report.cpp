@@ -352,7 +352,10 @@ void write_text_sampling(const StatsSnapshot& stats, const SamplingView& view, O
   out.str(", short-lived = at most ");
   write_duration(out, view.short_ns);
   out.str(", recycled = freed by its thread within ").u64(view.recycle_calls).str(" of its calls\n");
-  if (view.unsited) {
+  if (!view.sites) {
+    out.str("  call stacks not recorded (HOTPOOL_SITES=off, or HOTPOOL_REPORT=off without HOTPOOL_SITES=on):"
+            " no sites, and frame-local is not told from thread-local\n");
+  } else if (view.unsited) {
     out.str("  ").count(view.unsited).str(" of them have no site (no stack captured, or all ")
         .u64(StackDepot::kIds - 1).str(" sites of the stack depot taken): the size classes count them, the sites do not\n");
   }
@@ -379,8 +382,8 @@ void write_text_sampling(const StatsSnapshot& stats, const SamplingView& view, O
         .padded(10, [&](Output& o) { o.percent(load(life.recycled), freed); })
         .padded(13, [&](Output& o) { write_duration(o, histogram_median(histogram, kLifetimeBuckets, view.longest_ns)); })
         .padded(11, [&](Output& o) { o.percent(load(life.temporary), freed); })
-        .padded(13, [&](Output& o) { o.percent(load(life.escapes[0]), freed); })
-        .padded(14, [&](Output& o) { o.percent(load(life.escapes[1]), freed); })
+        .padded(13, [&](Output& o) { view.sites ? o.percent(load(life.escapes[0]), freed) : o.ch('-'); })
+        .padded(14, [&](Output& o) { view.sites ? o.percent(load(life.escapes[1]), freed) : o.ch('-'); })
         .padded(14, [&](Output& o) { o.percent(load(life.escapes[2]), freed); })
         .ch('\n');
   }
@@ -454,6 +457,7 @@ void write_json_sampling(const StatsSnapshot& stats, const SamplingView* view, u
       .str(", \"mean_bytes\": ").u64(view->mean_bytes).str(", \"short_ns\": ").u64(view->short_ns)
       .str(", \"recycle_calls\": ").u64(view->recycle_calls)
       .str(", \"unsited\": ").u64(view->unsited)
+      .str(", \"sites_recorded\": ").str(view->sites ? "true" : "false")
       .str(", \"stacks\": {\"replayed\": ").u64(view->stacks_replayed)
       .str(", \"walked\": ").u64(view->stacks_walked)
       .str(", \"recalled\": ").u64(view->stacks_recalled).ch('}')

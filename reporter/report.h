@@ -33,6 +33,7 @@ struct SamplingView {
   const StackDepot* depot;
   const LifetimeStats* class_lifetimes;  // [class_count], by block class
   const Symbol* (*symbolize)(uintptr_t return_address);  // valid until the next call
+  bool sites = true;        // stacks are captured (HOTPOOL_SITES); else every sample is unsited
 };
 
 struct ReportContext {

@@ -13,6 +13,7 @@ const OptionInfo kOptionInfo[] = {
 #define HOTPOOL_OPTION(field, Type, name, def, desc) {"HOTPOOL_" name, Type##TypeName, def, desc},
 #define ModeTypeName "mode"
 #define UnwinderTypeName "unwinder"
+#define SwitchTypeName "switch"
 #define PathTypeName "path"
 #define BoolTypeName "bool"
 #define SizeTypeName "size"
@@ -24,6 +25,7 @@ const OptionInfo kOptionInfo[] = {
 #undef ShareTypeName
 #undef ModeTypeName
 #undef UnwinderTypeName
+#undef SwitchTypeName
 #undef PathTypeName
 #undef BoolTypeName
 #undef SizeTypeName
@@ -223,6 +225,20 @@ bool parse_unwinder(const char* text, Unwinder* out) {
   return false;
 }
 
+const char* switch_name(Switch value) {
+  return value == Switch::Auto ? "auto" : value == Switch::On ? "on" : "off";
+}
+
+bool parse_switch(const char* text, Switch* out) {
+  size_t len;
+  const char* trimmed = trim(text, &len);
+  if (equals_ignoring_case(trimmed, len, "auto")) return *out = Switch::Auto, true;
+  bool on;
+  if (!parse_bool(text, &on)) return false;
+  *out = on ? Switch::On : Switch::Off;
+  return true;
+}
+
 bool parse_mode(const char* text, Mode* out) {
   size_t len;
   text = trim(text, &len);
@@ -239,6 +255,7 @@ unsigned parse_options(const char* const* envp, Options* out, WarningSink sink, 
   auto parse_path_value = [](const char* text, char (*field)[kMaxPath]) { return parse_path(text, *field); };
   auto parse_mode_value = [](const char* text, Mode* field) { return parse_mode(text, field); };
   auto parse_unwinder_value = [](const char* text, Unwinder* field) { return parse_unwinder(text, field); };
+  auto parse_switch_value = [](const char* text, Switch* field) { return parse_switch(text, field); };
   auto parse_bool_value = [](const char* text, bool* field) { return parse_bool(text, field); };
   auto parse_size_value = [](const char* text, size_t* field) { return parse_size(text, field); };
   auto parse_list_value = [](const char* text, SizeList* field) { return parse_size_list(text, field); };
@@ -251,6 +268,7 @@ unsigned parse_options(const char* const* envp, Options* out, WarningSink sink, 
   (void)parse_##Type##_default(def, &out->field);
 #define parse_Mode_default parse_mode_value
 #define parse_Unwinder_default parse_unwinder_value
+#define parse_Switch_default parse_switch_value
 #define parse_Path_default parse_path_value
 #define parse_Bool_default parse_bool_value
 #define parse_Size_default parse_size_value
@@ -262,6 +280,7 @@ unsigned parse_options(const char* const* envp, Options* out, WarningSink sink, 
 
   const char* expected_Mode = "one of off, profile, fixed, auto";
   const char* expected_Unwinder = "libgcc or libunwind";
+  const char* expected_Switch = "auto, or a boolean (1/0, true/false, yes/no, on/off)";
   const char* expected_Path = "a path shorter than 512 bytes";
   const char* expected_Bool = "a boolean (1/0, true/false, yes/no, on/off)";
   const char* expected_Size = "a size (a number with an optional K, M or G suffix)";
@@ -295,6 +314,7 @@ unsigned parse_options(const char* const* envp, Options* out, WarningSink sink, 
   }
 #undef parse_Mode_default
 #undef parse_Unwinder_default
+#undef parse_Switch_default
 #undef parse_Path_default
 #undef parse_Bool_default
 #undef parse_Size_default
@@ -343,6 +363,7 @@ void format_option_value(const Options& options, unsigned index, char* buf, size
   auto put_size = [&](size_t value) { put_scaled(value, {{1u << 30, "G"}, {1u << 20, "M"}, {1u << 10, "K"}}, ""); };
   auto format_Mode = [&](Mode mode) { put(mode_name(mode)); };
   auto format_Unwinder = [&](Unwinder unwinder) { put(unwinder_name(unwinder)); };
+  auto format_Switch = [&](Switch value) { put(switch_name(value)); };
   auto format_Path = [&](const char* path) { put(path); };
   auto format_Bool = [&](bool value) { put(value ? "on" : "off"); };
   auto format_Size = [&](size_t value) { put_size(value); };

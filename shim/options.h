@@ -14,6 +14,9 @@ enum class Mode : uint8_t { Off, Profile, Fixed, Auto };
 const char* mode_name(Mode mode);
 enum class Unwinder : uint8_t { Libgcc, Libunwind };
 const char* unwinder_name(Unwinder unwinder);
+// on, off, or auto: as another option decides (see options.inc).
+enum class Switch : uint8_t { Auto, On, Off };
+const char* switch_name(Switch value);
 
 inline constexpr unsigned kMaxListedClasses = 126;
 inline constexpr size_t kMaxPath = 512;
@@ -27,6 +30,7 @@ struct Options {
 #define HOTPOOL_OPTION(field, Type, name, def, desc) Type##Value field;
   using ModeValue = Mode;
   using UnwinderValue = Unwinder;
+  using SwitchValue = Switch;
   using PathValue = char[kMaxPath];
   using BoolValue = bool;
   using SizeValue = size_t;
@@ -52,6 +56,7 @@ bool parse_size(const char* text, size_t* out);         // 64, 4K, 1M, 2G, 1KiBâ
 bool parse_size_list(const char* text, SizeList* out);  // comma-separated sizes
 bool parse_mode(const char* text, Mode* out);
 bool parse_unwinder(const char* text, Unwinder* out);
+bool parse_switch(const char* text, Switch* out);  // auto, or a boolean
 bool parse_duration(const char* text, uint64_t* out_ns);  // 250ns, 10us, 5ms, 2s; bare = ms
 bool parse_share(const char* text, uint32_t* out_ppm);   // 1%, 0.25%, 2.5 (bare = %), 0 to 100%
 
@@ -59,7 +64,7 @@ bool parse_share(const char* text, uint32_t* out_ppm);   // 1%, 0.25%, 2.5 (bare
 // report and the README.
 struct OptionInfo {
   const char* name;         // "HOTPOOL_MODE"
-  const char* type;         // "mode", "unwinder", "bool", "size", "size list", "path", "duration", "share"
+  const char* type;         // "mode", "unwinder", "switch", "bool", "size", "size list", "path", "duration", "share"
   const char* default_text;
   const char* description;
 };

@@ -841,6 +841,7 @@ void write_report(const char* reason) {
     sampling.short_ns = sampling_short_ns();
     sampling.recycle_calls = sampling_recycle_calls();
     sampling.unsited = sampling_unsited();
+    sampling.sites = sampling_sites();
     sampling_stack_counts(&sampling.stacks_replayed, &sampling.stacks_walked, &sampling.stacks_recalled);
     sampling.top = static_cast<unsigned>(g_options.top < reporter::kMaxTop ? g_options.top : reporter::kMaxTop);
     sampling.frames = 4;

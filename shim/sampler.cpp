@@ -87,6 +87,9 @@ __thread bool tls_unwinding __attribute__((tls_model("initial-exec")));
 // a signal handler's capture interrupted another.
 __thread unsigned tls_counted __attribute__((tls_model("initial-exec")));
 constinit bool g_active = false;
+// Sampled allocations get their call stack captured (HOTPOOL_SITES): their
+// site, and the allocating frame that tells frame-local from thread-local.
+constinit bool g_sites = false;
 constinit uint64_t g_rate = 0;  // by count: mean allocations per sample; 0 by bytes
 constinit uint64_t g_mean_bytes = 0;  // by bytes: mean bytes per sample; 0 by count
 }  // namespace
@@ -303,7 +306,8 @@ bool start_sampling(const ReentryGuard&) {
   g_short_ns = options.short_lived;
   g_recycle_calls = options.recycle_calls;
   const bool use_libunwind = options.unwinder == Unwinder::Libunwind;
-  if (!g_unwinder.load(use_libunwind)) {
+  g_sites = options.sites == Switch::On || (options.sites == Switch::Auto && options.report);
+  if (g_sites && !g_unwinder.load(use_libunwind)) {
     write_warning(use_libunwind
                       ? "hotpool: libunwind.so.8 could not be loaded: no allocation sites or lifetimes (apt-get install libunwind8)"
                       : "hotpool: libgcc's unwinder is missing: no allocation sites or lifetimes");
@@ -332,7 +336,7 @@ bool start_sampling(const ReentryGuard&) {
     return false;
   }
   init_stash_capacities();
-  g_memo_depth = !sampling_sparse() && !use_libunwind ? g_depth : 0;
+  g_memo_depth = g_sites && !sampling_sparse() && !use_libunwind ? g_depth : 0;
   g_limit = g_sample_classes.max_class_size() - kHeader;
   if (g_limit > UINT32_MAX) g_limit = UINT32_MAX;  // SampleHeader::usable
   g_clock.init();
@@ -369,6 +373,7 @@ void move_to_high_descriptors(int fds[2]) {
 }
 
 bool sampling_active() { return g_active; }
+bool sampling_sites() { return g_sites; }
 bool sampling_sparse() { return g_rate ? g_rate > 16 : g_mean_bytes > 4096; }
 uint64_t sampling_rate() { return g_rate; }
 uint64_t sampling_mean_bytes() { return g_mean_bytes; }
@@ -446,6 +451,43 @@ namespace {
 
 // sampled_allocate, and sampled_allocate_aligned with kAligned: a copy of
 // its own each, so that malloc's samples do none of the alignment's work.
+// A sample's stack and its site: recalled from the stack memo when it
+// holds the same stack, else captured, named by the site memo and
+// remembered. The memos are this thread's, and changed in steps: a signal
+// handler's sample meanwhile (memo_busy) uses neither. 0 when the stack
+// could not be captured or kept (stack->depth tells which).
+HOTPOOL_ALWAYS_INLINE uint32_t sample_site(ThreadState& state, const reporter::Unwinder::Frame& entry,
+                                           reporter::CapturedStack* stack) {
+  uint32_t site;
+  const bool own_memos = !state.memo_busy;
+  if (HOTPOOL_LIKELY(own_memos)) {
+    state.memo_busy = true;
+    asm volatile("" ::: "memory");
+  }
+  reporter::StackMemo* const memo =
+      own_memos && g_memo_depth && state.stack_probed && state.stack_memo.on() ? &state.stack_memo : nullptr;
+  const int recalled = memo ? g_unwinder.recall(*memo, entry) : -1;
+  if (recalled >= 0) {
+    site = memo->entries[recalled].site;  // never 0
+    stack->cfa = memo->entries[recalled].allocating_cfa;
+    stack->depth = 0;  // (the frames are read only for a sample without a site)
+  } else {
+    capture_stack(stack, entry, memo);
+    if (!stack->cfa) stack->cfa = find_frame_cfa(*stack, state, reinterpret_cast<uintptr_t>(stack + 1));
+    if (HOTPOOL_LIKELY(own_memos)) {
+      site = state.site_memo.site_of(g_stack_depot, stack->ips, stack->depth);
+      if (site && stack->memo_entry >= 0) memo->name(stack->memo_entry, site);
+    } else {
+      site = g_stack_depot.insert(stack->ips, stack->depth);
+    }
+  }
+  if (HOTPOOL_LIKELY(own_memos)) {
+    asm volatile("" ::: "memory");
+    state.memo_busy = false;
+  }
+  return site;
+}
+
 template <bool kAligned>
 HOTPOOL_ALWAYS_INLINE void* allocate_sampled(ThreadState& state, size_t size, reporter::Unwinder::Frame entry,
                                              size_t alignment, size_t min_usable) {
@@ -520,38 +562,10 @@ HOTPOOL_ALWAYS_INLINE void* allocate_sampled(ThreadState& state, size_t size, re
       }
     }
   }
-  // The stack and its site: recalled from the stack memo when it holds the
-  // same stack, else captured, named by the site memo and remembered. The
-  // memos are this thread's, and changed in steps: a signal handler's
-  // sample meanwhile (memo_busy) uses neither.
   reporter::CapturedStack stack;
-  uint32_t site;
-  const bool own_memos = !state.memo_busy;
-  if (HOTPOOL_LIKELY(own_memos)) {
-    state.memo_busy = true;
-    asm volatile("" ::: "memory");
-  }
-  reporter::StackMemo* const memo =
-      own_memos && g_memo_depth && state.stack_probed && state.stack_memo.on() ? &state.stack_memo : nullptr;
-  const int recalled = memo ? g_unwinder.recall(*memo, entry) : -1;
-  if (recalled >= 0) {
-    site = memo->entries[recalled].site;  // never 0
-    stack.cfa = memo->entries[recalled].allocating_cfa;
-    stack.depth = 0;  // (the frames are read only for a sample without a site)
-  } else {
-    capture_stack(&stack, entry, memo);
-    if (!stack.cfa) stack.cfa = find_frame_cfa(stack, state, reinterpret_cast<uintptr_t>(&stack + 1));
-    if (HOTPOOL_LIKELY(own_memos)) {
-      site = state.site_memo.site_of(g_stack_depot, stack.ips, stack.depth);
-      if (site && stack.memo_entry >= 0) memo->name(stack.memo_entry, site);
-    } else {
-      site = g_stack_depot.insert(stack.ips, stack.depth);
-    }
-  }
-  if (HOTPOOL_LIKELY(own_memos)) {
-    asm volatile("" ::: "memory");
-    state.memo_busy = false;
-  }
+  stack.cfa = 0;
+  stack.depth = 0;
+  const uint32_t site = g_sites ? sample_site(state, entry, &stack) : 0;
   const unsigned size_class = g_classes.class_of(usable);
   state.stats.record_alloc(g_global, size_class, size, usable);
   char* block = static_cast<char*>(raw) + kHeader;
@@ -773,7 +787,7 @@ void release_sampled(void* block, RegionBlock region_block) {
 void sampled_free_release(void* block) { release_sampled(block, region_block_of(block)); }
 
 void forget_unwound_frames() {
-  if (g_active) g_unwinder.forget_frames();
+  if (g_active && g_sites) g_unwinder.forget_frames();
 }
 
 void flush_sample_stash(ThreadState& state, bool after_fork) {

@@ -55,6 +55,9 @@ bool start_sampling(const ReentryGuard&);
 // The bounds of the calling thread's stack into state (under the guard).
 void find_thread_stack(ThreadState& state);
 bool sampling_active();
+// Sampled allocations get their call stacks (HOTPOOL_SITES, resolved at
+// start-up): false, no sites, and frame-local is not told from thread-local.
+bool sampling_sites();
 // Samples are few: fewer than 1 in 16 allocations, or by bytes fewer
 // than 1 in 4 KiB (thread-local sample buffers are then kept small).
 // False before sampling starts.
@@ -63,8 +66,9 @@ uint64_t sampling_rate();  // 0 when sampling by bytes
 uint64_t sampling_mean_bytes();  // HOTPOOL_SAMPLE_BYTES: 0 when sampling by count
 uint64_t sampling_short_ns();
 uint64_t sampling_recycle_calls();
-// Sampled allocations without a site: no stack was captured, or the stack
-// depot had no id (or no free slot within its probes) left.
+// Sampled allocations without a site: no stack was captured (every one
+// without sampling_sites()), or the stack depot had no id (or no free slot
+// within its probes) left.
 uint64_t sampling_unsited();
 // Stacks captured through the threads' trace caches (libgcc's unwinder), of
 // every thread ever attached: replayed from the frame table, walked by

@@ -12,7 +12,8 @@
 #   hotpool-every-libunwind  the same with HOTPOOL_UNWINDER=libunwind
 #   heaptrack        heaptrack -o FILE PROGRAM ARGS (Debian heaptrack): the
 #                    whole run, the program, heaptrack_interpret and zstd
-#   hotpool-noreport hotpool-default with HOTPOOL_REPORT=off: how much of
+#   hotpool-noreport hotpool-default with HOTPOOL_REPORT=off (and
+#                    HOTPOOL_SITES=on, stacks captured all the same): how much of
 #                    the default run's cost is the exit report
 #
 #   1. one untimed run per workload without preload: the reference stdout;
@@ -196,7 +197,10 @@ profile_options() {
       _profile_options=(--preload "$BENCH_LIBRARY" --env HOTPOOL_MODE=profile --env HOTPOOL_SAMPLE=1
                         --env HOTPOOL_UNWINDER=libunwind --env "HOTPOOL_OUTPUT=$reports/$workload.$config.json") ;;
     hotpool-noreport)
-      _profile_options=(--preload "$BENCH_LIBRARY" --env HOTPOOL_MODE=profile --env HOTPOOL_REPORT=off) ;;
+      # Stacks captured as in hotpool-default (HOTPOOL_SITES=auto would
+      # skip them without a report): only the report's own cost differs.
+      _profile_options=(--preload "$BENCH_LIBRARY" --env HOTPOOL_MODE=profile --env HOTPOOL_REPORT=off
+                        --env HOTPOOL_SITES=on) ;;
     heaptrack)
       _profile_options=()
       PROFILE_PROGRAM=("$PROFILE_HEAPTRACK" -o "$BENCH_DATA/profile/heaptrack/$workload" "${ALLOC_PROGRAM[@]}") ;;
@@ -265,7 +269,8 @@ profile_micro() {
       case $config in
         micro-none) options=() ;;
         micro-sample0) options=(--preload "$BENCH_LIBRARY" --env HOTPOOL_MODE=profile --env HOTPOOL_SAMPLE=0 --env HOTPOOL_REPORT=off) ;;
-        micro-sample1) options=(--preload "$BENCH_LIBRARY" --env HOTPOOL_MODE=profile --env HOTPOOL_SAMPLE=1 --env HOTPOOL_REPORT=off) ;;
+        micro-sample1) options=(--preload "$BENCH_LIBRARY" --env HOTPOOL_MODE=profile --env HOTPOOL_SAMPLE=1 --env HOTPOOL_REPORT=off
+                                --env HOTPOOL_SITES=on) ;;
       esac
       bench_try line "$dir/$config-$round.stderr" "${options[@]}" --stdout "$dir/$config-$round.json" -- "${program[@]}"
       if [[ $(bench_field "$line" status) != 0 ]]; then
@@ -289,7 +294,8 @@ profile_callgrind_workloads() {
   local work=$1
   [[ $BENCH_CALLGRIND != 0 ]] && command -v valgrind >/dev/null || return 0
   local workload none default BENCH_QUICK=1  # the quick sizes: alloc_workload reads BENCH_QUICK
-  local -a hotpool=(--preload "$BENCH_LIBRARY" --env HOTPOOL_MODE=profile)
+  # Stacks captured also without a report (HOTPOOL_SITES=auto would skip them).
+  local -a hotpool=(--preload "$BENCH_LIBRARY" --env HOTPOOL_MODE=profile --env HOTPOOL_SITES=on)
   for workload in "${PROFILE_WORKLOADS[@]}"; do
     alloc_workload "$workload"
     bench_log "suite profile: instructions under callgrind, $workload (quick size): no preload, hotpool default"
@@ -323,7 +329,8 @@ profile_callgrind() {
   mapfile -t program < <(clang_format_args "$input")
   bench_log "suite profile: instructions under callgrind, clang-format on $kib KiB: no preload, HOTPOOL_SAMPLE=0, 1, 1 with its report"
   local none sample0 sample1 reported
-  local -a hotpool=(--preload "$BENCH_LIBRARY" --env HOTPOOL_MODE=profile)
+  # Stacks captured also without a report (HOTPOOL_SITES=auto would skip them).
+  local -a hotpool=(--preload "$BENCH_LIBRARY" --env HOTPOOL_MODE=profile --env HOTPOOL_SITES=on)
   bench_callgrind none --stdout "$work/callgrind-none.out" -- "${program[@]}"
   bench_callgrind sample0 "${hotpool[@]}" --env HOTPOOL_SAMPLE=0 --env HOTPOOL_REPORT=off \
     --stdout "$work/callgrind.out" -- "${program[@]}"

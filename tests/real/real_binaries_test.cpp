@@ -343,7 +343,8 @@ TEST(StackedAllocator, ReallocToZeroOfHotpoolsBlocksAnswersAsTheAllocatorUnderne
     // Pooled from the first call (mode fixed), then every block sampled.
     EXPECT_EQ(run(stacked, {"HOTPOOL_MODE=fixed", "HOTPOOL_CLASSES=32,112,5008", "HOTPOOL_REPORT=off"}), alone)
         << "pooled, on " << (underneath.empty() ? "glibc" : underneath);
-    EXPECT_EQ(run(stacked, {"HOTPOOL_MODE=profile", "HOTPOOL_SAMPLE=1", "HOTPOOL_REPORT=off"}), alone)
+    EXPECT_EQ(run(stacked, {"HOTPOOL_MODE=profile", "HOTPOOL_SAMPLE=1", "HOTPOOL_REPORT=off", "HOTPOOL_SITES=on"}),
+              alone)
         << "sampled, on " << (underneath.empty() ? "glibc" : underneath);
   }
 }

@@ -275,6 +275,39 @@ TEST_F(ReportTest, OnDemandReportThenExitReport) {
   EXPECT_NE(text.find("  recycler: "), std::string::npos) << "auto reports its pools";
 }
 
+// HOTPOOL_SITES=auto captures sampled call stacks unless HOTPOOL_REPORT=off:
+// then only an on-demand report could show them, and it has none unless
+// HOTPOOL_SITES=on. Without stacks the lifetimes per class are all there,
+// every sample counted as one without a site.
+TEST_F(ReportTest, SampledStacksAreCapturedWhenAReportCanShowThem) {
+  for (const auto& [settings, recorded] : std::vector<std::pair<std::vector<std::string>, bool>>{
+           {{}, true}, {{"HOTPOOL_REPORT=off"}, false}, {{"HOTPOOL_REPORT=off", "HOTPOOL_SITES=on"}, true},
+           {{"HOTPOOL_SITES=off"}, false}}) {
+    std::vector<std::string> options = {"HOTPOOL_MODE=profile", "HOTPOOL_SAMPLE=1",
+                                        "HOTPOOL_OUTPUT=" + (dir_ / "r.%p.json").string()};
+    options.insert(options.end(), settings.begin(), settings.end());
+    const RunResult result = run_program({"on-demand"}, options);
+    ASSERT_EQ(result.status, 0) << result.err;
+    const nlohmann::json report = only_json_report();
+    const std::string what = ::testing::PrintToString(settings);
+    const nlohmann::json& sampling = report["sampling"];
+    EXPECT_EQ(sampling["sites_recorded"], recorded) << what;
+    EXPECT_EQ(report["sites"].empty(), !recorded) << what;
+    uint64_t sampled = sampling["unsited"].get<uint64_t>(), freed = 0;
+    for (const auto& site : report["sites"]) sampled += site["sampled_allocations"].get<uint64_t>();
+    for (const auto& life : report["class_lifetimes"]) freed += life["sampled_frees"].get<uint64_t>();
+    // Every allocation but the process's first (made before sampling starts).
+    const uint64_t total = report["totals"]["allocations"].get<uint64_t>();
+    EXPECT_TRUE(sampled <= total && total - sampled <= 1) << what << ": " << sampled << " of " << total << " sampled";
+    EXPECT_GT(freed, 0u) << what;
+    if (!recorded) {
+      EXPECT_EQ(sampling["stacks"]["replayed"].get<uint64_t>() + sampling["stacks"]["walked"].get<uint64_t>(), 0u)
+          << what;
+    }
+    for (const fs::path& found : reports()) fs::remove(found);
+  }
+}
+
 TEST_F(ReportTest, ReportGoesToStderrByDefaultAndStdoutIsUntouched) {
   const RunResult plain = run({HOTPOOL_REPORT_PROGRAM, "echo", "a", "b"}, {}, dir_);
   const RunResult preloaded = run_program({"echo", "a", "b"}, {"HOTPOOL_MODE=profile"});

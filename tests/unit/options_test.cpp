@@ -86,6 +86,28 @@ TEST(Options, BooleansAreForgiving) {
   }
 }
 
+TEST(Options, SwitchesAreAutoOrABoolean) {
+  EXPECT_EQ(parse({}).options.sites, Switch::Auto);
+  for (auto [text, value] : std::vector<std::pair<const char*, Switch>>{
+           {"auto", Switch::Auto}, {" AUTO ", Switch::Auto}, {"on", Switch::On}, {"1", Switch::On},
+           {"yes", Switch::On}, {"off", Switch::Off}, {"0", Switch::Off}, {"False", Switch::Off}}) {
+    Switch parsed = value == Switch::Off ? Switch::On : Switch::Off;
+    EXPECT_TRUE(parse_switch(text, &parsed)) << text;
+    EXPECT_EQ(parsed, value) << text;
+  }
+  Switch untouched = Switch::On;
+  for (const char* bad : {"", "automatic", "maybe", "2"}) {
+    EXPECT_FALSE(parse_switch(bad, &untouched)) << bad;
+    EXPECT_EQ(untouched, Switch::On) << bad;
+  }
+  const Parsed parsed = parse({"HOTPOOL_SITES=sometimes"});
+  ASSERT_EQ(parsed.warnings.size(), 1u);
+  EXPECT_NE(parsed.warnings[0].find("HOTPOOL_SITES='sometimes' is not auto, or a boolean"), std::string::npos)
+      << parsed.warnings[0];
+  EXPECT_EQ(parsed.options.sites, Switch::Auto);
+  EXPECT_STREQ(switch_name(Switch::Off), "off");
+}
+
 TEST(Options, SizeSuffixes) {
   const std::vector<std::pair<const char*, size_t>> cases = {
       {"0", 0}, {"64", 64}, {"64b", 64}, {"4K", 4096}, {"4k", 4096}, {"4KB", 4096}, {"4KiB", 4096},
@@ -236,7 +258,7 @@ TEST(Options, LaterDuplicatesWin) {
 
 TEST(Options, FormattedValuesParseBackToTheSameOptions) {
   const Parsed parsed = parse({"HOTPOOL_MODE=fixed", "HOTPOOL_CLASSES=48,64,1024,3M", "HOTPOOL_MAX_CLASS=65536",
-                               "HOTPOOL_OUTPUT=out.json"});
+                               "HOTPOOL_OUTPUT=out.json", "HOTPOOL_SITES=off"});
   std::vector<std::string> round_trip;
   for (unsigned i = 0; i < option_count(); ++i) {
     char value[600];
@@ -250,6 +272,7 @@ TEST(Options, FormattedValuesParseBackToTheSameOptions) {
   EXPECT_EQ(again.options.mode, Mode::Fixed);
   EXPECT_STREQ(again.options.output, "out.json");
   EXPECT_EQ(again.options.max_class, 65536u);
+  EXPECT_EQ(again.options.sites, Switch::Off);
   ASSERT_EQ(again.options.classes.count, 4u);
   EXPECT_EQ(again.options.classes.values[3], size_t{3} << 20);
   EXPECT_EQ(round_trip[option_count() - 1], "HOTPOOL_MAX_CLASS=64K");
