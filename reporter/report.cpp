@@ -199,28 +199,15 @@ void for_each_frame(const SamplingView& view, const uintptr_t* ips, unsigned dep
   }
 }
 
-// The first frame of a site's stack outside system headers and the C and
-// C++ runtime (frame_names.h): the code that asked for the memory. False
-// if every one of its first `depth` return addresses' frames is a library's.
-bool find_focus(const SamplingView& view, const uintptr_t* ips, unsigned depth, unsigned* focus) {
-  unsigned frame = 0;
-  bool found = false;
-  for_each_frame(view, ips, depth, [&](const char*, const char* file, unsigned, bool, const Symbol& symbol) {
-    found = !is_library_frame(file, symbol.module);
-    if (!found) ++frame;
-    return !found;
-  });
-  *focus = frame;
-  return found;
-}
-
-// A site's stack in the text report, innermost first, from its focus (see
-// find_focus): the library frames in front of it folded into their count
-// when they are 3 or more, but for the last one, the library function the
-// focus called (a push_back, a string's append); then 2 * view.frames
-// items, a frame or a run of 3 or more library frames folded into their
-// count (a thread's start, the standard library's invoke). With no focus,
-// the first 2 * view.frames frames as they are.
+// A site's stack in the text report, innermost first, from its focus, the
+// first frame outside the C and C++ runtime and system headers
+// (is_library_frame), the code that asked for the memory: the library
+// frames in front of it folded into their count when they are 3 or more,
+// but for the last one, the library function the focus called (a
+// push_back, a string's append); then 2 * view.frames items, a frame or a
+// run of 3 or more library frames folded into their count (a thread's
+// start, the standard library's invoke). With no focus, the first
+// 2 * view.frames frames as they are.
 void write_frames(const SamplingView& view, uint32_t id, Output& out, const char* indent) {
   const uintptr_t* ips = nullptr;
   const unsigned depth = view.depot->stack(id, &ips);
@@ -532,9 +519,11 @@ void write_json_sampling(const StatsSnapshot& stats, const SamplingView* view, u
     if (depth > kJsonFrames) depth = kJsonFrames;
     // The functions inlined at each address first (innermost first), each
     // marked inlined, then the address's own function.
-    unsigned frame = 0;
+    unsigned frame = 0, focus = 0;
+    bool focused = false;  // the focus (see write_frames) found
     for_each_frame(*view, ips, depth, [&](const char* function, const char* file, unsigned line, bool inlined,
                                           const Symbol& symbol) {
+      if (!focused && !(focused = !is_library_frame(file, symbol.module))) ++focus;
       char short_name[sizeof symbol.function];
       short_function_name(function, short_name, sizeof short_name);
       out.str(frame++ ? ", " : "").str("{\"function\": ").json_string(function)
@@ -546,8 +535,7 @@ void write_json_sampling(const StatsSnapshot& stats, const SamplingView* view, u
       return true;
     });
     out.str("], \"focus_frame\": ");
-    unsigned focus = 0;
-    if (find_focus(*view, ips, depth, &focus)) out.u64(focus);
+    if (focused) out.u64(focus);
     else out.str("null");
     out.ch('}');
   }
