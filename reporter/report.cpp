@@ -523,7 +523,10 @@ void write_json_sampling(const StatsSnapshot& stats, const SamplingView* view, u
     bool focused = false;  // the focus (see write_frames) found
     for_each_frame(*view, ips, depth, [&](const char* function, const char* file, unsigned line, bool inlined,
                                           const Symbol& symbol) {
-      if (!focused && !(focused = !is_library_frame(file, symbol.module))) ++focus;
+      if (!focused) {
+        focused = !is_library_frame(file, symbol.module);
+        if (!focused) ++focus;
+      }
       char short_name[sizeof symbol.function];
       short_function_name(function, short_name, sizeof short_name);
       out.str(frame++ ? ", " : "").str("{\"function\": ").json_string(function)

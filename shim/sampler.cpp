@@ -449,8 +449,6 @@ uint64_t next_sample_interval(ThreadState& state) {
 
 namespace {
 
-// sampled_allocate, and sampled_allocate_aligned with kAligned: a copy of
-// its own each, so that malloc's samples do none of the alignment's work.
 // A sample's stack and its site: recalled from the stack memo when it
 // holds the same stack, else captured, named by the site memo and
 // remembered. The memos are this thread's, and changed in steps: a signal
@@ -488,6 +486,8 @@ HOTPOOL_ALWAYS_INLINE uint32_t sample_site(ThreadState& state, const reporter::U
   return site;
 }
 
+// sampled_allocate, and sampled_allocate_aligned with kAligned: a copy of
+// its own each, so that malloc's samples do none of the alignment's work.
 template <bool kAligned>
 HOTPOOL_ALWAYS_INLINE void* allocate_sampled(ThreadState& state, size_t size, reporter::Unwinder::Frame entry,
                                              size_t alignment, size_t min_usable) {
@@ -510,14 +510,15 @@ HOTPOOL_ALWAYS_INLINE void* allocate_sampled(ThreadState& state, size_t size, re
     if (least == 0) least = 1;
   }
   if (least > g_limit || lead > g_limit - least) return nullptr;
-  if (HOTPOOL_UNLIKELY(!state.stack_probed) && tls.in_getattr == 0) {
+  if (HOTPOOL_UNLIKELY(!state.stack_probed) && g_sites && tls.in_getattr == 0) {
     // The thread's stack bounds, at its first sample rather than when it
     // attaches: a thread that attaches in a signal handler or a thread-exit
     // destructor (its first allocator call a free) then does not look them
     // up there (for the main thread glibc reads /proc/self/maps). Not
     // inside the program's pthread_getattr_np, which holds the lock the
     // probe's own call would wait for: a later sample probes (this one
-    // goes without the bounds, as on a stack they do not cover).
+    // goes without the bounds, as on a stack they do not cover). Only the
+    // captured stacks need them (HOTPOOL_SITES).
     ReentryGuard guard;
     state.stack_probed = true;
     find_thread_stack(state);
