@@ -26,6 +26,7 @@ size_t short_function_name(const char* name, char* out, size_t capacity) {
     for (size_t i = 0; i < n && length + 1 < capacity; ++i) out[length++] = text[i];
   };
   unsigned depth = 0;  // inside template arguments or a parameter list
+  bool lambda = false;  // inside "<lambda...>", whose '>' is kept
   const char* p = name;
   while (*p) {
     // The special names start with one of three characters: the others
@@ -57,14 +58,21 @@ size_t short_function_name(const char* name, char* out, size_t capacity) {
         }
         continue;
       }
-      // A lambda's closure type as DWARF names it: "<lambda(int)>" is "<lambda>".
-      if (starts_with(p, "<lambda")) put("<lambda>", 8);
+      // A lambda's closure type as DWARF names it: "<lambda(int)>" is
+      // "<lambda>" (its '>' where the group closes: never longer than the name).
+      if (starts_with(p, "<lambda")) {
+        put(p, 7);
+        lambda = true;
+      }
     }
     const char c = *p++;
     if (c == '<' || c == '(') {
       ++depth;
     } else if (c == '>' || c == ')') {
-      if (depth) --depth;
+      if (depth && --depth == 0 && lambda && c == '>') {
+        put(&c, 1);
+        lambda = false;
+      }
     } else if (depth == 0) {
       if (c != ' ') {
         put(&c, 1);

@@ -94,6 +94,14 @@ void check_single_value_parsers(const std::string& text) {
     fail("parse_mode changed its output on failure", text);
   }
 
+  Switch value = Switch::On;
+  if (parse_switch(c, &value)) {
+    if (value != Switch::Auto && value != Switch::On && value != Switch::Off)
+      fail("parse_switch gave a value outside the enum", text);
+  } else if (value != Switch::On) {
+    fail("parse_switch changed its output on failure", text);
+  }
+
   SizeList list;
   list.count = 7777;
   if (parse_size_list(c, &list)) {

@@ -365,6 +365,7 @@ TEST(FrameNames, ShortNamesKeepTheFunctionsName) {
       {"main::{lambda()#1}::operator()() const", "main::{lambda#1}::operator()"},
       {"__invoke_impl<void, main(int, char**)::<lambda()> >", "__invoke_impl"},
       {"main(int, char**)::<lambda()>", "main::<lambda>"},
+      {"main(int, char**)::<lambda(int, char", "main::<lambda"},  // cut short: never longer than the name
       {"(anonymous namespace)::grow_vector()", "(anonymous namespace)::grow_vector"},
       {"int* (anonymous namespace)::find<int>(int*, int*)", "(anonymous namespace)::find"},
       {"std::operator<< <std::char_traits<char> >(std::basic_ostream<char>&, char const*)", "std::operator<<"},
