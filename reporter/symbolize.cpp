@@ -353,27 +353,31 @@ unsigned inlined_at(uintptr_t, InlinedFrame*) { return 0; }
 #endif
 
 // Inlined frames of cached symbols live as long as the cache: in chunks of
-// our own memory, never freed.
-InlinedFrame* keep_inlined(const InlinedFrame* frames, unsigned count) {
+// our own memory, never freed. inlined_room() is where the next symbol's
+// go (room for Symbol::kMaxInlined + 1, as inlined_at writes; null without
+// memory), keep_inlined(count) keeps the first `count` of them there.
+constexpr size_t kInlinedRoom = (Symbol::kMaxInlined + 1) * sizeof(InlinedFrame);
+char* g_inlined_next = nullptr;
+size_t g_inlined_left = 0;
+
+InlinedFrame* inlined_room() {
   constexpr size_t kChunk = 256 << 10;
-  static char* next = nullptr;
-  static size_t left = 0;
-  const size_t bytes = count * sizeof(InlinedFrame);
-  if (bytes > left) {
+  if (g_inlined_left < kInlinedRoom) {
     void* memory = mmap(nullptr, kChunk, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (memory == MAP_FAILED) return nullptr;
-    next = static_cast<char*>(memory);
-    left = kChunk;
+    g_inlined_next = static_cast<char*>(memory);
+    g_inlined_left = kChunk;
   }
-  auto* kept = reinterpret_cast<InlinedFrame*>(next);
-  std::memcpy(kept, frames, bytes);
-  next += bytes;
-  left -= bytes;
-  return kept;
+  return reinterpret_cast<InlinedFrame*>(g_inlined_next);
+}
+
+void keep_inlined(unsigned count) {
+  g_inlined_next += count * sizeof(InlinedFrame);
+  g_inlined_left -= count * sizeof(InlinedFrame);
 }
 
 // `inlined`: where the inlined frames go when the symbol is not cached
-// (room for Symbol::kMaxInlined + 1; else they are kept with keep_inlined).
+// (room for Symbol::kMaxInlined + 1); else straight into inlined_room().
 void symbolize_uncached(uintptr_t return_address, Symbol* out, InlinedFrame* inlined) {
   *out = Symbol{};
   const uintptr_t call = return_address - 1;
@@ -396,11 +400,13 @@ void symbolize_uncached(uintptr_t return_address, Symbol* out, InlinedFrame* inl
   const std::string file = frame.source_file();
   copy(out->file, sizeof(out->file), file.c_str());
   out->line = static_cast<unsigned>(frame.source_line());
-  static InlinedFrame found[Symbol::kMaxInlined + 1];  // 6 KiB, off the stack (calls are serialized)
-  const unsigned count = inlined_at(call, inlined ? inlined : found);
+  InlinedFrame* const room = inlined ? inlined : inlined_room();
+  if (!room) return;
+  const unsigned count = inlined_at(call, room);
   if (count == 0) return;
-  out->inlined = inlined ? inlined : keep_inlined(found, count);
-  if (out->inlined) out->inlined_count = count;
+  if (!inlined) keep_inlined(count);
+  out->inlined = room;
+  out->inlined_count = count;
 }
 }  // namespace
 
